@@ -1,0 +1,1 @@
+"""The ``xscale`` command. Each sub-command lives in its own module here."""

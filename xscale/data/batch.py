@@ -1,0 +1,102 @@
+"""The level-1 item and batch format shared by in-memory and streaming datasets.
+
+A dataset yields :class:`CellItem` (one cell: the vocabulary ids of its panel genes
+and their raw counts). :func:`collate_cells` pads a list of items into a
+:class:`CellBatch` of tensors, sampling a gene context when a panel is longer than
+``max_genes`` (all expressed genes first, then sampled zeros).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from xscale.data.transforms import log_normalize
+
+
+@dataclass
+class CellItem:
+    """One cell. gene_ids (g,) int64 vocabulary ids; counts (g,) float32 raw counts."""
+
+    gene_ids: np.ndarray
+    counts: np.ndarray
+    index: int  # row of the cell in its source (store or AnnData)
+    dataset: int = 0  # which dataset of a multi-dataset run
+    slide: int = 0  # slide code within the dataset
+
+
+@dataclass
+class CellBatch:
+    """Padded level-1 batch.
+
+    gene_ids (B, G) long, counts (B, G) float raw counts, values (B, G) float
+    log-normalised input, pad_mask (B, G) bool (True = padding), library (B,) float
+    total counts over the whole panel (not only the sampled context), index (B,)
+    long, dataset (B,) long, slide (B,) long.
+    """
+
+    gene_ids: torch.Tensor
+    counts: torch.Tensor
+    values: torch.Tensor
+    pad_mask: torch.Tensor
+    library: torch.Tensor
+    index: torch.Tensor
+    dataset: torch.Tensor
+    slide: torch.Tensor
+
+    def to(self, device: torch.device | str) -> CellBatch:
+        return CellBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.gene_ids.shape[0]
+
+
+def sample_context(counts: np.ndarray, max_genes: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions to keep for a panel longer than ``max_genes``: expressed genes first, then zeros.
+
+    If more than ``max_genes`` genes are expressed, a random subset of them is kept.
+    Returns sorted positions (≤ max_genes,) int64.
+    """
+    if counts.shape[0] <= max_genes:
+        return np.arange(counts.shape[0])
+    expressed = np.flatnonzero(counts > 0)
+    zeros = np.flatnonzero(counts == 0)
+    if expressed.size >= max_genes:
+        keep = rng.choice(expressed, size=max_genes, replace=False)
+    else:
+        keep = np.concatenate([expressed, rng.choice(zeros, size=max_genes - expressed.size, replace=False)])
+    return np.sort(keep)
+
+
+def collate_cells(
+    items: list[CellItem], *, max_genes: int | None = None, rng: np.random.Generator | None = None
+) -> CellBatch:
+    """Pad items to the longest (context-limited) panel in the batch. -> CellBatch with G = that length."""
+    rng = rng if rng is not None else np.random.default_rng()
+    libraries = np.array([it.counts.sum() for it in items], dtype=np.float32)
+    chosen = []
+    for it in items:
+        pos = sample_context(it.counts, max_genes, rng) if max_genes else np.arange(it.counts.shape[0])
+        chosen.append((it.gene_ids[pos], it.counts[pos]))
+    g = max(len(ids) for ids, _ in chosen)
+    b = len(items)
+    gene_ids = np.zeros((b, g), dtype=np.int64)
+    counts = np.zeros((b, g), dtype=np.float32)
+    pad = np.ones((b, g), dtype=bool)
+    for i, (ids, cnt) in enumerate(chosen):
+        gene_ids[i, : len(ids)] = ids
+        counts[i, : len(ids)] = cnt
+        pad[i, : len(ids)] = False
+    counts_t = torch.from_numpy(counts)
+    library_t = torch.from_numpy(libraries)
+    return CellBatch(
+        gene_ids=torch.from_numpy(gene_ids),
+        counts=counts_t,
+        values=log_normalize(counts_t, library_t).masked_fill(torch.from_numpy(pad), 0.0),
+        pad_mask=torch.from_numpy(pad),
+        library=library_t,
+        index=torch.tensor([it.index for it in items], dtype=torch.long),
+        dataset=torch.tensor([it.dataset for it in items], dtype=torch.long),
+        slide=torch.tensor([it.slide for it in items], dtype=torch.long),
+    )

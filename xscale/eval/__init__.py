@@ -1,0 +1,1 @@
+"""Metrics and baselines used by pipelines and benchmarks."""

@@ -1,0 +1,1 @@
+"""Training: LightningModules, DataModules, staged and joint pipelines, callbacks."""
