@@ -1,0 +1,136 @@
+"""Gene embedders backed by a table file or a (tiny, random, local) ESM-2 protein language model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xscale.errors import XscaleInputError
+from xscale.models.gene_embedders import build_gene_embedder
+from xscale.models.plm import ProteinLMGeneEmbedder, TableGeneEmbedder, read_gene_table, save_gene_table
+
+GENES = ["GAD1", "SLC17A7", "PVALB", "SST", "VIP", "OLIG2"]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".tsv", ".safetensors"])
+def test_table_embedder_reads_each_format_with_fallback(tmp_path, suffix, caplog):
+    rng = np.random.default_rng(0)
+    table_genes = ["gad1", "Slc17a7", "PVALB", "SST", "EXTRA"]  # case differs; VIP, OLIG2 missing
+    vectors = rng.normal(size=(5, 7)).astype(np.float32)
+    path = tmp_path / f"table{suffix}"
+    if suffix == ".tsv":
+        rows = ["symbol\t" + "\t".join(f"d{i}" for i in range(7))]
+        rows += [g + "\t" + "\t".join(f"{x:.7f}" for x in v) for g, v in zip(table_genes, vectors)]
+        path.write_text("\n".join(rows) + "\n")
+    else:
+        save_gene_table(path, table_genes, vectors)
+    symbols, read = read_gene_table(path)
+    assert symbols == table_genes
+    np.testing.assert_allclose(read, vectors, atol=1e-6)
+
+    with caplog.at_level("INFO", logger="xscale.models.plm"):
+        emb = build_gene_embedder("table", n_genes=len(GENES), dim=12, genes=GENES, options={"path": str(path)})
+    assert isinstance(emb, TableGeneEmbedder)
+    assert emb.n_missing == 2 and "2 of 6 genes missing" in caplog.text
+    np.testing.assert_allclose(emb.table.detach().numpy(), vectors[:4], atol=1e-6)
+    ids = torch.tensor([[0, 1, 5], [3, 4, 0]])
+    out = emb(ids)
+    assert out.shape == (2, 3, 12)
+    torch.testing.assert_close(out[0, 0], out[1, 2])  # same gene, same token
+    out.sum().backward()
+    assert emb.table.grad is None  # frozen by default
+    assert emb.fallback.grad is not None and emb.fallback.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in emb.adapter.parameters())
+
+
+def test_table_embedder_unfrozen_and_errors(tmp_path):
+    path = save_gene_table(tmp_path / "t.npz", GENES, np.ones((6, 4), np.float32) * np.arange(6)[:, None])
+    emb = TableGeneEmbedder(6, 8, GENES, path=str(path), freeze=False, adapter="mlp")
+    emb(torch.tensor([[0, 2]])).sum().backward()
+    assert emb.table.grad is not None and emb.table.grad[[0, 2]].abs().sum() > 0
+    assert emb.table.grad[[1, 3, 4, 5]].abs().sum() == 0
+    with pytest.raises(XscaleInputError, match="None of the 2 vocabulary genes"):
+        TableGeneEmbedder(2, 8, ["FOO", "BAR"], path=str(path))
+    with pytest.raises(XscaleInputError, match="does not exist"):
+        TableGeneEmbedder(6, 8, GENES, path=str(tmp_path / "nope.npz"))
+    np.savez(tmp_path / "bad.npz", symbols=np.array(GENES), vectors=np.zeros((6, 4)))
+    with pytest.raises(XscaleInputError, match="'genes' and 'embeddings'"):
+        TableGeneEmbedder(6, 8, GENES, path=str(tmp_path / "bad.npz"))
+
+
+def _plm(write_fasta, tiny_esm_dir, tmp_path, n_trainable_layers=0, **kw) -> ProteinLMGeneEmbedder:
+    fasta = write_fasta(tmp_path / "proteins.fasta", GENES)
+    return build_gene_embedder(
+        "protein-lm", n_genes=len(GENES), dim=10, genes=GENES,
+        options={"model_dir": str(tiny_esm_dir), "fasta": str(fasta), "n_trainable_layers": n_trainable_layers, **kw},
+    )
+
+
+def test_plm_shapes_and_mean_pooling_ignores_padding(tiny_esm_dir, tmp_path, fasta_writer):
+    emb = _plm(fasta_writer, tiny_esm_dir, tmp_path, chunk_size=4)
+    out = emb(torch.tensor([[0, 1, 2, 3], [5, 4, 0, 0]]))
+    assert out.shape == (2, 4, 10)
+    torch.testing.assert_close(out[0, 0], out[1, 2])
+    emb.plm.eval()
+    with torch.no_grad():
+        together = emb.protein_vectors(torch.arange(6))  # padded to the longest of each chunk
+        alone = torch.cat([emb.protein_vectors(torch.tensor([i])) for i in range(6)])
+    assert together.shape == (6, 16)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_plm_frozen_caches_protein_vectors(tiny_esm_dir, tmp_path, fasta_writer):
+    emb = _plm(fasta_writer, tiny_esm_dir, tmp_path)
+    calls = []
+    emb.plm.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([[0, 1, 2]])
+    first = emb(ids)
+    n_calls = len(calls)
+    assert n_calls >= 1 and emb.cache.shape == (6, 16)
+    second = emb(ids)
+    assert len(calls) == n_calls  # served from the cache
+    torch.testing.assert_close(first, second)
+    first.sum().backward()
+    assert all(p.grad is None for p in emb.plm.parameters())
+    assert emb.adapter[1].weight.grad is not None
+    emb.load_state_dict(emb.state_dict())
+    assert emb.cache.numel() == 0  # new weights invalidate the cache
+
+
+def test_plm_gradients_reach_exactly_the_unfrozen_layers(tiny_esm_dir, tmp_path, fasta_writer):
+    emb = _plm(fasta_writer, tiny_esm_dir, tmp_path, n_trainable_layers=1)
+    emb.train()
+    calls = []
+    emb.plm.register_forward_hook(lambda *a: calls.append(1))
+    emb(torch.tensor([[0, 1, 2], [3, 0, 1]])).pow(2).sum().backward()
+    emb(torch.tensor([[0, 1, 2]]))
+    assert len(calls) == 2  # trainable layers: recomputed each step, never cached
+    with_grad = {n for n, p in emb.plm.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {n for n, p in emb.plm.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in emb.plm.named_parameters()
+                if n.startswith("encoder.layer.2.") or n.startswith("encoder.emb_layer_norm_after.")}
+    assert trainable == expected
+    assert with_grad == expected
+    # Inference in eval mode without gradients uses (and fills) the cache, and agrees with the live path.
+    emb.eval()
+    live = emb(torch.tensor([[4, 5]]))
+    with torch.no_grad():
+        cached = emb(torch.tensor([[4, 5]]))
+    assert emb.cache.shape[0] == 6
+    torch.testing.assert_close(live.detach(), cached, atol=1e-5, rtol=1e-4)
+
+
+def test_plm_missing_sequences_error_and_learned(tiny_esm_dir, tmp_path, fasta_writer):
+    fasta = fasta_writer(tmp_path / "partial.fasta", GENES[:4], uniprot=False)
+    with pytest.raises(XscaleInputError) as err:
+        ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tiny_esm_dir), fasta=str(fasta))
+    msg = str(err.value)
+    assert "VIP" in msg and "OLIG2" in msg and "missing_sequences='learned'" in msg and "GAD1" not in msg
+    emb = ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tiny_esm_dir), fasta=str(fasta), missing_sequences="learned")
+    assert emb.n_proteins == 4 and emb.fallback.shape == (2, 16)
+    out = emb(torch.tensor([[0, 4, 5]]))
+    out.sum().backward()
+    assert emb.fallback.grad is not None and emb.fallback.grad.abs().sum() > 0
+    with pytest.raises(XscaleInputError, match="no ESM-2 model"):
+        ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tmp_path), fasta=str(fasta))

@@ -1,0 +1,423 @@
+"""Gene tokens from outside the cell model: a fixed table, or a protein language model.
+
+Two :class:`~xscale.models.gene_embedders.GeneEmbedder` variants, registered as
+``"table"`` and ``"protein-lm"``:
+
+- :class:`TableGeneEmbedder` reads one vector per gene symbol from a file (for example
+  per-gene protein embeddings computed elsewhere), gives genes missing from the file a
+  learned fallback row, and maps the table's width E to the model width D with a
+  trainable adapter. The table itself can be frozen (default) or trained.
+- :class:`ProteinLMGeneEmbedder` runs a protein language model with the ESM-2
+  architecture (``transformers.EsmModel``) on each gene's protein sequence and
+  mean-pools the residue embeddings. Its last ``n_trainable_layers`` layers train
+  jointly with the cell model (cross-scale fine-tuning); when it is fully frozen the
+  per-gene vectors are computed once and cached.
+
+Nothing is ever downloaded: both read local files only.
+
+Getting real inputs (on a machine with internet access)
+-------------------------------------------------------
+ESM-2 weights: save a checkpoint from the Hugging Face hub into a directory once, then
+pass that directory as ``model_dir``::
+
+    from transformers import EsmModel, EsmTokenizer
+    name = "facebook/esm2_t6_8M_UR50D"  # or esm2_t12_35M / t30_150M / t33_650M
+    EsmModel.from_pretrained(name, add_pooling_layer=False).save_pretrained("esm2_t6_8M")
+    EsmTokenizer.from_pretrained(name).save_pretrained("esm2_t6_8M")
+
+Protein sequences: download a UniProt FASTA of reviewed canonical proteins for the
+species, e.g. ``https://rest.uniprot.org/uniprotkb/stream?format=fasta&query=
+(organism_id:9606)+AND+(reviewed:true)`` (human; 10090 for mouse). Headers carry the
+gene symbol as ``GN=SYMBOL``, which is how sequences are matched to genes; a plain
+``>SYMBOL`` header works too. The first record per symbol is used.
+
+A table file for :class:`TableGeneEmbedder` can be made from such a model with
+:func:`save_gene_table` (or any tool writing .npz / .tsv / .safetensors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xscale.data.vocab import normalize_symbol
+from xscale.errors import XscaleInputError
+from xscale.models.gene_embedders import GeneEmbedder, register_gene_embedder
+
+log = logging.getLogger(__name__)
+
+Adapter = Literal["linear", "mlp"]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read a gene -> vector table. Returns (symbols (n,), vectors (n, E) float32).
+
+    Formats (chosen by suffix; nothing is unpickled):
+
+    - ``.npz``: arrays ``genes`` (n,) of strings and ``embeddings`` (n, E).
+    - ``.tsv`` / ``.txt``: one gene per line, ``SYMBOL<TAB>v1<TAB>v2 ...``; a header line
+      (second field not a number) is skipped.
+    - ``.safetensors``: either a tensor ``embeddings`` (n, E) with metadata ``genes``
+      (a JSON list of symbols), or one 1-D tensor per gene named by its symbol.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise XscaleInputError(f"Gene table {str(path)!r} does not exist. Pass path= to an existing .npz/.tsv/.safetensors file.")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            if "genes" not in data or "embeddings" not in data:
+                raise XscaleInputError(
+                    f"Gene table {path} must hold arrays 'genes' and 'embeddings'; found {sorted(data.files)}."
+                )
+            symbols = [str(s) for s in data["genes"]]
+            vectors = np.asarray(data["embeddings"], dtype=np.float32)
+    elif suffix in (".tsv", ".txt"):
+        symbols, rows = [], []
+        for n, line in enumerate(path.read_text().splitlines()):
+            fields = line.rstrip("\n").split("\t")
+            if not line.strip():
+                continue
+            try:
+                row = [float(x) for x in fields[1:]]
+            except ValueError:
+                if n == 0:
+                    continue  # header
+                raise XscaleInputError(f"{path}:{n + 1}: expected SYMBOL<TAB>numbers, found {line[:80]!r}.") from None
+            symbols.append(fields[0])
+            rows.append(row)
+        widths = {len(r) for r in rows}
+        if len(widths) != 1:
+            raise XscaleInputError(f"Gene table {path}: rows have different widths {sorted(widths)}; expected one width.")
+        vectors = np.asarray(rows, dtype=np.float32)
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+            if "embeddings" in keys and "genes" in meta:
+                symbols = [str(s) for s in json.loads(meta["genes"])]
+                vectors = np.asarray(f.get_tensor("embeddings"), dtype=np.float32)
+            else:
+                symbols = keys
+                vectors = np.stack([np.asarray(f.get_tensor(k), dtype=np.float32).reshape(-1) for k in keys])
+    else:
+        raise XscaleInputError(f"Gene table {path}: unknown suffix {suffix!r}; expected .npz, .tsv or .safetensors.")
+    if vectors.ndim != 2 or vectors.shape[0] != len(symbols) or vectors.shape[0] == 0:
+        raise XscaleInputError(
+            f"Gene table {path}: expected (n_genes, width) vectors for {len(symbols)} genes, found shape {vectors.shape}."
+        )
+    if not np.isfinite(vectors).all():
+        raise XscaleInputError(f"Gene table {path} holds NaN or infinite values; fix the file.")
+    return symbols, vectors
+
+
+def save_gene_table(path: str | os.PathLike, genes: Sequence[str], vectors: np.ndarray) -> Path:
+    """Write a table readable by :func:`read_gene_table` (.npz or .safetensors), atomically."""
+    path = Path(path)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)
+    if path.suffix == ".npz":
+        np.savez(tmp, genes=np.asarray(list(genes), dtype=str), embeddings=vectors)
+    elif path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings": vectors}, str(tmp), metadata={"genes": json.dumps(list(genes))})
+    else:
+        raise XscaleInputError(f"save_gene_table writes .npz or .safetensors; got {path.suffix!r}.")
+    tmp.replace(path)
+    return path
+
+
+def read_fasta(path: str | os.PathLike) -> dict[str, str]:
+    """Protein sequences by normalised gene symbol from a FASTA file.
+
+    The symbol is ``GN=SYMBOL`` from a UniProt header, else the first word of the
+    header. The first record of each symbol wins (UniProt lists canonical first).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise XscaleInputError(f"FASTA file {str(path)!r} does not exist. Pass fasta= to a protein FASTA (e.g. from UniProt).")
+    seqs: dict[str, str] = {}
+    name: str | None = None
+    chunks: list[str] = []
+
+    def flush() -> None:
+        if name is not None and name not in seqs and chunks:
+            seqs[name] = "".join(chunks).replace("*", "").upper()
+
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith(">"):
+            flush()
+            header = line[1:]
+            gn = [w[3:] for w in header.split() if w.startswith("GN=")]
+            name = normalize_symbol(gn[0] if gn else header.split()[0] if header.split() else "")
+            chunks = []
+        elif line:
+            chunks.append(line)
+    flush()
+    if not seqs:
+        raise XscaleInputError(f"No sequences found in FASTA file {path}; expected '>' header lines followed by sequence lines.")
+    return seqs
+
+
+def _adapter(width: int, dim: int, kind: Adapter) -> nn.Module:
+    if kind == "linear":
+        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))  # (.., E) -> (.., D)
+    if kind == "mlp":
+        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, dim))
+    raise XscaleInputError(f"adapter must be 'linear' or 'mlp'; got {kind!r}.")
+
+
+# --------------------------------------------------------------------------- table
+
+
+@register_gene_embedder("table")
+class TableGeneEmbedder(GeneEmbedder):
+    """Gene vectors read from a file, with learned fallbacks and a trainable adapter.
+
+    Parameters
+    ----------
+    n_genes, dim
+        Vocabulary size and model width D.
+    genes
+        The model's vocabulary (n_genes symbols, vocabulary order).
+    path
+        Table file (see :func:`read_gene_table`); its width E may differ from D.
+    freeze
+        Keep the table rows fixed (the adapter and fallback rows still train).
+    adapter
+        ``"linear"`` (LayerNorm + Linear E -> D) or ``"mlp"``.
+
+    Genes absent from the table get a learned row of width E (their number is logged).
+    ``forward(gene_ids (B, G)) -> (B, G, D)``.
+    """
+
+    def __init__(
+        self, n_genes: int, dim: int, genes: Sequence[str], *, path: str, freeze: bool = True, adapter: Adapter = "linear"
+    ) -> None:
+        super().__init__()
+        if len(genes) != n_genes:
+            raise ValueError(f"genes has {len(genes)} symbols but n_genes={n_genes}.")
+        self.n_genes, self.dim = n_genes, dim
+        symbols, vectors = read_gene_table(path)
+        lookup: dict[str, int] = {}
+        for i, s in enumerate(symbols):
+            lookup.setdefault(normalize_symbol(s), i)
+        found = [lookup.get(normalize_symbol(g), -1) for g in genes]
+        missing = [g for g, i in zip(genes, found, strict=True) if i < 0]
+        if len(missing) == n_genes:
+            raise XscaleInputError(
+                f"None of the {n_genes} vocabulary genes is in the gene table {path} ({len(symbols)} symbols, "
+                f"e.g. {symbols[:5]}); check that both use gene symbols."
+            )
+        if missing:
+            log.info("Gene table %s: %d of %d genes missing, using learned fallback rows (e.g. %s)",
+                     path, len(missing), n_genes, missing[:5])
+        self.n_missing = len(missing)
+        have = [i for i in found if i >= 0]
+        table = torch.from_numpy(vectors[have])  # (n_found, E)
+        self.table = nn.Parameter(table, requires_grad=not freeze)
+        width = table.shape[1]
+        self.fallback = nn.Parameter(torch.randn(len(missing), width) * float(table.std()))  # (n_missing, E)
+        # Vocabulary gene -> row of cat(table, fallback).
+        rows, k, m = [], 0, 0
+        for i in found:
+            if i >= 0:
+                rows.append(k)
+                k += 1
+            else:
+                rows.append(len(have) + m)
+                m += 1
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.adapter = _adapter(width, dim, adapter)
+
+    def gene_vectors(self) -> Tensor:
+        """Adapted vector of every vocabulary gene. (n_genes, D)."""
+        raw = torch.cat([self.table, self.fallback])[self.rows]  # (n_genes, E)
+        return self.adapter(raw)
+
+    def forward(self, gene_ids: Tensor) -> Tensor:
+        return nn.functional.embedding(gene_ids, self.gene_vectors())  # (B, G) -> (B, G, D)
+
+
+# --------------------------------------------------------------------------- protein LM
+
+
+@register_gene_embedder("protein-lm")
+class ProteinLMGeneEmbedder(GeneEmbedder):
+    """Gene tokens from an ESM-2 protein language model run on each gene's protein.
+
+    Parameters
+    ----------
+    n_genes, dim, genes
+        Vocabulary size, model width D and vocabulary symbols (n_genes).
+    model_dir
+        Local directory holding an ESM-2 model and tokenizer saved with
+        ``save_pretrained`` (see the module docstring). Loaded with
+        ``local_files_only=True``: nothing is downloaded.
+    fasta
+        Protein FASTA; genes are matched by ``GN=`` symbol or the header's first word.
+    n_trainable_layers
+        How many of the last transformer layers train with the cell model (0 = frozen,
+        per-gene vectors cached). The final layer norm trains when this is > 0.
+    missing_sequences
+        ``"error"`` (default): every vocabulary gene needs a sequence. ``"learned"``:
+        genes without one (e.g. blank/control probes) get a learned vector.
+    max_residues
+        Longer proteins are truncated to their first ``max_residues`` residues.
+    chunk_size
+        Proteins per language-model forward pass.
+    adapter
+        ``"linear"`` or ``"mlp"`` map from the PLM width E to D.
+
+    ``forward(gene_ids (B, G)) -> (B, G, D)``; only the genes present in the batch run
+    through the trainable layers.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        dim: int,
+        genes: Sequence[str],
+        *,
+        model_dir: str,
+        fasta: str,
+        n_trainable_layers: int = 0,
+        missing_sequences: Literal["error", "learned"] = "error",
+        max_residues: int = 1022,
+        chunk_size: int = 16,
+        adapter: Adapter = "linear",
+    ) -> None:
+        super().__init__()
+        try:
+            from transformers import EsmModel, EsmTokenizer
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise XscaleInputError("The protein-lm gene embedder needs transformers: pip install 'xscale[plm]'.") from err
+        if len(genes) != n_genes:
+            raise ValueError(f"genes has {len(genes)} symbols but n_genes={n_genes}.")
+        if missing_sequences not in ("error", "learned"):
+            raise XscaleInputError(f"missing_sequences must be 'error' or 'learned'; got {missing_sequences!r}.")
+        self.n_genes, self.dim = n_genes, dim
+        mdir = Path(model_dir)
+        if not (mdir / "config.json").exists():
+            raise XscaleInputError(
+                f"model_dir {str(mdir)!r} holds no ESM-2 model (no config.json). Save one there with "
+                "EsmModel.from_pretrained('facebook/esm2_t6_8M_UR50D').save_pretrained(DIR) and the same for "
+                "EsmTokenizer, on a machine with internet access; see xscale.models.plm."
+            )
+        self.plm = EsmModel.from_pretrained(str(mdir), local_files_only=True, add_pooling_layer=False)
+        tokenizer = EsmTokenizer.from_pretrained(str(mdir), local_files_only=True)
+        layers = self.plm.encoder.layer
+        if not 0 <= n_trainable_layers <= len(layers):
+            raise XscaleInputError(f"n_trainable_layers must be in [0, {len(layers)}] for this model; got {n_trainable_layers}.")
+        self.n_trainable_layers = n_trainable_layers
+        self.plm.requires_grad_(False)
+        if n_trainable_layers:
+            for layer in layers[len(layers) - n_trainable_layers:]:
+                layer.requires_grad_(True)
+            if self.plm.encoder.emb_layer_norm_after is not None:
+                self.plm.encoder.emb_layer_norm_after.requires_grad_(True)
+
+        seqs = read_fasta(fasta)
+        missing = [g for g in genes if normalize_symbol(g) not in seqs]
+        if missing and missing_sequences == "error":
+            raise XscaleInputError(
+                f"{len(missing)} of {n_genes} vocabulary genes have no protein sequence in {fasta}: "
+                f"{missing[:20]}{' ...' if len(missing) > 20 else ''}. Add their sequences to the FASTA "
+                "(headers '>SYMBOL' or UniProt 'GN=SYMBOL'), or pass missing_sequences='learned' to give them "
+                "learned vectors."
+            )
+        if missing:
+            log.info("%d of %d genes have no protein sequence; using learned vectors (e.g. %s)", len(missing), n_genes, missing[:5])
+        has_seq = [normalize_symbol(g) in seqs for g in genes]
+        protein_genes = [normalize_symbol(g) for g, h in zip(genes, has_seq, strict=True) if h]
+        long = sum(len(seqs[g]) > max_residues for g in protein_genes)
+        if long:
+            log.info("%d proteins longer than %d residues are truncated", long, max_residues)
+        enc = tokenizer([seqs[g][:max_residues] for g in protein_genes], padding=True, return_tensors="pt")
+        # Tokens per protein; non-persistent: rebuilt from the FASTA, so saved models stay small.
+        self.register_buffer("tokens", enc["input_ids"], persistent=False)  # (P, L)
+        self.register_buffer("token_mask", enc["attention_mask"], persistent=False)  # (P, L)
+        # Vocabulary gene -> protein row (P rows) or fallback row (P + j).
+        rows, p, m = [], 0, 0
+        for h in has_seq:
+            rows.append(p if h else len(protein_genes) + m)
+            p, m = p + h, m + (not h)
+        self.n_proteins = len(protein_genes)
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        width = self.plm.config.hidden_size
+        self.fallback = nn.Parameter(torch.randn(len(missing), width) * 0.02)  # (n_missing, E)
+        self.adapter = _adapter(width, dim, adapter)
+        self.chunk_size = chunk_size
+        # (P, E) protein vectors: kept while the PLM is frozen, or during inference without gradients.
+        self.register_buffer("cache", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module.clear_cache())
+
+    @property
+    def frozen(self) -> bool:
+        return self.n_trainable_layers == 0
+
+    def protein_vectors(self, proteins: Tensor) -> Tensor:
+        """Mean-pooled residue embeddings of the given protein rows. (P',) -> (P', E).
+
+        Special tokens (<cls>, <eos>) and padding are excluded from the mean.
+        """
+        out = []
+        for chunk in proteins.split(self.chunk_size):
+            mask = self.token_mask[chunk]  # (p, L)
+            length = int(mask.sum(1).max())
+            ids, mask = self.tokens[chunk, :length], mask[:, :length]
+            hidden = self.plm(input_ids=ids, attention_mask=mask).last_hidden_state  # (p, L, E)
+            residue = mask.clone()
+            residue[:, 0] = 0  # <cls>
+            residue[torch.arange(len(chunk), device=ids.device), mask.sum(1) - 1] = 0  # <eos>
+            w = residue.unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))  # (p, E)
+        return torch.cat(out)
+
+    def clear_cache(self) -> None:
+        """Forget cached protein vectors (done on loading weights and when trainable layers train)."""
+        self.cache = torch.empty(0, device=self.tokens.device)
+
+    def train(self, mode: bool = True) -> ProteinLMGeneEmbedder:
+        if mode and not self.frozen:
+            self.clear_cache()  # the trainable layers are about to change
+        return super().train(mode)
+
+    def cached_protein_vectors(self) -> Tensor:
+        """All proteins' vectors, computed once without gradients and kept. (P, E)."""
+        if self.cache.shape[0] != self.n_proteins or self.cache.device != self.tokens.device:
+            log.info("Computing protein-LM embeddings of %d proteins (cached)", self.n_proteins)
+            was_training = self.plm.training
+            self.plm.eval()
+            with torch.no_grad():
+                self.cache = self.protein_vectors(torch.arange(self.n_proteins, device=self.tokens.device))
+            self.plm.train(was_training)
+        return self.cache
+
+    def forward(self, gene_ids: Tensor) -> Tensor:
+        if self.frozen or (not torch.is_grad_enabled() and not self.training):
+            raw = torch.cat([self.cached_protein_vectors(), self.fallback])[self.rows]  # (n_genes, E)
+            return nn.functional.embedding(gene_ids, self.adapter(raw))  # (B, G) -> (B, G, D)
+        uniq, inverse = torch.unique(gene_ids, return_inverse=True)  # (U,), (B, G)
+        rows = self.rows[uniq]
+        is_protein = rows < self.n_proteins
+        raw = self.fallback.new_zeros(len(uniq), self.fallback.shape[1])  # (U, E)
+        if is_protein.any():
+            raw = raw.index_copy(0, is_protein.nonzero().squeeze(1), self.protein_vectors(rows[is_protein]))
+        if (~is_protein).any():
+            fb = self.fallback[rows[~is_protein] - self.n_proteins]
+            raw = raw.index_copy(0, (~is_protein).nonzero().squeeze(1), fb)
+        return self.adapter(raw)[inverse]  # (U, D) -> (B, G, D)
