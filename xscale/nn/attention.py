@@ -19,7 +19,11 @@ def _key_mask(pad_mask: Tensor | None, n_keys: int) -> tuple[Tensor | None, Tens
     """Turn ``pad_mask`` (B, Nk) into an SDPA keep-mask (B, 1, 1, Nk) and an empty-row flag (B,)."""
     if pad_mask is None:
         return None, None
-    assert pad_mask.dtype == torch.bool and pad_mask.shape[-1] == n_keys, "pad_mask must be bool (B, Nk)"
+    if pad_mask.dtype != torch.bool or pad_mask.dim() != 2 or pad_mask.shape[-1] != n_keys:
+        raise ValueError(
+            f"pad_mask must be a bool tensor (B, Nk={n_keys}) with True = padding; "
+            f"found dtype={pad_mask.dtype}, shape={tuple(pad_mask.shape)}. Build it as `lengths[:, None] <= arange(Nk)`."
+        )
     empty = pad_mask.all(dim=-1)  # (B,)
     # Rows with no real key would give NaN from softmax; let them read everything and zero them after.
     keep = ~pad_mask | empty[:, None]  # (B, Nk)
@@ -50,17 +54,28 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None = N
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "naive": naive_attention}
 
 
+def check_sizes(*, dim: int, heads: int, **counts: int) -> None:
+    """Raise ``ValueError`` naming the argument when a size is not a positive integer or dim % heads != 0."""
+    for name, value in {"dim": dim, "heads": heads, **counts}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {name}={value!r}.")
+    if dim % heads != 0:
+        raise ValueError(f"dim={dim} must be divisible by heads={heads}; pick heads in the divisors of dim.")
+
+
 class Attention(nn.Module):
     """Multi-head attention serving both self-attention and cross-attention.
 
     ``forward(x (B, Nq, D), context (B, Nk, D) | None, pad_mask (B, Nk) | None) -> (B, Nq, D)``.
-    With ``context=None`` the queries attend to themselves.
+    With ``context=None`` the queries attend to themselves. A query whose keys are all
+    padding reads nothing: its output is exactly zero (so a residual block leaves it as is).
     """
 
     def __init__(self, dim: int, *, heads: int, backend: Backend = "sdpa") -> None:
         super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}; pick heads in the divisors of dim.")
+        check_sizes(dim=dim, heads=heads)
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"backend must be one of {list(ATTENTION_BACKENDS)}, got {backend!r}.")
         self.heads = heads
         self.backend: Backend = backend
         self.to_q = nn.Linear(dim, dim, bias=False)
@@ -77,7 +92,10 @@ class Attention(nn.Module):
         k, v = (self._split(t) for t in self.to_kv(context).chunk(2, dim=-1))
         out = ATTENTION_BACKENDS[self.backend](q, k, v, pad_mask)  # (B, H, Nq, dh)
         b, h, n, dh = out.shape
-        return self.to_out(out.transpose(1, 2).reshape(b, n, h * dh))  # (B, Nq, D)
+        out = self.to_out(out.transpose(1, 2).reshape(b, n, h * dh))  # (B, Nq, D)
+        if pad_mask is not None:
+            out = out.masked_fill(pad_mask.all(dim=-1)[:, None, None], 0.0)  # no key to read -> no update
+        return out
 
 
 class FeedForward(nn.Module):

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from xscale.nn.attention import CrossAttentionBlock, MLPBlock, SelfAttentionBlock
+from xscale.nn.attention import CrossAttentionBlock, MLPBlock, SelfAttentionBlock, check_sizes
 
 EncoderName = Literal["full", "criss-cross"]
 
@@ -25,6 +25,7 @@ class Encoder(nn.Module):
 
     def __init__(self, dim: int, depth: int, heads: int, *, mlp_mult: int = 4) -> None:
         super().__init__()
+        check_sizes(dim=dim, heads=heads, depth=depth, mlp_mult=mlp_mult)
         self.attn = nn.ModuleList(SelfAttentionBlock(dim, heads=heads) for _ in range(depth))
         self.mlp = nn.ModuleList(MLPBlock(dim, mult=mlp_mult) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -70,6 +71,7 @@ class CrissCrossEncoder(nn.Module):
         latent_self_attention: bool = True,
     ) -> None:
         super().__init__()
+        check_sizes(dim=dim, heads=heads, depth=depth, n_latents=n_latents, mlp_mult=mlp_mult)
         self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)  # (M, D)
         self.layers = nn.ModuleList(
             CrissCrossLayer(dim, heads, mlp_mult=mlp_mult, latent_self_attention=latent_self_attention)

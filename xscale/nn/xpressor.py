@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from xscale.nn.attention import CrossAttentionBlock, MLPBlock, SelfAttentionBlock
+from xscale.nn.attention import CrossAttentionBlock, MLPBlock, SelfAttentionBlock, check_sizes
 
 
 class Xpressor(nn.Module):
@@ -22,6 +22,7 @@ class Xpressor(nn.Module):
 
     def __init__(self, dim: int, n_latents: int, depth: int, heads: int, *, mlp_mult: int = 4) -> None:
         super().__init__()
+        check_sizes(dim=dim, heads=heads, depth=depth, n_latents=n_latents, mlp_mult=mlp_mult)
         self.queries = nn.Parameter(torch.randn(n_latents, dim) * 0.02)  # (K, D)
         self.read = nn.ModuleList(CrossAttentionBlock(dim, heads=heads) for _ in range(depth))
         self.mix = nn.ModuleList(SelfAttentionBlock(dim, heads=heads) for _ in range(depth))
@@ -46,6 +47,7 @@ class Decompressor(nn.Module):
         self, dim: int, depth: int, heads: int, *, self_attend: bool = False, mlp_mult: int = 4
     ) -> None:
         super().__init__()
+        check_sizes(dim=dim, heads=heads, depth=depth, mlp_mult=mlp_mult)
         self.read = nn.ModuleList(CrossAttentionBlock(dim, heads=heads) for _ in range(depth))
         self.mix = (
             nn.ModuleList(SelfAttentionBlock(dim, heads=heads) for _ in range(depth)) if self_attend else None
