@@ -1,0 +1,38 @@
+"""Fixtures for the product tests: a latent store built from real STARmap cells.
+
+Until a trained model is needed, latents are PCA of log-normalised expression (cell level)
+and its spatial neighbourhood mean (niche level), shaped (n, K, D) like real latents.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def pca_latents(adata, n_comp: int = 32) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    lib = X.sum(1, keepdims=True)
+    Z = np.log1p(X / np.maximum(lib, 1) * 1e4)
+    return PCA(n_comp, random_state=0).fit_transform(Z).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def starmap_store(tmp_path_factory):
+    """(path to cells.zarr, AnnData) with obsm X_xscale_cell (n, 4, 8) and X_xscale_niche (n, 2, 16)."""
+    import xscale
+    from xscale.eval.metrics import spatial_mean
+
+    adata = xscale.datasets.load("starmap_mpfc")
+    pcs = pca_latents(adata, 32)
+    niche = np.zeros_like(pcs)
+    for s in adata.obs["slice"].unique():
+        m = (adata.obs["slice"] == s).to_numpy()
+        niche[m] = spatial_mean(pcs[m], adata.obsm["spatial"][m], k=10)
+    adata.obsm["X_xscale_cell"] = pcs.reshape(-1, 4, 8)
+    adata.obsm["X_xscale_niche"] = niche.reshape(-1, 2, 16)
+    adata.uns["xscale"] = {"slide_key": "slice"}
+    path = tmp_path_factory.mktemp("store") / "cells.zarr"
+    adata.write_zarr(path)
+    return path, adata

@@ -1,0 +1,109 @@
+"""``xscale query``: nearest cells or niches in a latent store."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "find the nearest cells or niches to a cell, a vector or a region in a latent store"
+DESCRIPTION = """\
+Search a latent store (cells.zarr written by `xscale demo`, `run` or `embed`) with a faiss
+index: exact for small stores, approximate (IVF) above --exact-max cells.
+
+  --cell ID        the cell's latent (the cell itself is left out of the hits);
+                   at --level niche, the niche centred on that cell
+  --vector F.npy   any latent of the level's size, (K, D) or flat
+  --region x0,y0,x1,y1
+                   an inclusive box on one slide (--region-slide, or the only slide):
+                   --region-mode mean searches with the mean latent of the box's cells and
+                   leaves those cells out (similar regions elsewhere); cells lists the box's
+                   own cells, nearest to their mean first
+
+--slide S keeps hits on slide S only; --cross-slide drops hits on the query's own slide.
+Output: JSON list of hits (id, distance = L2 in latent space, slide, x, y, then the store's
+obs columns), or TSV with the same columns.
+
+example: xscale query --store xscale-demo/cells.zarr --level niche --cell CELL --k 10 --cross-slide
+"""
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    parts = text.split(",")
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1 (four numbers); got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--store", required=True, help="latent store (DIR/cells.zarr)")
+    p.add_argument("--level", choices=("cell", "niche"), default="cell", help="which latents to search (default cell)")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--cell", metavar="ID", help="query with this cell's latent")
+    q.add_argument("--vector", metavar="FILE.npy", help="query with a latent saved by numpy.save")
+    q.add_argument("--region", type=_box, metavar="x0,y0,x1,y1", help="query with a region's cells")
+    p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--slide", help="keep hits on this slide only")
+    p.add_argument("--cross-slide", action="store_true", help="leave out hits on the query's own slide")
+    p.add_argument("--region-slide", help="slide the --region box is drawn on (default: the only slide)")
+    p.add_argument("--region-mode", choices=("mean", "cells"), default="mean", help="see above (default mean)")
+    p.add_argument("--slide-key", help="obs column naming the slide (default: detected)")
+    p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto", help="faiss index kind")
+    p.add_argument("--exact-max", type=int, default=100_000, help="largest store searched exactly by --index auto")
+    p.add_argument("--format", choices=("json", "tsv"), default="json", help="output format (default json)")
+    p.add_argument("--output", "-o", help="write here instead of stdout")
+
+
+def hits_to_text(hits: list, fmt: str) -> str:
+    """Hits as a JSON list or a TSV table (same columns)."""
+    import json
+
+    rows = [h.to_dict() for h in hits]
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    import pandas as pd
+
+    cols = ["id", "distance", "slide", "x", "y"]
+    df = pd.DataFrame(rows)
+    df = df[cols + [c for c in df.columns if c not in cols]] if len(df) else pd.DataFrame(columns=cols)
+    return df.to_csv(sep="\t", index=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from xscale.errors import XscaleInputError
+    from xscale.query import LatentIndex
+
+    if args.k < 1:
+        raise XscaleInputError(f"--k must be >= 1; got {args.k}.")
+    index = LatentIndex.open(
+        args.store, level=args.level, slide_key=args.slide_key, kind=args.index, exact_max=args.exact_max
+    )
+    if args.cell is not None:
+        hits = index.query_cell(args.cell, args.k, slide=args.slide, cross_slide=args.cross_slide)
+    elif args.vector is not None:
+        try:
+            vec = np.load(args.vector, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise XscaleInputError(f"Could not read --vector {args.vector!r} as a .npy array: {err}") from err
+        hits = index.query_vector(vec, args.k, slide=args.slide)
+    else:
+        hits = index.query_region(
+            args.region, args.k, region_slide=args.region_slide, slide=args.slide,
+            cross_slide=args.cross_slide, mode=args.region_mode,
+        )
+    text = hits_to_text(hits, args.format)
+    if args.output:
+        from pathlib import Path
+
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
