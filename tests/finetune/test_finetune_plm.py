@@ -134,3 +134,50 @@ def test_plm_missing_sequences_error_and_learned(tiny_esm_dir, tmp_path, fasta_w
     assert emb.fallback.grad is not None and emb.fallback.grad.abs().sum() > 0
     with pytest.raises(XscaleInputError, match="no ESM-2 model"):
         ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tmp_path), fasta=str(fasta))
+
+
+def _synthetic_batch(n_cells: int = 6, n_genes: int = 6):
+    from xscale.data.batch import CellItem, collate_cells
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n_cells):
+        g = rng.choice(n_genes, size=int(rng.integers(3, n_genes + 1)), replace=False)
+        items.append(CellItem(gene_ids=np.sort(g), counts=rng.poisson(3.0, size=len(g)).astype(np.float32), index=i))
+    return collate_cells(items, rng=rng)
+
+
+@pytest.mark.parametrize("embedder", ["table", "protein-lm"])
+def test_gene_to_cell_training_step_with_external_gene_tokens(embedder, tmp_path, tiny_esm_dir, fasta_writer):
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import load_model, save_model
+
+    if embedder == "table":
+        path = save_gene_table(tmp_path / "t.npz", GENES[:5], np.random.default_rng(0).normal(size=(5, 9)))
+        options = {"path": str(path), "freeze": True}
+        watched = "gene_embedder.adapter.1.weight"
+    else:
+        fasta = fasta_writer(tmp_path / "p.fasta", GENES)
+        options = {"model_dir": str(tiny_esm_dir), "fasta": str(fasta), "n_trainable_layers": 1}
+        watched = "gene_embedder.plm.encoder.layer.2.attention.self.query.weight"
+    cfg = GeneToCellConfig.preset("tiny", genes=GENES, gene_embedder=embedder, gene_embedder_options=options)
+    model = GeneToCell(cfg)
+    params = dict(model.named_parameters())
+    before = params[watched].detach().clone()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _synthetic_batch()
+    loss = model.loss(batch).total
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert params[watched].grad is not None and params[watched].grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, params[watched].detach())
+    if embedder == "protein-lm":
+        assert params["gene_embedder.plm.encoder.layer.0.attention.self.query.weight"].grad is None
+    # Save -> load keeps the (partly fine-tuned) gene tokens.
+    model.eval()
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(batch.gene_ids, batch.values, batch.pad_mask),
+                                   again.embed(batch.gene_ids, batch.values, batch.pad_mask))
