@@ -1,0 +1,122 @@
+"""One test per bad-input case of validate_adata; each checks the message, not only the type."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from xscale.data.validate import check_counts, validate_adata
+from xscale.errors import XscaleInputError
+
+
+def test_valid_real_data_gives_csr_float32(starmap):
+    out = validate_adata(starmap, slide_key="slice")
+    assert sp.issparse(out.X) and out.X.format == "csr" and out.X.dtype == np.float32
+    assert out.n_obs == starmap.n_obs and out.obsm["spatial"].shape == (starmap.n_obs, 2)
+    assert out is not starmap
+
+
+def test_normalised_counts_point_to_counts_layer(small_adata):
+    a = small_adata
+    a.layers["counts"] = a.X.copy()
+    a.X = sp.csr_matrix(np.log1p(a.X.toarray()))
+    with pytest.raises(XscaleInputError, match=r"non-integer.*counts_layer.*--counts-layer.*'counts'"):
+        validate_adata(a)
+    out = validate_adata(a, counts_layer="counts")
+    assert np.array_equal(out.X.toarray(), a.layers["counts"].toarray()[np.asarray(a.layers["counts"].sum(1)).ravel() > 0])
+    assert "counts" not in out.layers
+
+
+def test_missing_counts_layer_lists_layers(small_adata):
+    with pytest.raises(XscaleInputError, match=r"layers\['raw'\].*no such layer.*Layers present: \[\]"):
+        validate_adata(small_adata, counts_layer="raw")
+
+
+def test_negative_counts(small_adata):
+    x = small_adata.X.toarray()
+    x[3, 2] = -2
+    small_adata.X = x
+    with pytest.raises(XscaleInputError, match=r"non-negative.*1 negative value.*minimum -2"):
+        validate_adata(small_adata)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_counts(small_adata, bad):
+    x = small_adata.X.toarray()
+    x[5, 0] = bad
+    small_adata.X = sp.csr_matrix(x)
+    with pytest.raises(XscaleInputError, match=r"adata.X: expected finite raw counts, found 1 NaN/inf"):
+        validate_adata(small_adata)
+
+
+def test_missing_spatial_key_lists_obsm_keys(small_adata):
+    small_adata.obsm["X_umap"] = np.zeros((small_adata.n_obs, 2))
+    with pytest.raises(XscaleInputError, match=r"obsm\['coords'\].*obsm keys present: \['spatial', 'X_umap'\].*spatial_key="):
+        validate_adata(small_adata, spatial_key="coords")
+    assert validate_adata(small_adata, spatial_key=None).n_obs == small_adata.n_obs
+
+
+def test_nan_coordinates(small_adata):
+    small_adata.obsm["spatial"][[1, 7]] = np.nan
+    with pytest.raises(XscaleInputError, match=r"expected finite coordinates, found NaN/inf for 2 cell"):
+        validate_adata(small_adata)
+
+
+def test_duplicate_gene_names(small_adata):
+    names = list(small_adata.var_names)
+    names[1] = names[0]
+    small_adata.var_names = names
+    with pytest.raises(XscaleInputError, match=rf"unique gene names, found 1 duplicated.*{names[0]}.*var_names_make_unique"):
+        validate_adata(small_adata)
+
+
+def test_duplicate_cell_ids(small_adata):
+    names = list(small_adata.obs_names)
+    names[2] = names[0]
+    small_adata.obs_names = names
+    with pytest.raises(XscaleInputError, match=r"unique cell ids, found 1 duplicated.*obs_names_make_unique"):
+        validate_adata(small_adata)
+
+
+def test_zero_count_cells_dropped_with_count(small_adata):
+    x = small_adata.X.toarray()
+    x[[0, 10, 20]] = 0
+    small_adata.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning, match=r"Dropped 3 of 300 cells with zero total counts"):
+        out = validate_adata(small_adata)
+    assert out.n_obs == 297 and small_adata.n_obs == 300
+    assert out.obsm["spatial"].shape == (297, 2)
+
+
+def test_zero_count_in_place(small_adata):
+    small_adata.X = sp.csr_matrix(small_adata.X.multiply(np.arange(300)[:, None] > 0))
+    with pytest.warns(UserWarning, match="Dropped 1 of 300"):
+        out = validate_adata(small_adata, copy=False)
+    assert out is small_adata and small_adata.n_obs == 299
+
+
+def test_empty_dataset(small_adata):
+    with pytest.raises(XscaleInputError, match=r"Empty dataset: expected at least 1 cell.*found 0 cells x 166 genes"):
+        validate_adata(small_adata[:0].copy())
+    small_adata.X = sp.csr_matrix(small_adata.shape, dtype=np.float32)
+    with pytest.warns(UserWarning), pytest.raises(XscaleInputError, match=r"found 0 cells.*after dropping 300 zero-count"):
+        validate_adata(small_adata)
+
+
+def test_missing_slide_key(small_adata):
+    with pytest.raises(XscaleInputError, match=r"obs\['sample'\].*obs columns present: \['slice'"):
+        validate_adata(small_adata, slide_key="sample")
+
+
+def test_chunked_check_matches_and_dask_stays_lazy(small_adata):
+    import dask.array as da
+
+    x = small_adata.X.toarray()
+    whole = check_counts(x, where="X")
+    chunked = check_counts(x, where="X", chunk_rows=7)
+    assert np.array_equal(whole.totals, chunked.totals) and whole.nnz == chunked.nnz
+    lazy = small_adata.copy()
+    lazy.X = da.from_array(x, chunks=(64, x.shape[1]))
+    out = validate_adata(lazy)
+    assert type(out.X).__module__.startswith("dask")  # not materialised by validation
+    assert np.array_equal(out.X.compute().toarray(), x)
