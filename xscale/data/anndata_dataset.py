@@ -1,0 +1,178 @@
+"""In-memory level-1 dataset over one or several AnnData objects.
+
+Each AnnData's panel maps into one shared :class:`~xscale.data.vocab.GeneVocab`; a cell
+yields the vocabulary ids of its panel's known genes and their raw counts as a
+:class:`~xscale.data.batch.CellItem`. Panels of different sizes and contents train
+one model together; genes outside the vocabulary are dropped (and reported).
+Never imports ``xscale.models``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from torch.utils.data import Dataset
+
+from xscale.data.batch import CellItem
+from xscale.data.vocab import GeneVocab
+from xscale.errors import XscaleInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PanelMapping:
+    """How one AnnData's panel maps into the vocabulary.
+
+    columns (g,) positions in ``var_names`` of the known genes; gene_ids (g,) their
+    vocabulary ids; n_panel the panel size; unknown a few example symbols not in the vocabulary.
+    """
+
+    columns: np.ndarray
+    gene_ids: np.ndarray
+    n_panel: int
+    unknown: list[str]
+
+    @property
+    def n_used(self) -> int:
+        return int(self.columns.size)
+
+
+def map_panel(var_names: Sequence[str], vocab: GeneVocab, *, min_genes: int = 10, what: str = "dataset") -> PanelMapping:
+    """Map a panel into ``vocab``; raise :class:`XscaleInputError` if fewer than ``min_genes`` are known."""
+    idx = vocab.panel_overlap(list(var_names), min_genes=min(min_genes, len(vocab)), what=what)
+    columns = np.flatnonzero(idx >= 0)
+    unknown = [str(var_names[i]) for i in np.flatnonzero(idx < 0)[:10]]
+    return PanelMapping(columns=columns, gene_ids=idx[columns], n_panel=len(var_names), unknown=unknown)
+
+
+def vocab_from_adatas(adatas: Sequence) -> GeneVocab:
+    """Shared vocabulary over the panels of several AnnData objects (first-seen order)."""
+    return GeneVocab.union([list(map(str, a.var_names)) for a in adatas])
+
+
+def counts_matrix(adata, counts_layer: str | None = None) -> sp.csr_matrix:
+    """Raw counts as CSR float32 from ``adata.X`` or ``adata.layers[counts_layer]``; warns if not integer."""
+    if counts_layer is None:
+        X = adata.X
+    else:
+        if counts_layer not in adata.layers:
+            raise XscaleInputError(
+                f"counts_layer={counts_layer!r} not found in adata.layers. Available: {list(adata.layers)}. "
+                "Pass counts_layer=None to read raw counts from adata.X."
+            )
+        X = adata.layers[counts_layer]
+    X = sp.csr_matrix(X, dtype=np.float32)
+    sample = X.data[:10_000]
+    if sample.size and (np.any(sample < 0) or not np.allclose(sample, np.round(sample))):
+        log.warning(
+            "%s does not look like raw counts (non-integer or negative values); the NB likelihood expects "
+            "raw counts. Pass counts_layer=... naming the raw-count layer.",
+            "adata.X" if counts_layer is None else f"adata.layers[{counts_layer!r}]",
+        )
+    return X
+
+
+class AnnDataCellDataset(Dataset):
+    """Map-style dataset of :class:`CellItem` over one or several AnnData objects.
+
+    Parameters
+    ----------
+    adatas
+        One AnnData or a sequence; raw counts in ``X`` (or ``counts_layer``).
+    vocab
+        Shared gene vocabulary (e.g. the model's, or :func:`vocab_from_adatas`).
+    counts_layer
+        Layer holding raw counts; None reads ``X``.
+    slide_key
+        obs column with the slide of each cell (encoded as ``CellItem.slide``); None gives 0.
+    min_genes
+        Fewest panel genes that must be in the vocabulary; fewer raises :class:`XscaleInputError`.
+    cells
+        Optional per-AnnData row selections (integer positions or boolean masks).
+
+    Attributes
+    ----------
+    mappings
+        One :class:`PanelMapping` per AnnData: how many panel genes are used.
+    """
+
+    def __init__(
+        self,
+        adatas,
+        vocab: GeneVocab,
+        *,
+        counts_layer: str | None = None,
+        slide_key: str | None = None,
+        min_genes: int = 10,
+        cells: Sequence[np.ndarray | None] | None = None,
+    ) -> None:
+        adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
+        if not adatas:
+            raise XscaleInputError("AnnDataCellDataset needs at least one AnnData; got none.")
+        if cells is not None and len(cells) != len(adatas):
+            raise XscaleInputError(f"cells has {len(cells)} selections for {len(adatas)} AnnData objects.")
+        self.vocab = vocab
+        self.mappings: list[PanelMapping] = []
+        self._X: list[sp.csr_matrix] = []
+        self._rows: list[np.ndarray] = []
+        self._slides: list[np.ndarray] = []
+        self.slide_names: list[list[str]] = []
+        for d, adata in enumerate(adatas):
+            what = f"dataset {d} ({adata.n_obs} cells × {adata.n_vars} genes)"
+            mapping = map_panel(list(map(str, adata.var_names)), vocab, min_genes=min_genes, what=what)
+            log.info(
+                "%s: using %d of %d panel genes (vocabulary %d)%s",
+                what, mapping.n_used, mapping.n_panel, len(vocab),
+                f"; not in vocabulary e.g. {mapping.unknown}" if mapping.unknown else "",
+            )
+            self.mappings.append(mapping)
+            self._X.append(counts_matrix(adata, counts_layer)[:, mapping.columns].tocsr())
+            sel = cells[d] if cells is not None else None
+            rows = np.arange(adata.n_obs) if sel is None else np.asarray(sel)
+            if rows.dtype == bool:
+                rows = np.flatnonzero(rows)
+            self._rows.append(rows.astype(np.int64))
+            if slide_key is None:
+                self._slides.append(np.zeros(adata.n_obs, dtype=np.int64))
+                self.slide_names.append(["0"])
+            else:
+                if slide_key not in adata.obs:
+                    raise XscaleInputError(
+                        f"slide_key={slide_key!r} not found in adata.obs of {what}. "
+                        f"Available: {list(adata.obs.columns)}. Pass slide_key=None if there is one slide."
+                    )
+                codes, names = _codes(adata.obs[slide_key])
+                self._slides.append(codes)
+                self.slide_names.append(names)
+        self._offsets = np.cumsum([0] + [len(r) for r in self._rows])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> CellItem:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        d = int(np.searchsorted(self._offsets, i, side="right") - 1)
+        row = int(self._rows[d][i - self._offsets[d]])
+        X = self._X[d]
+        counts = np.zeros(X.shape[1], dtype=np.float32)
+        lo, hi = X.indptr[row], X.indptr[row + 1]
+        counts[X.indices[lo:hi]] = X.data[lo:hi]
+        return CellItem(
+            gene_ids=self.mappings[d].gene_ids, counts=counts, index=row, dataset=d, slide=int(self._slides[d][row])
+        )
+
+    @property
+    def genes_used(self) -> list[int]:
+        """Number of panel genes in the vocabulary, per AnnData."""
+        return [m.n_used for m in self.mappings]
+
+
+def _codes(column) -> tuple[np.ndarray, list[str]]:
+    values = np.asarray(column.astype(str))
+    names, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64), [str(n) for n in names]

@@ -1,0 +1,292 @@
+"""Level 1: genes -> cells. ``GeneToCell`` compresses a cell's gene tokens into K latents.
+
+Pipeline (shapes in the alphabet of ARCHITECTURE.md)::
+
+    gene identity (GeneEmbedder) + value embedding of log-normalised expression  (B, G, D)
+    -> encoder ("full" | "criss-cross")                                          (B, G, D)
+    -> bottleneck: Xpressor (B, K, D) | CLS token (B, 1, D) | masked mean (B, 1, D)
+    -> Decompressor with gene-identity-only queries                              (B, G, D)
+    -> NB / ZINB: mean = softmax over genes (padding excluded) × library, per-gene dispersion
+
+The bottleneck is the only thing ``pooling`` changes: CLS and mean pooling give one
+vector that the *same* decoder reads, trained with the same objectives and budget.
+Values arrive log-normalised in the batch; the model never normalises inside ``forward``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from xscale.data.transforms import binomial_thin, log_normalize
+from xscale.data.vocab import GeneVocab, normalize_symbol
+from xscale.models.gene_embedders import build_gene_embedder
+from xscale.models.io import register_model
+from xscale.models.likelihoods import NBParams
+from xscale.nn.encoders import build_encoder
+from xscale.nn.xpressor import Decompressor, Xpressor
+
+Pooling = Literal["xpressor", "cls", "mean"]
+Likelihood = Literal["nb", "zinb"]
+EncoderName = Literal["full", "criss-cross"]
+PresetName = Literal["tiny", "small", "base"]
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # tests and smoke runs: seconds on a CPU
+    "tiny": dict(dim=32, heads=2, depth=1, n_latents=4, xpressor_depth=1, decoder_depth=1, max_genes=256),
+    # demo / benchmark: a few CPU minutes on a few thousand cells
+    "small": dict(dim=64, heads=4, depth=2, n_latents=8, xpressor_depth=1, decoder_depth=1, max_genes=512),
+    # GPU-sized
+    "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
+}
+
+
+@dataclass
+class GeneToCellConfig:
+    """Typed configuration of :class:`GeneToCell`; checks itself on construction.
+
+    ``genes`` is the vocabulary (normalised symbols) and travels with the checkpoint.
+    Objective weights: ``w_autoencode`` (clean input), ``w_masked`` (a fraction
+    ``mask_fraction`` of the value embeddings replaced by a mask token, scored on the
+    hidden genes), ``w_denoise`` (input binomially thinned to ``denoise_keep``, full
+    counts as target). A weight of 0 skips that pass.
+    """
+
+    genes: list[str]
+    dim: int = 64
+    heads: int = 4
+    depth: int = 2
+    encoder: EncoderName = "full"
+    encoder_latents: int = 32  # M, criss-cross only
+    n_latents: int = 8  # K
+    xpressor_depth: int = 1
+    decoder_depth: int = 1
+    decoder_self_attend: bool = False
+    pooling: Pooling = "xpressor"
+    likelihood: Likelihood = "nb"
+    w_autoencode: float = 1.0
+    w_masked: float = 0.5
+    w_denoise: float = 0.5
+    mask_fraction: float = 0.25
+    denoise_keep: float = 0.5
+    max_genes: int = 512
+    gene_embedder: str = "learned"
+    gene_embedder_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        genes = [normalize_symbol(g) for g in self.genes]
+        if not genes:
+            raise ValueError("GeneToCellConfig.genes is empty; pass the gene vocabulary (list of symbols).")
+        dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) != len(genes) else []
+        if dup:
+            raise ValueError(f"GeneToCellConfig.genes has duplicates after normalisation: {dup[:10]}.")
+        self.genes = genes
+        for name in ("dim", "heads", "depth", "encoder_latents", "n_latents", "xpressor_depth",
+                     "decoder_depth", "max_genes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GeneToCellConfig.{name} must be a positive integer; got {value!r}.")
+        if self.dim % self.heads:
+            raise ValueError(f"GeneToCellConfig.dim={self.dim} must be divisible by heads={self.heads}.")
+        _check_choice("encoder", self.encoder, ("full", "criss-cross"))
+        _check_choice("pooling", self.pooling, ("xpressor", "cls", "mean"))
+        _check_choice("likelihood", self.likelihood, ("nb", "zinb"))
+        weights = (self.w_autoencode, self.w_masked, self.w_denoise)
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"Objective weights must be >= 0 with a positive sum; got {weights}.")
+        if not 0.0 < self.mask_fraction < 1.0:
+            raise ValueError(f"GeneToCellConfig.mask_fraction must be in (0, 1); got {self.mask_fraction}.")
+        if not 0.0 < self.denoise_keep <= 1.0:
+            raise ValueError(f"GeneToCellConfig.denoise_keep must be in (0, 1]; got {self.denoise_keep}.")
+        if not isinstance(self.gene_embedder_options, dict):
+            raise ValueError("GeneToCellConfig.gene_embedder_options must be a dict of keyword options.")
+
+    @classmethod
+    def preset(cls, name: PresetName, *, genes: list[str], **overrides: Any) -> GeneToCellConfig:
+        """Named preset ("tiny", "small", "base"); ``overrides`` replace fields (unknown names raise)."""
+        if name not in _PRESETS:
+            raise ValueError(f"Unknown GeneToCellConfig preset {name!r}; choose one of {sorted(_PRESETS)}.")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"Unknown GeneToCellConfig fields {unknown}.")
+        return cls(genes=list(genes), **{**_PRESETS[name], **overrides})
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def latents_per_cell(self) -> int:
+        """K for the Xpressor; 1 for CLS / mean pooling."""
+        return self.n_latents if self.pooling == "xpressor" else 1
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of :meth:`GeneToCell.embed` output: latents_per_cell × dim."""
+        return self.latents_per_cell * self.dim
+
+
+def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"GeneToCellConfig.{name} must be one of {list(options)}; got {value!r}.")
+
+
+@dataclass
+class GeneToCellLoss:
+    """Loss of one batch: ``total`` (weighted sum, differentiable) and its parts (mean NLL per gene)."""
+
+    total: Tensor
+    autoencode: Tensor
+    masked: Tensor
+    denoise: Tensor
+
+
+class ValueEncoder(nn.Module):
+    """Embedding of a scalar log-normalised expression value. (B, G) -> (B, G, D)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.net(values.unsqueeze(-1))  # (B, G) -> (B, G, 1) -> (B, G, D)
+
+
+@register_model("gene_to_cell", GeneToCellConfig)
+class GeneToCell(nn.Module):
+    """Level-1 model. See the module docstring for the data flow."""
+
+    def __init__(self, config: GeneToCellConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.gene_embedder = build_gene_embedder(
+            c.gene_embedder, n_genes=c.n_genes, dim=c.dim, genes=c.genes, options=c.gene_embedder_options
+        )
+        self.value_encoder = ValueEncoder(c.dim)
+        self.mask_token = nn.Parameter(torch.randn(c.dim) * 0.02)  # (D,) replaces a masked value embedding
+        self.encoder = build_encoder(c.encoder, dim=c.dim, depth=c.depth, heads=c.heads, n_latents=c.encoder_latents)
+        if c.pooling == "xpressor":
+            self.xpressor: Xpressor | None = Xpressor(c.dim, c.n_latents, c.xpressor_depth, c.heads)
+        else:
+            self.xpressor = None
+        self.cls_token = nn.Parameter(torch.randn(c.dim) * 0.02) if c.pooling == "cls" else None
+        self.pool_norm = nn.LayerNorm(c.dim) if c.pooling != "xpressor" else None
+        self.query_proj = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.dim))
+        self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads, self_attend=c.decoder_self_attend)
+        self.head = nn.Linear(c.dim, 2 if c.likelihood == "zinb" else 1)
+        self.log_theta = nn.Parameter(torch.zeros(c.n_genes))  # per vocabulary gene
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(self.config.genes)
+
+    def encode(
+        self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None, *, value_mask: Tensor | None = None
+    ) -> Tensor:
+        """Cell latents. gene_ids (B, G) long, values (B, G) log-normalised, pad_mask (B, G) True = pad.
+
+        ``value_mask`` (B, G) bool replaces those genes' value embedding by the mask token.
+        Returns (B, K, D) for the Xpressor, (B, 1, D) for CLS / mean pooling.
+        """
+        tokens = self._tokens(gene_ids, values, value_mask)  # (B, G, D)
+        if self.config.pooling == "cls":
+            b = tokens.shape[0]
+            cls = self.cls_token.expand(b, 1, -1)  # (D,) -> (B, 1, D)
+            tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + G, D)
+            if pad_mask is not None:
+                pad_mask = torch.cat([pad_mask.new_zeros(b, 1), pad_mask], dim=1)
+            return self.pool_norm(self.encoder(tokens, pad_mask)[:, :1])  # (B, 1, D)
+        hidden = self.encoder(tokens, pad_mask)  # (B, G, D)
+        if self.xpressor is not None:
+            return self.xpressor(hidden, pad_mask)  # (B, G, D) -> (B, K, D)
+        keep = (~pad_mask).to(hidden.dtype) if pad_mask is not None else hidden.new_ones(hidden.shape[:2])
+        pooled = (hidden * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1.0)  # (B, D)
+        return self.pool_norm(pooled[:, None])  # (B, 1, D)
+
+    def forward(self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """Same as :meth:`encode`. (B, G) -> (B, K, D)."""
+        return self.encode(gene_ids, values, pad_mask)
+
+    def embed(self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """Flattened cell embedding. (B, G) -> (B, K·D)."""
+        return self.encode(gene_ids, values, pad_mask).flatten(1)  # (B, K, D) -> (B, K·D)
+
+    def decode(
+        self, latents: Tensor, gene_ids: Tensor, library: Tensor, pad_mask: Tensor | None = None
+    ) -> NBParams:
+        """Count distribution of ``gene_ids`` given latents.
+
+        latents (B, K, D); gene_ids (B, G) the genes to decode (any genes of the
+        vocabulary, not necessarily those encoded); library (B,) total counts the
+        decoded genes share; pad_mask (B, G) True = padding. Returns :class:`NBParams`
+        with mean (B, G) = softmax over the non-padding genes × library.
+        """
+        queries = self.query_proj(self.gene_embedder(gene_ids))  # (B, G, D): identity only
+        out = self.head(self.decoder(queries, latents, pad_mask))  # (B, G, D) -> (B, G, 1|2)
+        logits = out[..., 0]
+        if pad_mask is not None:
+            logits = logits.masked_fill(pad_mask, -math.inf)
+        share = torch.softmax(logits, dim=-1)  # (B, G)
+        share = torch.nan_to_num(share, nan=0.0)  # a fully padded row
+        mean = share * library[:, None].to(share.dtype)
+        theta = self.log_theta.clamp(-7.0, 9.0).exp()[gene_ids]  # (G_vocab,) -> (B, G)
+        zi = out[..., 1] if self.config.likelihood == "zinb" else None
+        return NBParams(mean=mean, theta=theta, zi_logits=zi, pad_mask=pad_mask)
+
+    def loss(self, batch: Any, generator: torch.Generator | None = None) -> GeneToCellLoss:
+        """Weighted sum of the auto-encoding, masked-gene and denoising NB/ZINB NLLs.
+
+        ``batch`` is a :class:`xscale.data.batch.CellBatch`. Each part is the mean
+        negative log-likelihood per (non-padding, resp. masked) gene; the decoded
+        library is the batch's counts summed over its gene context.
+        """
+        c = self.config
+        pad = batch.pad_mask
+        counts = batch.counts.masked_fill(pad, 0.0)
+        library = counts.sum(-1)  # (B,) library of the decoded context
+        real = (~pad).to(counts.dtype)
+        n_real = real.sum().clamp_min(1.0)
+        zero = counts.new_zeros(())
+        parts = {"autoencode": zero, "masked": zero, "denoise": zero}
+        if c.w_autoencode > 0:
+            lp = self._reconstruct_log_prob(batch.gene_ids, batch.values, pad, counts, library)
+            parts["autoencode"] = -(lp.sum() / n_real)
+        if c.w_masked > 0:
+            u = torch.rand(pad.shape, generator=generator, device=pad.device)
+            hide = (u < c.mask_fraction) & ~pad  # (B, G)
+            lp = self._reconstruct_log_prob(batch.gene_ids, batch.values, pad, counts, library, value_mask=hide)
+            parts["masked"] = -(lp * hide).sum() / hide.sum().clamp_min(1)
+        if c.w_denoise > 0:
+            thinned = binomial_thin(counts, c.denoise_keep, generator=generator)
+            thin_library = (batch.library - (counts - thinned).sum(-1)).clamp_min(0.0)
+            values = log_normalize(thinned, thin_library).masked_fill(pad, 0.0)
+            lp = self._reconstruct_log_prob(batch.gene_ids, values, pad, counts, library)
+            parts["denoise"] = -(lp.sum() / n_real)
+        total = c.w_autoencode * parts["autoencode"] + c.w_masked * parts["masked"] + c.w_denoise * parts["denoise"]
+        return GeneToCellLoss(total=total, **parts)
+
+    # ------------------------------------------------------------------ internals
+    def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
+        value_emb = self.value_encoder(values.to(self.mask_token.dtype))  # (B, G, D)
+        if value_mask is not None:
+            value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)
+        return self.gene_embedder(gene_ids) + value_emb  # (B, G, D)
+
+    def _reconstruct_log_prob(
+        self,
+        gene_ids: Tensor,
+        values: Tensor,
+        pad: Tensor,
+        counts: Tensor,
+        library: Tensor,
+        *,
+        value_mask: Tensor | None = None,
+    ) -> Tensor:
+        latents = self.encode(gene_ids, values, pad, value_mask=value_mask)  # (B, K, D)
+        return self.decode(latents, gene_ids, library, pad).log_prob(counts)  # (B, G)
