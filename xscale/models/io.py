@@ -9,6 +9,19 @@ Models register a name, their class and their typed config dataclass with
 :func:`register_model`; the class must accept ``cls(config)`` and expose ``.config``.
 Old formats go through :func:`upgrade_checkpoint_config`; unknown versions are a
 clear error.
+
+Format history
+--------------
+- **v0** (pre-release): ``config.json`` had no ``format_version`` key, named the model
+  under ``"model_name"`` and had no ``"extra"`` dict::
+
+      {"model_name": "<registered name>", "config": {...}}
+
+- **v1** (current): ``{"format_version": 1, "model": ..., "config": {...}, "extra": {...}}``.
+
+Each step ``v -> v+1`` is a pure function on the JSON document registered in
+``_UPGRADES``; loading applies them in order. Nothing in this module unpickles: weights
+are read with ``safetensors`` and the config is JSON.
 """
 from __future__ import annotations
 
@@ -16,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +36,7 @@ from typing import Any
 from torch import nn
 
 from xscale.errors import CheckpointError
+from xscale.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +45,21 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 _REGISTRY: dict[str, tuple[type[nn.Module], type]] = {}
+
+
+def _upgrade_v0_to_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """v0 -> v1: ``model_name`` becomes ``model``; add ``format_version`` and an empty ``extra``."""
+    if "model_name" not in doc or "config" not in doc:
+        raise CheckpointError(
+            f"Checkpoint config of format v0 needs keys 'model_name' and 'config'; found {sorted(doc)}."
+        )
+    upgraded = {k: v for k, v in doc.items() if k not in ("model_name", "format_version")}
+    upgraded.update(format_version=1, model=doc["model_name"], extra=doc.get("extra") or {})
+    return upgraded
+
+
 # Upgrade steps: version v -> function taking the v document and returning the v+1 document.
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _upgrade_v0_to_v1}
 
 
 def register_model(name: str, config_cls: type) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -72,7 +98,10 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
         kwargs[key] = config_from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
         if isinstance(value, list) and "tuple" in str(ftype):
             kwargs[key] = tuple(value)
-    return config_cls(**kwargs)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as err:  # missing required fields, __post_init__ checks
+        raise CheckpointError(f"Checkpoint config for {config_cls.__name__} is invalid: {err}") from err
 
 
 def _dataclass_type(ftype: Any) -> type | None:
@@ -98,30 +127,29 @@ def _dataclass_type(ftype: Any) -> type | None:
 def save_model(model: nn.Module, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``directory`` (weights + config), atomically.
 
-    The files are written to ``<directory>.tmp`` and renamed into place when both are
-    complete, so an interrupted save never leaves a directory that looks finished.
+    The files are written to ``<directory>.tmp-<pid>-<hex>`` and renamed into place when
+    both are complete (:func:`xscale.utils.atomic.atomic_dir`), so an interrupted save
+    never leaves a directory that looks finished; an existing ``directory`` is replaced.
+    ``extra`` must be JSON-serialisable (it is stored in ``config.json``).
     """
     from safetensors.torch import save_file
 
     name = getattr(type(model), "_xscale_name", None)
     if name is None:
         raise TypeError(f"{type(model).__name__} is not registered; decorate it with @register_model(...).")
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS))
     doc = {
         "format_version": FORMAT_VERSION,
         "model": name,
         "config": config_to_dict(model.config),
         "extra": extra or {},
     }
-    (tmp / CONFIG).write_text(json.dumps(doc, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    text = json.dumps(doc, indent=2)  # fail on non-JSON extras before touching the disk
+    # Tied/shared parameters would make safetensors refuse; clone so every entry owns its storage.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "xscale_model": name})
+        (tmp / CONFIG).write_text(text)
     return directory
 
 
@@ -135,20 +163,34 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
             "Pickled checkpoints (.ckpt/.pt) are not loaded as models because unpickling can run code; "
             "export one with xscale.models.io.save_model()."
         )
+    if not directory.exists():
+        raise CheckpointError(f"Model directory {directory} does not exist.")
     if not cfg_path.exists():
-        raise CheckpointError(f"No {CONFIG} in {directory}: not an xscale model directory.")
+        raise CheckpointError(
+            f"No {CONFIG} in {directory}: not an xscale model directory (expected {WEIGHTS} and {CONFIG}; "
+            f"found {sorted(p.name for p in directory.iterdir())[:10]})."
+        )
     try:
-        doc = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({err}); the checkpoint is corrupted.") from err
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object, found {type(doc).__name__}.")
     return upgrade_checkpoint_config(doc)
 
 
 def upgrade_checkpoint_config(doc: dict[str, Any]) -> dict[str, Any]:
     """Bring a checkpoint document from its ``format_version`` up to :data:`FORMAT_VERSION`."""
-    version = doc.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"Checkpoint config has no integer 'format_version' (found {version!r}).")
+    if "format_version" not in doc and "model_name" in doc:
+        version = 0  # v0 files carried no version key (see the module docstring)
+        doc = {**doc, "format_version": 0}
+    else:
+        version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(
+            f"Checkpoint config has no valid 'format_version' (found {version!r}); expected an integer "
+            f"0..{FORMAT_VERSION}. The file is not an xscale model config or is corrupted."
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"Checkpoint format_version {version} is newer than this xscale supports ({FORMAT_VERSION}); "
@@ -158,6 +200,8 @@ def upgrade_checkpoint_config(doc: dict[str, Any]) -> dict[str, Any]:
         if version not in _UPGRADES:
             raise CheckpointError(f"No upgrade path from checkpoint format_version {version}.")
         doc = _UPGRADES[version](doc)
+        if doc.get("format_version") != version + 1:
+            raise AssertionError(f"upgrade step from v{version} did not produce v{version + 1}")
         version = doc["format_version"]
         log.info("Upgraded checkpoint config to format_version %d", version)
     return doc
@@ -170,17 +214,32 @@ def load_model(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn
     directory = Path(directory)
     doc = read_checkpoint_config(directory)
     name = doc.get("model")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{directory / CONFIG} has no model name (key 'model'); found {name!r}.")
+    if not isinstance(doc.get("config"), dict):
+        raise CheckpointError(f"{directory / CONFIG} key 'config' must be an object; found {doc.get('config')!r}.")
     if name not in _REGISTRY:
         _import_model_modules()
     if name not in _REGISTRY:
         raise CheckpointError(f"Checkpoint names model {name!r}; known models: {registered_models()}.")
     cls, config_cls = _REGISTRY[name]
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing; the model directory is incomplete.")
+    try:
+        # safetensors parses a JSON header and raw tensor bytes: no code can run. A pickle
+        # renamed to model.safetensors fails here with a header error.
+        state = load_file(str(weights), device=map_location)
+    except Exception as err:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(
+            f"Cannot read {weights}: {err}. The file is not a valid safetensors file (missing, truncated, "
+            "corrupted, or a pickle under the wrong name); xscale never unpickles model files."
+        ) from err
     model = cls(config_from_dict(config_cls, doc["config"]))
     try:
-        state = load_file(str(directory / WEIGHTS), device=map_location)
-    except Exception as err:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"Cannot read {directory / WEIGHTS}: {err}. The file is missing or corrupted.") from err
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"Weights in {directory} do not fit model {name!r}: {err}") from err
     if missing or unexpected:
         raise CheckpointError(
             f"Weights in {directory} do not match model {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}."

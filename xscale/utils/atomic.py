@@ -1,0 +1,201 @@
+"""Write-to-temp-then-rename helpers, so a half-written output never looks finished.
+
+Two primitives:
+
+- :func:`atomic_dir` — build a directory (a zarr store, a saved model, a results folder)
+  under a temporary sibling name ``<name>.tmp-<pid>-<hex>``; on success a completion
+  marker is written and the directory is renamed into place; on any exception the
+  temporary directory is removed. :func:`is_complete` tells a finished directory from
+  anything else.
+- :func:`atomic_write` / :func:`atomic_write_bytes` / :func:`atomic_write_text` — the
+  same for one file (flushed and fsync'ed before ``os.replace``).
+
+Temporaries live beside their target (same file system), so the final rename is a
+single atomic ``rename(2)``. Temporaries left by a killed process (SIGKILL, power loss)
+are recognised by the dead process id in their name and removed by
+:func:`remove_stale_temps`, which :func:`atomic_dir` calls before it starts.
+
+Example
+-------
+>>> with atomic_dir("out/latents.zarr") as tmp:      # doctest: +SKIP
+...     write_store(tmp)                               # writes into out/latents.zarr.tmp-123-ab12
+>>> is_complete("out/latents.zarr")                    # doctest: +SKIP
+True
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Literal
+
+log = logging.getLogger(__name__)
+
+#: Name of the empty marker file written into a directory once it is complete.
+COMPLETE_MARKER = ".xscale-complete"
+_TMP_TAG = ".tmp-"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: fsync the parent directory (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``path`` left behind by processes that no longer run.
+
+    Parameters
+    ----------
+    path
+        The final path whose ``<name>.tmp-<pid>-<hex>`` siblings are inspected.
+
+    Returns
+    -------
+    The temporaries removed. Those of live processes (a concurrent writer) are kept.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = f"{path.name}{_TMP_TAG}"
+    for sibling in path.parent.iterdir():
+        if not sibling.name.startswith(prefix):
+            continue
+        pid_text = sibling.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        log.info("Removing stale temporary %s left by an interrupted run", sibling)
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory finished by :func:`atomic_dir` (marker present)."""
+    path = Path(path)
+    return path.is_dir() and (path / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(path: str | os.PathLike) -> None:
+    """Write the completion marker into ``path`` (for directories built in place)."""
+    marker = Path(path) / COMPLETE_MARKER
+    marker.write_text("complete\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary name; rename it to ``path`` on success.
+
+    Parameters
+    ----------
+    path
+        Final directory. Its parent is created if needed.
+    overwrite
+        If True (default) an existing ``path`` is replaced once the new one is complete;
+        if False an existing ``path`` raises :class:`FileExistsError` before any work.
+
+    Yields
+    ------
+    The temporary directory (``<path>.tmp-<pid>-<hex>``, same parent) to write into.
+
+    Notes
+    -----
+    On success the marker :data:`COMPLETE_MARKER` is written inside, then the directory
+    is renamed into place (an existing target is first moved aside and deleted after the
+    rename, so readers see either the old or the new complete directory). On an exception
+    (including ``KeyboardInterrupt``) the temporary directory is removed and the exception
+    propagates; ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = _temp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        mark_complete(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    old: Path | None = None
+    if path.exists() or path.is_symlink():
+        old = path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}-old{secrets.token_hex(4)}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "wb") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; ``os.replace`` it on success.
+
+    The file is flushed and fsync'ed before the rename, so after a crash ``path`` holds
+    either its previous content or the complete new content, never a prefix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
