@@ -60,7 +60,8 @@ def decode_latent(
     genes
         Gene symbols to decode (default: every gene of the model's vocabulary).
     library
-        Library size (total counts) the expectation is scaled to.
+        Library size (total counts) shared by the decoded genes: the decoder's mean is a
+        softmax over ``genes`` times ``library``, so decode the panel of interest as a whole.
 
     Returns
     -------
@@ -82,7 +83,7 @@ def decode_latent(
             "pass genes the model was trained on."
         )
     cfg = model.config
-    n_latents, dim = int(cfg.n_latents), int(cfg.dim)
+    n_latents, dim = int(cfg.latents_per_cell), int(cfg.dim)
     lat = np.asarray(latent, dtype=np.float32).reshape(-1)
     if lat.size != n_latents * dim:
         raise XscaleInputError(

@@ -1,0 +1,131 @@
+"""Query layer, label transfer and `xscale query` on a store built from real STARmap cells."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from xscale.cli.main import main
+from xscale.errors import XscaleInputError
+from xscale.query import LatentIndex, LatentStore, open_store
+
+HOLDOUT = "20180424_BZ14_control"
+
+
+def test_open_store_reads_latents_coords_and_slide(starmap_store, tmp_path):
+    path, adata = starmap_store
+    store = open_store(path, level="niche")
+    assert store.latents.shape == (adata.n_obs, 32)
+    assert store.latent_shape == (2, 16)
+    assert store.slide_key == "slice"
+    np.testing.assert_allclose(store.coords, adata.obsm["spatial"][:, :2])
+    with pytest.raises(XscaleInputError, match="does not exist"):
+        open_store(path.parent / "missing.zarr")
+    cells_only = adata[:50].copy()
+    del cells_only.obsm["X_xscale_niche"]
+    cells_only.write_zarr(tmp_path / "c.zarr")
+    with pytest.raises(XscaleInputError, match="X_xscale_niche"):
+        open_store(tmp_path / "c.zarr", level="niche")
+    (tmp_path / "broken.zarr").mkdir()
+    with pytest.raises(XscaleInputError, match="Could not read"):
+        open_store(tmp_path / "broken.zarr")
+
+
+def test_flat_index_matches_brute_force_and_respects_filters(starmap_store):
+    _, adata = starmap_store
+    index = LatentIndex(LatentStore.from_adata(adata), kind="auto")
+    assert index.kind == "flat"
+    cid = adata.obs_names[10]
+    hits = index.query_cell(cid, k=5)
+    X = adata.obsm["X_xscale_cell"].reshape(adata.n_obs, -1)
+    d = np.linalg.norm(X - X[10], axis=1)
+    d[10] = np.inf  # the query cell is left out
+    assert [h.row for h in hits] == list(np.argsort(d)[:5])
+    np.testing.assert_allclose([h.distance for h in hits], np.sort(d)[:5], rtol=1e-4)
+    own = adata.obs["slice"].iloc[10]
+    cross = index.query_cell(cid, k=20, cross_slide=True)
+    assert len(cross) == 20 and all(h.slide != own for h in cross)
+    only = index.query_cell(cid, k=20, slide=HOLDOUT)
+    assert all(h.slide == HOLDOUT for h in only)
+    with pytest.raises(XscaleInputError, match="not found"):
+        index.query_cell("no-such-cell")
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_recall_and_narrow_filters(starmap_store, kind):
+    _, adata = starmap_store
+    store = LatentStore.from_adata(adata, level="niche")
+    exact, approx = LatentIndex(store, kind="flat"), LatentIndex(store, kind=kind)
+    assert LatentIndex(store, kind="auto", exact_max=100).kind == "ivf"  # chosen by size
+    recall = []
+    for i in range(0, adata.n_obs, 160):
+        a = {h.row for h in exact.query_cell(adata.obs_names[i], k=10)}
+        b = {h.row for h in approx.query_cell(adata.obs_names[i], k=10)}
+        recall.append(len(a & b) / 10)
+    assert np.mean(recall) >= 0.8
+    # A filter narrower than the probed lists still returns k hits (exact fallback).
+    box = approx.region_rows((0, 0, 2000, 2000), region_slide=HOLDOUT)
+    hits = approx.query_region((0, 0, 2000, 2000), k=7, region_slide=HOLDOUT, slide=HOLDOUT)
+    assert len(hits) == 7 and not set(box) & {h.row for h in hits}
+
+
+def test_region_modes(starmap_store):
+    _, adata = starmap_store
+    index = LatentIndex(LatentStore.from_adata(adata))
+    box = (0, 0, 3000, 3000)
+    rows = index.region_rows(box, region_slide=HOLDOUT)
+    xy = adata.obsm["spatial"][rows]
+    assert (xy[:, 0] <= 3000).all() and (adata.obs["slice"].iloc[rows] == HOLDOUT).all()
+    inside = index.query_region(box, k=5, region_slide=HOLDOUT, mode="cells")
+    assert {h.row for h in inside} <= set(rows)
+    cross = index.query_region(box, k=5, region_slide=HOLDOUT, cross_slide=True)
+    assert all(h.slide != HOLDOUT for h in cross)
+    with pytest.raises(XscaleInputError, match="slides"):
+        index.region_rows(box)  # three slides: the region's slide must be named
+    with pytest.raises(XscaleInputError, match="No cells"):
+        index.region_rows((-10, -10, -5, -5), region_slide=HOLDOUT)
+
+
+def test_transfer_labels_on_held_out_slice(starmap_store):
+    import xscale.tl
+    from sklearn.metrics import accuracy_score
+
+    _, adata = starmap_store
+    test = (adata.obs["slice"] == HOLDOUT).to_numpy()
+    ref, query = adata[~test].copy(), adata[test].copy()
+    xscale.tl.transfer_labels(query, ref, key="cell_type", k=15)
+    pred = query.obs["cell_type_transferred"].astype(str)
+    acc = accuracy_score(query.obs["cell_type"].astype(str), pred)
+    majority = query.obs["cell_type"].value_counts(normalize=True).iloc[0]
+    assert acc > majority + 0.2, (acc, majority)
+    conf = query.obs["cell_type_transferred_confidence"].to_numpy()
+    assert conf.min() > 0 and conf.max() <= 1
+    # confident calls are more often right
+    right = (pred == query.obs["cell_type"].astype(str)).to_numpy()
+    assert right[conf >= 0.8].mean() > right[conf < 0.5].mean()
+    with pytest.raises(XscaleInputError, match="not found in reference.obs"):
+        xscale.tl.transfer_labels(query, ref, key="nope")
+
+
+def test_cli_query_json_and_tsv(starmap_store, capsys, tmp_path):
+    path, adata = starmap_store
+    cid = adata.obs_names[5]
+    assert main(["query", "--store", str(path), "--level", "niche", "--cell", cid, "--k", "4", "--cross-slide"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 4
+    for h in hits:
+        assert {"id", "distance", "slide", "x", "y", "cell_type", "domain_name"} <= set(h)
+        assert h["slide"] != adata.obs["slice"].iloc[5] and h["distance"] >= 0
+    vec = tmp_path / "v.npy"
+    np.save(vec, adata.obsm["X_xscale_cell"][7])
+    assert main(["query", "--store", str(path), "--vector", str(vec), "--k", "3", "--format", "tsv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split("\t")[:5] == ["id", "distance", "slide", "x", "y"] and len(lines) == 4
+    assert lines[1].split("\t")[0] == adata.obs_names[7]  # the vector's own cell, distance 0
+    assert main(["query", "--store", str(path), "--region", "0,0,3000,3000", "--slide", HOLDOUT,
+                 "--region-slide", HOLDOUT, "--k", "2"]) == 0
+    assert all(h["slide"] == HOLDOUT for h in json.loads(capsys.readouterr().out))
+    # a user error: exit status 2 and one line naming what to do
+    assert main(["query", "--store", str(path), "--cell", "nope"]) == 2
+    assert "not found" in capsys.readouterr().err
