@@ -18,3 +18,29 @@ def small_adata(starmap):
     rng = np.random.default_rng(0)
     keep = np.sort(rng.choice(starmap.n_obs, 300, replace=False))
     return starmap[keep].copy()
+
+
+@pytest.fixture
+def write_spatialdata():
+    """The function below, for tests (tests/data has no __init__ to import from)."""
+    return _write_spatialdata
+
+
+def _write_spatialdata(adata, path, *, with_table: bool = True, coords_in_table: bool = False):
+    """Write ``adata`` as a SpatialData store: circles 'cells' + a table annotating them."""
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+
+    xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    circles = ShapesModel.parse(xy, geometry=0, radius=np.ones(adata.n_obs), index=np.arange(adata.n_obs))
+    tables = {}
+    if with_table:
+        t = adata.copy()
+        if not coords_in_table:
+            del t.obsm["spatial"]
+        t.obs["region"] = "cells"
+        t.obs["region"] = t.obs["region"].astype("category")
+        t.obs["cell_id"] = np.arange(adata.n_obs)
+        tables["table"] = TableModel.parse(t, region="cells", region_key="region", instance_key="cell_id")
+    sd.SpatialData(shapes={"cells": circles}, tables=tables).write(path)
+    return path

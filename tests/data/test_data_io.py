@@ -1,0 +1,72 @@
+"""Readers: formats detected from content, lazy reads, and clear errors for bad files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import xscale
+from xscale.data.io import detect_format, read_dataset
+from xscale.errors import XscaleInputError
+
+
+def test_h5ad_eager_and_lazy_agree():
+    p = xscale.datasets.path("starmap_mpfc")
+    eager = read_dataset(p, slide_key="slice")
+    lazy = read_dataset(p, backed=True)
+    assert type(lazy.X).__module__.startswith("dask")
+    assert np.array_equal(lazy.X.compute().toarray(), eager.X.toarray())
+    assert eager.uns["xscale_source"]["format"] == "h5ad"
+
+
+def test_anndata_zarr(small_adata, tmp_path):
+    small_adata.write_zarr(tmp_path / "a.zarr")
+    assert detect_format(tmp_path / "a.zarr") == "anndata-zarr"
+    a = read_dataset(tmp_path / "a.zarr", backed=True)
+    assert np.array_equal(a.X.compute().toarray(), small_adata.X.toarray())
+    assert np.allclose(a.obsm["spatial"], small_adata.obsm["spatial"])
+
+
+def test_spatialdata_centroids_become_coordinates(small_adata, tmp_path, write_spatialdata):
+    write_spatialdata(small_adata, tmp_path / "s.zarr")
+    a = read_dataset(tmp_path / "s.zarr")
+    assert a.uns["xscale_source"]["table_key"] == "table"
+    np.testing.assert_allclose(a.obsm["spatial"], small_adata.obsm["spatial"])
+
+
+def test_not_anndata_file(tmp_path):
+    p = tmp_path / "cells.csv"
+    p.write_text("cell,gene\n1,2\n")
+    with pytest.raises(XscaleInputError, match=r"cells.csv: expected AnnData .*found a file that is neither"):
+        read_dataset(p)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(XscaleInputError, match=r"directory without zarr metadata"):
+        read_dataset(tmp_path / "dir")
+    with pytest.raises(XscaleInputError, match=r"found nothing at this path"):
+        read_dataset(tmp_path / "missing.h5ad")
+
+
+def test_spatialdata_without_table(small_adata, tmp_path, write_spatialdata):
+    write_spatialdata(small_adata, tmp_path / "s.zarr", with_table=False)
+    with pytest.raises(XscaleInputError, match=r"found no table \(elements: \['cells'\]\).*TableModel"):
+        read_dataset(tmp_path / "s.zarr")
+
+
+def test_corrupted_zarr(small_adata, tmp_path):
+    store = tmp_path / "a.zarr"
+    small_adata.write_zarr(store)
+    meta = store / "zarr.json" if (store / "zarr.json").exists() else store / ".zattrs"
+    meta.write_text(meta.read_text()[:25])  # truncated metadata
+    with pytest.raises(XscaleInputError, match=r"a.zarr: expected a readable zarr store, found a corrupted"):
+        read_dataset(store)
+
+
+def test_corrupted_zarr_chunk(small_adata, tmp_path):
+    store = tmp_path / "b.zarr"
+    small_adata.write_zarr(store)
+    chunks = [p for p in (store / "X" / "data").rglob("*") if p.is_file() and not p.name.startswith((".", "zarr"))]
+    assert chunks
+    chunks[0].write_bytes(b"garbage-bytes")
+    with pytest.raises(XscaleInputError, match=r"corrupted or incompletely written"):
+        read_dataset(store)

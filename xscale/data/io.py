@@ -1,0 +1,254 @@
+"""Readers: ``.h5ad``, AnnData zarr and SpatialData zarr -> one validated AnnData.
+
+:func:`read_dataset` recognises the format from the file itself (not the suffix), reads
+lazily when asked (``backed=True``: ``X`` becomes a dask array read chunk by chunk through
+``anndata.experimental.read_elem_lazy``; obs, var and obsm are small and read in full) and
+validates at the boundary with :func:`xscale.data.validate.validate_adata`.
+
+SpatialData: the table (``table_key``, or the only one) gives the cells; coordinates come
+from ``table.obsm[spatial_key]`` or, when absent, from the centroids of the shapes/points
+the table annotates (matched on the table's ``instance_key``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from xscale.errors import XscaleInputError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["h5ad", "anndata-zarr", "spatialdata-zarr"]
+
+#: rows per lazy chunk of X when reading with ``backed=True``
+LAZY_CHUNK_ROWS = 16384
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _zarr_attrs(path: Path) -> dict:
+    """Root attributes of a zarr v2/v3 store, or raise a 'corrupted' error."""
+    try:
+        if (path / "zarr.json").exists():
+            meta = json.loads((path / "zarr.json").read_text())
+            return dict(meta.get("attributes", {}))
+        if (path / ".zgroup").exists():
+            json.loads((path / ".zgroup").read_text())
+            zattrs = path / ".zattrs"
+            return json.loads(zattrs.read_text()) if zattrs.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+        raise _corrupted(path, err) from err
+    raise XscaleInputError(
+        f"{path}: expected an AnnData or SpatialData zarr store, found a directory without zarr "
+        "metadata (no zarr.json or .zgroup). Pass a .h5ad file or a .zarr store."
+    )
+
+
+def _corrupted(path: Path, err: BaseException) -> XscaleInputError:
+    return XscaleInputError(
+        f"{path}: expected a readable zarr store, found a corrupted or incompletely written one "
+        f"({type(err).__name__}: {err}). Re-create or re-download it."
+    )
+
+
+def detect_format(path: str | Path) -> Format:
+    """``"h5ad"``, ``"anndata-zarr"`` or ``"spatialdata-zarr"``; XscaleInputError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise XscaleInputError(f"{path}: expected an .h5ad file or a .zarr store, found nothing at this path.")
+    if path.is_file():
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if head == _HDF5_MAGIC:
+            return "h5ad"
+        raise XscaleInputError(
+            f"{path}: expected AnnData (.h5ad, HDF5) or SpatialData/AnnData zarr, found a file that is "
+            "neither. Convert it to AnnData first (e.g. scanpy.read_csv / read_10x_h5, then .write_h5ad)."
+        )
+    attrs = _zarr_attrs(path)
+    if attrs.get("encoding-type") == "anndata":
+        return "anndata-zarr"
+    if "spatialdata_attrs" in attrs or (path / "tables").is_dir() or any(
+        (path / d).is_dir() for d in ("shapes", "points", "images", "labels")
+    ):
+        return "spatialdata-zarr"
+    raise XscaleInputError(
+        f"{path}: expected an AnnData or SpatialData zarr store, found a zarr group with attributes "
+        f"{sorted(attrs)} and neither an 'encoding-type: anndata' nor SpatialData elements."
+    )
+
+
+def _read_lazy_anndata(group, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
+    """AnnData with dask X (and counts layer) from an open h5py/zarr group; other slots in memory."""
+    import anndata as ad
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
+
+    def lazy(elem):
+        return read_elem_lazy(elem, chunks=(chunk_rows, elem.attrs["shape"][1] if "shape" in elem.attrs else elem.shape[1]))
+
+    x = lazy(group["X"]) if "X" in group else None
+    obsm = {k: np.asarray(read_elem(group["obsm"][k])) for k in group["obsm"].keys()} if "obsm" in group else {}
+    layers = {}
+    if counts_layer is not None and "layers" in group and counts_layer in group["layers"]:
+        layers[counts_layer] = lazy(group["layers"][counts_layer])
+    uns = read_elem(group["uns"]) if "uns" in group else {}
+    return ad.AnnData(X=x, obs=read_elem(group["obs"]), var=read_elem(group["var"]), obsm=obsm, layers=layers, uns=uns)
+
+
+def _read_h5ad(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData:
+    import anndata as ad
+
+    try:
+        if backed:
+            import h5py
+
+            # the file stays open: the dask graph of X holds the h5py datasets
+            return _read_lazy_anndata(h5py.File(path, "r"), counts_layer, LAZY_CHUNK_ROWS)
+        return ad.read_h5ad(path)
+    except (OSError, KeyError) as err:
+        raise XscaleInputError(
+            f"{path}: expected an AnnData .h5ad file, found an HDF5 file anndata cannot read "
+            f"({type(err).__name__}: {err}). Check that it was written by anndata and not truncated."
+        ) from err
+
+
+def _read_anndata_zarr(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData:
+    import anndata as ad
+    import zarr
+
+    try:
+        if backed:
+            return _read_lazy_anndata(zarr.open_group(path, mode="r"), counts_layer, LAZY_CHUNK_ROWS)
+        return ad.read_zarr(path)
+    except XscaleInputError:
+        raise
+    except Exception as err:  # zarr raises many types for damaged stores; all mean the same here
+        raise _corrupted(path, err) from err
+
+
+def _centroids(sdata, region: str, cs: str | None) -> pd.DataFrame:
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    element = sdata[region]
+    if cs is None:
+        systems = list(get_transformation(element, get_all=True))
+        cs = "global" if "global" in systems else systems[0]
+    return sd.get_centroids(element, coordinate_system=cs).compute()
+
+
+def read_spatialdata_table(
+    path: str | Path, *, table_key: str | None = None, spatial_key: str = "spatial"
+) -> tuple[ad.AnnData, str]:
+    """The annotating table of a SpatialData zarr store, with coordinates in ``obsm[spatial_key]``.
+
+    Returns ``(table, table_key)``. The table's obsm gets the centroids of the annotated
+    shapes/points when it has no ``spatial_key`` of its own.
+    """
+    import spatialdata as sd
+
+    path = Path(path)
+    try:
+        sdata = sd.read_zarr(path)
+    except Exception as err:
+        raise _corrupted(path, err) from err
+    tables = list(sdata.tables.keys())
+    if not tables:
+        elements = [name for _, name, _ in sdata.gen_spatial_elements()]
+        raise XscaleInputError(
+            f"{path}: expected a SpatialData store with a table of cells x genes, found no table "
+            f"(elements: {elements}). Add a TableModel table annotating the cells' shapes or points "
+            "(sdata.tables['table'] = TableModel.parse(adata, region=..., region_key=..., instance_key=...))."
+        )
+    if table_key is None:
+        if len(tables) > 1:
+            raise XscaleInputError(
+                f"{path}: expected one table or a table_key, found {len(tables)} tables: {tables}. "
+                "Pass table_key=<name> (CLI: --table-key)."
+            )
+        table_key = tables[0]
+    if table_key not in tables:
+        raise XscaleInputError(
+            f"{path}: table {table_key!r} not found; tables present: {tables}. Pass table_key=<one of these>."
+        )
+    table = sdata.tables[table_key]
+    if spatial_key in table.obsm:
+        return table, table_key
+    attrs = table.uns.get("spatialdata_attrs", {})
+    regions = attrs.get("region")
+    region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
+    if regions is None or region_key is None or instance_key is None:
+        raise XscaleInputError(
+            f"{path}: table {table_key!r} has no obsm[{spatial_key!r}] and does not annotate any element "
+            f"(spatialdata_attrs: {attrs}), so cells have no coordinates. Store coordinates in "
+            f"table.obsm[{spatial_key!r}] or parse the table with region/region_key/instance_key."
+        )
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    coords = np.full((table.n_obs, 2), np.nan)
+    for region in regions:
+        cen = _centroids(sdata, region, None)  # indexed by instance id, columns x, y
+        rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == region)
+        inst = table.obs[instance_key].to_numpy()[rows]
+        found = cen.reindex(inst)
+        coords[rows] = found[["x", "y"]].to_numpy(dtype=np.float64)
+    table.obsm[spatial_key] = coords
+    logger.info("coordinates of table %r from the centroids of %s", table_key, regions)
+    return table, table_key
+
+
+def read_dataset(
+    path: str | Path,
+    *,
+    table_key: str | None = None,
+    spatial_key: str | None = "spatial",
+    counts_layer: str | None = None,
+    backed: bool = False,
+    slide_key: str | None = None,
+    validate: bool = True,
+) -> ad.AnnData:
+    """Read an .h5ad, AnnData zarr or SpatialData zarr dataset into a validated AnnData.
+
+    Parameters
+    ----------
+    path
+        File or store; the format is detected from its content.
+    table_key
+        SpatialData table to use (needed when the store holds several).
+    spatial_key
+        ``obsm`` key of the coordinates (None for non-spatial data).
+    counts_layer
+        Layer with raw counts when ``X`` is normalised.
+    backed
+        Read ``X`` lazily as a dask array of CSR row chunks (for files larger than memory).
+    slide_key
+        ``obs`` column with each cell's slide (checked when given).
+    validate
+        Run :func:`~xscale.data.validate.validate_adata` (skip only when a later step validates).
+
+    Returns
+    -------
+    AnnData: raw counts in ``X`` (CSR float32, or dask when ``backed``), coordinates in
+    ``obsm[spatial_key]``, ``uns['xscale_source']`` = {path, format, table_key}.
+    """
+    from xscale.data.validate import validate_adata
+
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "h5ad":
+        adata = _read_h5ad(path, backed, counts_layer)
+    elif fmt == "anndata-zarr":
+        adata = _read_anndata_zarr(path, backed, counts_layer)
+    else:
+        adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
+    if validate:
+        adata = validate_adata(adata, spatial_key=spatial_key, counts_layer=counts_layer, slide_key=slide_key)
+    adata.uns["xscale_source"] = {"path": str(path), "format": fmt, "table_key": table_key or ""}
+    return adata
