@@ -1,0 +1,214 @@
+"""``xscale fit``: train one level from YAML configs with Lightning's ``LightningCLI``.
+
+The classes named in ``configs/`` (``xscale.cli.fit.Level1``, ``Level2``, ``CellData``,
+``NicheData``) are thin, YAML-friendly adapters over the library's LightningModules and
+DataModules (:mod:`xscale.train.level1`, :mod:`xscale.train.level2`). They are defined on
+first access (PEP 562 module ``__getattr__``) so that importing this module for
+``xscale --help`` does not import Lightning.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+HELP = "train one level (or more) from YAML configs with LightningCLI"
+DESCRIPTION = """\
+Train with Lightning's LightningCLI from configs (later files override earlier ones;
+dotted KEY=VALUE overrides go after them):
+
+  xscale fit --config configs/experiment/multi_dataset.yaml
+  xscale fit --config configs/trainer/cpu.yaml --config configs/model/level1/tiny.yaml \\
+             --config configs/data/starmap_mpfc.yaml trainer.max_epochs=1
+
+model: xscale.cli.fit.Level1 (genes -> cells) or xscale.cli.fit.Level2 (cells -> niches);
+data:  xscale.cli.fit.CellData (bundled names or .h5ad/.zarr paths; held-out slides left out)
+       or xscale.cli.fit.NicheData (cells embedded by a trained level-1 model).
+The genes (level 1) and latent size (level 2) come from the data. The trained network is
+saved with save_model (safetensors + config.json) to --save-dir (default
+<trainer.default_root_dir>/model). --print-config shows the merged config.
+"""
+
+_ADAPTERS = ("Level1", "Level2", "CellData", "NicheData")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--save-dir", help="where the trained network is saved (default <default_root_dir>/model)")
+    p.add_argument("--ckpt-path", help="Lightning checkpoint to resume from ('last' = the newest in the run)")
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="YAML config (repeatable; later files override earlier ones)")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. trainer.max_epochs=2 data.init_args.batch_size=32")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ADAPTERS:
+        _define()
+        return globals()[name]
+    raise AttributeError(f"module 'xscale.cli.fit' has no attribute {name!r}")
+
+
+def _load_many(datasets: list[str], *, exclude_holdout: bool, counts_layer: str | None, slide_key: str | None):
+    """Bundled dataset names or paths -> AnnData list (held-out slides removed for bundled sets)."""
+    import xscale.datasets as ds
+    from xscale.errors import XscaleInputError
+
+    if not datasets:
+        raise XscaleInputError("data.datasets is empty; list bundled dataset names or .h5ad/.zarr paths.")
+    adatas = []
+    for name in datasets:
+        if name in ds.available():
+            a, info = ds.load(name), ds.info(name)
+            if exclude_holdout and info.holdout is not None:
+                a = a[a.obs[info.slide_key].astype(str) != info.holdout].copy()
+        else:
+            from xscale.data.io import read_dataset
+
+            a = read_dataset(name, counts_layer=counts_layer, slide_key=slide_key, spatial_key=None)
+        adatas.append(a)
+    return adatas
+
+
+def _define() -> None:
+    """Define the adapter classes (imports Lightning) and publish them as module attributes."""
+    if "Level1" in globals():
+        return
+    from typing import Literal
+
+    import numpy as np
+
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.train.level1 import CellDataModule, GeneCellModule
+    from xscale.train.level2 import NicheDataModule, NicheDataset, TissueModule, make_niches
+
+    Preset = Literal["tiny", "small", "base"]
+
+    class Level1(GeneCellModule):
+        """Level 1 (genes -> cells): ``GeneToCellConfig.preset(preset, genes=genes, **overrides)``.
+
+        ``genes`` is linked from the data (``data.genes``); ``overrides`` sets any config field
+        (e.g. ``{encoder: criss-cross, n_latents: 8}``).
+        """
+
+        def __init__(self, genes: list[str], preset: Preset = "small", overrides: dict[str, Any] | None = None,
+                     lr: float = 2e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05, seed: int = 0) -> None:
+            cfg = GeneToCellConfig.preset(preset, genes=list(genes), **(overrides or {}))
+            super().__init__(GeneToCell(cfg), lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
+
+    class Level2(TissueModule):
+        """Level 2 (cells -> niches): ``CellToTissueConfig.preset(preset, in_dim=in_dim, **overrides)``.
+
+        ``in_dim`` (K*D of the level-1 latents) is linked from the data (``data.in_dim``).
+        """
+
+        def __init__(self, in_dim: int, preset: Preset = "small", overrides: dict[str, Any] | None = None,
+                     lr: float = 1e-3, weight_decay: float = 1e-2) -> None:
+            cfg = CellToTissueConfig.preset(preset, in_dim=int(in_dim), **(overrides or {}))
+            super().__init__(CellToTissue(cfg), lr=lr, weight_decay=weight_decay)
+
+    class CellData(CellDataModule):
+        """Cells of one or several datasets (bundled names or .h5ad/.zarr paths), panels may differ.
+
+        ``exclude_holdout`` drops each bundled dataset's held-out slide (never trained on).
+        """
+
+        def __init__(self, datasets: list[str], exclude_holdout: bool = True, val_fraction: float = 0.1,
+                     max_genes: int | None = 256, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                     counts_layer: str | None = None, slide_key: str | None = None, min_genes: int = 10) -> None:
+            from xscale.data.anndata_dataset import vocab_from_adatas
+
+            adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer, slide_key=slide_key)
+            self.vocab = vocab_from_adatas(adatas)
+            built = CellDataModule.from_adatas(
+                adatas, self.vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
+                min_genes=min_genes, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed,
+            )
+            super().__init__(built.train_dataset, built.val_dataset, max_genes=max_genes, batch_size=batch_size,
+                             num_workers=num_workers, seed=seed)
+
+        @property
+        def genes(self) -> list[str]:
+            return list(self.vocab.genes)
+
+    class NicheData(NicheDataModule):
+        """Niches of one spatial dataset, its cells embedded by a trained level-1 model.
+
+        ``level1`` is a model directory written by ``save_model`` (e.g. DIR/checkpoints/level1).
+        Training niches are centred on the cells outside the held-out slide (``exclude_holdout``).
+        """
+
+        def __init__(self, dataset: str, level1: str, exclude_holdout: bool = True, max_cells: int = 16,
+                     radius: float | None = None, batch_size: int = 64, seed: int = 0) -> None:
+            import xscale.datasets as ds
+            import xscale.tl
+            from xscale.models.io import load_model
+
+            adata = _load_many([dataset], exclude_holdout=False, counts_layer=None, slide_key=None)[0]
+            slide_key = ds.info(dataset).slide_key if dataset in ds.available() else None
+            holdout = ds.info(dataset).holdout if dataset in ds.available() else None
+            xscale.tl.embed_cells(adata, load_model(level1))
+            latents = np.asarray(adata.obsm["X_xscale_cell"], dtype=np.float32).reshape(adata.n_obs, -1)
+            slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
+            keep = np.ones(adata.n_obs, bool) if not (exclude_holdout and holdout) else slides != holdout
+            niches = make_niches(np.asarray(adata.obsm["spatial"], dtype=np.float64), np.flatnonzero(keep),
+                                 max_cells=max_cells, slides=slides, radius=radius)
+            self.in_dim = int(latents.shape[1])
+            super().__init__(NicheDataset(latents, niches), batch_size=batch_size, seed=seed)
+
+    for cls in (Level1, Level2, CellData, NicheData):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+
+
+def build_cli(cli_args: list[str], *, run: bool = False):
+    """A ``LightningCLI`` over the adapters (subclass mode), parsed from ``cli_args``.
+
+    With ``run=False`` the model, data and trainer are instantiated but nothing is trained.
+    """
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    import lightning
+    from lightning.pytorch.cli import LightningCLI
+
+    _define()
+
+    class XscaleCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.genes", "model.init_args.genes", apply_on="instantiate")
+            parser.link_arguments("data.in_dim", "model.init_args.in_dim", apply_on="instantiate")
+
+    return XscaleCLI(
+        lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
+        subclass_mode_data=True, run=run, args=cli_args, save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+    from xscale.models.io import save_model
+
+    cli_args = [f"--config={c}" for c in args.config]
+    for item in args.overrides:
+        if "=" not in item or item.startswith("-"):
+            raise XscaleInputError(f"Override {item!r} is not KEY=VALUE (e.g. trainer.max_epochs=2).")
+        cli_args.append(f"--{item}")
+    if args.print_config:
+        cli_args.append("--print_config")
+    try:
+        cli = build_cli(cli_args, run=False)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            return 0
+        raise XscaleInputError("the configs above did not parse (see the message printed by LightningCLI).") from None
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
+    save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
+    if cli.trainer.is_global_zero:
+        save_model(cli.model.model, save_dir)
+        print(f"saved the trained {type(cli.model.model).__name__} to {save_dir}")
+    return 0
