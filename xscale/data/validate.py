@@ -79,7 +79,9 @@ class CountsSummary:
     nnz: int
 
 
-def check_counts(x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, layers: list[str] | None = None) -> CountsSummary:
+def check_counts(
+    x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, layers: list[str] | None = None, row_offset: int = 0
+) -> CountsSummary:
     """Check that ``x`` holds finite, non-negative integer counts, block by block.
 
     Parameters
@@ -90,6 +92,8 @@ def check_counts(x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, laye
         Name of the slot for messages, e.g. ``"adata.X"`` or ``"adata.layers['counts']"``.
     layers
         Layer names present, listed in the message for normalised data.
+    row_offset
+        Row of ``x[0]`` in the whole dataset (when ``x`` is one block), for messages.
 
     Returns
     -------
@@ -100,6 +104,7 @@ def check_counts(x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, laye
     nnz = 0
     for start, block in iter_row_blocks(x, chunk_rows):
         v = _values(block)
+        first, last = row_offset + start, row_offset + start + block.shape[0] - 1
         if v.dtype.kind not in "biuf":
             raise XscaleInputError(
                 f"{where}: expected numeric raw counts, found dtype {v.dtype}. "
@@ -110,14 +115,14 @@ def check_counts(x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, laye
             if bad.any():
                 raise XscaleInputError(
                     f"{where}: expected finite raw counts, found {int(bad.sum())} NaN/inf value(s) "
-                    f"in cells {start}..{start + block.shape[0] - 1}. Remove or fix those cells "
+                    f"in cells {first}..{last}. Remove or fix those cells "
                     "(e.g. replace missing measurements by 0) before using xscale."
                 )
         neg = v < 0
         if neg.any():
             raise XscaleInputError(
                 f"{where}: expected non-negative raw counts, found {int(neg.sum())} negative "
-                f"value(s) (minimum {v[neg].min():g}) in cells {start}..{start + block.shape[0] - 1}. "
+                f"value(s) (minimum {v[neg].min():g}) in cells {first}..{last}. "
                 "This looks like scaled/centred data; pass the raw counts instead, e.g. "
                 "counts_layer='counts' (CLI: --counts-layer counts)."
             )

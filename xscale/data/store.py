@@ -1,0 +1,361 @@
+"""``prepare``: any supported input -> one chunked zarr store per dataset; :class:`CellStore` reads it.
+
+The store is an AnnData zarr (v3) store, so ``anndata.read_zarr`` opens it as is:
+
+- ``X``: raw counts as CSR (float32 data, int32 indices, int64 indptr), cells in store order;
+  one cell block = ``chunk_cells`` consecutive rows.
+- cells ordered by slide, then along a space-filling curve (:mod:`xscale.data.sfc`);
+  ``obs['xscale_source_index']`` is each cell's row in the input.
+- ``obsm['spatial']`` (n, 2); ``obsp['spatial_connectivities']``: the per-slide neighbour
+  graph (:func:`xscale.data.niches.spatial_graph`) in store order.
+- ``var``: the gene list; ``uns['xscale']``: per-slide metadata (name, first/last row,
+  median nearest-neighbour distance), chunking and how the store was built.
+
+Counts are moved in two passes over cell blocks, each block read once (dask tasks):
+pass 1 checks a source block (:func:`~xscale.data.validate.check_counts`) and scatters its
+rows into per-destination-block pieces on disk; pass 2 assembles each destination block in
+store order and writes it. Neither the input nor the output matrix is ever held whole.
+The store is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from xscale.data.niches import median_nn_distance, spatial_graph
+from xscale.data.sfc import Curve, sfc_order
+from xscale.data.validate import (
+    _empty_error, check_counts, check_names, check_slides, check_spatial, iter_row_blocks,
+)
+from xscale.errors import XscaleInputError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+SOURCE_INDEX = "xscale_source_index"
+
+
+def _scatter_block(block: Any, start: int, rank: np.ndarray, chunk_cells: int, piece_dir: Path,
+                   where: str, layers: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pass 1 on one source block: check it, split its rows by destination block, save the pieces."""
+    summary = check_counts(block, where=where, layers=layers, row_offset=start)
+    csr = sp.csr_matrix(block, dtype=np.float32)
+    ranks = rank[start : start + csr.shape[0]]
+    dest = ranks // chunk_cells
+    for d in np.unique(dest):
+        rows = np.flatnonzero(dest == d)
+        sub = csr[rows]
+        np.savez(piece_dir / f"{int(d)}_{start}.npz", data=sub.data, indices=sub.indices,
+                 indptr=sub.indptr, rank=ranks[rows], n_genes=csr.shape[1])
+    return start, summary.totals, np.diff(csr.indptr)
+
+
+def _gather_block(d: int, piece_dir: Path, keep_by_rank: np.ndarray) -> sp.csr_matrix:
+    """Pass 2 on one destination block: its rows, kept cells only, in store order."""
+    mats, ranks = [], []
+    for p in sorted(piece_dir.glob(f"{d}_*.npz")):
+        z = np.load(p)
+        n_rows = z["rank"].shape[0]
+        mats.append(sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n_rows, int(z["n_genes"]))))
+        ranks.append(z["rank"])
+    m = sp.vstack(mats, format="csr")
+    r = np.concatenate(ranks)
+    order = np.argsort(r, kind="stable")
+    order = order[keep_by_rank[r[order]]]
+    return m[order]
+
+
+def _prepare_source(source: str | Path | ad.AnnData, table_key: str | None, spatial_key: str | None,
+                    counts_layer: str | None) -> ad.AnnData:
+    from xscale.data.io import read_dataset
+
+    if isinstance(source, (str, Path)):
+        return read_dataset(source, table_key=table_key, spatial_key=spatial_key,
+                            counts_layer=counts_layer, backed=True, validate=False)
+    return source
+
+
+def prepare(
+    source: str | Path | ad.AnnData,
+    out: str | Path,
+    *,
+    table_key: str | None = None,
+    spatial_key: str | None = "spatial",
+    counts_layer: str | None = None,
+    slide_key: str | None = None,
+    chunk_cells: int = 8192,
+    curve: Curve = "hilbert",
+    n_neighbors: int = 10,
+    radius: float | None = None,
+    n_workers: int = 2,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a dataset to an xscale zarr store (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    source
+        Path of an .h5ad / AnnData zarr / SpatialData zarr (read lazily), or an AnnData
+        (its ``X`` may be in memory, backed or dask).
+    out
+        Store to create (a directory, e.g. ``data.xscale.zarr``).
+    table_key, spatial_key, counts_layer, slide_key
+        As in :func:`xscale.data.io.read_dataset`; ``spatial_key=None`` for non-spatial data
+        (input order kept, no graph).
+    chunk_cells
+        Cells per block: the unit of reading, writing and streaming.
+    curve
+        Space-filling curve of the cell order.
+    n_neighbors, radius
+        Spatial graph (see :func:`xscale.data.niches.spatial_graph`).
+    n_workers
+        Dask threads for pass 1.
+    overwrite
+        Replace an existing store at ``out``.
+
+    Returns
+    -------
+    The path of the complete store.
+    """
+    import dask
+    import zarr
+    from anndata.io import write_elem
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if chunk_cells < 1:
+        raise XscaleInputError(f"chunk_cells: expected >= 1, found {chunk_cells}.")
+    if out.exists() and not overwrite:
+        raise XscaleInputError(f"{out}: a store already exists here. Pass overwrite=True (CLI: --overwrite) or another path.")
+    adata = _prepare_source(source, table_key, spatial_key, counts_layer)
+    n, g = adata.shape
+    if n == 0 or g == 0:
+        raise _empty_error(n, g, 1, "")
+    layers = list(adata.layers.keys())
+    if counts_layer is not None:
+        if counts_layer not in adata.layers:
+            raise XscaleInputError(f"adata.layers[{counts_layer!r}]: expected the raw counts, found no such layer. "
+                                   f"Layers present: {layers}. Pass counts_layer=<one of these>, or None to use X.")
+        x, where = adata.layers[counts_layer], f"adata.layers[{counts_layer!r}]"
+    else:
+        x, where = adata.X, "adata.X"
+    check_names(adata)
+    coords = check_spatial(adata, spatial_key) if spatial_key is not None else None
+    if slide_key is not None:
+        check_slides(adata, slide_key)
+        slides = adata.obs[slide_key].astype(str).to_numpy()
+    else:
+        slides = np.full(n, "slide0", dtype=object)
+    order_all = sfc_order(coords, slides=slides, curve=curve) if coords is not None else \
+        np.lexsort((np.arange(n), pd.factorize(slides, sort=True)[0]))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order_all] = np.arange(n)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    piece_dir = tmp / "_pieces"
+    piece_dir.mkdir(parents=True)
+    try:
+        # pass 1: read each source block once, check it, scatter its rows by destination block
+        if type(x).__module__.startswith("dask"):
+            starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]])
+            blocks = list(zip(x.to_delayed().ravel(), starts, strict=True))
+        else:
+            blocks = [(dask.delayed(lambda s: x[s : min(s + chunk_cells, n)])(s), s) for s in range(0, n, chunk_cells)]
+        tasks = [dask.delayed(_scatter_block)(b, int(s), rank, chunk_cells, piece_dir, where, layers) for b, s in blocks]
+        totals = np.zeros(n)
+        nnz_src = np.zeros(n, dtype=np.int64)
+        batch = max(1, n_workers) * 2  # bounded number of blocks in flight
+        for i in tqdm(range(0, len(tasks), batch), desc="prepare: read", unit="block-batch", leave=False):
+            for start, tot, nnz in dask.compute(*tasks[i : i + batch], scheduler="threads", num_workers=n_workers):
+                totals[start : start + tot.shape[0]] = tot
+                nnz_src[start : start + tot.shape[0]] = nnz
+        keep = totals > 0
+        n_zero = int((~keep).sum())
+        if n_zero:
+            import warnings
+
+            msg = f"Dropped {n_zero} of {n} cells with zero total counts in {where} (they carry no expression to learn from)."
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            logger.warning(msg)
+        order = order_all[keep[order_all]]  # (n',) source rows in store order
+        n_out = order.size
+        if n_out == 0:
+            raise _empty_error(0, g, 1, f" after dropping {n_zero} zero-count cells")
+        indptr = np.zeros(n_out + 1, dtype=np.int64)
+        np.cumsum(nnz_src[order], out=indptr[1:])
+        nnz = int(indptr[-1])
+        chunk_nnz = int(max(4096, min(nnz, chunk_cells * max(1, nnz // n_out))))
+
+        root = zarr.open_group(tmp / "store", mode="w", zarr_format=3)
+        xg = root.create_group("X")
+        xg.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_out, g]})
+        data = xg.create_array("data", shape=(nnz,), chunks=(chunk_nnz,), dtype="float32")
+        indices = xg.create_array("indices", shape=(nnz,), chunks=(chunk_nnz,), dtype="int32")
+        xg.create_array("indptr", shape=(n_out + 1,), chunks=(max(chunk_cells, 1 << 16),), dtype="int64")[:] = indptr
+
+        # pass 2: assemble each destination block in store order and write it
+        keep_by_rank = keep[order_all]
+        pos = 0
+        for d in tqdm(range(-(-n // chunk_cells)), desc="prepare: write", unit="block", leave=False):
+            block = _gather_block(d, piece_dir, keep_by_rank)
+            p0, p1 = indptr[pos], indptr[pos + block.shape[0]]
+            data[p0:p1] = block.data
+            indices[p0:p1] = block.indices.astype(np.int32)
+            pos += block.shape[0]
+        assert pos == n_out, (pos, n_out)
+        shutil.rmtree(piece_dir)
+
+        obs = adata.obs.iloc[order].copy()
+        obs[SOURCE_INDEX] = order
+        write_elem(root, "obs", obs)
+        write_elem(root, "var", pd.DataFrame(index=pd.Index(adata.var_names.astype(str))))
+        slides_out = slides[order]
+        names, first = np.unique(slides_out, return_index=True)
+        first_sorted = np.sort(first)
+        names = slides_out[first_sorted]
+        stops = np.append(first_sorted[1:], n_out)
+        obsm, obsp, nn = {}, {}, np.ones(len(names))
+        if coords is not None:
+            c = coords[order]
+            obsm["spatial"] = c
+            obsp["spatial_connectivities"] = spatial_graph(c, slides=slides_out, n_neighbors=n_neighbors, radius=radius)
+            nn = np.array([median_nn_distance(c[a:b]) for a, b in zip(first_sorted, stops, strict=True)])
+        write_elem(root, "obsm", obsm)
+        write_elem(root, "obsp", obsp)
+        for key in ("layers", "varm", "varp"):
+            write_elem(root, key, {})
+        meta = {
+            "version": STORE_VERSION, "chunk_cells": chunk_cells, "curve": curve if coords is not None else "none",
+            "n_neighbors": n_neighbors, "radius": -1.0 if radius is None else float(radius),
+            "spatial": coords is not None, "slide_key": slide_key or "", "n_dropped_zero": n_zero,
+            "slide_names": np.asarray(names, dtype=str), "slide_start": first_sorted.astype(np.int64),
+            "slide_stop": stops.astype(np.int64), "slide_median_nn": nn,
+            "source": str(source) if isinstance(source, (str, Path)) else "AnnData",
+        }
+        write_elem(root, "uns", {"xscale": meta})
+        root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
+                           "xscale_store": {"version": STORE_VERSION, "complete": True}})
+        _publish(tmp / "store", out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("prepared %s: %d cells x %d genes, %d slides, %d blocks", out, n_out, g, len(names), -(-n_out // chunk_cells))
+    return out
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename a complete store into place (an old one is removed only after the swap)."""
+    if out.exists() and overwrite:
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class CellStore:
+    """Read access to a prepared store, block by block. Cheap to pickle (reopens in each worker).
+
+    Attributes: ``n_cells``, ``n_genes``, ``genes`` (list), ``chunk_cells``, ``n_chunks``,
+    ``slide_names`` (S,), ``slide_start`` / ``slide_stop`` (S,) row ranges, ``slide_median_nn`` (S,).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._root = None
+        root = self.root
+        info = root.attrs.get("xscale_store")
+        if not info or not info.get("complete"):
+            raise XscaleInputError(
+                f"{self.path}: expected a complete xscale store (written by xscale prepare), found "
+                f"{'an incomplete one' if info else 'a zarr store without xscale_store metadata'}. Run xscale prepare."
+            )
+        from anndata.io import read_elem
+
+        meta = read_elem(root["uns"]["xscale"])
+        self.chunk_cells = int(meta["chunk_cells"])
+        self.spatial = bool(meta["spatial"])
+        self.slide_names = np.array([str(s) for s in meta["slide_names"]], dtype=object)
+        self.slide_start = np.asarray(meta["slide_start"], dtype=np.int64)
+        self.slide_stop = np.asarray(meta["slide_stop"], dtype=np.int64)
+        self.slide_median_nn = np.asarray(meta["slide_median_nn"], dtype=np.float64)
+        self.n_cells, self.n_genes = (int(v) for v in root["X"].attrs["shape"])
+        self.n_chunks = -(-self.n_cells // self.chunk_cells)
+
+    @property
+    def root(self):
+        if self._root is None:
+            import zarr
+
+            try:
+                self._root = zarr.open_group(self.path, mode="r")
+            except Exception as err:
+                raise XscaleInputError(f"{self.path}: expected an xscale zarr store, could not open it ({err}). Run xscale prepare.") from err
+        return self._root
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_root": None}
+
+    @property
+    def genes(self) -> list[str]:
+        from anndata.io import read_elem
+
+        return list(read_elem(self.root["var"]).index.astype(str))
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Rows [start, stop) of cell block ``i``."""
+        return i * self.chunk_cells, min((i + 1) * self.chunk_cells, self.n_cells)
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Counts of rows [start, stop) as CSR float32 (stop - start, G); reads only their chunks."""
+        xg = self.root["X"]
+        ptr = xg["indptr"][start : stop + 1]
+        p0, p1 = int(ptr[0]), int(ptr[-1])
+        return sp.csr_matrix((xg["data"][p0:p1], xg["indices"][p0:p1], ptr - p0), shape=(stop - start, self.n_genes))
+
+    def slide_codes(self) -> np.ndarray:
+        """(n,) int64 slide code of each row (rows are grouped by slide)."""
+        return np.repeat(np.arange(len(self.slide_names)), self.slide_stop - self.slide_start)
+
+    def cell_scale(self) -> np.ndarray:
+        """(n,) median nearest-neighbour distance of each row's slide."""
+        return np.repeat(self.slide_median_nn, self.slide_stop - self.slide_start)
+
+    def coords(self) -> np.ndarray:
+        """(n, 2) float64 coordinates in store order."""
+        if not self.spatial:
+            raise XscaleInputError(f"{self.path}: expected a spatial store, found one prepared with spatial_key=None.")
+        return np.asarray(self.root["obsm"]["spatial"][:], dtype=np.float64)
+
+    def graph(self) -> sp.csr_matrix:
+        """(n, n) CSR neighbour graph in store order."""
+        from anndata.io import read_elem
+
+        if not self.spatial:
+            raise XscaleInputError(f"{self.path}: expected a spatial store (with a graph), found a non-spatial one.")
+        return sp.csr_matrix(read_elem(self.root["obsp"]["spatial_connectivities"]))
+
+    def source_index(self) -> np.ndarray:
+        """(n,) row of each store cell in the input dataset."""
+        return np.asarray(self.root["obs"][SOURCE_INDEX][:], dtype=np.int64)
+
+
+def iter_store_blocks(store: CellStore) -> Any:
+    """Yield ``(start, csr block)`` over the store in order (the raw-read baseline)."""
+    for i in range(store.n_chunks):
+        a, b = store.chunk_range(i)
+        yield a, store.read_rows(a, b)
+
+
+__all__ = ["prepare", "CellStore", "iter_store_blocks", "iter_row_blocks"]
