@@ -88,10 +88,17 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, pad_mask: Tensor | None = None) -> Tensor:
         context = x if context is None else context
-        q = self._split(self.to_q(x))
-        k, v = (self._split(t) for t in self.to_kv(context).chunk(2, dim=-1))
-        out = ATTENTION_BACKENDS[self.backend](q, k, v, pad_mask)  # (B, H, Nq, dh)
-        b, h, n, dh = out.shape
+        k, v = self.to_kv(context).chunk(2, dim=-1)  # (B, Nk, D) x2
+        return self.attend(self.to_q(x), k, v, pad_mask)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        """Attention on already-projected q (B, Nq, D), k/v (B, Nk, D), then ``to_out``. -> (B, Nq, D).
+
+        Lets callers compute projections themselves (e.g. fused into one matmul) and
+        still use this module's heads, backend, output projection and empty-row rule.
+        """
+        out = ATTENTION_BACKENDS[self.backend](self._split(q), self._split(k), self._split(v), pad_mask)
+        b, h, n, dh = out.shape  # (B, H, Nq, dh)
         out = self.to_out(out.transpose(1, 2).reshape(b, n, h * dh))  # (B, Nq, D)
         if pad_mask is not None:
             out = out.masked_fill(pad_mask.all(dim=-1)[:, None, None], 0.0)  # no key to read -> no update
