@@ -1,0 +1,91 @@
+"""Outputs are written under a temporary name and renamed when complete."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xscale.utils.atomic import (
+    atomic_dir, atomic_write_text, is_complete, remove_stale_temps,
+)
+
+
+def test_atomic_dir_success(tmp_path):
+    target = tmp_path / "out" / "store.zarr"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith("store.zarr.tmp-")
+        (tmp / "a.txt").write_text("1")
+        assert not target.exists()  # not visible until complete
+    assert is_complete(target) and (target / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["store.zarr"]
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "store"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    assert not is_complete(target)
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "store"
+    with atomic_dir(target) as tmp:
+        (tmp / "v").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "v").write_text("new")
+            raise KeyboardInterrupt
+    assert (target / "v").read_text() == "old"
+    with atomic_dir(target) as tmp:
+        (tmp / "v").write_text("new")
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_atomic_dir_no_overwrite(tmp_path):
+    (tmp_path / "store").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        with atomic_dir(tmp_path / "store", overwrite=False):
+            pass
+
+
+def test_is_complete_rejects_plain_dir(tmp_path):
+    (tmp_path / "d").mkdir()
+    assert not is_complete(tmp_path / "d")
+    assert not is_complete(tmp_path / "missing")
+
+
+def test_sigkilled_writer_leaves_incomplete_temp_that_is_cleaned(tmp_path):
+    target = tmp_path / "store"
+    code = (
+        "import os, signal, sys\n"
+        "from xscale.utils.atomic import atomic_dir\n"
+        f"with atomic_dir({str(target)!r}) as tmp:\n"
+        "    (tmp / 'half').write_text('x')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9
+    leftovers = [p for p in tmp_path.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith("store.tmp-")
+    assert not target.exists() and not is_complete(leftovers[0])
+    assert remove_stale_temps(target) == leftovers
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_live_writer_temp_is_kept(tmp_path):
+    live = tmp_path / f"store.tmp-{os.getpid()}-abcd"
+    live.mkdir()
+    assert remove_stale_temps(tmp_path / "store") == []
+    assert live.exists()
+
+
+def test_atomic_write_text(tmp_path):
+    p = atomic_write_text(tmp_path / "sub" / "f.json", "{}")
+    assert p.read_text() == "{}"
+    assert [x.name for x in p.parent.iterdir()] == ["f.json"]

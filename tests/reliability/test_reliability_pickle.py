@@ -1,0 +1,83 @@
+"""No file makes xscale run code: planted pickles are refused, with a reason, before unpickling."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from xscale.errors import CheckpointError
+from xscale.models.io import load_model
+from xscale.train.checkpointing import SafeCheckpointIO, load_lightning_checkpoint
+
+KINDS = ["torch", "torch-legacy", "pickle"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_planted_payload_is_live(tmp_path, plant, marker, kind):
+    """Control: the planted file really runs code when unpickled unsafely."""
+    path = plant(tmp_path / "evil.ckpt", kind)
+    if kind == "pickle":
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lightning_loader_refuses_pickle(tmp_path, plant, marker, kind):
+    path = plant(tmp_path / "evil.ckpt", kind)
+    with pytest.raises(CheckpointError, match=r"weights_only=True") as info:
+        load_lightning_checkpoint(path)
+    assert "run arbitrary code" in str(info.value)
+    assert not marker.exists()
+
+
+def test_checkpoint_io_ignores_weights_only_false(tmp_path, plant, marker):
+    path = plant(tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="Refusing to load"):
+        SafeCheckpointIO().load_checkpoint(path, weights_only=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt"])
+def test_load_model_refuses_pickle_file(tmp_path, plant, marker, name):
+    path = plant(tmp_path / name)
+    with pytest.raises(CheckpointError, match="unpickling can run code"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_load_model_refuses_pickle_named_safetensors(tmp_path, plant, marker):
+    d = tmp_path / "model"
+    plant(d / "model.safetensors", "torch")
+    (d / "config.json").write_text(json.dumps(
+        {"format_version": 1, "model": "reliability_tiny_linear", "config": {"n_in": 4, "n_out": 2}, "extra": {}}
+    ))
+    with pytest.raises(CheckpointError, match="not a valid safetensors file") as info:
+        load_model(d)
+    assert "never unpickles" in str(info.value)
+    assert not marker.exists()
+
+
+def test_load_model_ignores_pickle_inside_dir(tmp_path, plant, marker):
+    d = tmp_path / "model"
+    plant(d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="No config.json") as info:
+        load_model(d)
+    assert "pytorch_model.bin" in str(info.value)  # says what it found
+    assert not marker.exists()
+
+
+def test_fit_resumable_refuses_planted_last_ckpt(tmp_path, plant, marker):
+    from xscale.train.checkpointing import fit_resumable
+
+    from reliability_tiny_module import TinyModule, tiny_loader
+
+    plant(tmp_path / "ck" / "last.ckpt")
+    with pytest.raises(CheckpointError, match="Refusing to load"):
+        fit_resumable(TinyModule(), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path / "ck",
+                      trainer_kwargs=dict(max_steps=2, logger=False, enable_progress_bar=False,
+                                          enable_model_summary=False, accelerator="cpu"))
+    assert not marker.exists()

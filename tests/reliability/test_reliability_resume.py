@@ -1,0 +1,129 @@
+"""No lost work: periodic atomic checkpoints; a SIGKILLed fit resumes from its last checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from xscale.errors import CheckpointError
+from xscale.train.checkpointing import (
+    checkpoint_state_dict, fit_resumable, last_checkpoint, load_lightning_checkpoint,
+)
+
+from reliability_tiny_module import TinyModule, tiny_loader
+
+HERE = Path(__file__).parent
+KW = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+
+
+def test_resume_continues_global_step_and_matches_uninterrupted(tmp_path):
+    torch.manual_seed(0)
+    straight = TinyModule()
+    fit_resumable(straight, train_dataloaders=tiny_loader(), ckpt_dir=tmp_path / "a",
+                  trainer_kwargs=dict(max_steps=16, **KW), every_n_train_steps=4)
+
+    torch.manual_seed(0)
+    first = TinyModule()
+    t1 = fit_resumable(first, train_dataloaders=tiny_loader(), ckpt_dir=tmp_path / "b",
+                       trainer_kwargs=dict(max_steps=8, **KW), every_n_train_steps=4)
+    assert t1.global_step == 8
+    torch.manual_seed(1)  # a different init: the weights must come from the checkpoint
+    second = TinyModule()
+    t2 = fit_resumable(second, train_dataloaders=tiny_loader(), ckpt_dir=tmp_path / "b",
+                       trainer_kwargs=dict(max_steps=16, **KW), every_n_train_steps=4)
+    assert second.start_step == 8 and t2.global_step == 16
+    # 8 steps = one full epoch of 8 batches, so the resumed run sees the same data order:
+    for (k, a), (_, b) in zip(straight.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_checkpoint_is_plain_data_and_rerun_of_finished_fit_is_a_noop(tmp_path):
+    module = TinyModule()
+    fit_resumable(module, train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                  trainer_kwargs=dict(max_steps=5, **KW), every_n_train_steps=2)
+    last = last_checkpoint(tmp_path)
+    assert last == tmp_path / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)  # dataclass hparams were converted to plain data
+    assert ckpt["global_step"] == 5  # final state saved at train end, not just at step 4
+    assert ckpt["hyper_parameters"]["cfg"] == {"width": 8, "name": "tiny"}
+    assert set(checkpoint_state_dict(last, prefix="net.")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    again = TinyModule()
+    t = fit_resumable(again, train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                      trainer_kwargs=dict(max_steps=5, **KW), every_n_train_steps=2)
+    assert again.start_step is None and t.global_step == 5  # restored, then no training step ran
+    torch.testing.assert_close(again.state_dict(), module.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporaries
+
+
+def test_different_model_in_ckpt_dir_is_clear(tmp_path):
+    fit_resumable(TinyModule(width=8), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                  trainer_kwargs=dict(max_steps=2, **KW), every_n_train_steps=1)
+    with pytest.raises(CheckpointError, match="different model.*shape mismatch.*new checkpoint directory"):
+        fit_resumable(TinyModule(width=16), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                      trainer_kwargs=dict(max_steps=4, **KW), every_n_train_steps=1)
+
+
+def test_truncated_last_ckpt_is_clear(tmp_path):
+    fit_resumable(TinyModule(), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                  trainer_kwargs=dict(max_steps=2, **KW), every_n_train_steps=1)
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated, corrupted or not a PyTorch checkpoint"):
+        fit_resumable(TinyModule(), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                      trainer_kwargs=dict(max_steps=4, **KW))
+
+
+def test_not_a_lightning_checkpoint_is_clear(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match="not a Lightning training checkpoint.*found \\['w'\\]"):
+        load_lightning_checkpoint(tmp_path / "x.ckpt")
+
+
+def test_foreign_checkpoint_io_refused(tmp_path):
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    with pytest.raises(ValueError, match="installs its own SafeCheckpointIO"):
+        fit_resumable(TinyModule(), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path,
+                      trainer_kwargs=dict(max_steps=2, plugins=[TorchCheckpointIO()], **KW))
+
+
+def _wait_for_step(last: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"child ended early: {proc.communicate()}"
+        if last.exists():
+            step = load_lightning_checkpoint(last)["global_step"]
+            if step >= min_step:
+                return step
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout}s")
+
+
+def test_sigkill_mid_training_then_rerun_resumes(tmp_path):
+    """A real child process is SIGKILLed mid-fit; the same command resumes and completes."""
+    ckpt = tmp_path / "ck"
+    cmd = [sys.executable, str(HERE / "reliability_resume_child.py"), str(ckpt), "60", "5", "0.05"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_step(ckpt / "last.ckpt", 10, proc, timeout=90)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_lightning_checkpoint(ckpt / "last.ckpt")["global_step"]  # still a complete file
+    assert 10 <= saved < 60
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert result == {"start_step": saved, "end_step": 60}
+    assert load_lightning_checkpoint(ckpt / "last.ckpt")["global_step"] == 60
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
