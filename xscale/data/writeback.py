@@ -1,0 +1,228 @@
+"""Write-back of results: latents written chunk by chunk while embedding, resumable, then exposed.
+
+:class:`LatentWriter` writes (n, *L) latents into a zarr array one cell block at a time
+(never the whole array in memory). It writes to a partial location beside the target and
+records which blocks are done; a writer re-opened after an interruption with the same
+fingerprint continues with the missing blocks only, and since each block is a pure
+function of its inputs, the result is identical to an uninterrupted run. :meth:`finalize`
+renames the partial array into place.
+
+Exposure:
+
+- the store itself is an AnnData zarr store: :func:`store_latent_writer` targets
+  ``<store>/obsm/<key>``, so ``anndata.read_zarr(store).obsm[key]`` holds the result;
+- :func:`latents_in_source_order` maps store rows back to the input's rows (NaN for cells
+  dropped at validation), for ``adata.obsm`` of an in-memory AnnData;
+- :func:`write_to_spatialdata` puts cell latents in ``obsm`` of the SpatialData table and
+  niche latents in a second table annotating the same elements.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xscale.data.store import CellStore
+from xscale.errors import XscaleInputError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+logger = logging.getLogger(__name__)
+
+_STATE = "xscale_writer.json"
+
+
+class LatentWriter:
+    """Resumable, block-wise writer of an (n_cells, *cell_shape) float32 zarr array.
+
+    Parameters
+    ----------
+    target
+        Final location of the zarr array (must not exist unless ``overwrite``).
+    n_cells, cell_shape
+        Array shape (n_cells, *cell_shape), e.g. (n, K, D) cell latents.
+    chunk_cells
+        Rows per block; blocks are the unit of writing and resuming.
+    fingerprint
+        Identifies the computation (model checkpoint, options). A partial array with a
+        different fingerprint or shape is discarded, not resumed.
+    partial
+        Where the array is built; default: ``.<target name>.partial`` beside ``target``.
+    attrs
+        Attributes of the final array (e.g. anndata encoding).
+    overwrite
+        Replace an existing target on :meth:`finalize`.
+    """
+
+    def __init__(self, target: str | Path, *, n_cells: int, cell_shape: tuple[int, ...], chunk_cells: int,
+                 fingerprint: str = "", partial: str | Path | None = None, attrs: dict | None = None,
+                 overwrite: bool = False) -> None:
+        import zarr
+
+        self.target = Path(target)
+        self.partial = Path(partial) if partial is not None else self.target.with_name(f".{self.target.name}.partial")
+        if self.target.exists() and not overwrite:
+            raise XscaleInputError(f"{self.target}: results already exist here. Pass overwrite=True (CLI: --overwrite) or another key.")
+        self.n_cells, self.cell_shape, self.chunk_cells = int(n_cells), tuple(int(s) for s in cell_shape), int(chunk_cells)
+        self.n_chunks = -(-self.n_cells // self.chunk_cells)
+        self.attrs, self.overwrite = dict(attrs or {}), overwrite
+        state = {"n_cells": self.n_cells, "cell_shape": list(self.cell_shape), "chunk_cells": self.chunk_cells,
+                 "fingerprint": fingerprint}
+        self._state_file = self.partial / _STATE
+        self.done = np.zeros(self.n_chunks, dtype=bool)
+        resumed = False
+        if self.partial.exists():
+            try:
+                old = json.loads(self._state_file.read_text())
+                if {k: old.get(k) for k in state} == state:
+                    self.done[np.asarray(old.get("done", []), dtype=np.int64)] = True
+                    self.array = zarr.open_array(self.partial, mode="r+")
+                    resumed = True
+            except (OSError, json.JSONDecodeError, ValueError) as err:
+                logger.warning("discarding unreadable partial results at %s (%s)", self.partial, err)
+            if not resumed:
+                logger.warning("discarding partial results at %s: they were made by another computation", self.partial)
+                shutil.rmtree(self.partial)
+        if not resumed:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            self.array = zarr.create_array(self.partial, shape=(self.n_cells, *self.cell_shape),
+                                           chunks=(self.chunk_cells, *self.cell_shape), dtype="float32",
+                                           zarr_format=3)
+        else:
+            logger.info("resuming %s: %d of %d blocks already written", self.target, int(self.done.sum()), self.n_chunks)
+        self._state = state
+        self._save_state()
+
+    def _save_state(self) -> None:
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self._state, "done": np.flatnonzero(self.done).tolist()}))
+        os.replace(tmp, self._state_file)  # atomic: a block counts as done only once its data is on disk
+
+    def pending_chunks(self) -> list[int]:
+        """Blocks still to write, in order."""
+        return np.flatnonzero(~self.done).tolist()
+
+    def chunk_range(self, i: int) -> tuple[int, int]:
+        """Rows [start, stop) of block ``i``."""
+        return i * self.chunk_cells, min((i + 1) * self.chunk_cells, self.n_cells)
+
+    def write_chunk(self, i: int, values: np.ndarray) -> None:
+        """Write block ``i``: values (stop - start, *cell_shape)."""
+        a, b = self.chunk_range(i)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (b - a, *self.cell_shape):
+            raise ValueError(f"block {i}: expected shape {(b - a, *self.cell_shape)}, got {values.shape}")
+        self.array[a:b] = values
+        self.done[i] = True
+        self._save_state()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def finalize(self) -> Path:
+        """Rename the complete array into place. -> target path."""
+        if not self.complete:
+            raise RuntimeError(f"{self.target}: {int((~self.done).sum())} block(s) not written yet")
+        self.array.attrs.update(self.attrs)
+        self._state_file.unlink()
+        if self.target.exists() and self.overwrite:
+            old = self.target.with_name(f".{self.target.name}.old")
+            os.replace(self.target, old)
+            os.replace(self.partial, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.target)
+        logger.info("wrote %s (%d x %s)", self.target, self.n_cells, self.cell_shape)
+        return self.target
+
+
+def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tuple[int, ...], *,
+                        fingerprint: str = "", overwrite: bool = False) -> LatentWriter:
+    """A writer of ``obsm[key]`` of a prepared store, one store block at a time (partial kept outside the store)."""
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    target = store.path / "obsm" / key
+    partial = store.path.with_name(f".{store.path.name}.obsm.{key}.partial")
+    return LatentWriter(target, n_cells=store.n_cells, cell_shape=cell_shape, chunk_cells=store.chunk_cells,
+                        fingerprint=fingerprint, partial=partial, overwrite=overwrite,
+                        attrs={"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
+def read_store_latents(store: str | Path | CellStore, key: str) -> Any:
+    """The zarr array ``obsm[key]`` of a store (lazy; rows in store order)."""
+    import zarr
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    path = store.path / "obsm" / key
+    if not path.exists():
+        present = sorted(p.name for p in (store.path / "obsm").iterdir() if p.is_dir())
+        raise XscaleInputError(f"{store.path}: obsm[{key!r}] not found; present: {present}. Run the embedding first.")
+    return zarr.open_array(path, mode="r")
+
+
+def latents_in_source_order(store: str | Path | CellStore, key: str, n_source: int | None = None,
+                            *, flatten: bool = True) -> np.ndarray:
+    """Store latents reordered to the input's rows: (n_source, ...) float32, NaN for dropped cells.
+
+    ``flatten`` reshapes (n, K, D) to (n, K·D) so the result fits ``obsm`` of tools expecting 2-D.
+    """
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    lat = read_store_latents(store, key)
+    src = store.source_index()
+    n_source = int(src.max()) + 1 if n_source is None else n_source
+    shape = (int(np.prod(lat.shape[1:])),) if flatten else tuple(lat.shape[1:])
+    out = np.full((n_source, *shape), np.nan, dtype=np.float32)
+    for i in range(store.n_chunks):
+        a, b = store.chunk_range(i)
+        out[src[a:b]] = np.asarray(lat[a:b]).reshape(b - a, *shape)
+    return out
+
+
+def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, *, table_key: str | None = None,
+                         cell_key: str | None = "X_xscale_cell", niche_key: str | None = None,
+                         niche_table: str | None = None) -> ad.AnnData:
+    """Put results of a store prepared from a SpatialData store back into it.
+
+    Cell latents ``obsm[cell_key]`` of the store go to ``obsm[cell_key]`` of the table;
+    niche latents ``obsm[niche_key]`` go to a second table (default ``<table>_niches``)
+    annotating the same elements, with the latents as X (n, T·D). Cells dropped at
+    validation get NaN. Returns the updated cell table.
+    """
+    import anndata as ad_mod
+    import spatialdata as sd
+    from spatialdata.models import TableModel
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    sdata = sd.read_zarr(sdata_path)
+    if table_key is None:
+        if len(sdata.tables) != 1:
+            raise XscaleInputError(f"{sdata_path}: expected one table or a table_key, found {list(sdata.tables)}.")
+        table_key = next(iter(sdata.tables))
+    if table_key not in sdata.tables:
+        raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(sdata.tables)}.")
+    table = sdata.tables[table_key]
+    if cell_key is not None:
+        table.obsm[cell_key] = latents_in_source_order(store, cell_key, table.n_obs)
+        sdata.delete_element_from_disk(table_key)
+        sdata.write_element(table_key)
+    if niche_key is not None:
+        lat = latents_in_source_order(store, niche_key, table.n_obs)
+        attrs = table.uns.get("spatialdata_attrs", {})
+        obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
+        nt = ad_mod.AnnData(X=lat, obs=obs)
+        nt.var_names = [f"niche_latent_{i}" for i in range(lat.shape[1])]
+        if attrs:
+            nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
+                                  instance_key=attrs["instance_key"])
+        name = niche_table or f"{table_key}_niches"
+        if name in sdata.tables:
+            sdata.delete_element_from_disk(name)
+        sdata.tables[name] = nt
+        sdata.write_element(name)
+    return table
