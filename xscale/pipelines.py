@@ -56,12 +56,15 @@ class StepContext:
     out: Path
 
 
-StepFn = Callable[[StepContext, dict[str, Any]], dict[str, Any]]
+StepFn = Callable[..., dict[str, Any]]  # fn(ctx, **params) -> {"outputs": {...}, "results": {...}}
 STEPS: dict[str, StepFn] = {}
 
 
 def register_step(kind: str) -> Callable[[StepFn], StepFn]:
-    """Register a step kind. The function returns ``{"outputs": {key: path}, "results": {...}}``."""
+    """Register a step kind ``fn(ctx, *, param=..., ...)`` (keyword-only, typed parameters).
+
+    It returns ``{"outputs": {key: path}, "results": {...}}``.
+    """
 
     def wrap(fn: StepFn) -> StepFn:
         STEPS[kind] = fn
@@ -87,14 +90,62 @@ def load_pipeline(path: str | Path) -> tuple[str, list[StepSpec]]:
         raise XscaleInputError(f"Pipeline {str(path)!r}: unknown top-level keys {unknown}; expected name, description, steps.")
     steps: list[StepSpec] = []
     for i, s in enumerate(doc["steps"]):
-        if not isinstance(s, dict) or set(s) - {"name", "uses", "with"} or "name" not in s or "uses" not in s:
-            raise XscaleInputError(f"Pipeline step {i} must be a mapping with name, uses and optional with; found {s!r}.")
-        if s["uses"] not in STEPS:
-            raise XscaleInputError(f"Pipeline step {s['name']!r} uses unknown kind {s['uses']!r}. Known: {sorted(STEPS)}.")
+        if not isinstance(s, dict) or set(s) - {"name", "uses", "with", "config"} or "name" not in s:
+            raise XscaleInputError(
+                f"Pipeline step {i} must be a mapping with name, uses (or config: an experiment YAML) and "
+                f"optional with; found {s!r}."
+            )
+        uses, params = s.get("uses"), dict(s.get("with") or {})
+        if "config" in s:  # an experiment config (configs/experiment/*.yaml); `with` overrides its values
+            uses, base = load_experiment(_relative(path, s["config"]))
+            params = {**base, **params}
+        if uses not in STEPS:
+            raise XscaleInputError(f"Pipeline step {s['name']!r} uses unknown kind {uses!r}. Known: {sorted(STEPS)}.")
         if any(t.name == s["name"] for t in steps):
             raise XscaleInputError(f"Pipeline step name {s['name']!r} appears twice; names must be unique.")
-        steps.append(StepSpec(str(s["name"]), str(s["uses"]), dict(s.get("with") or {})))
+        steps.append(StepSpec(str(s["name"]), str(uses), params))
     return str(doc.get("name", path.stem)), steps
+
+
+def _relative(pipeline: Path, ref: str) -> Path:
+    """A config path as given if it exists (relative to the working directory), else relative to the repo."""
+    p = Path(ref)
+    if p.exists() or p.is_absolute():
+        return p
+    for base in (pipeline.resolve().parent, pipeline.resolve().parent.parent):
+        if (base / ref).exists():
+            return base / ref
+    return p
+
+
+def load_experiment(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """Read an experiment config (``uses: KIND`` + ``with: {...}``) and check its parameters."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise XscaleInputError(f"Could not read experiment config {str(path)!r}: {err}") from err
+    if not isinstance(doc, dict) or "uses" not in doc or set(doc) - {"uses", "with", "description"}:
+        raise XscaleInputError(f"Experiment config {str(path)!r} needs 'uses:' and 'with:' keys; found {doc!r:.200}.")
+    params = dict(doc.get("with") or {})
+    check_step(doc["uses"], params, str(path))
+    return doc["uses"], params
+
+
+def check_step(kind: str, params: dict[str, Any], where: str) -> None:
+    """Fail early (before running anything) when ``params`` do not fit step ``kind``'s signature."""
+    import inspect
+
+    if kind not in STEPS:
+        raise XscaleInputError(f"{where}: unknown step kind {kind!r}. Known: {sorted(STEPS)}.")
+    sig = inspect.signature(STEPS[kind])
+    try:
+        sig.bind(None, **params)
+    except TypeError as err:
+        names = [n for n in sig.parameters if n != "ctx"]
+        raise XscaleInputError(f"{where}: step {kind!r} parameters do not fit: {err}. Parameters: {names}.") from None
 
 
 def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str) -> Any:
@@ -195,11 +246,12 @@ def run_pipeline(
             log.info("[%s] step %s (%s): complete, skipped", name, spec.name, spec.uses)
             done[spec.name] = {**man, "skipped": True}
             continue
+        check_step(spec.uses, params, f"step {spec.name!r}")
         log.info("[%s] step %s (%s) ...", name, spec.name, spec.uses)
         workdir = out / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        produced = STEPS[spec.uses](StepContext(spec.name, workdir, out), params)
+        produced = STEPS[spec.uses](StepContext(spec.name, workdir, out), **params)
         outputs = {}
         for key, p in produced.get("outputs", {}).items():
             p = Path(p)
@@ -277,28 +329,30 @@ def evaluate_adata(
     return out
 
 
-def _dataset_keys(params: dict[str, Any]) -> dict[str, Any]:
-    """Label/slide keys from a bundled dataset's info, overridable in the step's ``with``."""
+def _dataset_keys(dataset: str | None) -> dict[str, Any]:
+    """Label/slide/holdout/domain keys of a bundled dataset (all None for None)."""
     keys: dict[str, Any] = {"label_key": None, "slide_key": None, "holdout": None, "domain_key": None, "drop_labels": ()}
-    if "dataset" in params:
+    if dataset is not None:
         import xscale.datasets as ds
 
-        info = ds.info(params["dataset"])
+        info = ds.info(dataset)
         keys.update(label_key=info.label_key, slide_key=info.slide_key, holdout=info.holdout,
                     domain_key=info.domain_key, drop_labels=tuple(info.drop_labels))
-    keys.update({k: params[k] for k in keys if k in params})
     return keys
 
 
-def _read_data(data: str):
-    """A bundled dataset name or a path read by the data layer."""
+def _read_data(data: str, *, exclude_holdout: bool = False):
+    """A bundled dataset name (optionally without its held-out slide) or a path read by the data layer."""
     import xscale.datasets as ds
 
     if data in ds.available():
-        return ds.load(data)
+        adata, info = ds.load(data), ds.info(data)
+        if exclude_holdout and info.holdout is not None:
+            adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
+        return adata
     from xscale.data.io import read_dataset
 
-    return read_dataset(data)
+    return read_dataset(data, spatial_key=None)
 
 
 def _write_zarr(adata, path: Path) -> Path:
@@ -312,34 +366,115 @@ def _write_zarr(adata, path: Path) -> Path:
     return path
 
 
-def _check_params(step: str, params: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(params) - allowed)
-    if extra:
-        raise XscaleInputError(f"Step {step!r}: unknown parameters {extra}; expected a subset of {sorted(allowed)}.")
-
-
 @register_step("evaluate")
-def _step_evaluate(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
-    """with: store (cells.zarr), dataset (bundled name) and/or label_key, slide_key, holdout, domain_key."""
+def _step_evaluate(
+    ctx: StepContext, *, store: str, dataset: str | None = None, label_key: str | None = None,
+    slide_key: str | None = None, holdout: str | None = None, domain_key: str | None = None,
+) -> dict[str, Any]:
+    """Score a store's latents against baselines (see :func:`evaluate_adata`); keys default from ``dataset``."""
     import anndata as ad
 
-    _check_params(ctx.name, params, {"store", "dataset", "label_key", "slide_key", "holdout", "domain_key", "drop_labels"})
-    adata = ad.read_zarr(params["store"])
-    metrics = evaluate_adata(adata, **_dataset_keys(params))
+    keys = _dataset_keys(dataset)
+    given = dict(label_key=label_key, slide_key=slide_key, holdout=holdout, domain_key=domain_key)
+    keys.update({k: v for k, v in given.items() if v is not None})
+    metrics = evaluate_adata(ad.read_zarr(store), **keys)
     path = ctx.workdir / "metrics.json"
     _write_json(path, metrics)
     return {"outputs": {"metrics": path}, "results": {"metrics": metrics}}
 
 
 @register_step("pca_embed")
-def _step_pca_embed(ctx: StepContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Baseline store: with: data, n_components (30). Writes obsm X_pca (fitted on all cells)."""
+def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30) -> dict[str, Any]:
+    """Baseline store: ``obsm["X_pca"]`` of log-normalised expression (fitted on all cells)."""
     from xscale.eval import metrics as M
 
-    _check_params(ctx.name, params, {"data", "n_components"})
-    adata = _read_data(params["data"])
-    adata.obsm["X_pca"] = M.pca(M.log_normalized(adata.X), n_components=int(params.get("n_components", 30)))[0]
+    adata = _read_data(data)
+    adata.obsm["X_pca"] = M.pca(M.log_normalized(adata.X), n_components=n_components)[0]
     return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+
+
+@register_step("fit_level1")
+def _step_fit_level1(
+    ctx: StepContext, *, datasets: list[str], preset: str = "small", exclude_holdout: bool = True,
+    max_epochs: int | None = None, max_steps: int = -1, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+) -> dict[str, Any]:
+    """Pretrain level 1 on several datasets at once (held-out slides of bundled sets left out)."""
+    from xscale.train.level1 import fit_level1
+
+    adatas = [_read_data(d, exclude_holdout=exclude_holdout) for d in datasets]
+    fit_level1(adatas, preset, out_dir=ctx.workdir, max_epochs=max_epochs, max_steps=max_steps,
+               batch_size=batch_size, lr=lr, seed=seed, accelerator="cpu")
+    return {"outputs": {"checkpoint": ctx.workdir / "model"}}
+
+
+@register_step("embed_cells")
+def _step_embed_cells(ctx: StepContext, *, checkpoint: str, data: str) -> dict[str, Any]:
+    """Embed every cell of ``data`` with a level-1 model: ``cells.zarr`` with ``obsm["X_xscale_cell"]``."""
+    import xscale.tl
+    from xscale.models.io import load_model
+
+    adata = _read_data(data)
+    xscale.tl.embed_cells(adata, load_model(checkpoint))
+    return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+
+
+@register_step("fit_level2")
+def _step_fit_level2(
+    ctx: StepContext, *, store: str, dataset: str | None = None, slide_key: str | None = None,
+    holdout: str | None = None, preset: str = "small", max_epochs: int = 20, max_steps: int = -1,
+    batch_size: int = 64, seed: int = 0,
+) -> dict[str, Any]:
+    """Fit level 2 on a store's cell latents (niches centred outside the held-out slide)."""
+    import anndata as ad
+    import numpy as np
+
+    from xscale.models.io import save_model
+    from xscale.train.level2 import fit_level2
+
+    adata = ad.read_zarr(store)
+    keys = _dataset_keys(dataset)
+    slide_key, holdout = slide_key or keys["slide_key"], holdout or keys["holdout"]
+    slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
+    train = np.flatnonzero(slides != holdout) if slides is not None and holdout else None
+    latents = np.asarray(adata.obsm["X_xscale_cell"]).reshape(adata.n_obs, -1)
+    model = fit_level2(latents, np.asarray(adata.obsm["spatial"]), preset=preset, train_cells=train, slides=slides,
+                       max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
+                       ckpt_dir=ctx.workdir / "checkpoints", progress=True)
+    save_model(model, ctx.workdir / "model")
+    return {"outputs": {"checkpoint": ctx.workdir / "model"}}
+
+
+@register_step("embed_niches")
+def _step_embed_niches(
+    ctx: StepContext, *, store: str, checkpoint: str, n_domains: int | None = None, dataset: str | None = None,
+    slide_key: str | None = None,
+) -> dict[str, Any]:
+    """Niche latents (``obsm["X_xscale_niche"]``) and, with ``n_domains``, ``obs["xscale_domain"]``."""
+    import anndata as ad
+
+    import xscale.tl
+    from xscale.models.io import load_model
+
+    adata = ad.read_zarr(store)
+    xscale.tl.embed_niches(adata, load_model(checkpoint), slide_key=slide_key or _dataset_keys(dataset)["slide_key"])
+    if n_domains:
+        xscale.tl.domains(adata, n_domains)
+    return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+
+
+@register_step("finetune")
+def _step_finetune(
+    ctx: StepContext, *, model: str, data: str, task: str = "cell_type", label_key: str | None = None,
+    slide_key: str | None = None, trainable: str = "xpressor", max_epochs: int = 10, max_steps: int = -1,
+    batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+) -> dict[str, Any]:
+    """Parameter-efficient fine-tuning of a level-1 model (:func:`xscale.train.finetune.finetune`)."""
+    from xscale.train.finetune import finetune
+
+    result = finetune(model, _read_data(data), task=task, label_key=label_key, slide_key=slide_key,
+                      trainable=trainable, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
+                      lr=lr, seed=seed, output_dir=ctx.workdir / "model", accelerator="cpu")
+    return {"outputs": {"checkpoint": ctx.workdir / "model"}, "results": {"metrics": result.metrics}}
 
 
 def main(argv: list[str] | None = None) -> int:

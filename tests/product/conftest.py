@@ -18,6 +18,17 @@ def pca_latents(adata, n_comp: int = 32) -> np.ndarray:
     return PCA(n_comp, random_state=0).fit_transform(Z).astype(np.float32)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """2 shared cores: BLAS/OpenMP oversubscription makes sklearn 100x slower under load."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def starmap_store(tmp_path_factory):
     """(path to cells.zarr, AnnData) with obsm X_xscale_cell (n, 4, 8) and X_xscale_niche (n, 2, 16)."""

@@ -1,0 +1,66 @@
+"""Declarative pipelines: manifests, skip on re-run, re-run when parameters or outputs change."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from xscale.errors import XscaleInputError
+from xscale.pipelines import manifest_path, run_pipeline
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_pipeline_skips_complete_steps_and_reruns_changed_ones(starmap_store, tmp_path):
+    store, _ = starmap_store
+    pipe = _write(tmp_path / "p.yaml", f"""
+name: eval-test
+steps:
+  - name: baseline
+    uses: pca_embed
+    with: {{data: starmap_mpfc, n_components: 8}}
+  - name: score
+    uses: evaluate
+    with: {{store: {store}, dataset: starmap_mpfc}}
+  - name: score_baseline_store
+    uses: evaluate
+    with: {{store: "${{baseline.store}}", label_key: cell_type, slide_key: slice, holdout: 20180424_BZ14_control}}
+""")
+    out = tmp_path / "out"
+    first = run_pipeline(pipe, out)
+    assert not any(m["skipped"] for m in first.values())
+    man = json.loads(manifest_path(out, "score").read_text())
+    metrics = json.loads((out / "score" / "metrics.json").read_text())
+    assert man["outputs"]["metrics"]["bytes"] > 0 and man["results"]["metrics"] == metrics
+    assert set(metrics["cell_type"]) == {"xscale_cell", "pca"}
+    assert {"xscale_niche", "pca_spatial_mean", "pca"} <= set(metrics["domains"])
+    assert metrics["domains"]["n_domains"] == 4
+    # the spatial mean of PCA beats PCA alone on cortical layers: the evaluation sees space
+    assert metrics["domains"]["pca_spatial_mean"]["ari"] > metrics["domains"]["pca"]["ari"] + 0.2
+
+    second = run_pipeline(pipe, out)
+    assert all(m["skipped"] for m in second.values())
+
+    shutil.rmtree(out / "baseline" / "cells.zarr")  # a lost output re-runs its step only
+    third = run_pipeline(pipe, out)
+    assert not third["baseline"]["skipped"] and third["score"]["skipped"]
+
+    pipe.write_text(pipe.read_text().replace("n_components: 8", "n_components: 6"))  # changed parameters
+    fourth = run_pipeline(pipe, out)
+    assert not fourth["baseline"]["skipped"] and fourth["score"]["skipped"]
+
+
+def test_pipeline_errors_are_clear(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", "steps:\n  - name: a\n    uses: nope\n")
+    with pytest.raises(XscaleInputError, match="unknown kind 'nope'"):
+        run_pipeline(bad, tmp_path / "o")
+    typo = _write(tmp_path / "typo.yaml", "steps:\n  - name: a\n    uses: pca_embed\n    with: {data: x, n_comp: 3}\n")
+    with pytest.raises(XscaleInputError, match="n_comp"):
+        run_pipeline(typo, tmp_path / "o")
+    ref = _write(tmp_path / "ref.yaml", "steps:\n  - name: a\n    uses: evaluate\n    with: {store: '${b.store}'}\n")
+    with pytest.raises(XscaleInputError, match="no earlier step is named 'b'"):
+        run_pipeline(ref, tmp_path / "o")
