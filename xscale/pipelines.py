@@ -11,8 +11,9 @@ A pipeline file (see ``pipelines/*.yaml``)::
         uses: embed_cells
         with: {checkpoint: ${level1.checkpoint}, data: starmap_mpfc}
 
-``${out}`` is the pipeline's output directory and ``${STEP.KEY}`` an output of an earlier
-step. Each step writes into ``OUT/STEP/`` and, when it finishes, ``OUT/manifests/STEP.json``:
+``${out}`` is the pipeline's output directory, ``${STEP.KEY}`` an output of an earlier
+step and ``${vars.NAME}`` a value from the file's ``vars:`` mapping (override with
+``--var NAME=VALUE``); a value that is exactly one ``${vars.NAME}`` keeps its YAML type. Each step writes into ``OUT/STEP/`` and, when it finishes, ``OUT/manifests/STEP.json``:
 its kind, parameters (and their hash), the outputs it produced (paths and sizes), results
 (e.g. metrics) and timing. A re-run skips a step whose manifest matches its parameters and
 whose outputs are all still there with the recorded sizes; ``force=True`` re-runs everything.
@@ -74,8 +75,8 @@ def register_step(kind: str) -> Callable[[StepFn], StepFn]:
 
 
 # ------------------------------------------------------------------------ spec
-def load_pipeline(path: str | Path) -> tuple[str, list[StepSpec]]:
-    """Read and check a pipeline YAML; returns (name, steps)."""
+def load_pipeline(path: str | Path) -> tuple[str, list[StepSpec], dict[str, Any]]:
+    """Read and check a pipeline YAML; returns (name, steps, vars)."""
     import yaml
 
     path = Path(path)
@@ -85,9 +86,11 @@ def load_pipeline(path: str | Path) -> tuple[str, list[StepSpec]]:
         raise XscaleInputError(f"Could not read pipeline {str(path)!r}: {err}") from err
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list) or not doc["steps"]:
         raise XscaleInputError(f"Pipeline {str(path)!r} needs a non-empty 'steps:' list; found {type(doc).__name__}.")
-    unknown = sorted(set(doc) - {"name", "description", "steps"})
+    unknown = sorted(set(doc) - {"name", "description", "vars", "steps"})
     if unknown:
-        raise XscaleInputError(f"Pipeline {str(path)!r}: unknown top-level keys {unknown}; expected name, description, steps.")
+        raise XscaleInputError(
+            f"Pipeline {str(path)!r}: unknown top-level keys {unknown}; expected name, description, vars, steps."
+        )
     steps: list[StepSpec] = []
     for i, s in enumerate(doc["steps"]):
         if not isinstance(s, dict) or set(s) - {"name", "uses", "with", "config"} or "name" not in s:
@@ -104,7 +107,7 @@ def load_pipeline(path: str | Path) -> tuple[str, list[StepSpec]]:
         if any(t.name == s["name"] for t in steps):
             raise XscaleInputError(f"Pipeline step name {s['name']!r} appears twice; names must be unique.")
         steps.append(StepSpec(str(s["name"]), str(uses), params))
-    return str(doc.get("name", path.stem)), steps
+    return str(doc.get("name", path.stem)), steps, dict(doc.get("vars") or {})
 
 
 def _relative(pipeline: Path, ref: str) -> Path:
@@ -148,18 +151,25 @@ def check_step(kind: str, params: dict[str, Any], where: str) -> None:
         raise XscaleInputError(f"{where}: step {kind!r} parameters do not fit: {err}. Parameters: {names}.") from None
 
 
-def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str) -> Any:
+def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str, variables: dict[str, Any]) -> Any:
     if isinstance(value, dict):
-        return {k: _resolve(v, out, done, step) for k, v in value.items()}
+        return {k: _resolve(v, out, done, step, variables) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, out, done, step) for v in value]
+        return [_resolve(v, out, done, step, variables) for v in value]
     if not isinstance(value, str):
         return value
+    whole = _REF.fullmatch(value)
+    if whole and whole.group(1) == "vars" and whole.group(2) in variables:
+        return variables[whole.group(2)]
 
     def sub(m: re.Match) -> str:
         ref, key = m.group(1), m.group(2)
         if ref == "out" and key is None:
             return str(out)
+        if ref == "vars":
+            if key not in variables:
+                raise XscaleInputError(f"Step {step!r} refers to {m.group(0)}; vars defines {sorted(variables)}.")
+            return str(variables[key])
         if ref not in done:
             raise XscaleInputError(f"Step {step!r} refers to ${{{m.group(0)[2:-1]}}}, but no earlier step is named {ref!r}.")
         produced = {**done[ref].get("outputs", {}), **done[ref].get("results", {})}
@@ -215,7 +225,8 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------- run
 def run_pipeline(
-    pipeline: str | Path, out: str | Path, *, force: bool = False, only: list[str] | None = None
+    pipeline: str | Path, out: str | Path, *, force: bool = False, only: list[str] | None = None,
+    variables: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run a pipeline's steps in order; returns each step's manifest (with ``skipped`` set).
 
@@ -229,13 +240,19 @@ def run_pipeline(
         Re-run steps even when complete.
     only
         Run only these step names (their inputs must come from earlier complete manifests).
+    variables
+        Values overriding the file's ``vars:`` (unknown names are an error).
     """
-    name, steps = load_pipeline(pipeline)
+    name, steps, file_vars = load_pipeline(pipeline)
+    extra = sorted(set(variables or {}) - set(file_vars))
+    if extra:
+        raise XscaleInputError(f"Unknown pipeline vars {extra}; {pipeline} defines {sorted(file_vars)}.")
+    file_vars.update(variables or {})
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     for spec in steps:
-        params = _resolve(spec.params, out, done, spec.name)
+        params = _resolve(spec.params, out, done, spec.name, file_vars)
         man = None if force else is_complete(out, spec, params)
         if only is not None and spec.name not in only:
             if man is None:
@@ -484,10 +501,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="re-run complete steps")
     parser.add_argument("--only", nargs="+", help="run only these steps")
+    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="override a vars: entry")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        done = run_pipeline(args.pipeline, args.out, force=args.force, only=args.only)
+        import yaml
+
+        variables = {}
+        for item in args.var:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise XscaleInputError(f"--var {item!r} is not NAME=VALUE.")
+            variables[name] = yaml.safe_load(value)
+        done = run_pipeline(args.pipeline, args.out, force=args.force, only=args.only, variables=variables)
     except XscaleInputError as err:
         print(f"xscale pipeline: error: {err}")
         return 2
