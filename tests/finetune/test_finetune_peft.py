@@ -1,0 +1,153 @@
+"""Fine-tuning only the Xpressor: heads, freezing, both tasks, saved outputs and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xscale.errors import XscaleInputError
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, grad_reverse, mmd_loss
+from xscale.models.io import load_model, save_model
+from xscale.train.finetune import encode_cells, finetune, set_trainable
+
+
+@pytest.fixture(scope="module")
+def starmap_small():
+    import xscale.datasets
+
+    adata = xscale.datasets.load("starmap_mpfc")
+    rng = np.random.default_rng(0)
+    return adata[np.sort(rng.choice(adata.n_obs, 360, replace=False))].copy()
+
+
+def _model(genes, pooling="xpressor") -> GeneToCell:
+    torch.manual_seed(0)
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=list(genes), pooling=pooling))
+    with torch.no_grad():  # stands in for pretraining: distinct gene tokens, so the frozen encoder keeps identity
+        model.gene_embedder.table.weight.normal_(std=1.0)
+    return model
+
+
+def test_gradient_reversal_and_heads(tmp_path):
+    x = torch.randn(3, 4, requires_grad=True)
+    (grad_reverse(x, 0.5) * 2).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3, 4), -1.0))
+    disc = SlideDiscriminator(8, 2, 3)
+    z = torch.randn(5, 2, 8, requires_grad=True)
+    torch.nn.functional.cross_entropy(disc(z), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert disc.net[1].weight.grad is not None and z.grad is not None
+    head = ClassificationHead(HeadConfig(dim=8, n_latents=2, classes=("a", "b", "c")))
+    assert head(z).shape == (5, 3)
+    head.eval()
+    save_model(head, tmp_path / "head")
+    again = load_model(tmp_path / "head")
+    assert again.config.classes == ("a", "b", "c")
+    torch.testing.assert_close(head(z), again(z))
+    assert set(head.predict(z)) <= {"a", "b", "c"}
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        HeadConfig(dim=8, n_latents=2, classes=("a",))
+
+
+def test_mmd_separates_shifted_groups():
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(64, 5, generator=g)
+    groups = torch.arange(64) % 2
+    shifted = same + groups[:, None] * 3.0
+    assert mmd_loss(shifted, groups) > 5 * mmd_loss(same, groups)
+    assert mmd_loss(same, torch.zeros(64, dtype=torch.long)) == 0
+
+
+def test_set_trainable_freezes_all_but_the_xpressor(starmap_small):
+    model = _model(starmap_small.var_names)
+    head = ClassificationHead(HeadConfig(dim=32, n_latents=4, classes=("a", "b")))
+    n_train, n_total = set_trainable(model, head, "xpressor")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("xpressor.") for n in trainable)
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("xpressor.")}
+    n_x = sum(p.numel() for p in model.xpressor.parameters()) + sum(p.numel() for p in head.parameters())
+    assert n_train == n_x and n_total == sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())
+    assert set_trainable(model, head, "head")[0] == sum(p.numel() for p in head.parameters())
+    with pytest.raises(XscaleInputError, match="needs a model with an Xpressor"):
+        set_trainable(_model(starmap_small.var_names, pooling="mean"), None, "xpressor")
+
+
+def test_finetune_cell_type_changes_only_xpressor_and_head(starmap_small, tmp_path):
+    adata = starmap_small
+    model = _model(adata.var_names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
+    res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
+                   batch_size=32, progress=False, output_dir=tmp_path / "ft", log_dir=tmp_path / "logs")
+    changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("xpressor.") for k in changed)
+    assert 0 < res.trainable_fraction < 1 and res.head is not None
+    assert 0.0 <= res.metrics["macro_f1"] <= 1.0 and "accuracy" in res.metrics
+    doc = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert doc["trainable_fraction"] == pytest.approx(res.trainable_fraction)
+    assert doc["classes"] == sorted(set(adata.obs["cell_type"].astype(str)[train]))
+    reloaded = load_model(tmp_path / "ft" / "model")
+    np.testing.assert_allclose(encode_cells(reloaded, adata[:20]), encode_cells(res.model, adata[:20]), atol=1e-5)
+    assert isinstance(load_model(tmp_path / "ft" / "head"), ClassificationHead)
+    assert any((tmp_path / "logs").rglob("metrics.csv"))
+    assert all(p.requires_grad for p in res.model.parameters())  # caller's flags restored
+
+
+def test_finetune_learns_labels_from_the_xpressor(starmap_small):
+    from sklearn.metrics import f1_score
+
+    from xscale.train.finetune import predict_labels
+
+    adata = starmap_small[starmap_small.obs["cell_type"].isin(["Astro", "Endo", "eL6-1", "Oligo"])].copy()
+    res = finetune(_model(adata.var_names), adata, task="cell_type", label_key="cell_type", max_epochs=20,
+                   batch_size=32, lr=3e-3, progress=False)
+    pred = predict_labels(res.model, res.head, adata, key_added="pred")
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    # Encoder and gene tokens are random and frozen: the Xpressor + head alone must fit the labels.
+    assert f1_score(truth, pred, average="macro") > 0.6
+    assert list(adata.obs["pred"]) == list(pred)
+
+
+@pytest.mark.parametrize("correction", ["adversarial", "mmd"])
+def test_finetune_batch_correction_keeps_decoder_frozen(starmap_small, correction):
+    model = _model(starmap_small.var_names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune(model, starmap_small, task="batch_correction", slide_key="slice", correction=correction,
+                   max_steps=4, batch_size=48, progress=False)
+    changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("xpressor.") for k in changed)
+    assert res.head is None and np.isfinite(res.metrics["final_loss"])
+
+
+def test_finetune_input_errors(starmap_small):
+    model = _model(starmap_small.var_names)
+    with pytest.raises(XscaleInputError, match="Available"):
+        finetune(model, starmap_small, task="cell_type", label_key="nope", progress=False)
+    with pytest.raises(XscaleInputError, match="trainable='xpressor' or 'all'"):
+        finetune(model, starmap_small, task="batch_correction", slide_key="slice", trainable="head", progress=False)
+    with pytest.raises(XscaleInputError, match="boolean of shape"):
+        finetune(model, starmap_small, label_key="cell_type", train_mask=np.ones(3, bool), progress=False)
+
+
+def test_cli_finetune(starmap_small, tmp_path, capsys):
+    from xscale.cli.main import main
+
+    save_model(_model(starmap_small.var_names), tmp_path / "pre")
+    adata = starmap_small.copy()
+    adata.obs["split"] = np.where(np.arange(adata.n_obs) % 2 == 0, "train", "test")
+    adata.write_h5ad(tmp_path / "d.h5ad")
+    rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "ft"),
+               "--label-key", "cell_type", "--train-key", "split", "--train-values", "train", "--epochs", "1",
+               "--no-progress", "--write-h5ad", str(tmp_path / "out.h5ad")])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert 0 < summary["trainable_fraction"] < 1 and "macro_f1" in summary
+    import anndata as ad
+
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert "xscale_pred_cell_type" in out.obs and out.obsm["X_xscale_cell"].shape == (adata.n_obs, 4 * 32)
+    rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "x"),
+               "--label-key", "cell_type", "--train-key", "split", "--train-values", "nope"])
+    assert rc == 2 and "No cell has obs['split']" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""``xscale finetune``: adapt a pretrained level-1 model by training only its Xpressor."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "fine-tune a pretrained model's Xpressor (cell-type head or slide correction)"
+DESCRIPTION = """\
+Load a pretrained level-1 model, freeze the encoders and train only the Xpressor blocks
+(plus a small head): --task cell_type trains a classifier on the cell latents from
+--label-key; --task batch_correction makes slides (--slide-key) indistinguishable in the
+latents (adversarial slide classifier or MMD) while keeping the reconstruction loss.
+Writes OUT/model (the fine-tuned model, usable by `xscale embed`), OUT/head (cell_type)
+and OUT/finetune.json (trainable fraction, held-out metrics).
+
+Examples:
+  xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\
+      --train-key split --train-values train --out runs/ft
+  xscale finetune runs/pretrain/model starmap_mpfc --task batch_correction --slide-key slice --out runs/bc
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="directory of a saved level-1 model (model.safetensors + config.json)")
+    p.add_argument("data", help="an .h5ad file with raw counts, or a bundled dataset name (e.g. starmap_mpfc)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--task", choices=("cell_type", "batch_correction"), default="cell_type")
+    p.add_argument("--label-key", help="obs column with cell-type labels (task cell_type)")
+    p.add_argument("--slide-key", help="obs column with the slide / batch of each cell (task batch_correction)")
+    p.add_argument("--train-key", help="obs column choosing training cells: booleans, or values given by --train-values "
+                   "(default: all cells train)")
+    p.add_argument("--train-values", nargs="+", help="values of --train-key that mark training cells")
+    p.add_argument("--trainable", choices=("xpressor", "head", "all"), default="xpressor",
+                   help="what trains besides the head (default: xpressor)")
+    p.add_argument("--correction", choices=("adversarial", "mmd"), default="adversarial")
+    p.add_argument("--correction-weight", type=float, default=1.0)
+    p.add_argument("--reconstruction-weight", type=float, help="default 0 for cell_type, 1 for batch_correction")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--counts-layer", help="layer with raw counts (default: X)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", help="directory for Lightning CSV logs")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    p.add_argument("--write-h5ad", metavar="PATH", help="also write the data with predicted labels "
+                   "(obs['xscale_pred_<label-key>']) and fine-tuned latents (obsm['X_xscale_cell'])")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _read(data: str):
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+
+    if Path(data).exists():
+        import anndata as ad
+
+        return ad.read_h5ad(data)
+    import xscale.datasets
+
+    if data in xscale.datasets.available():
+        return xscale.datasets.load(data)
+    raise XscaleInputError(
+        f"Data {data!r} is neither an existing .h5ad file nor a bundled dataset ({xscale.datasets.available()})."
+    )
+
+
+def _train_mask(adata, key: str | None, values: list[str] | None):
+    import numpy as np
+
+    from xscale.errors import XscaleInputError
+
+    if key is None:
+        if values:
+            raise XscaleInputError("--train-values needs --train-key naming the obs column they refer to.")
+        return None
+    if key not in adata.obs:
+        raise XscaleInputError(f"--train-key {key!r} not found in adata.obs. Available: {list(adata.obs.columns)}.")
+    col = adata.obs[key]
+    if values:
+        mask = col.astype(str).isin(values).to_numpy()
+        if not mask.any():
+            raise XscaleInputError(
+                f"No cell has obs[{key!r}] in {values}; found values such as {sorted(set(col.astype(str)))[:10]}."
+            )
+        return mask
+    if col.dtype != bool:
+        raise XscaleInputError(f"obs[{key!r}] is {col.dtype}, not boolean; pass --train-values V [V ...] to pick training cells.")
+    return np.asarray(col, dtype=bool)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from xscale.train.finetune import encode_cells, finetune, predict_labels
+
+    adata = _read(args.data)
+    result = finetune(
+        args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
+        train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,
+        correction=args.correction, correction_weight=args.correction_weight,
+        reconstruction_weight=args.reconstruction_weight, max_epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, counts_layer=args.counts_layer, seed=args.seed, output_dir=args.out, log_dir=args.log_dir,
+        accelerator=args.accelerator, progress=not args.no_progress,
+    )
+    summary = {"trainable_fraction": round(result.trainable_fraction, 4), **result.metrics, "out": str(result.output_dir)}
+    print(json.dumps(summary))
+    if args.write_h5ad:
+        from pathlib import Path
+
+        if result.head is not None:
+            predict_labels(result.model, result.head, adata, key_added=f"xscale_pred_{args.label_key}",
+                           counts_layer=args.counts_layer)
+        adata.obsm["X_xscale_cell"] = encode_cells(result.model, adata, counts_layer=args.counts_layer).reshape(adata.n_obs, -1)
+        target = Path(args.write_h5ad)
+        tmp = target.with_name(target.name + ".tmp.h5ad")
+        adata.write_h5ad(tmp)
+        tmp.replace(target)
+        print(f"wrote {target}")
+    return 0

@@ -1,0 +1,144 @@
+"""Small task heads on cell latents, used to fine-tune the Xpressor.
+
+- :class:`ClassificationHead`: cell latents (B, K, D) -> class logits (B, n_classes).
+  A registered model (``"classification-head"``) so a fine-tuned head saves and loads
+  with :func:`xscale.models.io.save_model` / ``load_model`` like any model.
+- :class:`SlideDiscriminator`: predicts a cell's slide from its latents through a
+  gradient-reversal layer; minimising its loss trains the discriminator while the
+  reversed gradient pushes the Xpressor to remove slide information.
+- :func:`mmd_loss`: a kernel maximum mean discrepancy between the latents of each
+  slide and the rest, the non-adversarial alternative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from xscale.models.io import register_model
+
+Pool = Literal["flatten", "mean"]
+
+
+def _pool(latents: Tensor, pool: Pool) -> Tensor:
+    if pool == "flatten":
+        return latents.flatten(1)  # (B, K, D) -> (B, K·D)
+    return latents.mean(1)  # (B, K, D) -> (B, D)
+
+
+@dataclass
+class HeadConfig:
+    """A classification head on cell latents.
+
+    dim, n_latents: the backbone's D and K. classes: label names in logit order.
+    hidden: width of the hidden layer (0 = a linear head). pool: how the K latents
+    are combined (``"flatten"`` keeps each latent's own weights).
+    """
+
+    dim: int
+    n_latents: int
+    classes: tuple[str, ...]
+    hidden: int = 128
+    pool: Pool = "flatten"
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if len(self.classes) < 2:
+            raise ValueError(f"A classification head needs at least 2 classes; got {list(self.classes)}.")
+        if self.pool not in ("flatten", "mean"):
+            raise ValueError(f"pool must be 'flatten' or 'mean'; got {self.pool!r}.")
+        if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"hidden must be >= 0 and dropout in [0, 1); got {self.hidden}, {self.dropout}.")
+
+
+def _mlp(width: int, hidden: int, out: int, dropout: float) -> nn.Module:
+    # Feature-wise standardisation first (as MAE's linear probe, and like a probe's StandardScaler):
+    # pretrained latents share a large per-feature offset; the cell-to-cell signal is the small rest.
+    # momentum=None: running stats are the plain average since the last reset (the training plan
+    # resets them every epoch), so the tiny feature variances are not swamped by the initial 1.0.
+    norm = nn.BatchNorm1d(width, affine=False, momentum=None)
+    if hidden == 0:
+        return nn.Sequential(norm, nn.Linear(width, out))
+    return nn.Sequential(norm, nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
+
+
+@register_model("classification-head", HeadConfig)
+class ClassificationHead(nn.Module):
+    """Cell latents (B, K, D) -> logits (B, n_classes)."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.dim * (config.n_latents if config.pool == "flatten" else 1)
+        self.net = _mlp(width, config.hidden, len(config.classes), config.dropout)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.net(_pool(latents, self.config.pool))  # (B, K, D) -> (B, n_classes)
+
+    @torch.no_grad()
+    def predict(self, latents: Tensor) -> list[str]:
+        """Most likely class name of each cell. (B, K, D) -> B names."""
+        idx = self(latents).argmax(-1).tolist()
+        return [self.config.classes[i] for i in idx]
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: Tensor, scale: float = 1.0) -> Tensor:
+    """Identity forward; multiplies the gradient by ``-scale`` backward."""
+    return _GradientReversal.apply(x, scale)
+
+
+class SlideDiscriminator(nn.Module):
+    """Predict the slide from cell latents behind a gradient-reversal layer.
+
+    ``forward(latents (B, K, D)) -> logits (B, n_slides)``. Its cross-entropy trains the
+    discriminator; the reversed gradient (times ``scale``) trains the encoder side to
+    make slides indistinguishable.
+    """
+
+    def __init__(self, dim: int, n_latents: int, n_slides: int, *, hidden: int = 128, pool: Pool = "flatten") -> None:
+        super().__init__()
+        if n_slides < 2:
+            raise ValueError(f"A slide discriminator needs at least 2 slides; got {n_slides}.")
+        self.pool = pool
+        self.scale = 1.0
+        width = dim * (n_latents if pool == "flatten" else 1)
+        self.net = _mlp(width, hidden, n_slides, 0.0)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.net(grad_reverse(_pool(latents, self.pool), self.scale))  # (B, K, D) -> (B, S)
+
+
+def mmd_loss(features: Tensor, groups: Tensor, *, bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)) -> Tensor:
+    """Mean over groups of the squared MMD between one group's rows and all other rows.
+
+    features (B, F), groups (B,) integer codes. RBF kernels at ``bandwidths`` times the
+    median pairwise distance, summed. Groups with fewer than 2 rows (or a batch of one
+    group) contribute nothing. Returns a scalar.
+    """
+    x = features.flatten(1)
+    d2 = torch.cdist(x, x).pow(2)  # (B, B)
+    scale = d2.detach()[d2.detach() > 0].median() if (d2 > 0).any() else d2.new_tensor(1.0)
+    k = sum(torch.exp(-d2 / (2 * scale * b * b)) for b in bandwidths)  # (B, B)
+    losses = []
+    for g in torch.unique(groups):
+        a = groups == g
+        if a.sum() < 2 or (~a).sum() < 2:
+            continue
+        kaa = k[a][:, a].mean()
+        kbb = k[~a][:, ~a].mean()
+        kab = k[a][:, ~a].mean()
+        losses.append(kaa + kbb - 2 * kab)
+    return torch.stack(losses).mean() if losses else x.sum() * 0.0

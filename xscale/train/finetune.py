@@ -1,0 +1,426 @@
+"""Parameter-efficient fine-tuning of a pretrained :class:`GeneToCell`: train the Xpressor only.
+
+The Xpressor is a small transformer on top of the encoder; its K latents are the cell
+embedding. Freezing the gene embedder, value encoder, encoder and decoder and training
+only the Xpressor (plus a small head) adapts what the latents keep, at a fraction of
+the parameters. Two tasks:
+
+- ``"cell_type"``: a :class:`~xscale.models.heads.ClassificationHead` on the latents,
+  cross-entropy on the labelled training cells.
+- ``"batch_correction"``: the model's own reconstruction loss (through the frozen
+  decoder, so the latents still describe the cell) plus a penalty that makes slides
+  indistinguishable: an adversarial slide classifier behind gradient reversal
+  (``correction="adversarial"``) or an MMD between slides (``correction="mmd"``).
+
+:func:`finetune` is the Python API, ``xscale finetune`` the CLI; both report
+``trainable_fraction`` (trainable / all parameters of model + head).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from xscale.data.anndata_dataset import AnnDataCellDataset
+from xscale.data.batch import CellBatch, collate_cells
+from xscale.errors import XscaleInputError
+from xscale.models.gene_to_cell import GeneToCell
+from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, mmd_loss
+from xscale.models.io import load_model, save_model
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+log = logging.getLogger(__name__)
+
+Task = Literal["cell_type", "batch_correction"]
+Trainable = Literal["xpressor", "head", "all"]
+Correction = Literal["adversarial", "mmd"]
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns.
+
+    model: the fine-tuned GeneToCell (eval mode). head: the classification head
+    (``task="cell_type"``) or None. trainable_fraction = n_trainable / n_parameters
+    over model + head. metrics: held-out ``macro_f1`` / ``accuracy`` (cell_type, when
+    labelled cells outside ``train_mask`` exist) and ``final_loss``.
+    """
+
+    model: GeneToCell
+    head: ClassificationHead | None
+    trainable_fraction: float
+    n_trainable: int
+    n_parameters: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainable) -> tuple[int, int]:
+    """Freeze ``model`` except the part named by ``trainable``; the head always trains.
+
+    ``"xpressor"``: the Xpressor blocks (latent queries, cross/self-attention, MLPs,
+    final norm). ``"head"``: nothing in the model. ``"all"``: everything. Returns
+    (n_trainable, n_parameters) over model + head.
+    """
+    if trainable not in ("xpressor", "head", "all"):
+        raise XscaleInputError(f"trainable must be 'xpressor', 'head' or 'all'; got {trainable!r}.")
+    model.requires_grad_(trainable == "all")
+    if trainable == "xpressor":
+        if model.xpressor is None:
+            raise XscaleInputError(
+                f"trainable='xpressor' needs a model with an Xpressor; this one pools with "
+                f"{model.config.pooling!r}. Pass trainable='all' or 'head'."
+            )
+        model.xpressor.requires_grad_(True)
+    if head is not None:
+        head.requires_grad_(True)
+    modules = [model] + ([head] if head is not None else [])
+    n_total = sum(p.numel() for m in modules for p in m.parameters())
+    n_train = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    return n_train, n_total
+
+
+class FinetuneModule(L.LightningModule):
+    """Training plan for :func:`finetune`. Receives the networks; owns losses and the optimiser.
+
+    labels (n_rows,) long: class code per AnnData row, -1 = unlabelled (looked up by
+    ``CellBatch.index``). The discriminator's gradient-reversal scale ramps from 0 to
+    1 over training (DANN schedule) so the adversary starts gently.
+    """
+
+    def __init__(
+        self,
+        model: GeneToCell,
+        *,
+        task: Task,
+        head: ClassificationHead | None = None,
+        discriminator: SlideDiscriminator | None = None,
+        labels: Tensor | None = None,
+        class_weights: Tensor | None = None,
+        correction: Correction = "adversarial",
+        reconstruction_weight: float = 0.0,
+        correction_weight: float = 1.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if task == "cell_type" and (head is None or labels is None):
+            raise ValueError("task='cell_type' needs a head and labels.")
+        if task == "batch_correction" and correction == "adversarial" and discriminator is None:
+            raise ValueError("correction='adversarial' needs a discriminator.")
+        self.model, self.head, self.discriminator = model, head, discriminator
+        self.task, self.correction = task, correction
+        self.register_buffer("labels", labels if labels is not None else torch.empty(0, dtype=torch.long))
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
+        self.reconstruction_weight, self.correction_weight = reconstruction_weight, correction_weight
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def on_train_epoch_start(self) -> None:
+        # Input standardisation of head / discriminator: average over this epoch's latents only,
+        # since the Xpressor moves them while it trains.
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.reset_running_stats()
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
+        latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
+        total = latents.new_zeros(())
+        if self.task == "cell_type":
+            y = self.labels[batch.index]  # (B,)
+            keep = y >= 0
+            weight = self.class_weights if self.class_weights.numel() else None
+            ce = F.cross_entropy(self.head(latents[keep]), y[keep], weight=weight)
+            self.log("train/cross_entropy", ce, prog_bar=True, batch_size=len(batch))
+            total = total + ce
+        else:
+            if self.correction == "adversarial":
+                p = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
+                self.discriminator.scale = 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
+                pen = F.cross_entropy(self.discriminator(latents), batch.slide)
+            else:
+                pen = mmd_loss(latents.flatten(1), batch.slide)
+            self.log(f"train/{self.correction}", pen, prog_bar=True, batch_size=len(batch))
+            total = total + self.correction_weight * pen
+        if self.reconstruction_weight > 0:
+            rec = self.model.loss(batch).total
+            self.log("train/reconstruction", rec, prog_bar=True, batch_size=len(batch))
+            total = total + self.reconstruction_weight * rec
+        self.log("train/loss", total, batch_size=len(batch))
+        return total
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _load(model: str | os.PathLike | GeneToCell) -> GeneToCell:
+    if isinstance(model, GeneToCell):
+        return model
+    if isinstance(model, nn.Module):
+        raise XscaleInputError(f"finetune needs a GeneToCell model; got {type(model).__name__}.")
+    loaded = load_model(model)
+    if not isinstance(loaded, GeneToCell):
+        raise XscaleInputError(f"{model} holds a {type(loaded).__name__}, not a level-1 GeneToCell model.")
+    return loaded
+
+
+def _mask(adata: ad.AnnData, train_mask: np.ndarray | str | None) -> np.ndarray:
+    if train_mask is None:
+        return np.ones(adata.n_obs, dtype=bool)
+    if isinstance(train_mask, str):
+        if train_mask not in adata.obs:
+            raise XscaleInputError(
+                f"train_mask={train_mask!r} not found in adata.obs. Available: {list(adata.obs.columns)}. "
+                "Pass a boolean obs column or a boolean array of length n_obs."
+            )
+        train_mask = adata.obs[train_mask].to_numpy()
+    mask = np.asarray(train_mask)
+    if mask.dtype != bool or mask.shape != (adata.n_obs,):
+        raise XscaleInputError(
+            f"train_mask must be boolean of shape ({adata.n_obs},); found dtype {mask.dtype}, shape {mask.shape}."
+        )
+    if not mask.any():
+        raise XscaleInputError("train_mask selects no cell; select the cells to train on.")
+    return mask
+
+
+def _labels(adata: ad.AnnData, label_key: str | None, train: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    if label_key is None or label_key not in adata.obs:
+        raise XscaleInputError(
+            f"task='cell_type' needs label_key naming an obs column; got {label_key!r}. "
+            f"Available: {list(adata.obs.columns)}."
+        )
+    col = adata.obs[label_key]
+    known = col.notna().to_numpy()
+    names = col.astype(str).to_numpy()
+    classes = tuple(sorted(set(names[train & known])))
+    if len(classes) < 2:
+        raise XscaleInputError(
+            f"adata.obs[{label_key!r}] has {len(classes)} label(s) among the training cells; at least 2 are needed."
+        )
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes = np.array([lookup.get(n, -1) if k else -1 for n, k in zip(names, known, strict=True)], dtype=np.int64)
+    return codes, classes
+
+
+def encode_cells(
+    model: GeneToCell, adata: ad.AnnData, *, batch_size: int = 256, counts_layer: str | None = None, seed: int = 0
+) -> np.ndarray:
+    """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
+
+    Panels longer than ``model.config.max_genes`` use a seeded gene context (expressed genes first).
+    """
+    from torch.utils.data import DataLoader
+
+    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate_cells, max_genes=model.config.max_genes, rng=np.random.default_rng(seed)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            out.append(model.encode(batch.gene_ids, batch.values, batch.pad_mask).float().cpu().numpy())  # (B, K, D)
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def calibrate_head(head: ClassificationHead, latents: np.ndarray) -> None:
+    """Set the head's input standardisation to the exact mean / variance of ``latents`` (n, K, D).
+
+    Done once after training, on the training cells through the final model, so inference
+    uses the statistics of the latents the head will actually see.
+    """
+    z = torch.from_numpy(latents).flatten(1) if head.config.pool == "flatten" else torch.from_numpy(latents).mean(1)
+    norm = head.net[0]
+    norm.running_mean.copy_(z.mean(0))
+    norm.running_var.copy_(z.var(0, unbiased=True))
+
+
+def predict_labels(
+    model: GeneToCell, head: ClassificationHead, adata: ad.AnnData, *, key_added: str | None = None,
+    batch_size: int = 256, counts_layer: str | None = None,
+) -> np.ndarray:
+    """Predicted class of every cell, (n_obs,) str; also written to ``adata.obs[key_added]`` if given."""
+    latents = torch.from_numpy(encode_cells(model, adata, batch_size=batch_size, counts_layer=counts_layer))
+    head.eval()
+    with torch.no_grad():
+        idx = torch.cat([head(chunk).argmax(-1) for chunk in latents.split(4096)]).numpy()
+    pred = np.asarray(head.config.classes, dtype=object)[idx].astype(str)
+    if key_added is not None:
+        adata.obs[key_added] = pred
+    return pred
+
+
+def finetune(
+    model: str | os.PathLike | GeneToCell,
+    adata: ad.AnnData,
+    *,
+    task: Task = "cell_type",
+    label_key: str | None = None,
+    slide_key: str | None = None,
+    train_mask: np.ndarray | str | None = None,
+    trainable: Trainable = "xpressor",
+    correction: Correction = "adversarial",
+    correction_weight: float = 1.0,
+    reconstruction_weight: float | None = None,
+    balance_classes: bool = True,
+    head_hidden: int = 128,
+    max_epochs: int = 10,
+    max_steps: int = -1,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    counts_layer: str | None = None,
+    seed: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+    accelerator: str = "auto",
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune a pretrained level-1 model on ``adata``, training only the Xpressor by default.
+
+    Parameters
+    ----------
+    model
+        A :class:`GeneToCell` or a directory written by ``save_model``. It is modified in place.
+    adata
+        Raw counts in ``X`` (or ``layers[counts_layer]``); var_names are gene symbols.
+    task
+        ``"cell_type"`` (needs ``label_key``) or ``"batch_correction"`` (needs ``slide_key``).
+    train_mask
+        Boolean (n_obs,) array or obs column: cells to train on (default all). For
+        ``cell_type``, labelled cells outside it are scored into ``metrics``.
+    trainable
+        ``"xpressor"`` (default; parameter-efficient), ``"head"`` (model frozen) or ``"all"``.
+    correction, correction_weight
+        Slide penalty for ``batch_correction``: ``"adversarial"`` (gradient-reversal slide
+        classifier) or ``"mmd"``, and its weight.
+    reconstruction_weight
+        Weight of the model's NB reconstruction loss; default 0 for cell_type, 1 for batch_correction.
+    balance_classes
+        Weight the cross-entropy by inverse class frequency (favours macro-F1).
+    output_dir
+        If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
+        (task, classes, trainable_fraction, metrics) there, atomically.
+    log_dir
+        Lightning CSV logs go here (none if None).
+
+    Returns
+    -------
+    :class:`FinetuneResult`.
+    """
+    if task not in ("cell_type", "batch_correction"):
+        raise XscaleInputError(f"task must be 'cell_type' or 'batch_correction'; got {task!r}.")
+    if correction not in ("adversarial", "mmd"):
+        raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
+    L.seed_everything(seed, verbose=False)
+    net = _load(model)
+    cfg = net.config
+    train = _mask(adata, train_mask)
+    head = discriminator = labels = class_weights = None
+    slide_names: list[str] = []
+    if task == "cell_type":
+        codes, classes = _labels(adata, label_key, train)
+        train = train & (codes >= 0)
+        labels = torch.from_numpy(codes)
+        head = ClassificationHead(HeadConfig(dim=cfg.dim, n_latents=cfg.latents_per_cell, classes=classes, hidden=head_hidden))
+        if balance_classes:
+            freq = np.bincount(codes[train], minlength=len(classes)).astype(np.float64)
+            class_weights = torch.tensor(freq.sum() / (len(classes) * np.maximum(freq, 1.0)), dtype=torch.float32)
+        rec_w = 0.0 if reconstruction_weight is None else reconstruction_weight
+    else:
+        if trainable == "head":
+            raise XscaleInputError("task='batch_correction' changes the latents; pass trainable='xpressor' or 'all'.")
+        if slide_key is None or slide_key not in adata.obs:
+            raise XscaleInputError(
+                f"task='batch_correction' needs slide_key naming an obs column; got {slide_key!r}. "
+                f"Available: {list(adata.obs.columns)}."
+            )
+        slide_names = sorted(set(adata.obs[slide_key].astype(str)[train]))
+        if len(slide_names) < 2:
+            raise XscaleInputError(f"adata.obs[{slide_key!r}] has {len(slide_names)} slide(s) among the training cells; need >= 2.")
+        if correction == "adversarial":
+            discriminator = SlideDiscriminator(cfg.dim, cfg.latents_per_cell, len(set(adata.obs[slide_key].astype(str))))
+        rec_w = 1.0 if reconstruction_weight is None else reconstruction_weight
+    flags = {name: p.requires_grad for name, p in net.named_parameters()}
+    n_train, n_total = set_trainable(net, head, trainable)
+    fraction = n_train / n_total
+    log.info("Fine-tuning %s (%s): %d of %d parameters trainable (%.2f%%)", task, trainable, n_train, n_total, 100 * fraction)
+
+    from torch.utils.data import DataLoader
+
+    ds = AnnDataCellDataset(adata, net.vocab, counts_layer=counts_layer, slide_key=slide_key if task == "batch_correction" else None,
+                            cells=[train])
+    loader = DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, drop_last=len(ds) > batch_size,
+                        collate_fn=partial(collate_cells, max_genes=cfg.max_genes, rng=np.random.default_rng(seed)))
+    module = FinetuneModule(
+        net, task=task, head=head, discriminator=discriminator, labels=labels, class_weights=class_weights,
+        correction=correction, reconstruction_weight=rec_w, correction_weight=correction_weight, lr=lr,
+    )
+    net.train()
+    logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="finetune") if log_dir is not None else False
+    trainer = L.Trainer(
+        max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=logger,
+        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        gradient_clip_val=1.0, num_sanity_val_steps=0, log_every_n_steps=max(1, min(50, len(loader))),
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    net.eval()
+    for name, p in net.named_parameters():
+        p.requires_grad_(flags[name])  # give back the caller's (e.g. a frozen protein LM's) settings
+    metrics: dict[str, float] = {}
+    final = trainer.callback_metrics.get("train/loss")
+    if final is not None:
+        metrics["final_loss"] = float(final)
+    if head is not None:
+        head.eval().requires_grad_(True)
+        calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer))
+        held = ~_mask(adata, train_mask) & (labels.numpy() >= 0) if train_mask is not None else None
+        if held is not None and held.any():
+            from sklearn.metrics import accuracy_score, f1_score
+
+            truth = adata.obs[label_key].astype(str).to_numpy()[held]
+            pred = predict_labels(net.cpu(), head.cpu(), adata[held], batch_size=256, counts_layer=counts_layer)
+            metrics["macro_f1"] = float(f1_score(truth, pred, average="macro"))
+            metrics["accuracy"] = float(accuracy_score(truth, pred))
+            log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"], metrics["accuracy"])
+    result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
+    if output_dir is not None:
+        result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names)
+    return result
+
+
+def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str]) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(result.model, tmp / "model")
+    if result.head is not None:
+        save_model(result.head, tmp / "head")
+    doc = {
+        "task": task, "trainable": trainable, "trainable_fraction": result.trainable_fraction,
+        "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
+        "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
+    }
+    (tmp / "finetune.json").write_text(json.dumps(doc, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("Wrote the fine-tuned model to %s", out)
+    return out
