@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from xscale.models.io import register_model
+
+# Keep hypothesis' caches out of the working tree (it would create ./.hypothesis).
+try:
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="xscale-hypothesis-"))
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    pass
 
 
 class _Payload:
