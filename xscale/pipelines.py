@@ -490,8 +490,9 @@ def _step_finetune(
 
     result = finetune(model, _read_data(data), task=task, label_key=label_key, slide_key=slide_key,
                       trainable=trainable, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
-                      lr=lr, seed=seed, output_dir=ctx.workdir / "model", accelerator="cpu")
-    return {"outputs": {"checkpoint": ctx.workdir / "model"}, "results": {"metrics": result.metrics}}
+                      lr=lr, seed=seed, output_dir=ctx.workdir / "finetuned", accelerator="cpu")
+    return {"outputs": {"checkpoint": ctx.workdir / "finetuned" / "model", "run": ctx.workdir / "finetuned"},
+            "results": {"metrics": result.metrics}}
 
 
 def main(argv: list[str] | None = None) -> int:

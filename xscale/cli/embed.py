@@ -1,0 +1,140 @@
+"""``xscale embed``: embed a dataset's cells (and niches) with trained checkpoints."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "embed cells (and niches) of a dataset with trained checkpoints into DIR/cells.zarr"
+DESCRIPTION = """\
+Write DIR/cells.zarr (AnnData zarr) with obsm["X_xscale_cell"] from a level-1 model and,
+when a level-2 model is found, obsm["X_xscale_niche"] (and obs["xscale_domain"] with
+--n-domains). The store is written under a temporary name and renamed when complete.
+
+--checkpoint accepts:
+  a model directory written by save_model (model.safetensors + config.json);
+  a run's checkpoints directory holding level1/ (and level2/), e.g. xscale-demo/checkpoints;
+  a Lightning .ckpt from `xscale fit`, read with torch.load(weights_only=True) (never unpickles code).
+--data accepts a bundled dataset name (e.g. starmap_mpfc), an .h5ad, or an AnnData/SpatialData zarr.
+--dask local|ADDRESS embeds level 1 on a Dask cluster (chunks of cells per worker).
+
+example: xscale embed --checkpoint xscale-demo/checkpoints --data my.h5ad --out my-embedding --n-domains 6
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--checkpoint", required=True, help="model directory, run checkpoints directory, or .ckpt")
+    p.add_argument("--data", required=True, help="bundled dataset name, .h5ad, or AnnData/SpatialData zarr")
+    p.add_argument("--out", required=True, help="output directory (DIR/cells.zarr is written)")
+    p.add_argument("--level2", help="level-2 model directory (default: CHECKPOINT/level2 when present)")
+    p.add_argument("--n-domains", type=int, help="also cluster niche latents into this many domains")
+    p.add_argument("--spatial-key", default="spatial", help="obsm key of coordinates (default spatial)")
+    p.add_argument("--slide-key", help="obs column naming each cell's slide")
+    p.add_argument("--counts-layer", help="layer holding raw counts when X is normalised")
+    p.add_argument("--table-key", help="SpatialData table to read")
+    p.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (default 256)")
+    p.add_argument("--dask", metavar="local|ADDRESS", help="embed level 1 on a Dask cluster")
+    p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
+
+
+def load_level_models(checkpoint: str, level2: str | None = None):
+    """(level-1 model, level-2 model or None) from the forms --checkpoint accepts."""
+    from pathlib import Path
+
+    import xscale.models.cell_to_tissue  # noqa: F401  (registers model classes)
+    import xscale.models.gene_to_cell  # noqa: F401
+    from xscale.errors import CheckpointError, XscaleInputError
+    from xscale.models.io import CONFIG, load_model
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise XscaleInputError(f"--checkpoint {checkpoint!r} does not exist; pass a model directory, DIR/checkpoints or a .ckpt.")
+    if path.is_file():
+        l1 = _from_lightning_ckpt(path)
+    elif (path / CONFIG).exists():
+        l1 = load_model(path)
+    elif (path / "level1" / CONFIG).exists():
+        l1 = load_model(path / "level1")
+        if level2 is None and (path / "level2" / CONFIG).exists():
+            level2 = str(path / "level2")
+    else:
+        raise CheckpointError(
+            f"{checkpoint}: expected a model directory ({CONFIG} + model.safetensors), a directory holding "
+            f"level1/, or a Lightning .ckpt; found {sorted(p.name for p in path.iterdir())[:10]}."
+        )
+    if not hasattr(l1, "decode") or not hasattr(l1, "encode"):
+        raise CheckpointError(f"{checkpoint} holds a {type(l1).__name__}; embedding needs the level-1 (GeneToCell) model.")
+    l2 = load_model(level2) if level2 else None
+    return l1.eval(), (l2.eval() if l2 is not None else None)
+
+
+def _from_lightning_ckpt(path):
+    """A GeneToCell from a Lightning checkpoint of level 1 (weights_only read; config from hyper-parameters)."""
+    from xscale.errors import CheckpointError
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import config_from_dict
+    from xscale.train.checkpointing import load_lightning_checkpoint
+
+    ckpt = load_lightning_checkpoint(path)
+    cfg = (ckpt.get("hyper_parameters") or {}).get("model_config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(
+            f"{path} has no level-1 model_config in its hyper-parameters; pass the model directory saved "
+            "next to it (save_model) instead."
+        )
+    model = GeneToCell(config_from_dict(GeneToCellConfig, cfg))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    import xscale.datasets as ds
+    import xscale.tl
+    from xscale.cli.domains import write_store
+    from xscale.errors import XscaleInputError
+
+    l1, l2 = load_level_models(args.checkpoint, args.level2)
+    if args.data in ds.available():
+        adata = ds.load(args.data)
+        slide_key = args.slide_key or ds.info(args.data).slide_key
+    else:
+        from xscale.data.io import read_dataset
+
+        spatial = args.spatial_key if l2 is not None else None
+        adata = read_dataset(args.data, table_key=args.table_key, spatial_key=spatial,
+                             counts_layer=args.counts_layer, slide_key=args.slide_key)
+        slide_key = args.slide_key
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dask:
+        try:
+            from xscale.tl.dask_embed import embed_cells_dask
+        except ImportError as err:
+            raise XscaleInputError(f"--dask needs xscale.tl.dask_embed, which this install lacks ({err}).") from err
+        embed_cells_dask(adata, l1, address=args.dask, n_workers=args.n_workers, batch_size=args.batch_size)
+    else:
+        xscale.tl.embed_cells(adata, l1, batch_size=args.batch_size)
+    print(f"cell latents: obsm['X_xscale_cell'] {np.asarray(adata.obsm['X_xscale_cell']).shape}")
+    if l2 is not None:
+        if args.spatial_key not in adata.obsm:
+            raise XscaleInputError(
+                f"Niche embedding needs coordinates in obsm[{args.spatial_key!r}]; available: {sorted(adata.obsm)}. "
+                "Pass --spatial-key, or embed level 1 only (a model directory without level2/)."
+            )
+        xscale.tl.embed_niches(adata, l2, slide_key=slide_key, spatial_key=args.spatial_key)
+        print(f"niche latents: obsm['X_xscale_niche'] {np.asarray(adata.obsm['X_xscale_niche']).shape}")
+        if args.n_domains:
+            xscale.tl.domains(adata, args.n_domains)
+            print(f"domains: obs['xscale_domain'] ({args.n_domains})")
+    if args.spatial_key != "spatial" and args.spatial_key in adata.obsm:
+        adata.obsm["spatial"] = np.asarray(adata.obsm[args.spatial_key])  # where the query layer looks
+    adata.uns["xscale"] = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
+    write_store(adata, out / "cells.zarr")
+    print(f"wrote {out / 'cells.zarr'}")
+    return 0
