@@ -103,7 +103,7 @@ def _read_lazy_anndata(group, counts_layer: str | None, chunk_rows: int) -> ad.A
     return ad.AnnData(X=x, obs=read_elem(group["obs"]), var=read_elem(group["var"]), obsm=obsm, layers=layers, uns=uns)
 
 
-def _read_h5ad(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData:
+def _read_h5ad(path: Path, backed: bool, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
     import anndata as ad
 
     try:
@@ -111,7 +111,7 @@ def _read_h5ad(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData
             import h5py
 
             # the file stays open: the dask graph of X holds the h5py datasets
-            return _read_lazy_anndata(h5py.File(path, "r"), counts_layer, LAZY_CHUNK_ROWS)
+            return _read_lazy_anndata(h5py.File(path, "r"), counts_layer, chunk_rows)
         return ad.read_h5ad(path)
     except (OSError, KeyError) as err:
         raise XscaleInputError(
@@ -120,13 +120,13 @@ def _read_h5ad(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData
         ) from err
 
 
-def _read_anndata_zarr(path: Path, backed: bool, counts_layer: str | None) -> ad.AnnData:
+def _read_anndata_zarr(path: Path, backed: bool, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
     import anndata as ad
     import zarr
 
     try:
         if backed:
-            return _read_lazy_anndata(zarr.open_group(path, mode="r"), counts_layer, LAZY_CHUNK_ROWS)
+            return _read_lazy_anndata(zarr.open_group(path, mode="r"), counts_layer, chunk_rows)
         return ad.read_zarr(path)
     except XscaleInputError:
         raise
@@ -213,6 +213,7 @@ def read_dataset(
     backed: bool = False,
     slide_key: str | None = None,
     validate: bool = True,
+    chunk_rows: int = LAZY_CHUNK_ROWS,
 ) -> ad.AnnData:
     """Read an .h5ad, AnnData zarr or SpatialData zarr dataset into a validated AnnData.
 
@@ -232,6 +233,8 @@ def read_dataset(
         ``obs`` column with each cell's slide (checked when given).
     validate
         Run :func:`~xscale.data.validate.validate_adata` (skip only when a later step validates).
+    chunk_rows
+        Rows per lazy chunk of X when ``backed``.
 
     Returns
     -------
@@ -243,9 +246,9 @@ def read_dataset(
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "h5ad":
-        adata = _read_h5ad(path, backed, counts_layer)
+        adata = _read_h5ad(path, backed, counts_layer, chunk_rows)
     elif fmt == "anndata-zarr":
-        adata = _read_anndata_zarr(path, backed, counts_layer)
+        adata = _read_anndata_zarr(path, backed, counts_layer, chunk_rows)
     else:
         adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
     if validate:

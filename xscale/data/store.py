@@ -76,12 +76,13 @@ def _gather_block(d: int, piece_dir: Path, keep_by_rank: np.ndarray) -> sp.csr_m
 
 
 def _prepare_source(source: str | Path | ad.AnnData, table_key: str | None, spatial_key: str | None,
-                    counts_layer: str | None) -> ad.AnnData:
+                    counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
     from xscale.data.io import read_dataset
 
     if isinstance(source, (str, Path)):
         return read_dataset(source, table_key=table_key, spatial_key=spatial_key,
-                            counts_layer=counts_layer, backed=True, validate=False)
+                            counts_layer=counts_layer, backed=True, validate=False,
+                            chunk_rows=chunk_rows)
     return source
 
 
@@ -137,7 +138,7 @@ def prepare(
         raise XscaleInputError(f"chunk_cells: expected >= 1, found {chunk_cells}.")
     if out.exists() and not overwrite:
         raise XscaleInputError(f"{out}: a store already exists here. Pass overwrite=True (CLI: --overwrite) or another path.")
-    adata = _prepare_source(source, table_key, spatial_key, counts_layer)
+    adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells)
     n, g = adata.shape
     if n == 0 or g == 0:
         raise _empty_error(n, g, 1, "")
