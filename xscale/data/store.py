@@ -23,14 +23,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from xscale.data.niches import median_nn_distance, spatial_graph
-from xscale.data.sfc import Curve, sfc_order
+from xscale.data.sfc import CURVES, Curve, sfc_order
 from xscale.data.validate import (
     _empty_error, check_counts, check_names, check_slides, check_spatial, iter_row_blocks,
 )
@@ -95,7 +95,7 @@ def prepare(
     counts_layer: str | None = None,
     slide_key: str | None = None,
     chunk_cells: int = 8192,
-    curve: Curve = "hilbert",
+    curve: Curve | Literal["random"] = "hilbert",
     n_neighbors: int = 10,
     radius: float | None = None,
     n_workers: int = 2,
@@ -116,7 +116,8 @@ def prepare(
     chunk_cells
         Cells per block: the unit of reading, writing and streaming.
     curve
-        Space-filling curve of the cell order.
+        Space-filling curve of the cell order; ``"random"`` shuffles cells within each slide
+        (a baseline for benchmarks: niches then spread over many blocks).
     n_neighbors, radius
         Spatial graph (see :func:`xscale.data.niches.spatial_graph`).
     n_workers
@@ -157,8 +158,14 @@ def prepare(
         slides = adata.obs[slide_key].astype(str).to_numpy()
     else:
         slides = np.full(n, "slide0", dtype=object)
-    order_all = sfc_order(coords, slides=slides, curve=curve) if coords is not None else \
-        np.lexsort((np.arange(n), pd.factorize(slides, sort=True)[0]))
+    if curve not in (*CURVES, "random"):
+        raise XscaleInputError(f"curve: expected one of {[*CURVES, 'random']}, found {curve!r}.")
+    slide_codes = pd.factorize(slides, sort=True)[0]
+    if coords is not None and curve != "random":
+        order_all = sfc_order(coords, slides=slides, curve=curve)
+    else:
+        tie = np.random.default_rng(0).permutation(n) if curve == "random" else np.arange(n)
+        order_all = np.lexsort((tie, slide_codes))
     rank = np.empty(n, dtype=np.int64)
     rank[order_all] = np.arange(n)
 

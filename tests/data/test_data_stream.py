@@ -1,0 +1,109 @@
+"""CellStream / NicheStream: exactly-once sharding, determinism, content, niche locality."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import xscale
+from xscale.data.batch import collate_cells
+from xscale.data.niches import build_niches
+from xscale.data.store import CellStore, prepare
+from xscale.data.stream import CellStream, NicheStream, chunks_per_niche, collate_niches, shard_plan
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream") / "starmap.zarr"
+    return CellStore(prepare(xscale.datasets.path("starmap_mpfc"), out, slide_key="slice", chunk_cells=200))
+
+
+def _indices(ds, workers: int) -> list[int]:
+    collate = collate_cells if isinstance(ds, CellStream) else collate_niches
+    dl = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=collate)
+    key = "index" if isinstance(ds, CellStream) else "centre"
+    return [int(i) for b in dl for i in getattr(b, key)]
+
+
+def test_exactly_once_2_workers_x_2_ranks(store):
+    torch.set_num_threads(1)
+    rows = np.flatnonzero(store.slide_codes() != 2)  # e.g. training slides only
+    per_rank = []
+    for rank in range(2):
+        ds = CellStream(store, rows=rows, seed=3, buffer_size=100, rank=rank, world_size=2)
+        ds.set_epoch(1)
+        per_rank.append(_indices(ds, workers=2))
+    seen = per_rank[0] + per_rank[1]
+    assert len(seen) == rows.size and sorted(seen) == rows.tolist()
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 2  # balanced shards
+
+
+def test_niche_stream_exactly_once_sharded(store):
+    seen = []
+    for rank in range(2):
+        ds = NicheStream(store, max_cells=8, seed=0, rank=rank, world_size=2)
+        seen += _indices(ds, workers=2)
+    assert sorted(seen) == list(range(store.n_cells))
+
+
+def test_shard_plan_covers_every_row_once():
+    rng = np.random.default_rng(0)
+    chunks = [np.arange(i * 10, i * 10 + rng.integers(0, 11)) for i in range(9)]
+    order = rng.permutation(9)
+    for n_shards in (1, 3, 4, 7):
+        got = np.concatenate([r for s in range(n_shards) for _, r in shard_plan(chunks, order, s, n_shards)])
+        assert sorted(got.tolist()) == sorted(np.concatenate(chunks).tolist())
+
+
+def test_deterministic_under_seed_and_epoch(store):
+    def order(seed, epoch):
+        ds = CellStream(store, seed=seed, buffer_size=300)
+        ds.set_epoch(epoch)
+        return [it.index for it in ds]
+
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert a != order(0, 1) and a != order(1, 0)
+    assert sorted(a) == list(range(store.n_cells))
+    assert a != sorted(a)  # shuffled
+
+
+def test_items_hold_the_cells_counts(store, starmap):
+    src = store.source_index()
+    ids = np.arange(store.n_genes) * 2  # a vocabulary mapping
+    ids[5] = -1  # a gene outside the vocabulary is dropped
+    ds = CellStream(store, gene_ids=ids, shuffle=False, dataset=4)
+    dense = starmap.X.toarray()
+    for it in list(ds)[::97]:
+        assert it.dataset == 4 and it.gene_ids.shape == (store.n_genes - 1,) and 10 not in it.gene_ids
+        np.testing.assert_array_equal(it.counts, np.delete(dense[src[it.index]], 5))
+    batch = collate_cells(list(ds)[:8], max_genes=50)
+    assert batch.gene_ids.shape == (8, 50)
+
+
+def test_niche_items_with_latents(store, tmp_path):
+    lat = np.random.default_rng(0).normal(size=(store.n_cells, 3, 4)).astype(np.float32)
+    ds = NicheStream(store, max_cells=12, latents=lat, shuffle=False)
+    items = list(ds)[:50]
+    ref = build_niches(store.graph(), store.coords(), np.array([i.centre for i in items]), max_cells=12,
+                       slides=store.slide_codes())
+    batch = collate_niches(items)
+    assert batch.latents.shape == (50, 12, 3, 4) and batch.counts is None
+    np.testing.assert_array_equal(batch.idx.numpy(), ref.idx)
+    np.testing.assert_allclose(batch.rel_xy.numpy(), ref.rel_xy, rtol=1e-5, atol=1e-6)
+    valid = ref.idx >= 0
+    np.testing.assert_array_equal(batch.latents.numpy()[valid], lat[ref.idx[valid]])
+    assert (batch.latents.numpy()[~valid] == 0).all()
+    counts = next(iter(NicheStream(store, max_cells=12, shuffle=False)))
+    np.testing.assert_array_equal(counts.counts[0], store.read_rows(0, 1).toarray()[0])
+
+
+def test_spatial_order_keeps_niches_in_few_blocks(store, tmp_path):
+    shuffled = CellStore(prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "rand.zarr",
+                                 slide_key="slice", chunk_cells=200, curve="random"))
+    def cpn(s):
+        nich = build_niches(s.graph(), s.coords(), np.arange(s.n_cells), max_cells=16, scale=s.cell_scale())
+        return chunks_per_niche(nich.idx, s.chunk_cells)
+    spatial, rand = cpn(store), cpn(shuffled)
+    assert spatial * 2.5 < rand, (spatial, rand)
