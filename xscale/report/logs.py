@@ -1,0 +1,87 @@
+"""Read Lightning ``CSVLogger`` histories (``<dir>/<name>/version_<n>/metrics.csv``)."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from xscale.errors import XscaleInputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+HistorySource = Union[str, Path, "pd.DataFrame"]
+
+
+def _version_key(p: Path) -> tuple[int, str]:
+    m = re.search(r"version_(\d+)", str(p))
+    return (int(m.group(1)) if m else -1, str(p))
+
+
+def latest_metrics_csv(path: str | Path) -> Path | None:
+    """The ``metrics.csv`` at ``path`` (a file), or the newest version's under it (a folder)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        return None
+    found = sorted(p.rglob("metrics.csv"), key=_version_key)
+    return found[-1] if found else None
+
+
+def discover_histories(root: str | Path) -> dict[str, Path]:
+    """Every run under a logs folder, named by its path below ``root``, newest version each.
+
+    ``logs/level1/version_0/metrics.csv`` and ``logs/level2/version_3/metrics.csv`` give
+    ``{"level1": ..., "level2": ...}``.
+    """
+    root = Path(root)
+    runs: dict[str, list[Path]] = {}
+    for f in root.rglob("metrics.csv"):
+        rel = f.parent.relative_to(root)
+        parts = [x for x in rel.parts if not re.fullmatch(r"version_\d+", x)]
+        runs.setdefault("/".join(parts) or root.name, []).append(f)
+    return {name: sorted(files, key=_version_key)[-1] for name, files in sorted(runs.items())}
+
+
+def read_history(source: HistorySource) -> pd.DataFrame:
+    """One run's metrics as a DataFrame (columns as logged: ``step``, ``epoch``, ``train/loss``, ...)."""
+    import pandas as pd
+
+    if isinstance(source, pd.DataFrame):
+        return source
+    f = latest_metrics_csv(source)
+    if f is None:
+        raise XscaleInputError(
+            f"history: no Lightning metrics.csv found at {str(source)!r}. Pass the CSVLogger folder "
+            "of a run (e.g. 'out/logs/level1') or its metrics.csv."
+        )
+    log.debug("reading training history %s", f)
+    return pd.read_csv(f)
+
+
+def load_histories(history: Mapping[str, HistorySource] | str | Path | None) -> dict[str, pd.DataFrame]:
+    """``{level name: metrics DataFrame}`` from a mapping of sources, or a logs folder to search."""
+    if history is None:
+        return {}
+    if isinstance(history, (str, Path)):
+        root = Path(history)
+        if not root.exists():
+            raise XscaleInputError(
+                f"history: {str(root)!r} does not exist. Pass a logs folder holding Lightning "
+                "CSVLogger runs, or a dict {level name: folder or metrics.csv}."
+            )
+        history = discover_histories(root)
+    return {str(name): read_history(src) for name, src in history.items()}
+
+
+def loss_columns(df: pd.DataFrame) -> list[str]:
+    """Columns to draw: those naming a loss, or every numeric non-index column when none do."""
+    skip = {"epoch", "step", "lr", "lr-adam", "lr-adamw"}
+    numeric = [c for c in df.columns if c not in skip and df[c].dtype.kind in "fi" and df[c].notna().any()]
+    losses = [c for c in numeric if "loss" in c.lower() or "nll" in c.lower()]
+    return losses or numeric
