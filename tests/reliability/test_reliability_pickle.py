@@ -81,3 +81,43 @@ def test_fit_resumable_refuses_planted_last_ckpt(tmp_path, plant, marker):
                       trainer_kwargs=dict(max_steps=2, logger=False, enable_progress_bar=False,
                                           enable_model_summary=False, accelerator="cpu"))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- through the CLI: xscale embed --checkpoint
+def _embed(checkpoint, out, capsys) -> tuple[int, str]:
+    from xscale.cli.main import main
+
+    rc = main(["embed", "--checkpoint", str(checkpoint), "--data", "starmap_mpfc", "--out", str(out)])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["level1.ckpt", "model.pt"])
+def test_cli_embed_refuses_planted_checkpoint_file(tmp_path, plant, marker, capsys, kind, name):
+    path = plant(tmp_path / name, kind)
+    rc, err = _embed(path, tmp_path / "out", capsys)
+    assert rc == 2
+    assert "Traceback" not in err
+    assert "Refusing to load" in err and "weights_only=True" in err and "run arbitrary code" in err
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_embed_refuses_pickle_named_safetensors(tmp_path, plant, marker, capsys):
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    d = save_model(GeneToCell(GeneToCellConfig.preset("tiny", genes=["A", "B", "C"])), tmp_path / "model")
+    plant(d / "model.safetensors", "torch")
+    rc, err = _embed(d, tmp_path / "out", capsys)
+    assert rc == 2 and "not a valid safetensors file" in err and "never unpickles" in err
+    assert not marker.exists()
+
+
+def test_cli_embed_ignores_pickles_in_a_directory(tmp_path, plant, marker, capsys):
+    d = tmp_path / "ckpts"
+    plant(d / "level1" / "model.pt")
+    plant(d / "last.ckpt")
+    rc, err = _embed(d, tmp_path / "out", capsys)
+    assert rc == 2 and "expected a model directory" in err
+    assert not marker.exists()
