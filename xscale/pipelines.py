@@ -479,6 +479,41 @@ def _step_embed_niches(
     return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
 
 
+@register_step("staged")
+def _step_staged(
+    ctx: StepContext, *, data: str, level1_preset: str = "small", level2_preset: str = "small",
+    exclude_holdout: bool = True, slide_key: str | None = None, n_domains: int | None = None,
+    level1_epochs: int = 20, level2_epochs: int = 30, level1_max_steps: int = -1, level2_max_steps: int = -1,
+    batch_size: int = 128, seed: int = 0, evaluate: bool = True,
+) -> dict[str, Any]:
+    """Staged training of both levels (:func:`xscale.train.staged.run_staged`), then evaluation."""
+    from xscale.train.staged import run_staged
+
+    adata = _read_data(data)
+    keys = _dataset_keys(data if _is_bundled(data) else None)
+    slide_key = slide_key or keys["slide_key"]
+    train_slides = None
+    if exclude_holdout and keys["holdout"]:
+        train_slides = sorted(set(adata.obs[slide_key].astype(str)) - {keys["holdout"]})
+    result = run_staged(adata, ctx.workdir, level1_preset=level1_preset, level2_preset=level2_preset,
+                        train_slides=train_slides, slide_key=slide_key, n_domains=n_domains,
+                        level1_epochs=level1_epochs, level2_epochs=level2_epochs, level1_max_steps=level1_max_steps,
+                        level2_max_steps=level2_max_steps, batch_size=batch_size, seed=seed, accelerator="cpu")
+    outputs: dict[str, Any] = {"store": result.store, "checkpoints": ctx.workdir / "checkpoints"}
+    results: dict[str, Any] = {"seconds": result.seconds}
+    if evaluate:
+        results["metrics"] = evaluate_adata(result.adata, **keys)
+        _write_json(ctx.workdir / "metrics.json", results["metrics"])
+        outputs["metrics"] = ctx.workdir / "metrics.json"
+    return {"outputs": outputs, "results": results}
+
+
+def _is_bundled(name: str) -> bool:
+    import xscale.datasets as ds
+
+    return name in ds.available()
+
+
 @register_step("finetune")
 def _step_finetune(
     ctx: StepContext, *, model: str, data: str, task: str = "cell_type", label_key: str | None = None,

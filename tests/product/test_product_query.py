@@ -129,3 +129,19 @@ def test_cli_query_json_and_tsv(starmap_store, capsys, tmp_path):
     # a user error: exit status 2 and one line naming what to do
     assert main(["query", "--store", str(path), "--cell", "nope"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_domains_reclusters_niche_latents(starmap_store, tmp_path, capsys):
+    import anndata as ad
+
+    path, adata = starmap_store
+    out = tmp_path / "re.zarr"
+    code = main(["domains", "--store", str(path), "--n-domains", "5", "--key-added", "dom5",
+                 "--label-key", "domain_name", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "ARI" in text
+    result = ad.read_zarr(out)
+    assert result.obs["dom5"].nunique() == 5 and result.n_obs == adata.n_obs
+    assert "dom5" not in ad.read_zarr(path).obs  # --out leaves the source store alone
+    assert main(["domains", "--store", str(out), "--n-domains", "1"]) == 2

@@ -11,7 +11,8 @@ when a level-2 model is found, obsm["X_xscale_niche"] (and obs["xscale_domain"] 
 
 --checkpoint accepts:
   a model directory written by save_model (model.safetensors + config.json);
-  a run's checkpoints directory holding level1/ (and level2/), e.g. xscale-demo/checkpoints;
+  a run's checkpoints directory holding level1/ (and level2/), as model directories or as
+    level1/model, level2/model (the layout of `xscale demo` / `run`), e.g. xscale-demo/checkpoints;
   a Lightning .ckpt from `xscale fit`, read with torch.load(weights_only=True) (never unpickles code).
 --data accepts a bundled dataset name (e.g. starmap_mpfc), an .h5ad, or an AnnData/SpatialData zarr.
 --dask local|ADDRESS embeds level 1 on a Dask cluster (chunks of cells per worker).
@@ -36,8 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
 
 
+def _model_dir(path):
+    """``path`` itself or ``path/model`` when it holds a saved model, else None."""
+    from xscale.models.io import CONFIG
+
+    for cand in (path, path / "model"):
+        if (cand / CONFIG).is_file():
+            return cand
+    return None
+
+
 def load_level_models(checkpoint: str, level2: str | None = None):
-    """(level-1 model, level-2 model or None) from the forms --checkpoint accepts."""
+    """(level-1 model, its directory or None for a .ckpt, level-2 model or None) from --checkpoint."""
     from pathlib import Path
 
     import xscale.models.cell_to_tissue  # noqa: F401  (registers model classes)
@@ -48,23 +59,31 @@ def load_level_models(checkpoint: str, level2: str | None = None):
     path = Path(checkpoint)
     if not path.exists():
         raise XscaleInputError(f"--checkpoint {checkpoint!r} does not exist; pass a model directory, DIR/checkpoints or a .ckpt.")
+    l1_dir = None
     if path.is_file():
         l1 = _from_lightning_ckpt(path)
     elif (path / CONFIG).exists():
-        l1 = load_model(path)
-    elif (path / "level1" / CONFIG).exists():
-        l1 = load_model(path / "level1")
-        if level2 is None and (path / "level2" / CONFIG).exists():
-            level2 = str(path / "level2")
+        l1_dir = path
+    elif _model_dir(path / "level1") is not None:
+        l1_dir = _model_dir(path / "level1")
+        if level2 is None and _model_dir(path / "level2") is not None:
+            level2 = str(_model_dir(path / "level2"))
     else:
         raise CheckpointError(
             f"{checkpoint}: expected a model directory ({CONFIG} + model.safetensors), a directory holding "
             f"level1/, or a Lightning .ckpt; found {sorted(p.name for p in path.iterdir())[:10]}."
         )
+    if l1_dir is not None:
+        l1 = load_model(l1_dir)
     if not hasattr(l1, "decode") or not hasattr(l1, "encode"):
         raise CheckpointError(f"{checkpoint} holds a {type(l1).__name__}; embedding needs the level-1 (GeneToCell) model.")
-    l2 = load_model(level2) if level2 else None
-    return l1.eval(), (l2.eval() if l2 is not None else None)
+    l2 = None
+    if level2:
+        l2_dir = _model_dir(Path(level2))
+        if l2_dir is None:
+            raise CheckpointError(f"--level2 {level2}: no saved model ({CONFIG}) there or in its model/ folder.")
+        l2 = load_model(l2_dir).eval()
+    return l1.eval(), l1_dir, l2
 
 
 def _from_lightning_ckpt(path):
@@ -89,6 +108,34 @@ def _from_lightning_ckpt(path):
     return model
 
 
+def _embed_dask(args: argparse.Namespace, adata, l1_dir, out):
+    """Level-1 latents (n, K*D) computed on a Dask cluster from a zarr copy of the input."""
+    import shutil
+
+    import anndata as ad
+    import numpy as np
+
+    from xscale.errors import XscaleInputError
+
+    try:
+        from xscale.tl.dask_embed import embed_store_dask
+    except ImportError as err:
+        raise XscaleInputError(f"--dask needs xscale.tl.dask_embed, which this install lacks ({err}).") from err
+    if l1_dir is None:
+        raise XscaleInputError("--dask needs a level-1 model directory (workers load it), not a .ckpt file.")
+    src, dst = out / "input.tmp.zarr", out / "dask_cells.tmp.zarr"
+    shutil.rmtree(src, ignore_errors=True)
+    adata.write_zarr(src)  # validated raw counts, chunked for the workers
+    try:
+        embed_store_dask(src, l1_dir, dst, client_or_address=args.dask, n_workers=args.n_workers,
+                         batch_size=args.batch_size, overwrite=True)
+        latents = np.asarray(ad.read_zarr(dst).obsm["X_xscale_cell"])
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+    return latents
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -99,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.cli.domains import write_store
     from xscale.errors import XscaleInputError
 
-    l1, l2 = load_level_models(args.checkpoint, args.level2)
+    l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
     if args.data in ds.available():
         adata = ds.load(args.data)
         slide_key = args.slide_key or ds.info(args.data).slide_key
@@ -113,11 +160,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.dask:
-        try:
-            from xscale.tl.dask_embed import embed_cells_dask
-        except ImportError as err:
-            raise XscaleInputError(f"--dask needs xscale.tl.dask_embed, which this install lacks ({err}).") from err
-        embed_cells_dask(adata, l1, address=args.dask, n_workers=args.n_workers, batch_size=args.batch_size)
+        adata.obsm["X_xscale_cell"] = _embed_dask(args, adata, l1_dir, out)
     else:
         xscale.tl.embed_cells(adata, l1, batch_size=args.batch_size)
     print(f"cell latents: obsm['X_xscale_cell'] {np.asarray(adata.obsm['X_xscale_cell']).shape}")
@@ -134,7 +177,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"domains: obs['xscale_domain'] ({args.n_domains})")
     if args.spatial_key != "spatial" and args.spatial_key in adata.obsm:
         adata.obsm["spatial"] = np.asarray(adata.obsm[args.spatial_key])  # where the query layer looks
-    adata.uns["xscale"] = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
+    meta = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
+    if args.data in ds.available():
+        info = ds.info(args.data)
+        meta.update(name=info.name, label_key=info.label_key, domain_key=info.domain_key or "", holdout=info.holdout or "")
+    adata.uns["xscale"] = meta
     write_store(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")
     return 0

@@ -21,15 +21,18 @@ dotted KEY=VALUE overrides go after them):
   xscale fit --config configs/trainer/cpu.yaml --config configs/model/level1/tiny.yaml \\
              --config configs/data/starmap_mpfc.yaml trainer.max_epochs=1
 
-model: xscale.cli.fit.Level1 (genes -> cells) or xscale.cli.fit.Level2 (cells -> niches);
-data:  xscale.cli.fit.CellData (bundled names or .h5ad/.zarr paths; held-out slides left out)
-       or xscale.cli.fit.NicheData (cells embedded by a trained level-1 model).
+model: xscale.cli.fit.Level1 (genes -> cells), xscale.cli.fit.Level2 (cells -> niches) or
+       xscale.cli.fit.Joint (both levels, summed losses; may start from staged models);
+data:  xscale.cli.fit.CellData (bundled names or .h5ad/.zarr paths; held-out slides left out),
+       xscale.cli.fit.NicheData (cells embedded by a trained level-1 model) or
+       xscale.cli.fit.JointData (niches whose cells are read as counts).
 The genes (level 1) and latent size (level 2) come from the data. The trained network is
 saved with save_model (safetensors + config.json) to --save-dir (default
-<trainer.default_root_dir>/model). --print-config shows the merged config.
+<trainer.default_root_dir>/model; Joint saves model/level1 and model/level2).
+--print-config shows the merged config.
 """
 
-_ADAPTERS = ("Level1", "Level2", "CellData", "NicheData")
+_ADAPTERS = ("Level1", "Level2", "Joint", "CellData", "NicheData", "JointData")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,11 +80,13 @@ def _define() -> None:
         return
     from typing import Literal
 
+    import lightning
     import numpy as np
 
     from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
     from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
     from xscale.train.level1 import CellDataModule, GeneCellModule
+    from xscale.train.joint import HierarchyModule, JointNicheDataset
     from xscale.train.level2 import NicheDataModule, NicheDataset, TissueModule, make_niches
 
     Preset = Literal["tiny", "small", "base"]
@@ -101,12 +106,13 @@ def _define() -> None:
     class Level2(TissueModule):
         """Level 2 (cells -> niches): ``CellToTissueConfig.preset(preset, in_dim=in_dim, **overrides)``.
 
-        ``in_dim`` (K*D of the level-1 latents) is linked from the data (``data.in_dim``).
+        ``in_dim`` (K*D of the level-1 latents) and ``max_cells`` (cells per niche) are linked
+        from the data (``data.in_dim``, ``data.max_cells``).
         """
 
-        def __init__(self, in_dim: int, preset: Preset = "small", overrides: dict[str, Any] | None = None,
-                     lr: float = 1e-3, weight_decay: float = 1e-2) -> None:
-            cfg = CellToTissueConfig.preset(preset, in_dim=int(in_dim), **(overrides or {}))
+        def __init__(self, in_dim: int, max_cells: int, preset: Preset = "small",
+                     overrides: dict[str, Any] | None = None, lr: float = 1e-3, weight_decay: float = 1e-2) -> None:
+            cfg = CellToTissueConfig.preset(preset, in_dim=int(in_dim), **{**(overrides or {}), "max_cells": max_cells})
             super().__init__(CellToTissue(cfg), lr=lr, weight_decay=weight_decay)
 
     class CellData(CellDataModule):
@@ -155,10 +161,68 @@ def _define() -> None:
             keep = np.ones(adata.n_obs, bool) if not (exclude_holdout and holdout) else slides != holdout
             niches = make_niches(np.asarray(adata.obsm["spatial"], dtype=np.float64), np.flatnonzero(keep),
                                  max_cells=max_cells, slides=slides, radius=radius)
-            self.in_dim = int(latents.shape[1])
+            self.in_dim, self.max_cells = int(latents.shape[1]), max_cells
             super().__init__(NicheDataset(latents, niches), batch_size=batch_size, seed=seed)
 
-    for cls in (Level1, Level2, CellData, NicheData):
+    class Joint(HierarchyModule):
+        """Both levels trained together (``xscale.train.joint.HierarchyModule``).
+
+        Starts from saved staged models when ``level1`` / ``level2`` name model directories,
+        else from the presets (``genes`` linked from the data).
+        """
+
+        def __init__(self, genes: list[str], max_cells: int, level1_preset: Preset = "small",
+                     level2_preset: Preset = "small", level1: str | None = None, level2: str | None = None, lr: float = 5e-4,
+                     weight_decay: float = 1e-2, w_level1: float = 1.0, w_level2: float = 1.0,
+                     w_counts: float = 1.0) -> None:
+            from xscale.models.io import load_model
+
+            l1 = load_model(level1) if level1 else GeneToCell(GeneToCellConfig.preset(level1_preset, genes=list(genes)))
+            width = l1.config.latents_per_cell * l1.config.dim
+            if level2:
+                l2 = load_model(level2)
+                l2.config.max_cells = max_cells  # niche size is the data's choice; the model takes any C
+            else:
+                l2 = CellToTissue(CellToTissueConfig.preset(level2_preset, in_dim=width, max_cells=max_cells))
+            super().__init__(l1.train(), l2.train(), lr=lr, weight_decay=weight_decay, w_level1=w_level1,
+                             w_level2=w_level2, w_counts=w_counts)
+
+    class JointData(lightning.LightningDataModule):
+        """Niches of one spatial dataset whose cells are read as counts (joint training).
+
+        The gene vocabulary is the dataset's panel, or the one of ``level1`` (a saved model)
+        when joint training starts from a staged level-1 model.
+        """
+
+        def __init__(self, dataset: str, level1: str | None = None, exclude_holdout: bool = True,
+                     max_cells: int = 16, max_genes: int | None = 256, radius: float | None = None,
+                     batch_size: int = 16, seed: int = 0) -> None:
+            super().__init__()
+            import xscale.datasets as ds
+            from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
+            from xscale.models.io import load_model
+
+            adata = _load_many([dataset], exclude_holdout=False, counts_layer=None, slide_key=None)[0]
+            known = dataset in ds.available()
+            slide_key = ds.info(dataset).slide_key if known else None
+            holdout = ds.info(dataset).holdout if known else None
+            self.vocab = load_model(level1).vocab if level1 else vocab_from_adatas([adata])
+            slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
+            keep = np.ones(adata.n_obs, bool) if not (exclude_holdout and holdout) else slides != holdout
+            niches = make_niches(np.asarray(adata.obsm["spatial"], dtype=np.float64), np.flatnonzero(keep),
+                                 max_cells=max_cells, slides=slides, radius=radius)
+            cells = AnnDataCellDataset(adata, self.vocab, slide_key=slide_key)
+            self.dataset = JointNicheDataset(cells, niches, max_genes=max_genes, seed=seed)
+            self.batch_size, self.seed, self.max_cells = batch_size, seed, max_cells
+
+        @property
+        def genes(self) -> list[str]:
+            return list(self.vocab.genes)
+
+        def train_dataloader(self):
+            return self.dataset.loader(self.batch_size, shuffle=True, seed=self.seed)
+
+    for cls in (Level1, Level2, Joint, CellData, NicheData, JointData):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
         globals()[cls.__name__] = cls
@@ -179,6 +243,7 @@ def build_cli(cli_args: list[str], *, run: bool = False):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data.genes", "model.init_args.genes", apply_on="instantiate")
             parser.link_arguments("data.in_dim", "model.init_args.in_dim", apply_on="instantiate")
+            parser.link_arguments("data.max_cells", "model.init_args.max_cells", apply_on="instantiate")
 
     return XscaleCLI(
         lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
@@ -209,6 +274,10 @@ def run(args: argparse.Namespace) -> int:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
     if cli.trainer.is_global_zero:
-        save_model(cli.model.model, save_dir)
-        print(f"saved the trained {type(cli.model.model).__name__} to {save_dir}")
+        if hasattr(cli.model, "level2"):  # joint: both levels, in the layout xscale embed reads
+            save_model(cli.model.level1, save_dir / "level1")
+            save_model(cli.model.level2, save_dir / "level2")
+        else:
+            save_model(cli.model.model, save_dir)
+        print(f"saved the trained model(s) to {save_dir}")
     return 0

@@ -1,0 +1,83 @@
+"""`xscale --help` is fast; `xscale embed` and `query` run for real on a tiny model; decode a hit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xscale.cli.main import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+
+
+def test_help_answers_fast_and_lists_commands():
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "xscale.cli.main", "--help"], capture_output=True, text=True, env=ENV)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0
+    for cmd in ("demo", "fit", "embed", "query", "domains"):
+        assert cmd in res.stdout
+    assert elapsed < 3.0, f"xscale --help took {elapsed:.2f}s"
+    # sub-command help must not import the heavy stack either
+    res = subprocess.run([sys.executable, "-c", "import sys; from xscale.cli.main import build_parser; build_parser(); "
+                          "print(sorted(m for m in ('torch', 'lightning', 'anndata', 'faiss') if m in sys.modules))"],
+                         capture_output=True, text=True, env=ENV)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny level-1 model trained a few steps and a tiny level-2 model, saved like a demo run."""
+    import xscale
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.io import save_model
+    from xscale.train.level1 import fit_level1
+
+    root = tmp_path_factory.mktemp("run") / "checkpoints"
+    adata = xscale.datasets.load("starmap_mpfc")
+    model = fit_level1(adata, "tiny", out_dir=root.parent / "l1run", max_steps=3, batch_size=32, logger="none",
+                       accelerator="cpu", enable_progress_bar=False)
+    save_model(model, root / "level1")
+    in_dim = model.config.latents_per_cell * model.config.dim
+    save_model(CellToTissue(CellToTissueConfig.preset("tiny", in_dim=in_dim)), root / "level2")
+    return root
+
+
+def test_cli_embed_then_query_then_decode(tiny_models, tmp_path, capsys):
+    from xscale.query import LatentIndex, decode_hit
+
+    out = tmp_path / "emb"
+    assert main(["embed", "--checkpoint", str(tiny_models), "--data", "starmap_mpfc", "--out", str(out),
+                 "--n-domains", "4"]) == 0
+    store = out / "cells.zarr"
+    assert store.exists() and not (out / "cells.zarr.tmp").exists()
+    capsys.readouterr()
+    index = LatentIndex.open(store, level="cell")
+    assert index.store.slide_key == "slice"
+    cid = str(index.store.ids[0])
+    assert main(["query", "--store", str(store), "--level", "niche", "--cell", cid, "--k", "3", "--cross-slide"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and all({"id", "distance", "slide", "x", "y", "xscale_domain"} <= set(h) for h in hits)
+    expected = decode_hit(index, hits[0]["id"], tiny_models / "level1", library=1000.0)
+    assert len(expected) == 166 and np.isclose(expected.sum(), 1000.0, rtol=1e-3) and (expected >= 0).all()
+    # level 1 only: a model directory without level2/
+    assert main(["embed", "--checkpoint", str(tiny_models / "level1"), "--data", "starmap_mpfc",
+                 "--out", str(tmp_path / "l1only")]) == 0
+    import anndata as ad
+
+    only = ad.read_zarr(tmp_path / "l1only" / "cells.zarr")
+    assert "X_xscale_cell" in only.obsm and "X_xscale_niche" not in only.obsm
+
+
+def test_cli_embed_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", "--checkpoint", str(tmp_path / "empty"), "--data", "starmap_mpfc",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "level1/" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "cells.zarr").exists()
