@@ -151,6 +151,11 @@ def test_histories_pick_newest_version(report_inputs: dict, tmp_path: Path) -> N
     shutil.copy(found["level1"], newer / "metrics.csv")
     (tmp_path / "logs" / "level1" / "version_0").mkdir()
     assert discover_histories(tmp_path / "logs")["level1"] == newer / "metrics.csv"
+    # the staged pipeline's layout: checkpoints/<stage>/... named by the stage folder
+    for rel in ("level1/logs/level1/version_0", "level2/lightning/logs/version_0"):
+        (tmp_path / "checkpoints" / rel).mkdir(parents=True)
+        shutil.copy(found["level1"], tmp_path / "checkpoints" / rel / "metrics.csv")
+    assert sorted(discover_histories(tmp_path / "checkpoints")) == ["level1", "level2"]
     hist = load_histories({"Level 1": report_inputs["logs"] / "level1"})
     df = hist["Level 1"]
     assert {"step", "train/loss_step", "val/loss"} <= set(df.columns)

@@ -37,7 +37,9 @@ def discover_histories(root: str | Path) -> dict[str, Path]:
     """Every run under a logs folder, named by its path below ``root``, newest version each.
 
     ``logs/level1/version_0/metrics.csv`` and ``logs/level2/version_3/metrics.csv`` give
-    ``{"level1": ..., "level2": ...}``.
+    ``{"level1": ..., "level2": ...}``; ``checkpoints/level1/logs/level1/version_0/metrics.csv``
+    under ``checkpoints`` is named ``level1`` too (the first folder below ``root``), unless two
+    runs share that folder, in which case their whole relative paths name them.
     """
     root = Path(root)
     runs: dict[str, list[Path]] = {}
@@ -45,7 +47,12 @@ def discover_histories(root: str | Path) -> dict[str, Path]:
         rel = f.parent.relative_to(root)
         parts = [x for x in rel.parts if not re.fullmatch(r"version_\d+", x)]
         runs.setdefault("/".join(parts) or root.name, []).append(f)
-    return {name: sorted(files, key=_version_key)[-1] for name, files in sorted(runs.items())}
+    firsts = [name.split("/")[0] for name in runs]
+    named = {
+        (name.split("/")[0] if firsts.count(name.split("/")[0]) == 1 else name): sorted(files, key=_version_key)[-1]
+        for name, files in runs.items()
+    }
+    return dict(sorted(named.items()))
 
 
 def read_history(source: HistorySource) -> pd.DataFrame:
