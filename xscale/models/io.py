@@ -3,7 +3,8 @@
 A saved model is a directory::
 
     model.safetensors   tensors only (cannot run code when read)
-    config.json         {"format_version": 1, "model": "<registered name>", "config": {...}}
+    config.json         {"format_version": 1, "model": "<registered name>", "config": {...}, "extra": {...}}
+    .xscale-complete    marker written last (see xscale.utils.atomic.is_complete)
 
 Models register a name, their class and their typed config dataclass with
 :func:`register_model`; the class must accept ``cls(config)`` and expose ``.config``.
