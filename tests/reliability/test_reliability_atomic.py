@@ -89,3 +89,32 @@ def test_atomic_write_text(tmp_path):
     p = atomic_write_text(tmp_path / "sub" / "f.json", "{}")
     assert p.read_text() == "{}"
     assert [x.name for x in p.parent.iterdir()] == ["f.json"]
+
+
+def test_prepare_killed_mid_write_leaves_nothing_that_looks_complete(tmp_path):
+    """``xscale prepare`` SIGKILLed while its temporary store exists: no output; a re-run completes."""
+    import signal
+    import time
+
+    import xscale
+
+    src = tmp_path / "in.h5ad"
+    xscale.datasets.load("starmap_mpfc").write_h5ad(src)
+    out = tmp_path / "out.zarr"
+    cmd = [sys.executable, "-m", "xscale.cli.main", "prepare", str(src), str(out), "--chunk-cells", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.name != "in.h5ad" and "out.zarr" in p.name and "tmp" in p.name for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert not out.exists()  # nothing at the final path while incomplete
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    from xscale.data.store import CellStore
+
+    assert CellStore(out).n_cells == 3190
