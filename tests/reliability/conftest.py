@@ -53,6 +53,21 @@ def _threads():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _restore_global_determinism(monkeypatch):
+    """seed_everything changes process-wide settings; undo them so other tests are unaffected."""
+    import os
+
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG"):
+        monkeypatch.setenv(var, os.environ[var]) if var in os.environ else monkeypatch.delenv(var, raising=False)
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 @pytest.fixture
 def marker(tmp_path) -> Path:
     """Path that a planted pickle would create if it were ever unpickled."""
