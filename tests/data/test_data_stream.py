@@ -107,3 +107,15 @@ def test_spatial_order_keeps_niches_in_few_blocks(store, tmp_path):
         return chunks_per_niche(nich.idx, s.chunk_cells)
     spatial, rand = cpn(store), cpn(shuffled)
     assert spatial * 2.5 < rand, (spatial, rand)
+
+
+def test_batched_mode_matches_collate_and_covers_once(store):
+    ref = collate_cells(list(CellStream(store, shuffle=False))[:100])
+    got = next(iter(CellStream(store, shuffle=False, batch_size=100)))
+    for name in ("gene_ids", "counts", "values", "pad_mask", "library", "index", "dataset", "slide"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    seen = []
+    for rank in range(2):
+        ds = CellStream(store, seed=1, buffer_size=300, batch_size=64, rank=rank, world_size=2)
+        seen += [int(i) for b in DataLoader(ds, batch_size=None, num_workers=2) for i in b.index]
+    assert sorted(seen) == list(range(store.n_cells)) and seen != sorted(seen)

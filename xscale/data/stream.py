@@ -13,15 +13,18 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from xscale.data.batch import CellItem
+from xscale.data.batch import CellBatch, CellItem, collate_cells
 from xscale.data.niches import build_niches
 from xscale.data.store import CellStore
+from xscale.data.transforms import log_normalize
 from xscale.errors import XscaleInputError
 
 logger = logging.getLogger(__name__)
@@ -39,9 +42,9 @@ def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[
     return rank * nw + wid, world_size * nw
 
 
-def shard_plan(rows_per_chunk: list[np.ndarray], order: np.ndarray, shard: int, n_shards: int) -> list[tuple[int, np.ndarray]]:
+def shard_plan(rows_per_chunk: Sequence[np.ndarray], order: np.ndarray, shard: int, n_shards: int) -> list[tuple[int, np.ndarray]]:
     """This shard's (chunk, rows) pieces: a contiguous 1/n_shards of the chunks' rows in ``order``."""
-    sizes = np.array([rows_per_chunk[c].size for c in order], dtype=np.int64)
+    sizes = np.array([len(rows_per_chunk[c]) for c in order], dtype=np.int64)
     total = int(sizes.sum())
     lo, hi = total * shard // n_shards, total * (shard + 1) // n_shards
     ends = np.cumsum(sizes)
@@ -54,6 +57,23 @@ def shard_plan(rows_per_chunk: list[np.ndarray], order: np.ndarray, shard: int, 
     return plan
 
 
+class _ChunkRows:
+    """Rows of each store block to stream: all of them, or those in a sorted selection."""
+
+    def __init__(self, store: CellStore, rows: np.ndarray | None) -> None:
+        self.store, self.rows = store, rows
+        if rows is not None:
+            self.cut = np.searchsorted(rows, np.arange(store.n_chunks + 1) * store.chunk_cells)
+
+    def __len__(self) -> int:
+        return self.store.n_chunks
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        if self.rows is None:
+            return np.arange(*self.store.chunk_range(int(c)), dtype=np.int64)
+        return self.rows[self.cut[c] : self.cut[c + 1]]
+
+
 class _StoreStream(IterableDataset):
     """Shared sharding, block order and shuffle buffer."""
 
@@ -62,14 +82,14 @@ class _StoreStream(IterableDataset):
         super().__init__()
         self.store = store if isinstance(store, CellStore) else CellStore(store)
         n = self.store.n_cells
-        rows = np.arange(n, dtype=np.int64) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        rows_all = rows is None  # all rows: ranges made on the fly, no O(n) array per worker
+        rows = np.zeros(0, dtype=np.int64) if rows_all else np.unique(np.asarray(rows, dtype=np.int64))
         if rows.size and (rows[0] < 0 or rows[-1] >= n):
             raise XscaleInputError(f"rows: expected store rows in [0, {n}), found {rows[0]}..{rows[-1]}.")
         if buffer_size < 1:
             raise XscaleInputError(f"buffer_size: expected >= 1, found {buffer_size}.")
-        cut = np.searchsorted(rows, np.arange(1, self.store.n_chunks) * self.store.chunk_cells)
-        self.rows_per_chunk = np.split(rows, cut)
-        self.n_items = int(rows.size)
+        self.rows_per_chunk = _ChunkRows(self.store, None if rows_all else rows)
+        self.n_items = int(rows.size) if not rows_all else n
         self.shuffle, self.seed, self.buffer_size = shuffle, seed, buffer_size
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -119,11 +139,19 @@ class CellStream(_StoreStream):
         Block order and bounded shuffle buffer; deterministic under (seed, epoch).
     rank, world_size
         DDP position; None = from ``torch.distributed`` (or a single process).
+    batch_size
+        None: yield :class:`CellItem` (DataLoader ``collate_fn=collate_cells``). An int:
+        yield ready :class:`~xscale.data.batch.CellBatch` es of that many cells, built from
+        each block with array operations (DataLoader ``batch_size=None``) — the same tensors
+        ``collate_cells`` would give, many times faster; the shuffle buffer holds rows.
+    max_genes
+        Gene context per cell in batched mode (as ``collate_cells(max_genes=)``).
     """
 
     def __init__(self, store: str | Path | CellStore, *, gene_ids: np.ndarray | None = None,
                  rows: np.ndarray | None = None, dataset: int = 0, shuffle: bool = True, seed: int = 0,
-                 buffer_size: int = 4096, rank: int | None = None, world_size: int | None = None) -> None:
+                 buffer_size: int = 4096, rank: int | None = None, world_size: int | None = None,
+                 batch_size: int | None = None, max_genes: int | None = None) -> None:
         super().__init__(store, rows=rows, shuffle=shuffle, seed=seed, buffer_size=buffer_size,
                          rank=rank, world_size=world_size)
         g = self.store.n_genes
@@ -135,21 +163,77 @@ class CellStream(_StoreStream):
             raise XscaleInputError("gene_ids: expected at least one gene in the vocabulary, found none (all -1).")
         self.gene_ids = ids[self.keep_genes]
         self.dataset = dataset
-        self._slides = self.store.slide_codes()
+        self._gene_ids_t = torch.from_numpy(self.gene_ids)
+        if batch_size is not None and batch_size < 1:
+            raise XscaleInputError(f"batch_size: expected >= 1 or None, found {batch_size}.")
+        self.batch_size, self.max_genes = batch_size, max_genes
 
     def __len__(self) -> int:
-        return self.n_items
+        """Cells, or (batched mode) batches, this stream yields per epoch over all shards (approx. for batches)."""
+        return self.n_items if self.batch_size is None else -(-self.n_items // self.batch_size)
+
+    def _blocks(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, Any]]:
+        for c, rows in plan:
+            a, b = self.store.chunk_range(c)
+            m = self.store.read_rows(a, b)
+            if rows.size != b - a:  # a selection of rows
+                m = m[rows - a]
+            if self.keep_genes.size != m.shape[1]:
+                m = m[:, self.keep_genes]
+            yield rows, m  # (b, G) CSR
+
+    def _make_batch(self, rows: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> CellBatch:
+        """CellBatch from dense counts (B, G) of store rows (B,), as collate_cells would build it."""
+        if self.max_genes is not None and counts.shape[1] > self.max_genes:
+            slides = np.searchsorted(self.store.slide_stop, rows, side="right")
+            items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s)) for r, cnt, s in zip(rows, counts, slides, strict=True)]
+            return collate_cells(items, max_genes=self.max_genes, rng=rng)
+        b, g = counts.shape
+        counts_t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32))
+        library = counts_t.sum(dim=1)
+        return CellBatch(
+            gene_ids=self._gene_ids_t.expand(b, g).contiguous(),
+            counts=counts_t, values=log_normalize(counts_t, library),
+            pad_mask=torch.zeros((b, g), dtype=torch.bool), library=library,
+            index=torch.from_numpy(rows.astype(np.int64)),
+            dataset=torch.full((b,), self.dataset, dtype=torch.long),
+            slide=torch.from_numpy(np.searchsorted(self.store.slide_stop, rows, side="right").astype(np.int64)),
+        )
+
+    def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch]:
+        bs = self.batch_size
+        pool_rows, pool = np.zeros(0, dtype=np.int64), None
+        for rows, block in self._blocks(plan):
+            pool_rows = np.concatenate([pool_rows, rows])
+            pool = block if pool is None else sp.vstack([pool, block], format="csr")
+            n_out = (pool_rows.size - (self.buffer_size if self.shuffle else 0)) // bs * bs
+            if n_out <= 0:
+                continue
+            # one draw per block: n_out random rows of the pool leave as batches, the rest stays
+            perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
+            out_m = pool[perm[:n_out]].toarray()  # (n_out, G)
+            out_r = pool_rows[perm[:n_out]]
+            for i in range(0, n_out, bs):
+                yield self._make_batch(out_r[i : i + bs], out_m[i : i + bs], rng)
+            pool_rows, pool = pool_rows[perm[n_out:]], pool[perm[n_out:]]
+        if pool is not None and pool_rows.size:
+            perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
+            for i in range(0, perm.size, bs):
+                pick = perm[i : i + bs]
+                yield self._make_batch(pool_rows[pick], pool[pick].toarray(), rng)
 
     def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[CellItem]:
         for c, rows in plan:
             a, b = self.store.chunk_range(c)
             block = self.store.read_rows(a, b)[rows - a][:, self.keep_genes].toarray()  # (b, G)
-            for r, counts in zip(rows, block, strict=True):
-                yield CellItem(gene_ids=self.gene_ids, counts=counts, index=int(r), dataset=self.dataset,
-                               slide=int(self._slides[r]))
+            slides = np.searchsorted(self.store.slide_stop, rows, side="right")  # rows are grouped by slide
+            for r, counts, s in zip(rows.tolist(), block, slides.tolist(), strict=True):
+                yield CellItem(gene_ids=self.gene_ids, counts=counts, index=r, dataset=self.dataset, slide=s)
 
-    def __iter__(self) -> Iterator[CellItem]:
+    def __iter__(self) -> Iterator[CellItem | CellBatch]:
         plan, rng = self._plan()
+        if self.batch_size is not None:
+            return self._batches(plan, rng)
         return self._buffered(self._items(plan), rng)
 
 
