@@ -15,7 +15,7 @@ import pytest
 from xscale.errors import XscaleInputError
 from xscale.report import SECTION_IDS, build_report, comparison_groups
 from xscale.report.logs import discover_histories, load_histories
-from xscale.report.metrics import headline
+from xscale.report.metrics import headline, run_info
 
 HOLDOUT = "20180424_BZ14_control"
 
@@ -127,8 +127,10 @@ def test_metrics_schema_groups_and_headline() -> None:
     flat = {"holdout": HOLDOUT, "n_cells": 3190,
             "domains": {"n_domains": 4, "n_cells": 1088, "xscale_niche": {"ari": 0.76, "nmi": 0.7},
                         "pca_spatial_mean": {"ari": 0.715, "nmi": 0.72}},
-            "cell_type": {"xscale_cell": {"macro_f1": 0.5}, "pca": {"macro_f1": 0.6}}}
+            "cell_type": {"xscale_cell": {"macro_f1": 0.5}, "pca": {"macro_f1": 0.6}},
+            "seconds": {"level1": 41.25, "level2": 30.0}}
     groups = comparison_groups(flat)
+    assert run_info(flat)["seconds"] == "level1: 41.250, level2: 30"
     assert [g.path for g in groups] == [("domains",), ("cell_type",)]
     assert groups[0].context == {"n_domains": 4.0, "n_cells": 1088.0}
     assert groups[0].best("ari") == "xscale_niche" and groups[0].best("nmi") == "pca_spatial_mean"

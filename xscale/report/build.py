@@ -244,11 +244,17 @@ def _reconstruction(
 
     if layer not in adata.layers or coords is None or adata.n_vars == 0:
         return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
-    slide = held[0] if held else sorted(set(slides.tolist()))[0]
-    m = slides == slide
+    E_all = adata.layers[layer]
+    decoded_rows = np.asarray(abs(E_all).sum(axis=1)).ravel() > 0  # writers may decode some slides only
+    if not decoded_rows.any():
+        return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
+    names_, counts_ = np.unique(slides[decoded_rows], return_counts=True)
+    held_decoded = [h for h in held if h in set(names_.tolist())]
+    slide = held_decoded[0] if held_decoded else str(names_[np.argmax(counts_)])
+    m = (slides == slide) & decoded_rows
     X = adata.X[m]
     counts = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
-    E = adata.layers[layer][m]
+    E = E_all[m]
     expected = np.asarray(E.toarray() if sp.issparse(E) else E, dtype=np.float64)
     lib = np.maximum(counts.sum(axis=1, keepdims=True), 1e-8)
     obs_ln = np.log1p(counts / lib * 1e4)  # (n, G)

@@ -240,7 +240,7 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
             ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("training step" if x_key else "logged row")
-        ax.set_ylabel("loss (per cell / niche)")
+        ax.set_ylabel("loss")
         ax.legend(frameon=False, fontsize=8)
     return fig
 

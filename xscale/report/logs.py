@@ -86,9 +86,19 @@ def load_histories(history: Mapping[str, HistorySource] | str | Path | None) -> 
     return {str(name): read_history(src) for name, src in history.items()}
 
 
-def loss_columns(df: pd.DataFrame) -> list[str]:
-    """Columns to draw: those naming a loss, or every numeric non-index column when none do."""
-    skip = {"epoch", "step", "lr", "lr-adam", "lr-adamw"}
-    numeric = [c for c in df.columns if c not in skip and df[c].dtype.kind in "fi" and df[c].notna().any()]
-    losses = [c for c in numeric if "loss" in c.lower() or "nll" in c.lower()]
-    return losses or numeric
+def loss_columns(df: pd.DataFrame, *, max_columns: int = 5) -> list[str]:
+    """Columns to draw, most telling first: ``*loss``, then validation, then other training terms.
+
+    Index-like columns (epoch, step, learning rates) are left out.
+    """
+    numeric = [
+        c for c in df.columns
+        if c not in ("epoch", "step") and not c.lower().startswith("lr")
+        and df[c].dtype.kind in "fi" and df[c].notna().any()
+    ]
+
+    def rank(c: str) -> tuple[int, int]:
+        lc = c.lower()
+        return (0 if "loss" in lc else 1 if lc.startswith(("val", "valid")) else 2, numeric.index(c))
+
+    return sorted(numeric, key=rank)[:max_columns]

@@ -19,7 +19,8 @@ Groups may sit at any depth; the path of keys to a group names it. Examples::
      "reconstruction": {"heldout": {"xscale": {"pearson_gene": 0.42, "nb_nll": 1.9}}}}
 
 Methods whose name starts with ``xscale`` are xscale's own; all others are baselines.
-Top-level strings and numbers are run information. Lists and other values are kept in the
+Top-level strings, numbers and dicts of numbers (e.g. ``"seconds": {"level1": 41.2}``) are
+run information. Lists and other values are kept in the
 raw JSON shown at the end of the report and are otherwise ignored.
 """
 from __future__ import annotations
@@ -163,7 +164,7 @@ def comparison_groups(metrics: Mapping[str, Any]) -> list[ComparisonGroup]:
 
     def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
         methods = {str(k): {str(m): float(x) for m, x in v.items()} for k, v in node.items() if _is_method(v)}
-        if methods:
+        if methods and path:  # numeric dicts at the top level are run information, not methods
             context = {str(k): float(v) for k, v in node.items() if _is_number(v)}
             groups.append(ComparisonGroup(path, methods, context))
         for k, v in node.items():
@@ -182,6 +183,8 @@ def run_info(metrics: Mapping[str, Any]) -> dict[str, str]:
             out[str(k)] = v
         elif _is_number(v):
             out[str(k)] = format_value(float(v))
+        elif _is_method(v):  # e.g. {"seconds": {"level1": 41.2, "level2": 30.5}}
+            out[str(k)] = ", ".join(f"{kk}: {format_value(float(x))}" for kk, x in v.items())
     return out
 
 
