@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _link_logs(out) -> dict[str, str]:
-    """DIR/logs/<level> -> the Lightning CSV logs each stage wrote; returns {level: folder}."""
+    """Link DIR/logs/<level> to the Lightning logs each stage wrote; returns {level: newest metrics.csv}."""
     import os
     from pathlib import Path
 
@@ -52,7 +52,9 @@ def _link_logs(out) -> dict[str, str]:
             link.unlink() if link.is_symlink() else None
         if not link.exists():
             os.symlink(os.path.relpath(src, logs), link, target_is_directory=True)
-        found[level] = str(Path(link))
+        csvs = sorted(Path(src).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+        if csvs:
+            found[level] = str(csvs[-1])
     return found
 
 
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
     import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
 
     import xscale.datasets as ds
     from xscale.errors import XscaleInputError
@@ -117,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     adata = result.adata
 
     log.info("evaluating on the held-out slice against baselines")
-    metrics = {"dataset": DATASET, "preset": args.preset, **evaluate_adata(
-        adata, label_key=info.label_key, slide_key=info.slide_key, holdout=info.holdout, domain_key=info.domain_key,
-    )}
+    with threadpool_limits(1):  # small sklearn fits: threads only contend on 2 shared cores
+        metrics = {"dataset": DATASET, "preset": args.preset, **evaluate_adata(
+            adata, label_key=info.label_key, slide_key=info.slide_key, holdout=info.holdout,
+            domain_key=info.domain_key,
+        )}
     held = np.flatnonzero(adata.obs[info.slide_key].astype(str).to_numpy() == info.holdout)
     expected = np.zeros(adata.shape, dtype=np.float32)
     expected[held] = expected_counts(adata, result.level1, held)
@@ -135,9 +140,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_report:
         from xscale.report import build_report
 
-        build_report(adata, metrics, out / "report.html", history=history or None, cell_type_key=info.label_key,
-                     domain_key=info.domain_key, slide_key=info.slide_key, holdout=info.holdout,
-                     title="xscale demo: STARmap mouse prefrontal cortex", seed=args.seed)
+        with threadpool_limits(1):
+                build_report(adata, metrics, out / "report.html", history=history or None, cell_type_key=info.label_key,
+                         domain_key=info.domain_key, slide_key=info.slide_key, holdout=info.holdout,
+                         title="xscale demo: STARmap mouse prefrontal cortex", seed=args.seed)
     _summary(metrics, out, time.perf_counter() - t_start, report=not args.no_report)
     return 0
 

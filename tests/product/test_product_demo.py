@@ -1,0 +1,35 @@
+"""`xscale demo` for real at tiny settings: every output, then a re-run that skips finished stages."""
+from __future__ import annotations
+
+import json
+import re
+
+import anndata as ad
+
+from xscale.cli.main import main
+
+
+def test_demo_tiny_writes_every_output_and_resumes(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--preset", "tiny", "--max-steps", "2", "--no-progress"]
+    assert main([*args, "--no-report"]) == 0
+    store = ad.read_zarr(out / "cells.zarr")
+    assert {"spatial", "X_xscale_cell", "X_xscale_niche"} <= set(store.obsm)
+    assert store.obs["xscale_domain"].nunique() == 4
+    assert {"cell_type", "domain_name", "slice"} <= set(store.obs.columns)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["holdout"] == "20180424_BZ14_control"
+    assert {"xscale_niche", "xscale_domain", "pca", "pca_spatial_mean"} <= set(metrics["domains"])
+    assert {"xscale_cell", "pca"} <= set(metrics["cell_type"])
+    assert -1 <= metrics["domains"]["xscale_niche"]["ari"] <= 1
+    assert (out / "checkpoints" / "level1" / "model" / "config.json").is_file()
+    assert (out / "checkpoints" / "level2" / "model" / "model.safetensors").is_file()
+    assert (out / "logs").is_dir()
+    capsys.readouterr()
+
+    # same command again: finished stages are skipped; this time with the report
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "skipped: level1, cells, level2, niches" in text
+    html = (out / "report.html").read_text()
+    assert "<img" in html and not re.search(r"<script[^>]+src=|<link[^>]+href=\"http", html)
