@@ -159,3 +159,15 @@ def test_sigkill_level1_fit_then_rerun_resumes(tmp_path):
     state = checkpoint_state_dict(last, prefix="model.")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], msg=k)  # saved model == final checkpoint
+
+
+def test_user_model_checkpoint_is_kept_and_also_safe(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(dirpath=tmp_path / "best", every_n_train_steps=2, save_top_k=1)
+    fit_resumable(TinyModule(), train_dataloaders=tiny_loader(), ckpt_dir=tmp_path / "ck",
+                  trainer_kwargs=dict(max_steps=4, callbacks=[best], **KW), every_n_train_steps=2)
+    files = list((tmp_path / "best").glob("*.ckpt"))
+    assert len(files) == 1
+    torch.load(files[0], weights_only=True)  # written through SafeCheckpointIO too
+    assert load_lightning_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 4

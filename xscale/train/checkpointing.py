@@ -299,7 +299,10 @@ def fit_resumable(
     kwargs["plugins"] = plugins
     kwargs.setdefault("default_root_dir", str(ckpt_dir))
     if kwargs.get("enable_checkpointing") is None:
-        kwargs["enable_checkpointing"] = False  # no second, pickle-default ModelCheckpoint
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        # Lightning's default ModelCheckpoint would be a second writer; keep one only if asked for.
+        kwargs["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
 
     ckpt_path: str | None = None
     if last.exists():
