@@ -53,7 +53,9 @@ class GeneToCellConfig:
     Objective weights: ``w_autoencode`` (clean input), ``w_masked`` (a fraction
     ``mask_fraction`` of the value embeddings replaced by a mask token, scored on the
     hidden genes), ``w_denoise`` (input binomially thinned to ``denoise_keep``, full
-    counts as target). A weight of 0 skips that pass.
+    counts as target). The weights are the shares of each batch's cells given each
+    objective (one encoder pass per batch) and weight the parts in the total; a
+    weight of 0 switches that objective off.
     """
 
     genes: list[str]
@@ -146,14 +148,21 @@ class GeneToCellLoss:
 
 
 class ValueEncoder(nn.Module):
-    """Embedding of a scalar log-normalised expression value. (B, G) -> (B, G, D)."""
+    """Gene-conditioned embedding of a scalar log-normalised value. (B, G), (B, G, D) -> (B, G, D).
+
+    ``MLP(value) + value · W·gene_embedding``: the second term gives each gene its own
+    value direction (derived from its identity, so file / protein-LM embedders work
+    too), which makes pooled tokens a linear read-out of expression from the first step.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(1, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.gene_direction = nn.Linear(dim, dim)
 
-    def forward(self, values: Tensor) -> Tensor:
-        return self.net(values.unsqueeze(-1))  # (B, G) -> (B, G, 1) -> (B, G, D)
+    def forward(self, values: Tensor, gene_emb: Tensor) -> Tensor:
+        v = values.unsqueeze(-1)  # (B, G) -> (B, G, 1)
+        return self.net(v) + v * self.gene_direction(gene_emb)  # (B, G, D)
 
 
 @register_model("gene_to_cell", GeneToCellConfig)
@@ -240,53 +249,62 @@ class GeneToCell(nn.Module):
         return NBParams(mean=mean, theta=theta, zi_logits=zi, pad_mask=pad_mask)
 
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> GeneToCellLoss:
-        """Weighted sum of the auto-encoding, masked-gene and denoising NB/ZINB NLLs.
+        """Auto-encoding, masked-gene and denoising NB/ZINB NLLs in one encoder pass.
 
-        ``batch`` is a :class:`xscale.data.batch.CellBatch`. Each part is the mean
-        negative log-likelihood per (non-padding, resp. masked) gene; the decoded
-        library is the batch's counts summed over its gene context.
+        ``batch`` is a :class:`xscale.data.batch.CellBatch`. Each cell is assigned one
+        objective, drawn with probabilities proportional to the weights: its input is
+        left clean (auto-encode), has a fraction ``mask_fraction`` of its value
+        embeddings replaced by the mask token (masked genes; scored on the hidden genes
+        only) or is binomially thinned to ``denoise_keep`` (denoise; full counts as
+        target). One pass over the batch thus costs what a single objective costs. Each
+        part is the mean negative log-likelihood per scored gene (0 when no cell drew
+        it); ``total`` is the weighted sum of the parts over the weights of the parts present.
+        The decoded library is the batch's counts summed over its gene context.
         """
         c = self.config
         pad = batch.pad_mask
         counts = batch.counts.masked_fill(pad, 0.0)
         library = counts.sum(-1)  # (B,) library of the decoded context
-        real = (~pad).to(counts.dtype)
-        n_real = real.sum().clamp_min(1.0)
-        zero = counts.new_zeros(())
-        parts = {"autoencode": zero, "masked": zero, "denoise": zero}
-        if c.w_autoencode > 0:
-            lp = self._reconstruct_log_prob(batch.gene_ids, batch.values, pad, counts, library)
-            parts["autoencode"] = -(lp.sum() / n_real)
+        b = counts.shape[0]
+        weights = torch.tensor([c.w_autoencode, c.w_masked, c.w_denoise])
+        task = torch.multinomial(weights, b, replacement=True, generator=_cpu(generator)).to(pad.device)  # (B,)
+        values = batch.values
+        hide = None
         if c.w_masked > 0:
             u = torch.rand(pad.shape, generator=generator, device=pad.device)
-            hide = (u < c.mask_fraction) & ~pad  # (B, G)
-            lp = self._reconstruct_log_prob(batch.gene_ids, batch.values, pad, counts, library, value_mask=hide)
-            parts["masked"] = -(lp * hide).sum() / hide.sum().clamp_min(1)
+            hide = (u < c.mask_fraction) & ~pad & (task == 1)[:, None]  # (B, G)
         if c.w_denoise > 0:
             thinned = binomial_thin(counts, c.denoise_keep, generator=generator)
             thin_library = (batch.library - (counts - thinned).sum(-1)).clamp_min(0.0)
-            values = log_normalize(thinned, thin_library).masked_fill(pad, 0.0)
-            lp = self._reconstruct_log_prob(batch.gene_ids, values, pad, counts, library)
-            parts["denoise"] = -(lp.sum() / n_real)
-        total = c.w_autoencode * parts["autoencode"] + c.w_masked * parts["masked"] + c.w_denoise * parts["denoise"]
+            thin_values = log_normalize(thinned, thin_library).masked_fill(pad, 0.0)
+            values = torch.where((task == 2)[:, None], thin_values.to(values.dtype), values)
+        latents = self.encode(batch.gene_ids, values, pad, value_mask=hide)  # (B, K, D)
+        lp = self.decode(latents, batch.gene_ids, library, pad).log_prob(counts)  # (B, G)
+        real = ~pad
+        scored = {
+            "autoencode": real & (task == 0)[:, None],
+            "masked": hide if hide is not None else torch.zeros_like(pad),
+            "denoise": real & (task == 2)[:, None],
+        }
+        parts, total, weight_sum = {}, counts.new_zeros(()), 0.0
+        for (name, mask), w in zip(scored.items(), weights.tolist(), strict=True):
+            n = mask.sum()
+            parts[name] = -(lp * mask).sum() / n.clamp_min(1)
+            if w > 0 and bool(n > 0):
+                total = total + w * parts[name]
+                weight_sum += w
+        total = total * (sum(weights.tolist()) / max(weight_sum, 1e-12))
         return GeneToCellLoss(total=total, **parts)
 
     # ------------------------------------------------------------------ internals
     def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
-        value_emb = self.value_encoder(values.to(self.mask_token.dtype))  # (B, G, D)
+        gene_emb = self.gene_embedder(gene_ids)  # (B, G, D)
+        value_emb = self.value_encoder(values.to(gene_emb.dtype), gene_emb)  # (B, G, D)
         if value_mask is not None:
             value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)
-        return self.gene_embedder(gene_ids) + value_emb  # (B, G, D)
+        return gene_emb + value_emb  # (B, G, D)
 
-    def _reconstruct_log_prob(
-        self,
-        gene_ids: Tensor,
-        values: Tensor,
-        pad: Tensor,
-        counts: Tensor,
-        library: Tensor,
-        *,
-        value_mask: Tensor | None = None,
-    ) -> Tensor:
-        latents = self.encode(gene_ids, values, pad, value_mask=value_mask)  # (B, K, D)
-        return self.decode(latents, gene_ids, library, pad).log_prob(counts)  # (B, G)
+
+def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
+    """torch.multinomial on CPU weights needs a CPU generator (or None)."""
+    return generator if generator is None or generator.device.type == "cpu" else None

@@ -1,0 +1,297 @@
+"""Training level 1 (genes -> cells) with Lightning.
+
+- :class:`GeneCellModule` receives a :class:`~xscale.models.gene_to_cell.GeneToCell`,
+  owns the optimiser (AdamW, linear warm-up + cosine decay) and logs train/val losses.
+- :class:`CellDataModule` wraps any dataset yielding :class:`~xscale.data.batch.CellItem`
+  (the in-memory :class:`~xscale.data.anndata_dataset.AnnDataCellDataset`, or the
+  streaming ``CellStream``); :meth:`CellDataModule.from_adatas` builds one over one or
+  several AnnData objects with a random validation split.
+- :func:`fit_level1` is the one-call entry point: data -> trained, saved model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
+from xscale.data.batch import CellBatch, CellItem, collate_cells
+from xscale.data.vocab import GeneVocab
+from xscale.errors import XscaleInputError
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.models.io import save_model
+
+log = logging.getLogger(__name__)
+
+LoggerName = Literal["csv", "tensorboard", "none"]
+
+
+class GeneCellModule(lightning.LightningModule):
+    """LightningModule around a :class:`GeneToCell` network.
+
+    Parameters
+    ----------
+    model
+        The network (built by the caller from its config).
+    lr, weight_decay
+        AdamW settings.
+    warmup_fraction
+        Fraction of the run spent warming the learning rate up linearly; the rest
+        decays along a cosine to 10 % of ``lr``.
+    seed
+        Seed of the generator drawing masks and thinning inside the loss.
+    """
+
+    def __init__(
+        self, model: GeneToCell, *, lr: float = 2e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if lr <= 0 or weight_decay < 0 or not 0 <= warmup_fraction < 1:
+            raise ValueError(f"Invalid optimiser settings lr={lr}, weight_decay={weight_decay}, "
+                             f"warmup_fraction={warmup_fraction}.")
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "warmup_fraction": warmup_fraction,
+                                   "seed": seed, "model_config": model.config})
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed + 1000 * self.global_rank)
+        return self._generator
+
+    def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
+        out = self.model.loss(batch, generator=self._gen(batch.counts.device))
+        b = len(batch)
+        self.log("train/loss", out.total, prog_bar=True, batch_size=b)
+        for part in ("autoencode", "masked", "denoise"):
+            self.log(f"train/{part}", getattr(out, part), batch_size=b)
+        return out.total
+
+    def validation_step(self, batch: CellBatch, batch_idx: int) -> None:
+        g = torch.Generator(device=batch.counts.device).manual_seed(self.seed + batch_idx)  # same masks every epoch
+        out = self.model.loss(batch, generator=g)
+        b = len(batch)
+        self.log("val/loss", out.total, prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/autoencode", out.autoencode, batch_size=b, sync_dist=True)
+
+    def transfer_batch_to_device(self, batch: CellBatch, device: torch.device, dataloader_idx: int) -> CellBatch:
+        return batch.to(device)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 and p.requires_grad]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = max(int(self.warmup_fraction * total), 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class CollateCells:
+    """Picklable collate: ``collate_cells`` with a context limit and a seeded generator."""
+
+    def __init__(self, max_genes: int | None, seed: int = 0) -> None:
+        self.max_genes = max_genes
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, items: list[CellItem]) -> CellBatch:
+        return collate_cells(items, max_genes=self.max_genes, rng=self.rng)
+
+
+class CellDataModule(lightning.LightningDataModule):
+    """DataModule over any dataset(s) yielding :class:`CellItem`.
+
+    Parameters
+    ----------
+    train_dataset
+        Map-style or iterable dataset of CellItems (``AnnDataCellDataset``, ``CellStream``, ...).
+    val_dataset
+        Optional validation dataset of CellItems.
+    max_genes
+        Gene context per cell (longer panels are sampled: expressed genes first).
+    batch_size, num_workers, seed
+        DataLoader settings; map-style training data is shuffled with ``seed``.
+    """
+
+    def __init__(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None = None,
+        *,
+        max_genes: int | None = 512,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise XscaleInputError(f"batch_size must be >= 1; got {batch_size}.")
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.max_genes, self.batch_size, self.num_workers, self.seed = max_genes, batch_size, num_workers, seed
+
+    @classmethod
+    def from_adatas(
+        cls,
+        adatas,
+        vocab: GeneVocab,
+        *,
+        val_fraction: float = 0.1,
+        counts_layer: str | None = None,
+        slide_key: str | None = None,
+        min_genes: int = 10,
+        max_genes: int | None = 512,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> CellDataModule:
+        """In-memory DataModule over one or several AnnData objects; a random ``val_fraction`` of each validates."""
+        adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
+        if not 0.0 <= val_fraction < 1.0:
+            raise XscaleInputError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+        rng = np.random.default_rng(seed)
+        train_sel, val_sel = [], []
+        for a in adatas:
+            is_val = rng.random(a.n_obs) < val_fraction
+            train_sel.append(np.flatnonzero(~is_val))
+            val_sel.append(np.flatnonzero(is_val))
+        kw = dict(counts_layer=counts_layer, slide_key=slide_key, min_genes=min_genes)
+        train = AnnDataCellDataset(adatas, vocab, cells=train_sel, **kw)
+        n_val = sum(len(v) for v in val_sel)
+        val = AnnDataCellDataset(adatas, vocab, cells=val_sel, **kw) if n_val > 0 else None
+        log.info("Level-1 data: %d training cells, %d validation cells, %d dataset(s), genes used %s",
+                 len(train), n_val, len(adatas), train.genes_used)
+        return cls(train, val, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed)
+
+    def train_dataloader(self) -> DataLoader:
+        iterable = isinstance(self.train_dataset, IterableDataset)
+        gen = None if iterable else torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=not iterable, generator=gen,
+            drop_last=not iterable and len(self.train_dataset) > self.batch_size,
+            collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          collate_fn=CollateCells(self.max_genes, self.seed + 1), num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+
+def fit_level1(
+    adatas,
+    config: GeneToCellConfig | str = "small",
+    *,
+    out_dir: str | os.PathLike,
+    max_epochs: int | None = None,
+    max_steps: int = -1,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    counts_layer: str | None = None,
+    slide_key: str | None = None,
+    min_genes: int = 10,
+    logger: LoggerName = "csv",
+    log_dir: str | os.PathLike | None = None,
+    accelerator: str = "auto",
+    enable_progress_bar: bool = True,
+    checkpoint_every_n_steps: int = 200,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> GeneToCell:
+    """Train a level-1 model on one or several AnnData objects and save it.
+
+    Parameters
+    ----------
+    adatas
+        AnnData or sequence of AnnData with raw counts (different panels allowed).
+    config
+        A :class:`GeneToCellConfig`, or a preset name ("tiny", "small", "base") built
+        on the union of the panels' genes.
+    out_dir
+        Run directory: the model goes to ``out_dir/"model"`` (:func:`save_model`),
+        resumable checkpoints to ``out_dir/"checkpoints"`` (re-running resumes),
+        logs to ``log_dir`` (default ``out_dir/"logs"``).
+    max_epochs, max_steps
+        Training length (Lightning semantics); if neither is given, 20 epochs.
+    batch_size, lr, seed, val_fraction
+        Cells per batch, peak AdamW learning rate, global seed, held-out validation fraction.
+    counts_layer, slide_key, min_genes
+        Where the raw counts are, which obs column names the slide, and how many of a
+        panel's genes must be in the vocabulary.
+    logger
+        "csv", "tensorboard" or "none".
+    accelerator, enable_progress_bar, trainer_kwargs
+        Passed to ``lightning.Trainer`` (``trainer_kwargs`` e.g. ``{"max_time": "00:00:03:00"}``).
+
+    Returns
+    -------
+    The trained :class:`GeneToCell` in eval mode on the CPU.
+    """
+    from xscale.train.checkpointing import fit_resumable
+
+    adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
+    if isinstance(config, str):
+        config = GeneToCellConfig.preset(config, genes=vocab_from_adatas(adatas).genes)  # type: ignore[arg-type]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lightning.seed_everything(seed, workers=True, verbose=False)
+    model = GeneToCell(config)
+    vocab = model.vocab
+    dm = CellDataModule.from_adatas(
+        adatas, vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
+        min_genes=min_genes, max_genes=config.max_genes, batch_size=batch_size, seed=seed,
+    )
+    module = GeneCellModule(model, lr=lr, seed=seed)
+    if max_epochs is None and max_steps == -1:
+        max_epochs = 20
+    kwargs: dict[str, Any] = dict(
+        max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1,
+        logger=_make_logger(logger, Path(log_dir) if log_dir is not None else out_dir / "logs"),
+        enable_progress_bar=enable_progress_bar, enable_model_summary=False, log_every_n_steps=10,
+        num_sanity_val_steps=0, gradient_clip_val=1.0,
+    )
+    kwargs.update(trainer_kwargs or {})
+    trainer = fit_resumable(module, datamodule=dm, ckpt_dir=out_dir / "checkpoints", trainer_kwargs=kwargs,
+                            every_n_train_steps=checkpoint_every_n_steps)
+    model = module.model.cpu().eval()
+    path = save_model(model, out_dir / "model")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    log.info("Level 1 trained for %d steps; saved to %s; metrics %s", trainer.global_step, path, metrics)
+    return model
+
+
+def _make_logger(name: LoggerName, save_dir: Path) -> Any:
+    if name == "none":
+        return False
+    if name == "csv":
+        return lightning.pytorch.loggers.CSVLogger(save_dir=str(save_dir), name="level1")
+    if name == "tensorboard":
+        return lightning.pytorch.loggers.TensorBoardLogger(save_dir=str(save_dir), name="level1")
+    raise XscaleInputError(f"logger must be 'csv', 'tensorboard' or 'none'; got {name!r}.")
+
+
+__all__: Sequence[str] = ["CellDataModule", "CollateCells", "GeneCellModule", "fit_level1"]
