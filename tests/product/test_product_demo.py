@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import anndata as ad
@@ -21,7 +22,9 @@ def test_demo_tiny_writes_every_output_and_resumes(tmp_path, capsys):
     assert metrics["holdout"] == "20180424_BZ14_control"
     assert {"xscale_niche", "xscale_domain", "pca", "pca_spatial_mean"} <= set(metrics["domains"])
     assert {"xscale_cell", "pca"} <= set(metrics["cell_type"])
-    assert -1 <= metrics["domains"]["xscale_niche"]["ari"] <= 1
+    scores = [v for group in ("domains", "cell_type") for m in metrics[group].values() if isinstance(m, dict)
+              for v in m.values()]
+    assert scores and all(math.isfinite(v) for v in scores)
     assert (out / "checkpoints" / "level1" / "model" / "config.json").is_file()
     assert (out / "checkpoints" / "level2" / "model" / "model.safetensors").is_file()
     assert (out / "logs").is_dir()
