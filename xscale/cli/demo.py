@@ -58,28 +58,6 @@ def _link_logs(out) -> dict[str, str]:
     return found
 
 
-def expected_counts(adata, model, rows, *, batch_size: int = 256):
-    """Expected counts (len(rows), G) of the panel decoded from each cell's latent at its library size."""
-    import numpy as np
-    import torch
-
-    genes = list(map(str, adata.var_names))
-    ids = model.vocab.index(genes)
-    keep = ids >= 0
-    lat = np.asarray(adata.obsm["X_xscale_cell"], dtype=np.float32)[rows]
-    k, d = model.config.latents_per_cell, model.config.dim
-    X = adata.X[rows]
-    lib = np.asarray(X[:, keep].sum(1)).ravel().astype(np.float32)
-    out = np.zeros((len(rows), len(genes)), dtype=np.float32)
-    gid = torch.from_numpy(ids[keep])
-    with torch.inference_mode():
-        for a in range(0, len(rows), batch_size):
-            z = torch.from_numpy(lat[a : a + batch_size]).view(-1, k, d)  # (B, K*D) -> (B, K, D)
-            g = gid.expand(z.shape[0], -1)  # (B, G)
-            out[a : a + batch_size, keep] = model.decode(z, g, torch.from_numpy(lib[a : a + batch_size])).expected.numpy()
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import json
     import logging
@@ -91,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from threadpoolctl import threadpool_limits
 
     import xscale.datasets as ds
+    import xscale.tl
     from xscale.errors import XscaleInputError
     from xscale.pipelines import evaluate_adata
     from xscale.train.staged import run_staged
@@ -126,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
             domain_key=info.domain_key,
         )}
     held = np.flatnonzero(adata.obs[info.slide_key].astype(str).to_numpy() == info.holdout)
-    expected = np.zeros(adata.shape, dtype=np.float32)
-    expected[held] = expected_counts(adata, result.level1, held)
+    sub = adata[held].copy()
+    xscale.tl.reconstruct(sub, result.level1)  # held-out cells decoded from their latents
+    expected = np.full(adata.shape, np.nan, dtype=np.float32)
+    expected[held] = sub.layers["xscale_expected"]
     adata.layers["xscale_expected"] = expected
     obs = adata.X[held].toarray() if sp.issparse(adata.X) else np.asarray(adata.X[held])
     metrics["reconstruction"] = {"heldout": {"xscale": {"pearson_gene": _pearson_gene(obs, expected[held])}}}
@@ -152,7 +133,8 @@ def _pearson_gene(obs, exp) -> float:
     """Mean over genes of the Pearson correlation (across cells) of log1p observed and expected counts."""
     import numpy as np
 
-    a, b = np.log1p(obs), np.log1p(exp)
+    known = np.isfinite(exp).all(0)  # genes the model decodes
+    a, b = np.log1p(obs[:, known]), np.log1p(exp[:, known])
     a, b = a - a.mean(0), b - b.mean(0)
     den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
     ok = den > 0
