@@ -7,7 +7,7 @@ the baseline), measure:
 
 - ``peak_rss_mb``: peak RSS of the process tree (main + 2 DataLoader workers) during one
   full pass of ``CellStream`` through a DataLoader, in a fresh process (batched mode:
-  ``CellStream(batch_size=256)`` yields the ``CellBatch`` es that ``collate_cells`` would
+  ``CellStream(batch_size=1024)`` yields the ``CellBatch`` es that ``collate_cells`` would
   build, from whole blocks at once);
 - ``stream_cells_per_s``: cells per second of that pass;
 - ``raw_read_cells_per_s``: sequential read + decode (CSR -> dense) of every block of the
@@ -70,7 +70,7 @@ def stream_pass(store: str, batch_size: int, workers: int) -> dict:
     thread.start()
     # batched mode: the stream builds each CellBatch from a block with array operations
     ds = CellStream(store, seed=0, buffer_size=4096, batch_size=batch_size)
-    dl = DataLoader(ds, batch_size=None, num_workers=workers)
+    dl = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
     t0 = time.perf_counter()
     n = 0
     for batch in dl:
@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.pass_store:  # child process: one measured pass
-        print(json.dumps(stream_pass(args.pass_store, batch_size=256, workers=2)))
+        print(json.dumps(stream_pass(args.pass_store, batch_size=1024, workers=2)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = {}

@@ -70,3 +70,15 @@ def test_corrupted_zarr_chunk(small_adata, tmp_path):
     chunks[0].write_bytes(b"garbage-bytes")
     with pytest.raises(XscaleInputError, match=r"corrupted or incompletely written"):
         read_dataset(store)
+
+
+def test_lazy_read_lists_layers_in_message(small_adata, tmp_path):
+    import scipy.sparse as sp
+
+    small_adata.layers["counts"] = small_adata.X.copy()
+    small_adata.X = sp.csr_matrix(np.log1p(small_adata.X.toarray()))
+    small_adata.write_h5ad(tmp_path / "n.h5ad")
+    with pytest.raises(XscaleInputError, match=r"--counts-layer NAME\)\. Layers present: \['counts'\]"):
+        read_dataset(tmp_path / "n.h5ad", backed=True)
+    a = read_dataset(tmp_path / "n.h5ad", backed=True, counts_layer="counts")
+    assert np.array_equal(a.X.compute().toarray(), small_adata.layers["counts"].toarray())

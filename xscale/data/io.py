@@ -85,8 +85,8 @@ def detect_format(path: str | Path) -> Format:
     )
 
 
-def _read_lazy_anndata(group, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
-    """AnnData with dask X (and counts layer) from an open h5py/zarr group; other slots in memory."""
+def _read_lazy_anndata(group, chunk_rows: int) -> ad.AnnData:
+    """AnnData with dask X and layers from an open h5py/zarr group; obs, var, obsm, uns in memory."""
     import anndata as ad
     from anndata.experimental import read_elem_lazy
     from anndata.io import read_elem
@@ -96,14 +96,13 @@ def _read_lazy_anndata(group, counts_layer: str | None, chunk_rows: int) -> ad.A
 
     x = lazy(group["X"]) if "X" in group else None
     obsm = {k: np.asarray(read_elem(group["obsm"][k])) for k in group["obsm"].keys()} if "obsm" in group else {}
-    layers = {}
-    if counts_layer is not None and "layers" in group and counts_layer in group["layers"]:
-        layers[counts_layer] = lazy(group["layers"][counts_layer])
+    # every layer, lazily (nothing is read): messages can list them and counts_layer can pick one
+    layers = {k: lazy(group["layers"][k]) for k in group["layers"].keys()} if "layers" in group else {}
     uns = read_elem(group["uns"]) if "uns" in group else {}
     return ad.AnnData(X=x, obs=read_elem(group["obs"]), var=read_elem(group["var"]), obsm=obsm, layers=layers, uns=uns)
 
 
-def _read_h5ad(path: Path, backed: bool, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
+def _read_h5ad(path: Path, backed: bool, chunk_rows: int) -> ad.AnnData:
     import anndata as ad
 
     try:
@@ -111,7 +110,7 @@ def _read_h5ad(path: Path, backed: bool, counts_layer: str | None, chunk_rows: i
             import h5py
 
             # the file stays open: the dask graph of X holds the h5py datasets
-            return _read_lazy_anndata(h5py.File(path, "r"), counts_layer, chunk_rows)
+            return _read_lazy_anndata(h5py.File(path, "r"), chunk_rows)
         return ad.read_h5ad(path)
     except (OSError, KeyError) as err:
         raise XscaleInputError(
@@ -120,13 +119,13 @@ def _read_h5ad(path: Path, backed: bool, counts_layer: str | None, chunk_rows: i
         ) from err
 
 
-def _read_anndata_zarr(path: Path, backed: bool, counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
+def _read_anndata_zarr(path: Path, backed: bool, chunk_rows: int) -> ad.AnnData:
     import anndata as ad
     import zarr
 
     try:
         if backed:
-            return _read_lazy_anndata(zarr.open_group(path, mode="r"), counts_layer, chunk_rows)
+            return _read_lazy_anndata(zarr.open_group(path, mode="r"), chunk_rows)
         return ad.read_zarr(path)
     except XscaleInputError:
         raise
@@ -246,9 +245,9 @@ def read_dataset(
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "h5ad":
-        adata = _read_h5ad(path, backed, counts_layer, chunk_rows)
+        adata = _read_h5ad(path, backed, chunk_rows)
     elif fmt == "anndata-zarr":
-        adata = _read_anndata_zarr(path, backed, counts_layer, chunk_rows)
+        adata = _read_anndata_zarr(path, backed, chunk_rows)
     else:
         adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
     if validate:

@@ -282,6 +282,7 @@ class CellStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._root = None
+        self._pid = os.getpid()
         root = self.root
         info = root.attrs.get("xscale_store")
         if not info or not info.get("complete"):
@@ -303,7 +304,8 @@ class CellStore:
 
     @property
     def root(self):
-        if self._root is None:
+        if self._root is None or self._pid != os.getpid():  # reopen in forked DataLoader workers
+            self._pid = os.getpid()
             import zarr
 
             try:

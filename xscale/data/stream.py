@@ -142,8 +142,10 @@ class CellStream(_StoreStream):
     batch_size
         None: yield :class:`CellItem` (DataLoader ``collate_fn=collate_cells``). An int:
         yield ready :class:`~xscale.data.batch.CellBatch` es of that many cells, built from
-        each block with array operations (DataLoader ``batch_size=None``) — the same tensors
+        each block with array operations (DataLoader ``batch_size=None``) — the same values
         ``collate_cells`` would give, many times faster; the shuffle buffer holds rows.
+        ``gene_ids`` and ``pad_mask`` are then broadcast (stride-0) views: read-only, call
+        ``.contiguous()`` before writing into them.
     max_genes
         Gene context per cell in batched mode (as ``collate_cells(max_genes=)``).
     """
@@ -164,6 +166,7 @@ class CellStream(_StoreStream):
         self.gene_ids = ids[self.keep_genes]
         self.dataset = dataset
         self._gene_ids_t = torch.from_numpy(self.gene_ids)
+        self._no_pad = torch.zeros(1, dtype=torch.bool)
         if batch_size is not None and batch_size < 1:
             raise XscaleInputError(f"batch_size: expected >= 1 or None, found {batch_size}.")
         self.batch_size, self.max_genes = batch_size, max_genes
@@ -192,9 +195,11 @@ class CellStream(_StoreStream):
         counts_t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32))
         library = counts_t.sum(dim=1)
         return CellBatch(
-            gene_ids=self._gene_ids_t.expand(b, g).contiguous(),
+            # every cell shares the panel and has no padding: broadcast views, so a batch
+            # crossing from a DataLoader worker carries G ids, not B x G (read-only)
+            gene_ids=self._gene_ids_t.expand(b, g),
             counts=counts_t, values=log_normalize(counts_t, library),
-            pad_mask=torch.zeros((b, g), dtype=torch.bool), library=library,
+            pad_mask=self._no_pad.expand(b, g), library=library,
             index=torch.from_numpy(rows.astype(np.int64)),
             dataset=torch.full((b,), self.dataset, dtype=torch.long),
             slide=torch.from_numpy(np.searchsorted(self.store.slide_stop, rows, side="right").astype(np.int64)),
