@@ -122,13 +122,15 @@ class TissueLoss:
     """Level-2 loss terms (scalars). ``loss`` is what is optimised.
 
     ``reconstruction`` = mean squared error over all real cells; ``masked`` = the same
-    over the masked cells only (0 when none are masked); ``n_cells`` real cells scored.
+    over the masked cells only (0 when none are masked); ``n_cells`` real cells scored;
+    ``recon`` (B, C, K·D) the rebuilt cell latents (joint training decodes them further).
     """
 
     loss: Tensor
     reconstruction: Tensor
     masked: Tensor
     n_cells: int
+    recon: Tensor
 
 
 @register_model("cell_to_tissue", CellToTissueConfig)
@@ -246,16 +248,20 @@ class CellToTissue(nn.Module):
         *,
         cell_mask: Tensor | None = None,
         mask: bool = True,
+        target: Tensor | None = None,
     ) -> TissueLoss:
         """Reconstruction (+ masked-cell) loss of a batch of niches.
 
         ``cell_mask`` defaults to a fresh random mask when ``mask`` is True and the
         model is in training mode; pass ``mask=False`` for plain auto-encoding.
+        ``target`` (B, C, K·D) defaults to ``cell_latents`` (joint training passes them
+        detached, so level 1 is not pulled towards latents that are merely easy to predict).
         """
         if cell_mask is None and mask and self.training:
             cell_mask = self.sample_cell_mask(pad_mask)
+        target = cell_latents if target is None else target
         _, recon = self(cell_latents, rel_xy, pad_mask, cell_mask=cell_mask)
-        err = (recon - cell_latents).pow(2).mean(dim=-1)  # (B, C)
+        err = (recon - target).pow(2).mean(dim=-1)  # (B, C)
         real = (~pad_mask).to(err.dtype)
         n_real = real.sum().clamp_min(1.0)
         reconstruction = (err * real).sum() / n_real
@@ -265,4 +271,6 @@ class CellToTissue(nn.Module):
         else:
             masked = err.new_zeros(())
         total = reconstruction + self.config.masked_weight * masked
-        return TissueLoss(loss=total, reconstruction=reconstruction, masked=masked, n_cells=int(real.sum().item()))
+        return TissueLoss(
+            loss=total, reconstruction=reconstruction, masked=masked, n_cells=int(real.sum().item()), recon=recon
+        )

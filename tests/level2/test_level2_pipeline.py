@@ -1,0 +1,120 @@
+"""Staged pipeline, stage skipping, joint training and `xscale run` on real STARmap cells (tiny settings)."""
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import xscale.datasets as datasets
+
+HOLDOUT = "20180424_BZ14_control"
+
+
+@pytest.fixture(scope="module")
+def starmap_small() -> ad.AnnData:
+    """~300 real STARmap cells: a spatial window of each of two slices (one held out)."""
+    a = datasets.load("starmap_mpfc")
+    slides = a.obs["slice"].astype(str).to_numpy()
+    keep = np.zeros(a.n_obs, dtype=bool)
+    for s in ("20180417_BZ5_control", HOLDOUT):
+        rows = np.flatnonzero(slides == s)
+        xy = a.obsm["spatial"][rows]
+        order = np.argsort(xy[:, 0])  # a band of the slice across the layers
+        keep[rows[order[:150]]] = True
+    return a[keep].copy()
+
+
+def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
+    from xscale.train.staged import STAGES, run_staged
+
+    out = tmp_path / "run"
+    kwargs = dict(
+        level1_preset="tiny", level2_preset="tiny", train_slides=["20180417_BZ5_control"], slide_key="slice",
+        n_domains=3, level1_max_steps=4, level2_max_steps=4, batch_size=32, progress=False,
+    )
+    res = run_staged(starmap_small.copy(), out, **kwargs)
+    n = starmap_small.n_obs
+    assert res.skipped == []
+    k, d = res.level1.config.latents_per_cell, res.level1.config.dim
+    assert res.adata.obsm["X_xscale_cell"].shape == (n, k * d)
+    t, dl2 = res.level2.config.n_tissue_latents, res.level2.config.dim
+    assert res.adata.obsm["X_xscale_niche"].shape == (n, t * dl2)
+    assert np.isfinite(res.adata.obsm["X_xscale_niche"]).all()
+    assert set(res.adata.obs["xscale_domain"].astype(str)) <= {"0", "1", "2"}
+    store = ad.read_zarr(out / "cells.zarr")
+    assert list(store.obs_names) == list(starmap_small.obs_names)
+    np.testing.assert_allclose(store.obsm["X_xscale_niche"], res.adata.obsm["X_xscale_niche"])
+    for stage in STAGES:
+        assert (out / "checkpoints" / stage).is_dir()
+
+    again = run_staged(starmap_small.copy(), out, **kwargs)
+    assert again.skipped == list(STAGES)
+    assert again.seconds == {}
+    np.testing.assert_array_equal(again.adata.obsm["X_xscale_niche"], res.adata.obsm["X_xscale_niche"])
+
+    # An interrupted niche stage (no completion marker) is redone, the finished ones are not.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "niches")
+    third = run_staged(starmap_small.copy(), out, **kwargs)
+    assert third.skipped == ["level1", "cells", "level2"]
+    np.testing.assert_allclose(third.adata.obsm["X_xscale_niche"], res.adata.obsm["X_xscale_niche"], atol=1e-5)
+
+
+def test_level2_joint_loss_falls(starmap_small):
+    from xscale.data.anndata_dataset import AnnDataCellDataset
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.train.joint import HierarchyModule, JointNicheDataset
+    from xscale.train.level2 import make_niches
+
+    torch.manual_seed(0)
+    a = starmap_small
+    l1 = GeneToCell(GeneToCellConfig.preset("tiny", genes=list(a.var_names), max_genes=48))
+    width = l1.config.latents_per_cell * l1.config.dim
+    l2 = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=width, max_cells=6))
+    niches = make_niches(a.obsm["spatial"], np.arange(8), max_cells=6, slides=a.obs["slice"].astype(str).to_numpy())
+    data = JointNicheDataset(AnnDataCellDataset(a, l1.vocab), niches, max_genes=48)
+    module = HierarchyModule(l1, l2)
+    batch = data.collate(list(range(8)))
+    assert batch.cells.gene_ids.shape[0] == int((~batch.pad_mask).sum())
+    opt = torch.optim.Adam(module.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        out = module.compute_loss(batch)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.8 * losses[0]
+    assert out.counts.item() > 0 and out.level2.item() >= 0
+    # gradients of the summed loss reach both levels
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in l1.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in l2.parameters())
+
+
+def test_level2_cli_run_writes_store_and_metrics(starmap_small, tmp_path, capsys):
+    from xscale.cli.main import main
+
+    data = tmp_path / "small.h5ad"
+    starmap_small.write_h5ad(data)
+    out = tmp_path / "out"
+    code = main([
+        "run", "--data", str(data), "--out", str(out), "--slide-key", "slice", "--domain-key", "domain_name",
+        "--cell-type-key", "cell_type", "--preset", "tiny", "--max-steps", "3", "--no-progress",
+    ])
+    assert code == 0
+    store = ad.read_zarr(out / "cells.zarr")
+    assert list(store.obs_names) == list(starmap_small.obs_names)
+    assert {"X_xscale_cell", "X_xscale_niche"} <= set(store.obsm)
+    assert store.obs["xscale_domain"].nunique() <= starmap_small.obs["domain_name"].nunique()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["domains"]["per_slide"]) == set(starmap_small.obs["slice"].astype(str))
+    assert -1.0 <= metrics["domains"]["xscale_domain"]["ari"] <= 1.0
+    assert 0.0 <= metrics["cell_types"]["knn_purity_xscale_cell"] <= 1.0
+    # a missing key is a user error (exit 2), not a traceback
+    assert main(["run", "--data", str(data), "--out", str(out), "--slide-key", "nope", "--preset", "tiny"]) == 2

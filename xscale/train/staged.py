@@ -1,0 +1,295 @@
+"""Staged training: level 1 → cell latents → level 2 → niche latents → domains.
+
+Each stage writes its output under ``out_dir/checkpoints/<stage>`` and is *finished*
+when that output is complete (written under a temporary name and renamed), so a
+re-run skips finished stages and resumes an interrupted fit from its ``last.ckpt``:
+
+=========  ====================================================  =====================
+stage      output                                                finished when
+=========  ====================================================  =====================
+level1     ``checkpoints/level1/model`` (GeneToCell)             model dir renamed in
+cells      ``checkpoints/cells/latents.npy`` (n, K·D)            dir marked complete
+level2     ``checkpoints/level2/model`` (CellToTissue)           model dir renamed in
+niches     ``checkpoints/niches/latents.npy`` (n, T·D)           dir marked complete
+=========  ====================================================  =====================
+
+Domains (k-means on niche latents) take seconds and are recomputed on every run. The
+result is ``out_dir/cells.zarr``: the input AnnData (same obs_names) with
+``obsm["X_xscale_cell"]``, ``obsm["X_xscale_niche"]`` and ``obs["xscale_domain"]``.
+Level 2 trains on an in-memory niche dataset built from the cell latents.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from xscale.errors import XscaleInputError
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("level1", "cells", "level2", "niches")
+CELL_KEY = "X_xscale_cell"
+NICHE_KEY = "X_xscale_niche"
+DOMAIN_KEY = "xscale_domain"
+Preset = Literal["tiny", "small", "base"]
+
+
+@dataclass
+class StagedResult:
+    """What :func:`run_staged` produced.
+
+    adata: the AnnData with latents (and domains); level1 / level2: trained models;
+    skipped: stages found finished and not re-run; seconds: wall time per stage run;
+    store: path of ``cells.zarr``.
+    """
+
+    adata: ad.AnnData
+    level1: GeneToCell
+    level2: CellToTissue
+    store: Path
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _train_mask(
+    adata: ad.AnnData, train_mask: np.ndarray | None, train_slides: Sequence[str] | None, slide_key: str | None
+) -> np.ndarray:
+    n = adata.n_obs
+    if train_mask is not None and train_slides is not None:
+        raise XscaleInputError("Pass train_mask or train_slides, not both.")
+    if train_slides is not None:
+        if slide_key is None:
+            raise XscaleInputError("train_slides needs slide_key= naming the obs column of slides.")
+        slides = adata.obs[slide_key].astype(str).to_numpy()
+        missing = sorted(set(map(str, train_slides)) - set(slides))
+        if missing:
+            raise XscaleInputError(
+                f"train_slides {missing} not found in obs[{slide_key!r}]; available: {sorted(set(slides))}."
+            )
+        mask = np.isin(slides, [str(s) for s in train_slides])
+    elif train_mask is not None:
+        mask = np.asarray(train_mask, dtype=bool)
+        if mask.shape != (n,):
+            raise XscaleInputError(f"train_mask: expected a bool array of shape ({n},), found {mask.shape}.")
+    else:
+        mask = np.ones(n, dtype=bool)
+    if not mask.any():
+        raise XscaleInputError("No training cells: train_mask / train_slides selects none.")
+    return mask
+
+
+def _save_array(stage_dir: Path, values: np.ndarray) -> None:
+    from xscale.utils.atomic import atomic_dir
+
+    with atomic_dir(stage_dir) as tmp:
+        np.save(tmp / "latents.npy", np.asarray(values, dtype=np.float32))
+
+
+def _load_array(stage_dir: Path, n: int) -> np.ndarray | None:
+    from xscale.utils.atomic import is_complete
+
+    if not is_complete(stage_dir):
+        return None
+    values = np.load(stage_dir / "latents.npy")
+    if values.shape[0] != n:
+        raise XscaleInputError(
+            f"{stage_dir} holds latents of {values.shape[0]} cells but the data has {n}; "
+            "this out_dir belongs to another dataset: use a fresh --out directory."
+        )
+    return values
+
+
+def _finished_model(path: Path):
+    from xscale.models.io import load_model
+
+    return load_model(path) if (path / "config.json").is_file() else None
+
+
+def run_staged(
+    adata: ad.AnnData,
+    out_dir: str | os.PathLike,
+    *,
+    level1_config: GeneToCellConfig | None = None,
+    level1_preset: Preset = "small",
+    level2_config: CellToTissueConfig | None = None,
+    level2_preset: Preset = "small",
+    train_mask: np.ndarray | None = None,
+    train_slides: Sequence[str] | None = None,
+    slide_key: str | None = None,
+    spatial_key: str = "spatial",
+    n_domains: int | None = None,
+    domain_method: Literal["kmeans", "gmm"] = "kmeans",
+    radius: float | None = None,
+    level1_epochs: int = 20,
+    level2_epochs: int = 30,
+    level1_max_steps: int = -1,
+    level2_max_steps: int = -1,
+    batch_size: int = 128,
+    seed: int = 0,
+    accelerator: str = "cpu",
+    progress: bool = True,
+    write_store: bool = True,
+) -> StagedResult:
+    """Run the staged pipeline on one AnnData; finished stages are skipped on re-run.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes with raw counts in ``X`` (validated, e.g. by
+        ``xscale.data.validate.validate_adata``) and coordinates in ``obsm[spatial_key]``.
+    out_dir
+        Run directory: ``checkpoints/<stage>`` per stage, ``cells.zarr`` at the end.
+    level1_config, level1_preset
+        Level-1 config, or a preset built on the panel's genes.
+    level2_config, level2_preset
+        Level-2 config, or a preset with ``in_dim`` = the level-1 latent width.
+    train_mask, train_slides
+        Cells (bool (n,)) or slides (names in ``obs[slide_key]``) both levels train on
+        (default: all). Every cell is embedded.
+    slide_key
+        ``obs`` column of slides: niches never cross slides.
+    n_domains
+        When given, ``obs["xscale_domain"]`` = k-means (or GMM) of the niche latents.
+    radius
+        Optional niche radius in median nearest-neighbour distances.
+    level1_epochs, level2_epochs, level1_max_steps, level2_max_steps, batch_size, seed
+        Training budget.
+    write_store
+        Write ``out_dir/cells.zarr`` (AnnData zarr, obs_names as the input).
+
+    Returns
+    -------
+    :class:`StagedResult`; ``result.adata`` holds ``obsm["X_xscale_cell"]`` (n, K·D),
+    ``obsm["X_xscale_niche"]`` (n, T·D) and, with ``n_domains``, ``obs["xscale_domain"]``.
+    """
+    from xscale.models.cell_to_tissue import CellToTissueConfig
+    from xscale.models.io import save_model
+    from xscale.tl.cells import embed_cells
+    from xscale.tl.niches import domains, niche_embeddings
+    from xscale.train.level1 import fit_level1
+    from xscale.train.level2 import fit_level2
+
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if spatial_key not in adata.obsm:
+        raise XscaleInputError(
+            f"spatial_key {spatial_key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}. "
+            "Pass spatial_key= (--spatial-key) naming the (n, 2) coordinates."
+        )
+    if slide_key is not None and slide_key not in adata.obs:
+        raise XscaleInputError(
+            f"slide_key {slide_key!r} not found in adata.obs. Available: {list(adata.obs.columns)}."
+        )
+    mask = _train_mask(adata, train_mask, train_slides, slide_key)
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key is not None else None
+    skipped: list[str] = []
+    seconds: dict[str, float] = {}
+    n = adata.n_obs
+
+    # -- stage 1: level 1
+    t0 = time.perf_counter()
+    level1 = _finished_model(ckpt / "level1" / "model")
+    if level1 is not None:
+        skipped.append("level1")
+        log.info("Stage level1 finished earlier (%s); skipping.", ckpt / "level1" / "model")
+    else:
+        train = adata[mask].copy() if not mask.all() else adata
+        level1 = fit_level1(
+            train, level1_config or level1_preset, out_dir=ckpt / "level1", max_epochs=level1_epochs,
+            max_steps=level1_max_steps, batch_size=batch_size, seed=seed, slide_key=slide_key,
+            accelerator=accelerator, enable_progress_bar=progress,
+        )
+        seconds["level1"] = time.perf_counter() - t0
+
+    # -- stage 2: cell latents for every cell
+    t0 = time.perf_counter()
+    cells = _load_array(ckpt / "cells", n)
+    if cells is not None:
+        skipped.append("cells")
+        log.info("Stage cells finished earlier; skipping.")
+    else:
+        tmp = adata.copy()
+        embed_cells(tmp, level1, key_added=CELL_KEY)
+        cells = np.asarray(tmp.obsm[CELL_KEY], dtype=np.float32).reshape(n, -1)
+        del tmp
+        _save_array(ckpt / "cells", cells)
+        seconds["cells"] = time.perf_counter() - t0
+    adata.obsm[CELL_KEY] = cells
+
+    # -- stage 3: level 2 on niches centred on the training cells
+    t0 = time.perf_counter()
+    level2 = _finished_model(ckpt / "level2" / "model")
+    if level2 is not None:
+        skipped.append("level2")
+        log.info("Stage level2 finished earlier; skipping.")
+    else:
+        config = level2_config or CellToTissueConfig.preset(level2_preset, in_dim=cells.shape[1])
+        level2 = fit_level2(
+            cells, coords, config=config, train_cells=np.flatnonzero(mask), slides=slides, radius=radius,
+            max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, 64), seed=seed,
+            ckpt_dir=ckpt / "level2" / "lightning", accelerator=accelerator, progress=progress,
+        )
+        save_model(level2, ckpt / "level2" / "model")
+        seconds["level2"] = time.perf_counter() - t0
+
+    # -- stage 4: niche latents for every cell
+    t0 = time.perf_counter()
+    niches = _load_array(ckpt / "niches", n)
+    if niches is not None:
+        skipped.append("niches")
+        log.info("Stage niches finished earlier; skipping.")
+    else:
+        niches = niche_embeddings(level2, cells, coords, slides=slides, radius=radius, progress=progress)
+        _save_array(ckpt / "niches", niches)
+        seconds["niches"] = time.perf_counter() - t0
+    adata.obsm[NICHE_KEY] = niches
+
+    if n_domains is not None:
+        domains(adata, n_domains, key_added=DOMAIN_KEY, use_rep=NICHE_KEY, method=domain_method, seed=seed)
+
+    store = out_dir / "cells.zarr"
+    if write_store:
+        write_cells_zarr(adata, store, slide_key=slide_key, spatial_key=spatial_key)
+    (out_dir / "stages.json").write_text(json.dumps({"skipped": skipped, "seconds": seconds}, indent=2))
+    return StagedResult(adata=adata, level1=level1, level2=level2, store=store, skipped=skipped, seconds=seconds)
+
+
+def write_cells_zarr(
+    adata: ad.AnnData, path: str | os.PathLike, *, slide_key: str | None = None, spatial_key: str = "spatial"
+) -> Path:
+    """Write ``adata`` as an AnnData zarr store at ``path`` atomically (temp name, then rename).
+
+    ``uns["xscale"]`` records the slide and spatial keys for the query layer.
+    """
+    from xscale.utils.atomic import atomic_dir
+
+    path = Path(path)
+    out = adata.copy()
+    meta = dict(out.uns.get("xscale", {})) if isinstance(out.uns.get("xscale"), dict) else {}
+    meta.update({"slide_key": slide_key or "", "spatial_key": spatial_key})
+    out.uns["xscale"] = meta
+    out.uns.pop("xscale_source", None) if not isinstance(out.uns.get("xscale_source"), dict) else None
+    with atomic_dir(path) as tmp:
+        out.write_zarr(tmp / "store.zarr")
+        # atomic_dir renames the directory; the zarr store is its content.
+        for child in (tmp / "store.zarr").iterdir():
+            child.rename(tmp / child.name)
+        (tmp / "store.zarr").rmdir()
+    log.info("Wrote %s (%d cells)", path, out.n_obs)
+    return path
