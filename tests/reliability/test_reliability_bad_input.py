@@ -237,3 +237,42 @@ def test_real_subprocess_exit_status_and_no_traceback(cells, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "xscale prepare: error: adata.obs_names: expected unique cell ids" in proc.stderr
+
+
+# ---------------------------------------------------------------- xscale embed: panel vs model
+@pytest.fixture(scope="module")
+def tiny_model_dir(cells, tmp_path_factory):
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    genes = [str(g) for g in cells.var_names]
+    return save_model(GeneToCell(GeneToCellConfig.preset("tiny", genes=genes)),
+                      tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.mark.parametrize("n_shared", [0, 4])
+def test_embed_panel_sharing_too_few_genes(cells, tiny_model_dir, tmp_path, capsys, n_shared):
+    a = cells.copy()
+    a.var_names = [g if i < n_shared else f"ENSMUSG{i:011d}" for i, g in enumerate(a.var_names)]
+    a.write_h5ad(tmp_path / "ens.h5ad")
+    out = tmp_path / "emb"
+    rc, err = _cli(["embed", "--checkpoint", str(tiny_model_dir), "--data", str(tmp_path / "ens.h5ad"),
+                    "--out", str(out)], capsys)
+    assert rc == 2
+    line = _assert_one_clean_line(err, "embed")
+    assert f"shares {n_shared} of its 166 genes" in line and "at least 10" in line
+    assert "Ensembl IDs" in line and "ENSMUSG" in line  # says what was found and what to check
+    assert not (out / "cells.zarr").exists()
+
+
+def test_embed_panel_with_enough_shared_genes_works(cells, tiny_model_dir, tmp_path, capsys):
+    import anndata
+
+    a = cells.copy()
+    a.var_names = [g if i < 40 else f"ENSMUSG{i:011d}" for i, g in enumerate(a.var_names)]
+    a.write_h5ad(tmp_path / "part.h5ad")
+    rc, err = _cli(["embed", "--checkpoint", str(tiny_model_dir), "--data", str(tmp_path / "part.h5ad"),
+                    "--out", str(tmp_path / "emb")], capsys)
+    assert rc == 0, err
+    z = anndata.read_zarr(tmp_path / "emb" / "cells.zarr")
+    assert z.obsm["X_xscale_cell"].shape[0] == cells.n_obs
