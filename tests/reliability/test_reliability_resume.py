@@ -171,3 +171,21 @@ def test_user_model_checkpoint_is_kept_and_also_safe(tmp_path):
     assert len(files) == 1
     torch.load(files[0], weights_only=True)  # written through SafeCheckpointIO too
     assert load_lightning_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 4
+
+
+def test_failed_checkpoint_write_keeps_previous_last_ckpt(tmp_path, monkeypatch):
+    from xscale.train.checkpointing import SafeCheckpointIO
+
+    io_ = SafeCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1, "epoch": 0}, last)
+
+    def crash(*args, **kwargs):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        io_.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 2, "epoch": 0}, last)
+    monkeypatch.undo()
+    assert io_.load_checkpoint(last)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary was removed
