@@ -47,3 +47,17 @@ def starmap_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "cells.zarr"
     adata.write_zarr(path)
     return path, adata
+
+
+@pytest.fixture(scope="session")
+def starmap_subset_h5ad(tmp_path_factory):
+    """600 real STARmap cells (200 per slice, coordinates and labels kept) as an .h5ad file."""
+    import xscale
+
+    adata = xscale.datasets.load("starmap_mpfc")
+    rng = np.random.default_rng(0)
+    keep = np.concatenate([rng.choice(np.flatnonzero((adata.obs["slice"] == s).to_numpy()), 200, replace=False)
+                           for s in sorted(adata.obs["slice"].unique())])
+    path = tmp_path_factory.mktemp("subset") / "starmap_subset.h5ad"
+    adata[np.sort(keep)].copy().write_h5ad(path)
+    return path

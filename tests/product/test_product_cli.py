@@ -33,28 +33,30 @@ def test_help_answers_fast_and_lists_commands():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """A tiny level-1 model trained a few steps and a tiny level-2 model, saved like a demo run."""
+    """Tiny level-1 and level-2 models (random weights) saved in the layout of a demo run."""
+    import torch
+
     import xscale
     from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
     from xscale.models.io import save_model
-    from xscale.train.level1 import fit_level1
 
+    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("run") / "checkpoints"
-    adata = xscale.datasets.load("starmap_mpfc")
-    model = fit_level1(adata, "tiny", out_dir=root.parent / "l1run", max_steps=3, batch_size=32, logger="none",
-                       accelerator="cpu", enable_progress_bar=False)
-    save_model(model, root / "level1")
+    genes = list(xscale.datasets.load("starmap_mpfc").var_names)
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes))
+    save_model(model, root / "level1" / "model")
     in_dim = model.config.latents_per_cell * model.config.dim
-    save_model(CellToTissue(CellToTissueConfig.preset("tiny", in_dim=in_dim)), root / "level2")
+    save_model(CellToTissue(CellToTissueConfig.preset("tiny", in_dim=in_dim)), root / "level2" / "model")
     return root
 
 
-def test_cli_embed_then_query_then_decode(tiny_models, tmp_path, capsys):
+def test_cli_embed_then_query_then_decode(tiny_models, starmap_subset_h5ad, tmp_path, capsys):
     from xscale.query import LatentIndex, decode_hit
 
     out = tmp_path / "emb"
-    assert main(["embed", "--checkpoint", str(tiny_models), "--data", "starmap_mpfc", "--out", str(out),
-                 "--n-domains", "4"]) == 0
+    assert main(["embed", "--checkpoint", str(tiny_models), "--data", str(starmap_subset_h5ad), "--out", str(out),
+                 "--slide-key", "slice", "--n-domains", "4"]) == 0
     store = out / "cells.zarr"
     assert store.exists() and not (out / "cells.zarr.tmp").exists()
     capsys.readouterr()
@@ -64,10 +66,10 @@ def test_cli_embed_then_query_then_decode(tiny_models, tmp_path, capsys):
     assert main(["query", "--store", str(store), "--level", "niche", "--cell", cid, "--k", "3", "--cross-slide"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and all({"id", "distance", "slide", "x", "y", "xscale_domain"} <= set(h) for h in hits)
-    expected = decode_hit(index, hits[0]["id"], tiny_models / "level1", library=1000.0)
+    expected = decode_hit(index, hits[0]["id"], tiny_models / "level1" / "model", library=1000.0)
     assert len(expected) == 166 and np.isclose(expected.sum(), 1000.0, rtol=1e-3) and (expected >= 0).all()
     # level 1 only: a model directory without level2/
-    assert main(["embed", "--checkpoint", str(tiny_models / "level1"), "--data", "starmap_mpfc",
+    assert main(["embed", "--checkpoint", str(tiny_models / "level1" / "model"), "--data", str(starmap_subset_h5ad),
                  "--out", str(tmp_path / "l1only")]) == 0
     import anndata as ad
 

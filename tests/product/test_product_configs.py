@@ -25,10 +25,10 @@ def level1_dir(tmp_path_factory):
     return path
 
 
-def _niche_data(tmp: Path, level1: Path) -> Path:
+def _niche_data(tmp: Path, level1: Path, dataset: Path) -> Path:
     p = tmp / "niche_data.yaml"
     p.write_text(yaml.safe_dump({"data": {"class_path": "xscale.cli.fit.NicheData",
-                                          "init_args": {"dataset": "starmap_mpfc", "level1": str(level1)}}}))
+                                          "init_args": {"dataset": str(dataset), "level1": str(level1)}}}))
     return p
 
 
@@ -43,7 +43,7 @@ def test_configs_exist_for_every_level_dataset_and_experiment():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
-def test_every_config_instantiates(path, level1_dir, tmp_path, monkeypatch):
+def test_every_config_instantiates(path, level1_dir, starmap_subset_h5ad, tmp_path, monkeypatch):
     import lightning
 
     from xscale.cli.fit import build_cli
@@ -63,9 +63,9 @@ def test_every_config_instantiates(path, level1_dir, tmp_path, monkeypatch):
     args += ["--config", str(path)]
     is_level2 = "model" in doc and doc["model"]["class_path"].endswith("Level2")
     if "data" not in doc:
-        args += ["--config", str(_niche_data(tmp_path, level1_dir) if is_level2 else TINY_DATA)]
-    elif doc["data"]["class_path"].endswith("NicheData"):
-        args += [f"--data.init_args.level1={level1_dir}"]
+        args += ["--config", str(_niche_data(tmp_path, level1_dir, starmap_subset_h5ad) if is_level2 else TINY_DATA)]
+    elif doc["data"]["class_path"].endswith("NicheData"):  # real STARmap cells, fewer of them: faster
+        args += [f"--data.init_args.level1={level1_dir}", f"--data.init_args.dataset={starmap_subset_h5ad}"]
     cli = build_cli(args)
     assert isinstance(cli.model, lightning.LightningModule)
     assert isinstance(cli.datamodule, lightning.LightningDataModule)
