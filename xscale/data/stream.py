@@ -192,17 +192,23 @@ class CellStream(_StoreStream):
             items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s)) for r, cnt, s in zip(rows, counts, slides, strict=True)]
             return collate_cells(items, max_genes=self.max_genes, rng=rng)
         b, g = counts.shape
-        counts_t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32))
-        library = counts_t.sum(dim=1)
+        # two buffers hold all per-cell fields, so a batch leaving a DataLoader worker shares
+        # two storages; every cell has the same panel and no padding: gene_ids and pad_mask
+        # are broadcast views carrying G ids, not B x G (read-only)
+        floats = torch.empty(2 * b * g + b)
+        counts_t = floats[: b * g].view(b, g)
+        counts_t.copy_(torch.from_numpy(counts))
+        library = floats[2 * b * g :]
+        torch.sum(counts_t, dim=1, out=library)
+        values = floats[b * g : 2 * b * g].view(b, g)
+        values.copy_(log_normalize(counts_t, library))
+        ints = torch.empty((3, b), dtype=torch.long)
+        ints[0] = torch.from_numpy(rows)
+        ints[1] = self.dataset
+        ints[2] = torch.from_numpy(np.searchsorted(self.store.slide_stop, rows, side="right"))
         return CellBatch(
-            # every cell shares the panel and has no padding: broadcast views, so a batch
-            # crossing from a DataLoader worker carries G ids, not B x G (read-only)
-            gene_ids=self._gene_ids_t.expand(b, g),
-            counts=counts_t, values=log_normalize(counts_t, library),
-            pad_mask=self._no_pad.expand(b, g), library=library,
-            index=torch.from_numpy(rows.astype(np.int64)),
-            dataset=torch.full((b,), self.dataset, dtype=torch.long),
-            slide=torch.from_numpy(np.searchsorted(self.store.slide_stop, rows, side="right").astype(np.int64)),
+            gene_ids=self._gene_ids_t.expand(b, g), counts=counts_t, values=values,
+            pad_mask=self._no_pad.expand(b, g), library=library, index=ints[0], dataset=ints[1], slide=ints[2],
         )
 
     def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch]:
