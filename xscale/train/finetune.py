@@ -391,7 +391,8 @@ def finetune(
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer))
-        held = ~_mask(adata, train_mask) & (labels.numpy() >= 0) if train_mask is not None else None
+        # Every labelled cell outside train_mask counts, including classes the head never saw.
+        held = ~_mask(adata, train_mask) & adata.obs[label_key].notna().to_numpy() if train_mask is not None else None
         if held is not None and held.any():
             from sklearn.metrics import accuracy_score, f1_score
 
