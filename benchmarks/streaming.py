@@ -93,6 +93,18 @@ def raw_read(store_path: Path) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def inprocess_stream(store_path: Path) -> float:
+    """Cells per second of the same batched CellStream iterated in this process (diagnostic: no IPC)."""
+    import torch
+
+    from xscale.data.stream import CellStream
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    n = sum(len(b) for b in CellStream(store_path, seed=0, buffer_size=4096, batch_size=1024))
+    return n / (time.perf_counter() - t0)
+
+
 def niche_chunks(store_path: Path, n_niches: int) -> float:
     """Mean blocks per niche over the first ``n_niches`` NicheStream items."""
     from xscale.data.stream import NicheStream, chunks_per_niche
@@ -124,6 +136,8 @@ def measure(n_cells: int, root: Path, seed: int) -> dict:
     run = json.loads(out.stdout.strip().splitlines()[-1])
     assert run["cells"] == n_cells, run
     raw = raw_read(store)
+    inproc = inprocess_stream(store)
+    logger.info("stream without DataLoader workers (no IPC): %.0f cells/s = %.2f of raw", inproc, inproc / raw)
     result = {
         "n_cells": n_cells,
         "peak_rss_mb": round(run["peak_rss_mb"], 1),

@@ -82,3 +82,23 @@ def test_lazy_read_lists_layers_in_message(small_adata, tmp_path):
         read_dataset(tmp_path / "n.h5ad", backed=True)
     a = read_dataset(tmp_path / "n.h5ad", backed=True, counts_layer="counts")
     assert np.array_equal(a.X.compute().toarray(), small_adata.layers["counts"].toarray())
+
+
+def test_spatialdata_points_and_table_key(small_adata, tmp_path):
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import PointsModel, TableModel
+
+    xy = np.asarray(small_adata.obsm["spatial"], dtype=np.float64)
+    points = PointsModel.parse(pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}))
+    t = small_adata.copy()
+    del t.obsm["spatial"]
+    t.obs["region"] = pd.Categorical(["spots"] * t.n_obs)
+    t.obs["pid"] = np.arange(t.n_obs)[::-1]  # table rows in another order than the points
+    t.X = t.X[::-1]
+    tables = {k: TableModel.parse(t.copy(), region="spots", region_key="region", instance_key="pid") for k in "ab"}
+    sd.SpatialData(points={"spots": points}, tables=tables).write(tmp_path / "p.zarr")
+    with pytest.raises(XscaleInputError, match=r"found 2 tables: \['a', 'b'\]\. Pass table_key="):
+        read_dataset(tmp_path / "p.zarr")
+    a = read_dataset(tmp_path / "p.zarr", table_key="b")
+    np.testing.assert_allclose(a.obsm["spatial"], xy[::-1])

@@ -120,3 +120,15 @@ def test_chunked_check_matches_and_dask_stays_lazy(small_adata):
     out = validate_adata(lazy)
     assert type(out.X).__module__.startswith("dask")  # not materialised by validation
     assert np.array_equal(out.X.compute().toarray(), x)
+
+
+def test_lazy_zero_count_cells_dropped(small_adata):
+    import dask.array as da
+
+    x = small_adata.X.toarray()
+    x[[2, 200]] = 0
+    small_adata.X = da.from_array(x, chunks=(64, x.shape[1]))
+    with pytest.warns(UserWarning, match="Dropped 2 of 300"):
+        out = validate_adata(small_adata)
+    assert out.n_obs == 298
+    np.testing.assert_array_equal(out.X.compute().toarray(), np.delete(x, [2, 200], axis=0))
