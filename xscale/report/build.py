@@ -245,7 +245,9 @@ def _reconstruction(
     if layer not in adata.layers or coords is None or adata.n_vars == 0:
         return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
     E_all = adata.layers[layer]
-    decoded_rows = np.asarray(abs(E_all).sum(axis=1)).ravel() > 0  # writers may decode some slides only
+    # writers may decode some slides only (other rows 0 or NaN) and leave NaN for unmodelled genes
+    E_dense = np.asarray(E_all.toarray() if sp.issparse(E_all) else E_all, dtype=np.float32)  # (n, G)
+    decoded_rows = np.nansum(np.abs(E_dense), axis=1) > 0
     if not decoded_rows.any():
         return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
     names_, counts_ = np.unique(slides[decoded_rows], return_counts=True)
@@ -254,15 +256,18 @@ def _reconstruction(
     m = (slides == slide) & decoded_rows
     X = adata.X[m]
     counts = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
-    E = E_all[m]
-    expected = np.asarray(E.toarray() if sp.issparse(E) else E, dtype=np.float64)
-    lib = np.maximum(counts.sum(axis=1, keepdims=True), 1e-8)
+    expected = E_dense[m].astype(np.float64)
+    modelled = np.isfinite(expected).all(axis=0)  # (G,) genes the model decoded
+    if not modelled.any():
+        return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
+    # both sides scaled by the counts of the decoded genes: the decoder's library
+    lib = np.maximum(counts[:, modelled].sum(axis=1, keepdims=True), 1e-8)
     obs_ln = np.log1p(counts / lib * 1e4)  # (n, G)
     dec_ln = np.log1p(np.maximum(expected, 0) / lib * 1e4)  # (n, G)
     names = adata.var_names.astype(str)
     if genes is None:
-        var = obs_ln.var(axis=0)
-        pick = np.argsort(-var)[:n_genes]
+        var = np.where(modelled, obs_ln.var(axis=0), -np.inf)
+        pick = np.argsort(-var)[: min(n_genes, int(modelled.sum()))]
         how = f"the {len(pick)} most variable on this slide"
     else:
         missing = [g for g in genes if g not in set(names)]
@@ -274,6 +279,7 @@ def _reconstruction(
         o = obs_ln - obs_ln.mean(0)
         d = dec_ln - dec_ln.mean(0)
         r = (o * d).sum(0) / np.sqrt((o ** 2).sum(0) * (d ** 2).sum(0))  # (G,) per-gene Pearson
+    r = np.where(modelled, r, np.nan)
     return S.reconstruction_section(
         coords[m], obs_ln[:, pick], dec_ln[:, pick], [names[i] for i in pick], r,
         slide=slide, held_out=slide in held, layer=layer, genes_how=how)
