@@ -20,7 +20,9 @@ index: exact for small stores, approximate (IVF) above --exact-max cells.
 
 --slide S keeps hits on slide S only; --cross-slide drops hits on the query's own slide.
 Output: JSON list of hits (id, distance = L2 in latent space, slide, x, y, then the store's
-obs columns), or TSV with the same columns.
+obs columns), or TSV with the same columns. --decode CHECKPOINT (level-1 model directory;
+cell level) adds each hit's decoded expression: "expected", {gene: expected counts at
+--library total counts} for --genes, or the 10 highest genes.
 
 example: xscale query --store xscale-demo/cells.zarr --level niche --cell CELL --k 10 --cross-slide
 """
@@ -54,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto", help="faiss index kind")
     p.add_argument("--exact-max", type=int, default=100_000, help="largest store searched exactly by --index auto")
     p.add_argument("--format", choices=("json", "tsv"), default="json", help="output format (default json)")
+    p.add_argument("--decode", metavar="CHECKPOINT", help="level-1 model directory: add decoded expression per hit")
+    p.add_argument("--genes", help="comma-separated genes to report with --decode (default: the 10 highest)")
+    p.add_argument("--library", type=float, default=1e4, help="total counts of --decode expectations (default 1e4)")
     p.add_argument("--output", "-o", help="write here instead of stdout")
 
 
@@ -70,6 +75,27 @@ def hits_to_text(hits: list, fmt: str) -> str:
     df = pd.DataFrame(rows)
     df = df[cols + [c for c in df.columns if c not in cols]] if len(df) else pd.DataFrame(columns=cols)
     return df.to_csv(sep="\t", index=False)
+
+
+def _add_decoded(index, hits: list, args: argparse.Namespace) -> None:
+    """Put ``{gene: expected counts}`` of each hit's decoded cell latent into ``hit.obs["expected"]``."""
+    from xscale.errors import XscaleInputError
+    from xscale.query import decode_hit
+    from xscale.query.decode import load_level1
+
+    if index.store.level != "cell":
+        raise XscaleInputError("--decode decodes cell latents; use it with --level cell.")
+    model = load_level1(args.decode)
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    unknown = [g for g in genes or [] if g not in model.vocab]
+    if unknown:
+        raise XscaleInputError(f"--genes {unknown} are not in the level-1 model's vocabulary of {len(model.vocab)} genes.")
+    for hit in hits:
+        expected = decode_hit(index, hit, model, library=args.library)  # the whole panel shares the library
+        shown = expected.reindex([g.upper() for g in genes]) if genes else expected.nlargest(10)
+        if genes:
+            shown.index = genes
+        hit.obs["expected"] = {str(g): round(float(v), 4) for g, v in shown.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             args.region, args.k, region_slide=args.region_slide, slide=args.slide,
             cross_slide=args.cross_slide, mode=args.region_mode,
         )
+    if args.decode:
+        _add_decoded(index, hits, args)
     text = hits_to_text(hits, args.format)
     if args.output:
         from pathlib import Path
