@@ -176,6 +176,8 @@ class GeneToCell(nn.Module):
         self.gene_embedder = build_gene_embedder(
             c.gene_embedder, n_genes=c.n_genes, dim=c.dim, genes=c.genes, options=c.gene_embedder_options
         )
+        # Identity at the same scale as the value embedding, so neither drowns the other at init.
+        self.gene_norm = nn.LayerNorm(c.dim)
         self.value_encoder = ValueEncoder(c.dim)
         self.mask_token = nn.Parameter(torch.randn(c.dim) * 0.02)  # (D,) replaces a masked value embedding
         self.encoder = build_encoder(c.encoder, dim=c.dim, depth=c.depth, heads=c.heads, n_latents=c.encoder_latents)
@@ -298,7 +300,7 @@ class GeneToCell(nn.Module):
 
     # ------------------------------------------------------------------ internals
     def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
-        gene_emb = self.gene_embedder(gene_ids)  # (B, G, D)
+        gene_emb = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D), unit scale whatever the embedder
         value_emb = self.value_encoder(values.to(gene_emb.dtype), gene_emb)  # (B, G, D)
         if value_mask is not None:
             value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)

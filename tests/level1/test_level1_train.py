@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
+from xscale.data.vocab import GeneVocab
+from xscale.errors import XscaleInputError
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.models.io import load_model
+from xscale.train.level1 import CellDataModule, GeneCellModule, fit_level1
+
+
+def _human_panel(adata, n_cells: int, genes: slice):
+    """A second 'dataset': other cells, a different (partly overlapping) panel, upper-case symbols."""
+    other = adata[:n_cells, genes].copy()
+    other.var_names = [g.upper() for g in other.var_names]
+    return other
+
+
+def test_level1_dataset_maps_panels_and_reports(starmap_small, caplog):
+    second = _human_panel(starmap_small, 50, slice(100, 166))
+    vocab = GeneVocab(list(starmap_small.var_names[:120]))
+    with caplog.at_level(logging.INFO, logger="xscale.data.anndata_dataset"):
+        ds = AnnDataCellDataset([starmap_small, second], vocab, slide_key=None)
+    assert ds.genes_used == [120, 20]
+    assert "using 20 of 66 panel genes" in caplog.text
+    assert len(ds) == starmap_small.n_obs + 50
+    item = ds[starmap_small.n_obs + 3]
+    assert item.dataset == 1 and item.gene_ids.shape == (20,) and (item.gene_ids >= 100).all()
+    expected = second.X[3].toarray().ravel()[:20]
+    np.testing.assert_array_equal(item.counts, expected)
+    with pytest.raises(XscaleInputError, match="shares 0 of its"):
+        AnnDataCellDataset(second, GeneVocab(["NOT_A_GENE"]), min_genes=1)
+    with pytest.raises(XscaleInputError, match="counts_layer"):
+        AnnDataCellDataset(second, vocab, counts_layer="raw")
+
+
+def test_level1_fit_two_datasets_saves_model_and_logs(starmap_small, tmp_path):
+    second = _human_panel(starmap_small, 80, slice(60, 166))
+    model = fit_level1(
+        [starmap_small[:120].copy(), second], "tiny", out_dir=tmp_path / "run", max_steps=4, batch_size=32,
+        seed=0, val_fraction=0.2, logger="csv", enable_progress_bar=False, trainer_kwargs={"log_every_n_steps": 1},
+    )
+    assert isinstance(model, GeneToCell) and not model.training
+    assert len(model.config.genes) == 166  # union of both panels
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert list((tmp_path / "run" / "logs").rglob("metrics.csv"))
+    loaded = load_model(tmp_path / "run" / "model")
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_level1_module_step_updates_weights(starmap_small):
+    vocab = vocab_from_adatas([starmap_small])
+    dm = CellDataModule.from_adatas(starmap_small, vocab, val_fraction=0.1, batch_size=16, max_genes=64)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.gene_ids.shape[0] == 16 and batch.gene_ids.shape[1] <= 64
+    torch.manual_seed(0)
+    module = GeneCellModule(GeneToCell(GeneToCellConfig.preset("tiny", genes=vocab.genes)), lr=1e-2)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    before = module.model.value_encoder.gene_direction.weight.detach().clone()
+    module.log = lambda *a, **k: None  # no trainer attached
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, module.model.value_encoder.gene_direction.weight)

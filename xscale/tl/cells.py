@@ -1,0 +1,164 @@
+"""Level-1 functions on AnnData: cell embeddings and decoded expression.
+
+``embed_cells`` writes the K cell latents of every cell (flattened) to ``adata.obsm``;
+``reconstruct`` decodes them back to expected counts in ``adata.layers``. A model
+trained on one panel embeds any other panel through the genes both share; how many
+it uses is logged and recorded in ``adata.uns``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from xscale.data.anndata_dataset import AnnDataCellDataset
+from xscale.data.batch import CellBatch, collate_cells
+from xscale.models.gene_to_cell import GeneToCell
+
+log = logging.getLogger(__name__)
+
+
+def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_genes: int) -> AnnDataCellDataset:
+    if not isinstance(model, GeneToCell):
+        raise TypeError(f"model must be a GeneToCell (level-1 model); got {type(model).__name__}.")
+    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer, min_genes=min_genes)
+    used, panel = ds.mappings[0].n_used, ds.mappings[0].n_panel
+    log.info("The model uses %d of the %d genes of this panel (model vocabulary: %d genes).",
+             used, panel, len(model.config.genes))
+    return ds
+
+
+def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: int) -> Iterator[tuple[int, CellBatch]]:
+    """Batches in cell order; each batch's gene context is drawn with its own seeded generator."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(ds), batch_size)
+    for start in tqdm(starts, desc="cells", unit="batch", disable=len(starts) < 20, leave=False):
+        items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        rng = np.random.default_rng([seed, start])
+        yield start, collate_cells(items, max_genes=model.config.max_genes, rng=rng)
+
+
+def _device(model: GeneToCell) -> torch.device:
+    return next(model.parameters()).device
+
+
+def embed_cells(
+    adata: AnnData,
+    model: GeneToCell,
+    *,
+    key_added: str = "X_xscale_cell",
+    batch_size: int = 256,
+    counts_layer: str | None = None,
+    min_genes: int = 10,
+    seed: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed every cell with a level-1 model.
+
+    Parameters
+    ----------
+    adata
+        Cells × genes with raw counts in ``X`` (or ``counts_layer``); var_names are gene symbols.
+    model
+        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`.
+    key_added
+        ``obsm`` key written.
+    batch_size
+        Cells per forward pass.
+    counts_layer
+        Layer holding raw counts; None reads ``X``.
+    min_genes
+        Fewest panel genes the model must know; fewer raises :class:`~xscale.errors.XscaleInputError`.
+    seed
+        Seed of the gene-context sampler (used only for panels longer than ``max_genes``);
+        the result is deterministic for a given seed and batch size.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    None (or the copy if ``copy=True``). Writes ``adata.obsm[key_added]``: (n_cells, K·D)
+    float32 cell latents, and ``adata.uns[key_added + "_params"]`` with ``genes_used``,
+    ``panel_genes`` and ``latent_shape``.
+    """
+    adata = adata.copy() if copy else adata
+    ds = _dataset(adata, model, counts_layer, min_genes)
+    was_training = model.training
+    model.eval()
+    out = np.empty((adata.n_obs, model.config.embedding_dim), dtype=np.float32)
+    device = _device(model)
+    with torch.inference_mode():
+        for start, batch in _batches(ds, model, batch_size, seed):
+            b = batch.to(device)
+            out[start : start + len(b)] = model.embed(b.gene_ids, b.values, b.pad_mask).float().cpu().numpy()
+    model.train(was_training)
+    adata.obsm[key_added] = out
+    adata.uns[f"{key_added}_params"] = {
+        "genes_used": int(ds.mappings[0].n_used),
+        "panel_genes": int(ds.mappings[0].n_panel),
+        "latent_shape": [int(model.config.latents_per_cell), int(model.config.dim)],
+    }
+    return adata if copy else None
+
+
+def reconstruct(
+    adata: AnnData,
+    model: GeneToCell,
+    *,
+    layer_added: str = "xscale_expected",
+    batch_size: int = 256,
+    counts_layer: str | None = None,
+    min_genes: int = 10,
+    seed: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Decode each cell's latents back to expected counts.
+
+    Each cell is encoded as in :func:`embed_cells` and decoded over *all* of its
+    panel's genes known to the model, with the cell's total counts over those genes
+    as library size.
+
+    Parameters
+    ----------
+    adata, model, batch_size, counts_layer, min_genes, seed, copy
+        As for :func:`embed_cells`.
+    layer_added
+        ``layers`` key written.
+
+    Returns
+    -------
+    None (or the copy). Writes ``adata.layers[layer_added]``: dense (n_cells, n_genes)
+    float32 expected counts (NaN for genes the model does not know), and
+    ``adata.var[layer_added + "_modelled"]`` (bool).
+    """
+    adata = adata.copy() if copy else adata
+    ds = _dataset(adata, model, counts_layer, min_genes)
+    mapping = ds.mappings[0]
+    was_training = model.training
+    model.eval()
+    out = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    device = _device(model)
+    all_ids = torch.as_tensor(mapping.gene_ids, device=device)  # (G_known,)
+    with torch.inference_mode():
+        for start, batch in _batches(ds, model, batch_size, seed):
+            b = batch.to(device)
+            latents = model.encode(b.gene_ids, b.values, b.pad_mask)  # (B, K, D)
+            n = len(b)
+            full_counts = np.stack([ds[i].counts for i in range(start, start + n)])  # (B, G_known)
+            library = torch.as_tensor(full_counts.sum(1), device=device, dtype=latents.dtype)  # (B,)
+            params = model.decode(latents, all_ids.expand(n, -1), library)  # over every known gene
+            block = np.full((n, adata.n_vars), np.nan, dtype=np.float32)
+            block[:, mapping.columns] = params.expected.float().cpu().numpy()
+            out[start : start + n] = block
+    model.train(was_training)
+    adata.layers[layer_added] = out
+    modelled = np.zeros(adata.n_vars, dtype=bool)
+    modelled[mapping.columns] = True
+    adata.var[f"{layer_added}_modelled"] = modelled
+    return adata if copy else None
