@@ -64,3 +64,17 @@ def test_pipeline_errors_are_clear(tmp_path):
     ref = _write(tmp_path / "ref.yaml", "steps:\n  - name: a\n    uses: evaluate\n    with: {store: '${b.store}'}\n")
     with pytest.raises(XscaleInputError, match="no earlier step is named 'b'"):
         run_pipeline(ref, tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_pretrain_multiscale_pipeline_runs_at_tiny_settings(tmp_path):
+    """The shipped multi-scale pretraining pipeline, end to end (4 panels), then a re-run that skips."""
+    from pathlib import Path
+
+    pipe = Path(__file__).resolve().parents[2] / "pipelines" / "pretrain_multiscale.yaml"
+    tiny = {"preset": "tiny", "level1_steps": 2, "level2_steps": 2}
+    done = run_pipeline(pipe, tmp_path, variables=tiny)
+    assert list(done) == ["level1", "cells_starmap", "level2", "niches_starmap", "evaluate_starmap"]
+    metrics = done["evaluate_starmap"]["results"]["metrics"]
+    assert {"xscale_niche", "pca_spatial_mean"} <= set(metrics["domains"])
+    assert all(m["skipped"] for m in run_pipeline(pipe, tmp_path, variables=tiny).values())
