@@ -45,6 +45,27 @@ STORE_VERSION = 1
 SOURCE_INDEX = "xscale_source_index"
 
 
+class _Opaque:
+    """Hides a (dask) matrix from dask's argument traversal."""
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+
+
+def _read_block(source: _Opaque, start: int, stop: int, label: str) -> Any:
+    """Rows [start, stop) of the source counts; a read failure is a damaged input, not a bug here."""
+    try:
+        block = source.x[start:stop]
+        return block.compute(scheduler="synchronous") if type(block).__module__.startswith("dask") else block
+    except XscaleInputError:
+        raise
+    except Exception as err:  # codecs, zarr and h5py raise many types for damaged data
+        raise XscaleInputError(
+            f"{label}: expected readable counts, found a corrupted or incompletely written block of cells "
+            f"{start}..{stop - 1} ({type(err).__name__}: {err}). Re-create or re-download the input."
+        ) from err
+
+
 def _scatter_block(block: Any, start: int, rank: np.ndarray, chunk_cells: int, piece_dir: Path,
                    where: str, layers: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
     """Pass 1 on one source block: check it, split its rows by destination block, save the pieces."""
@@ -176,11 +197,16 @@ def prepare(
     try:
         # pass 1: read each source block once, check it, scatter its rows by destination block
         if type(x).__module__.startswith("dask"):
-            starts = np.concatenate([[0], np.cumsum(x.chunks[0])[:-1]])
-            blocks = list(zip(x.to_delayed().ravel(), starts, strict=True))
+            bounds = np.concatenate([[0], np.cumsum(x.chunks[0])])
         else:
-            blocks = [(dask.delayed(lambda s: x[s : min(s + chunk_cells, n)])(s), s) for s in range(0, n, chunk_cells)]
-        tasks = [dask.delayed(_scatter_block)(b, int(s), rank, chunk_cells, piece_dir, where, layers) for b, s in blocks]
+            bounds = np.append(np.arange(0, n, chunk_cells), n)
+        label = str(source) if isinstance(source, (str, Path)) else "the input AnnData"
+        source_x = _Opaque(x)  # dask must not compute the whole (lazy) matrix as a task argument
+        tasks = [
+            dask.delayed(_scatter_block)(dask.delayed(_read_block)(source_x, int(a), int(b), label), int(a), rank,
+                                         chunk_cells, piece_dir, where, layers)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
         totals = np.zeros(n)
         nnz_src = np.zeros(n, dtype=np.int64)
         batch = max(1, n_workers) * 2  # bounded number of blocks in flight
