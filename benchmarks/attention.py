@@ -89,8 +89,26 @@ def _hwm_bytes() -> int:
     raise RuntimeError("VmHWM not in /proc/self/status")
 
 
+def _allocator_peak(fn) -> float:
+    """Peak bytes held by torch's CPU allocator during ``fn()``, from the profiler's memory accounting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:  # allocations and frees in time order
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return float(peak)
+
+
 def peak_one(kind: str, n: int) -> dict[str, Any]:
-    """Run in a fresh process: extra resident memory (MB) of one encoder forward + backward at n tokens."""
+    """Run in a fresh process: extra memory (MB) of one encoder forward + backward at n tokens.
+
+    ``peak_mb``: torch allocator (profiler memory accounting, deterministic); ``peak_rss_mb``:
+    resident-set growth (VmHWM after resetting it), which also sees malloc/arena effects.
+    """
     torch.set_num_threads(1)
     _step_fn(kind, "encoder", 64)()  # warm every kernel path on a tiny input first
     fn = _step_fn(kind, "encoder", n)
@@ -98,15 +116,11 @@ def peak_one(kind: str, n: int) -> dict[str, Any]:
 
     gc.collect()
     before = _rss_bytes()
-    try:  # Linux >= 4.0: writing 5 resets the peak-RSS counter (VmHWM) to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss"
+    with open("/proc/self/clear_refs", "w") as f:  # Linux >= 4.0: 5 resets the peak-RSS counter (VmHWM)
+        f.write("5")
     fn()
-    peak = _hwm_bytes()
-    return {"peak_mb": round(max(peak - before, 0) / 2**20, 1), "method": method}
+    rss_peak = _hwm_bytes() - before
+    return {"peak_mb": round(_allocator_peak(fn) / 2**20, 1), "peak_rss_mb": round(max(rss_peak, 0) / 2**20, 1)}
 
 
 def _peak_subprocess(kind: str, n: int, timeout: float) -> dict[str, Any] | None:
@@ -138,7 +152,7 @@ def speed(sizes: tuple[int, ...], full_max_n: int, repeats: int, peak_timeout: f
         for kind, name in (("full", "full"), ("criss-cross", "criss_cross")):
             peak = _peak_subprocess(kind, n, peak_timeout) if (kind != "full" or run_full) else None
             row[f"{name}_peak_mb"] = None if peak is None else peak["peak_mb"]
-            row["peak_method"] = peak["method"] if peak else row.get("peak_method")
+            row[f"{name}_peak_rss_mb"] = None if peak is None else peak["peak_rss_mb"]
         row["repeats"] = reps
         if row["full_ms"] is not None:
             row["encoder_speedup"] = round(row["full_ms"] / row["criss_cross_ms"], 2)
@@ -191,81 +205,106 @@ def _fit(train, config, *, steps: int, seed: int, out_dir: Path, encoder_factory
         g2c.build_encoder = original
 
 
-def quality(steps: int, seeds: tuple[int, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _variants() -> dict[str, tuple[str, Any]]:
+    """name -> (GeneToCellConfig.encoder, optional replacement-encoder factory)."""
+
+    def cc(m: int, **opts):
+        return lambda *, dim, depth, heads, n_latents: CrissCrossEncoder(dim, depth, heads, m, **opts)
+
+    return {
+        "full": ("full", None),
+        "criss_cross": ("criss-cross", None),
+        "criss_cross_no_latent_mlp": ("criss-cross", cc(32, latent_mlp=False)),
+        "criss_cross_parallel_hops": ("criss-cross", cc(32, hops="parallel")),
+        "criss_cross_4_latents": ("criss-cross", cc(4)),
+        "published_like": ("criss-cross", cc(4, latent_mlp=False, latent_self_attention=False, hops="parallel")),
+    }
+
+
+def quality_runs(steps: int, runs: list[tuple[str, int]], jsonl: Path) -> None:
+    """Train and score each (variant, seed); append one JSON line per run to ``jsonl`` as it finishes."""
     import xscale
     from xscale.eval.metrics import probe_scores
     from xscale.models.gene_to_cell import GeneToCellConfig
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)
     adata = xscale.datasets.load("starmap_mpfc")
     meta = xscale.datasets.info("starmap_mpfc")
     is_test = (adata.obs[meta.slide_key] == meta.holdout).to_numpy()
     train, test = adata[~is_test].copy(), adata[is_test].copy()
     y_train, y_test = train.obs[meta.label_key].astype(str).to_numpy(), test.obs[meta.label_key].astype(str).to_numpy()
     genes = [str(g) for g in adata.var_names]
-
-    def cc(m: int, **opts):
-        return lambda *, dim, depth, heads, n_latents: CrissCrossEncoder(dim, depth, heads, m, **opts)
-
-    variants: dict[str, tuple[str, Any]] = {
-        "full": ("full", None),
-        "criss_cross": ("criss-cross", None),
-        "criss_cross_no_latent_mlp": ("criss-cross", cc(32, latent_mlp=False)),
-        "criss_cross_no_latent_mlp_no_mix": ("criss-cross", cc(32, latent_mlp=False, latent_self_attention=False)),
-        "criss_cross_parallel_hops": ("criss-cross", cc(32, hops="parallel")),
-        "criss_cross_4_latents": ("criss-cross", cc(4)),
-        "published_like": ("criss-cross", cc(4, latent_mlp=False, latent_self_attention=False, hops="parallel")),
-    }
-    scores: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    leak: list[dict[str, float]] = []
+    variants = _variants()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            for name, (encoder, factory) in variants.items():
-                if name not in ("full", "criss_cross") and seed != seeds[0]:
-                    continue  # ablations: one seed (budget)
-                config = GeneToCellConfig.preset("small", genes=genes, encoder=encoder, encoder_latents=32)
-                t0 = time.perf_counter()
-                model = _fit(train, config, steps=steps, seed=seed, out_dir=Path(tmp) / f"{name}-{seed}",
-                             encoder_factory=factory)
-                s = probe_scores(_embed(model, train, model.vocab), y_train, _embed(model, test, model.vocab), y_test)
-                s["train_s"] = round(time.perf_counter() - t0, 1)
-                scores[name].append(s)
-                log.info("quality %s seed %d: %s", name, seed, s)
-                if name == "criss_cross":
-                    # Same trained weights; only the mask on the latents' read is dropped, and each held-out
-                    # cell is embedded with 166 padding tokens (as in a batch mixed with a 332-gene panel).
-                    x_tr = _embed(model, train, model.vocab)
-                    ours = probe_scores(x_tr, y_train, _embed(model, test, model.vocab, extra_pad=166), y_test)
-                    leaky = _LeakyCrissCross(config.dim, config.depth, config.heads, 32)
-                    leaky.load_state_dict(model.encoder.state_dict())
-                    model.encoder = leaky.eval()
-                    leaked = probe_scores(x_tr, y_train, _embed(model, test, model.vocab, extra_pad=166), y_test)
-                    leak.append({"ours_padded_test_macro_f1": ours["macro_f1"],
-                                 "leaky_padded_test_macro_f1": leaked["macro_f1"]})
+        for name, seed in runs:
+            encoder, factory = variants[name]
+            config = GeneToCellConfig.preset("small", genes=genes, encoder=encoder, encoder_latents=32)
+            t0 = time.perf_counter()
+            model = _fit(train, config, steps=steps, seed=seed, out_dir=Path(tmp) / f"{name}-{seed}",
+                         encoder_factory=factory)
+            x_tr = _embed(model, train, model.vocab)
+            rec: dict[str, Any] = {"variant": name, "seed": seed, "steps": steps,
+                                   **probe_scores(x_tr, y_train, _embed(model, test, model.vocab), y_test)}
+            if name == "criss_cross":
+                # Same trained weights; only the mask on the latents' read is dropped, and each held-out
+                # cell is embedded with 166 padding tokens (as in a batch mixed with a 332-gene panel).
+                rec["padded_test_macro_f1"] = probe_scores(
+                    x_tr, y_train, _embed(model, test, model.vocab, extra_pad=166), y_test)["macro_f1"]
+                leaky = _LeakyCrissCross(config.dim, config.depth, config.heads, 32)
+                leaky.load_state_dict(model.encoder.state_dict())
+                model.encoder = leaky.eval()
+                rec["leaky_padded_test_macro_f1"] = probe_scores(
+                    x_tr, y_train, _embed(model, test, model.vocab, extra_pad=166), y_test)["macro_f1"]
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            log.info("quality %s", rec)
+            with jsonl.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
 
-    def mean(name: str, key: str = "macro_f1") -> float:
-        return round(float(np.mean([s[key] for s in scores[name]])), 4)
 
+def collect_quality(jsonl: Path, steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Summaries of the runs in ``jsonl``: ``quality`` (full vs criss-cross) and ``ablations``."""
+    import xscale
+
+    meta = xscale.datasets.info("starmap_mpfc")
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        by.setdefault(r["variant"], []).append(r)
+
+    def mean(name: str, key: str = "macro_f1") -> float | None:
+        vals = [r[key] for r in by.get(name, []) if key in r]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    full, cc = mean("full"), mean("criss_cross")
+    paired = sorted({r["seed"] for r in by.get("full", [])} & {r["seed"] for r in by.get("criss_cross", [])})
     q = {
-        "full_macro_f1": mean("full"),
-        "criss_cross_macro_f1": mean("criss_cross"),
+        "full_macro_f1": full,
+        "criss_cross_macro_f1": cc,
         "full_accuracy": mean("full", "accuracy"),
         "criss_cross_accuracy": mean("criss_cross", "accuracy"),
-        "gap": round(mean("full") - mean("criss_cross"), 4),
-        "per_seed": {k: scores[k] for k in ("full", "criss_cross")},
-        "seeds": list(seeds),
-        "setup": (f"GeneToCell preset 'small' (D=64, H=4, depth 2, K=8, criss-cross M=32), {steps} AdamW steps, "
-                  "batch 64, trained on the two STARmap training slices only; embeddings = K latents flattened; "
-                  "probe = xscale.eval.metrics.probe_scores (logistic regression) fit on training slices, "
-                  f"scored on held-out slice {meta.holdout!r} ({int(is_test.sum())} cells, labels {meta.label_key!r})."),
+        "gap": None if full is None or cc is None else round(full - cc, 4),
+        "seeds": {"full": [r["seed"] for r in by.get("full", [])],
+                  "criss_cross": [r["seed"] for r in by.get("criss_cross", [])], "paired": paired},
+        "per_run": [r for r in recs if r["variant"] in ("full", "criss_cross")],
+        "setup": (f"GeneToCell preset 'small' (D=64, H=4, depth 2, K=8 cell latents; criss-cross M=32), {steps} "
+                  "AdamW steps (lr 2e-3, warm-up + cosine), batch 64, trained on the two STARmap training slices "
+                  "only; embedding = the K latents flattened; probe = xscale.eval.metrics.probe_scores (logistic "
+                  f"regression, standardised) fit on training-slice cells, scored on held-out slice "
+                  f"{meta.holdout!r} (labels {meta.label_key!r})."),
     }
-    ablations = {k: {"macro_f1": mean(k), "accuracy": mean(k, "accuracy"), "seeds": len(scores[k])}
-                 for k in variants if k not in ("full", "criss_cross")}
-    ablations["padding_leak"] = {
-        **{k: round(float(np.mean([d[k] for d in leak])), 4) for k in leak[0]},
-        "how": "criss_cross weights; test cells embedded with 166 extra padding tokens; 'leaky' drops the "
-               "pad_mask from the latents' read (published behaviour). Training cells embedded unpadded.",
+    ablations: dict[str, Any] = {
+        k: {"macro_f1": mean(k), "accuracy": mean(k, "accuracy"), "seeds": [r["seed"] for r in v]}
+        for k, v in by.items() if k not in ("full", "criss_cross")
     }
+    if mean("criss_cross", "leaky_padded_test_macro_f1") is not None:
+        ablations["padding_leak"] = {
+            "ours_unpadded_test_macro_f1": cc,
+            "ours_padded_test_macro_f1": mean("criss_cross", "padded_test_macro_f1"),
+            "leaky_padded_test_macro_f1": mean("criss_cross", "leaky_padded_test_macro_f1"),
+            "how": "criss_cross weights; held-out cells embedded with 166 extra padding tokens; 'leaky' drops the "
+                   "pad_mask from the latents' read (the published behaviour); training-slice cells embedded "
+                   "unpadded for the probe.",
+        }
     return q, ablations
 
 
@@ -279,14 +318,23 @@ def main() -> None:
     p.add_argument("--full-max-n", type=int, default=32768, help="largest N at which full attention is run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-timeout", type=float, default=300.0)
-    p.add_argument("--quality-steps", type=int, default=600)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--quality-steps", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the full / criss-cross pair")
+    p.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--quality-runs", nargs="+", default=None,
+                   help="only these VARIANT:SEED runs, appended to --quality-jsonl (no JSON written)")
+    p.add_argument("--quality-jsonl", type=Path, default=OUT.with_name("attention_quality_runs.jsonl"))
+    p.add_argument("--collect-quality", action="store_true", help="summarise --quality-jsonl, train nothing")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     if args.peak_one:
         print(json.dumps(peak_one(args.peak_one[0], int(args.peak_one[1]))))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.quality_runs:
+        runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.quality_runs]
+        quality_runs(args.quality_steps, runs, args.quality_jsonl)
+        return
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     result: dict[str, Any] = {
         "config": {"dim": D, "heads": HEADS, "n_latents": M, "depth": DEPTH, "batch": 1, "dtype": "float32",
@@ -300,9 +348,12 @@ def main() -> None:
             "full": "xscale.nn.Encoder / SelfAttentionBlock on torch SDPA (CPU flash kernel, no N×N matrix).",
             "criss_cross_attn": "xscale.nn.encoders.CrissCrossMixing: latents read tokens, latent self-attention "
                                 "+ MLP, tokens read latents (everything but the tokens' MLP).",
-            "peak_memory": "each (encoder, N) in a fresh subprocess: warm-up on 64 tokens, reset the kernel's peak "
-                           "RSS counter (write 5 to /proc/self/clear_refs), one forward+backward, peak RSS (VmHWM) "
-                           "minus RSS before the pass = extra memory for activations, gradients and workspaces.",
+            "peak_memory": "each (encoder, N) in a fresh subprocess after a warm-up on 64 tokens. *_peak_mb: peak of "
+                           "torch's CPU allocator during one forward+backward (torch.profiler profile_memory: "
+                           "allocations and frees summed in time order; deterministic), i.e. activations, "
+                           "gradients and workspaces beyond the model and input. *_peak_rss_mb: growth of the "
+                           "process's peak RSS (VmHWM reset via /proc/self/clear_refs) over the same pass; it also "
+                           "sees glibc arena effects and varies by several MB run to run.",
         },
     }
     if args.skip_speed:
@@ -326,7 +377,12 @@ def main() -> None:
             if k in old:
                 result[k] = old[k]
     else:
-        result["quality"], result["ablations"] = quality(args.quality_steps, tuple(args.seeds))
+        if not args.collect_quality:
+            args.quality_jsonl.unlink(missing_ok=True)
+            runs = [(v, s) for s in args.seeds for v in ("full", "criss_cross")]
+            runs += [(v, s) for s in args.ablation_seeds for v in _variants() if v not in ("full", "criss_cross")]
+            quality_runs(args.quality_steps, runs, args.quality_jsonl)
+        result["quality"], result["ablations"] = collect_quality(args.quality_jsonl, args.quality_steps)
         result.setdefault("goals", {})["quality_gap"] = result["quality"]["gap"]
         result["goals"]["quality_goal"] = 0.01
     result["gpu"] = None

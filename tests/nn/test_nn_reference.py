@@ -78,13 +78,16 @@ def _modules(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
         "full": Encoder(D, 2, H),
         "criss-cross": CrissCrossEncoder(D, 2, H, n_latents=6),
         "criss-cross-no-latent-mix": CrissCrossEncoder(D, 2, H, n_latents=6, latent_self_attention=False),
+        "criss-cross-parallel": CrissCrossEncoder(D, 2, H, n_latents=6, hops="parallel", latent_mlp=False),
         "xpressor": Xpressor(D, 5, 2, H),
     }
     return {k: m.to(dtype).eval() for k, m in mods.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["full", "criss-cross", "criss-cross-no-latent-mix", "xpressor"])
+@pytest.mark.parametrize(
+    "name", ["full", "criss-cross", "criss-cross-no-latent-mix", "criss-cross-parallel", "xpressor"]
+)
 def test_token_modules_match_naive(name, dtype):
     module = _modules(dtype)[name]
     x = torch.randn(4, 17, D, dtype=dtype)
@@ -121,3 +124,40 @@ def test_full_xpressor_stack_matches_naive(dtype):
     x = torch.randn(3, 10, D, dtype=dtype)
     mask = ragged_mask([10, 6, 2], 10)
     torch.testing.assert_close(run(stack, x, mask), run(naive_twin(stack), x, mask), **tol(dtype))
+
+
+def test_fused_norm_projection_equals_plain_layers_in_value_and_gradient():
+    """The criss-cross token side (LayerNorm recomputed in backward, one fused matmul) vs plain modules."""
+    from xscale.nn.encoders import _LayerNormLinear
+
+    torch.manual_seed(5)
+    norm = torch.nn.LayerNorm(D).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    w = torch.randn(3 * D, D, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 7, D, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: _LayerNormLinear.apply(*a, norm.eps), (x, norm.weight, norm.bias, w))
+    out = _LayerNormLinear.apply(x, norm.weight, norm.bias, w, norm.eps)
+    ref = torch.nn.functional.linear(norm(x), w)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, norm.weight, norm.bias, w), g)
+    ref_grads = torch.autograd.grad(ref, (x, norm.weight, norm.bias, w), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_criss_cross_hops_differ_and_sequential_reads_this_layer():
+    """Sequential hops: token outputs depend on this layer's latent read; parallel: the first layer's do not."""
+    torch.manual_seed(6)
+    seq = CrissCrossEncoder(D, 1, H, n_latents=4).double()
+    par = CrissCrossEncoder(D, 1, H, n_latents=4, hops="parallel").double()
+    par.load_state_dict(seq.state_dict())
+    x = torch.randn(2, 9, D, dtype=torch.float64)
+    assert not torch.allclose(seq(x), par(x))
+    # In one parallel layer token i's output cannot depend on token j (latents are the learned init).
+    x2 = x.clone()
+    x2[:, 5] += 1.0
+    torch.testing.assert_close(par(x)[:, :5], par(x2)[:, :5])
+    assert not torch.allclose(seq(x)[:, :5], seq(x2)[:, :5])

@@ -14,7 +14,8 @@ tokens), not parallel.
 Speed: the token side of a criss-cross layer is one LayerNorm and one fused matmul
 (keys/values for the latents' read and queries for the tokens' read come from the
 same normalised tokens), so per layer the tokens pay 4·N·D² + 4·N·M·D multiply-adds
-for mixing instead of 4·N·D² + 2·N²·D.
+for mixing instead of 4·N·D² + 2·N²·D. Memory: the normalised tokens are recomputed in
+backward rather than stored, so training needs no more memory than full attention.
 """
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ class Encoder(nn.Module):
         return self.norm(x)
 
 
+class _LayerNormLinear(torch.autograd.Function):
+    """``F.linear(F.layer_norm(x), weight)`` that saves ``x`` only: the normalised tokens are
+    recomputed in backward instead of being kept, which saves one (B, N, D) activation per layer."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, weight: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(x, ln_weight, ln_bias, weight)
+        ctx.eps = eps
+        return F.linear(F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, eps), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        x, ln_weight, ln_bias, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, ln_weight, ln_bias)]
+            xn = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ xn.detach().reshape(-1, xn.shape[-1])
+        grad_x, grad_lw, grad_lb = torch.autograd.grad(xn, leaves, grad_out @ weight)
+        return grad_x, grad_lw, grad_lb, grad_weight, None
+
+
 class CrissCrossMixing(nn.Module):
     """The token-mixing sublayer of a criss-cross layer (everything but the tokens' MLP).
 
@@ -74,10 +96,11 @@ class CrissCrossMixing(nn.Module):
 
     def forward(self, x: Tensor, latents: Tensor, pad_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         d = x.shape[-1]
-        xn = self.norm_tokens(x)
-        # One matmul for every token-side projection: (B, N, D) -> (B, N, 3D) = [k_read | v_read | q_write].
+        # One matmul for every token-side projection: (B, N, D) -> (B, N, 3D) = [k_read | v_read | q_write],
+        # on the shared normalised tokens (recomputed in backward, not stored).
         w = torch.cat([self.latents_read.to_kv.weight, self.tokens_read.to_q.weight], dim=0)
-        k_read, v_read, q_write = F.linear(xn, w).split(d, dim=-1)
+        norm = self.norm_tokens
+        k_read, v_read, q_write = _LayerNormLinear.apply(x, norm.weight, norm.bias, w, norm.eps).split(d, dim=-1)
         old = latents
         q_read = self.latents_read.to_q(self.norm_latents_read(latents))  # (B, M, D)
         latents = latents + self.latents_read.attend(q_read, k_read, v_read, pad_mask)  # padding excluded
