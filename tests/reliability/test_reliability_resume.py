@@ -189,3 +189,33 @@ def test_failed_checkpoint_write_keeps_previous_last_ckpt(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert io_.load_checkpoint(last)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary was removed
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+@pytest.mark.parametrize("max_steps", [-1, 100])
+@pytest.mark.parametrize("crash_at", [3])
+def test_epoch_budget_survives_a_crash(tmp_path, with_val, max_steps, crash_at):
+    """A crash after an epoch-end checkpoint must not lose or repeat an epoch (2 batches/epoch, 5 epochs)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == crash_at:
+                raise RuntimeError("crash")  # no on_train_end, like a kill
+
+    class WithVal(TinyModule):
+        def validation_step(self, batch, batch_idx):
+            self.log("val", torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def fit(callbacks):
+        module = WithVal()
+        return fit_resumable(
+            module, train_dataloaders=tiny_loader(n=16), val_dataloaders=tiny_loader(n=8) if with_val else None,
+            ckpt_dir=tmp_path, every_n_train_steps=100,
+            trainer_kwargs=dict(max_epochs=5, max_steps=max_steps, callbacks=callbacks, num_sanity_val_steps=0, **KW))
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit([Crash()])
+    assert load_lightning_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2 * (crash_at // 2)
+    t = fit([])
+    assert t.global_step == 10 and t.current_epoch == 5

@@ -3,7 +3,8 @@
 :func:`fit_resumable` is the one way xscale fits a LightningModule:
 
 - a :class:`ResumableCheckpoint` callback writes ``<ckpt_dir>/last.ckpt`` every
-  ``every_n_train_steps`` optimiser steps, at every epoch end and when training ends;
+  ``every_n_train_steps`` optimiser steps, after the last batch of every epoch and when
+  training ends;
 - every write goes through :class:`SafeCheckpointIO`: serialised to a temporary file in
   the same directory, fsync'ed, then ``os.replace``'d, so ``last.ckpt`` is always a
   complete checkpoint even if the process is SIGKILLed mid-write (Lightning's own
@@ -170,7 +171,13 @@ class SafeCheckpointIO(CheckpointIO):
 
 
 class ResumableCheckpoint(Callback):
-    """Write ``<dirpath>/last.ckpt`` every ``every_n_train_steps`` steps, each epoch end and at the end.
+    """Write ``<dirpath>/last.ckpt`` every ``every_n_train_steps`` steps, after each epoch's last batch, and at the end.
+
+    The epoch's checkpoint is taken in ``on_train_batch_end`` of its last batch, not in
+    ``on_train_epoch_end``: Lightning 2.6 restores a checkpoint taken in
+    ``on_train_epoch_end`` of a run with ``max_steps`` set as one epoch further on, so a
+    resumed run with an epoch budget would train one epoch less (tested in
+    ``tests/reliability/test_reliability_resume.py::test_epoch_budget_survives_a_crash``).
 
     Parameters
     ----------
@@ -207,11 +214,9 @@ class ResumableCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_train_steps == 0:
+        last_batch = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        if trainer.global_step % self.every_n_train_steps == 0 or last_batch:
             self._save(trainer)
-
-    def on_train_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        self._save(trainer)
 
     def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._save(trainer)
