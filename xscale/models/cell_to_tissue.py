@@ -141,6 +141,11 @@ class CellToTissue(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        # Per-feature centre / scale of the level-1 latents, fitted on the training cells
+        # (set_latent_scaling). Level-1 latents vary little across cells around a large
+        # shared offset; without this the loss is dominated by that offset.
+        self.register_buffer("latent_mean", torch.zeros(c.in_dim))
+        self.register_buffer("latent_std", torch.ones(c.in_dim))
         self.in_norm = nn.LayerNorm(c.in_dim)
         self.in_proj = nn.Linear(c.in_dim, c.dim)
         self.position = FourierFeatures(c.dim, n_frequencies=c.n_frequencies, scale=c.position_scale)
@@ -152,6 +157,22 @@ class CellToTissue(nn.Module):
         self.query_position = FourierFeatures(c.dim, n_frequencies=c.n_frequencies, scale=c.position_scale, seed=1)
         self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads)
         self.out_proj = nn.Linear(c.dim, c.in_dim)
+
+    # ---------------------------------------------------------------- scaling
+    @torch.no_grad()
+    def set_latent_scaling(self, cell_latents: Tensor, *, eps: float = 1e-6) -> None:
+        """Fit the per-feature mean and std of level-1 latents (N, K·D) of training cells."""
+        x = cell_latents.reshape(-1, self.config.in_dim).to(self.latent_mean)
+        self.latent_mean.copy_(x.mean(dim=0))
+        self.latent_std.copy_(x.std(dim=0).clamp_min(eps) if x.shape[0] > 1 else torch.ones_like(self.latent_std))
+
+    def standardize(self, cell_latents: Tensor) -> Tensor:
+        """Level-1 latents -> standardised units. (..., K·D) -> (..., K·D)."""
+        return (cell_latents - self.latent_mean) / self.latent_std
+
+    def unstandardize(self, z: Tensor) -> Tensor:
+        """Standardised units -> level-1 latents. (..., K·D) -> (..., K·D)."""
+        return z * self.latent_std + self.latent_mean
 
     # ---------------------------------------------------------------- encoding
     def _check(self, cell_latents: Tensor, rel_xy: Tensor, pad_mask: Tensor) -> None:
@@ -168,7 +189,7 @@ class CellToTissue(nn.Module):
 
     def tokens(self, cell_latents: Tensor, rel_xy: Tensor, cell_mask: Tensor | None = None) -> Tensor:
         """Cell tokens: projected latents (or the mask token where ``cell_mask``) + position. (B, C, D)."""
-        x = self.in_proj(self.in_norm(cell_latents))  # (B, C, K·D) -> (B, C, D)
+        x = self.in_proj(self.in_norm(self.standardize(cell_latents)))  # (B, C, K·D) -> (B, C, D)
         if cell_mask is not None:
             x = torch.where(cell_mask[..., None], self.mask_token.to(x.dtype), x)
         return x + self.position(rel_xy)
@@ -217,7 +238,7 @@ class CellToTissue(nn.Module):
 
     def decode(self, tissue_latents: Tensor, rel_xy: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """Rebuild each cell's level-1 latents from the tissue latents. -> (B, C, K·D)."""
-        return self.out_proj(self.decode_hidden(tissue_latents, rel_xy, pad_mask))
+        return self.unstandardize(self.out_proj(self.decode_hidden(tissue_latents, rel_xy, pad_mask)))
 
     # ---------------------------------------------------------------- training
     def sample_cell_mask(self, pad_mask: Tensor, *, generator: torch.Generator | None = None) -> Tensor | None:
@@ -261,7 +282,8 @@ class CellToTissue(nn.Module):
             cell_mask = self.sample_cell_mask(pad_mask)
         target = cell_latents if target is None else target
         _, recon = self(cell_latents, rel_xy, pad_mask, cell_mask=cell_mask)
-        err = (recon - target).pow(2).mean(dim=-1)  # (B, C)
+        # scored in standardised units: every latent feature counts equally
+        err = (self.standardize(recon) - self.standardize(target)).pow(2).mean(dim=-1)  # (B, C)
         real = (~pad_mask).to(err.dtype)
         n_real = real.sum().clamp_min(1.0)
         reconstruction = (err * real).sum() / n_real

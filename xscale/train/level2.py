@@ -206,7 +206,9 @@ def fit_level2(
         raise XscaleInputError("train_cells is empty: level 2 needs at least one niche centre to train on.")
     niches = make_niches(coords, centres, max_cells=config.max_cells, slides=slides, radius=radius)
     data = NicheDataModule(NicheDataset(latents, niches), batch_size=batch_size, seed=seed)
-    module = TissueModule(CellToTissue(config), lr=lr)
+    model = CellToTissue(config)
+    model.set_latent_scaling(torch.from_numpy(latents[np.unique(centres)]))
+    module = TissueModule(model, lr=lr)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     trainer_kwargs: dict[str, Any] = dict(
         max_epochs=max_epochs,

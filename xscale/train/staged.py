@@ -127,6 +127,7 @@ def run_staged(
     level1_preset: Preset = "small",
     level2_config: CellToTissueConfig | None = None,
     level2_preset: Preset = "small",
+    level2_overrides: dict[str, object] | None = None,
     train_mask: np.ndarray | None = None,
     train_slides: Sequence[str] | None = None,
     slide_key: str | None = None,
@@ -155,8 +156,9 @@ def run_staged(
         Run directory: ``checkpoints/<stage>`` per stage, ``cells.zarr`` at the end.
     level1_config, level1_preset
         Level-1 config, or a preset built on the panel's genes.
-    level2_config, level2_preset
-        Level-2 config, or a preset with ``in_dim`` = the level-1 latent width.
+    level2_config, level2_preset, level2_overrides
+        Level-2 config, or a preset with ``in_dim`` = the level-1 latent width and
+        ``level2_overrides`` (field -> value) applied.
     train_mask, train_slides
         Cells (bool (n,)) or slides (names in ``obs[slide_key]``) both levels train on
         (default: all). Every cell is embedded.
@@ -239,7 +241,9 @@ def run_staged(
         skipped.append("level2")
         log.info("Stage level2 finished earlier; skipping.")
     else:
-        config = level2_config or CellToTissueConfig.preset(level2_preset, in_dim=cells.shape[1])
+        config = level2_config or CellToTissueConfig.preset(
+            level2_preset, in_dim=cells.shape[1], **(level2_overrides or {})
+        )
         level2 = fit_level2(
             cells, coords, config=config, train_cells=np.flatnonzero(mask), slides=slides, radius=radius,
             max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, 64), seed=seed,
@@ -284,7 +288,6 @@ def write_cells_zarr(
     meta = dict(out.uns.get("xscale", {})) if isinstance(out.uns.get("xscale"), dict) else {}
     meta.update({"slide_key": slide_key or "", "spatial_key": spatial_key})
     out.uns["xscale"] = meta
-    out.uns.pop("xscale_source", None) if not isinstance(out.uns.get("xscale_source"), dict) else None
     with atomic_dir(path) as tmp:
         out.write_zarr(tmp / "store.zarr")
         # atomic_dir renames the directory; the zarr store is its content.
