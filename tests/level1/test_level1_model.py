@@ -89,7 +89,7 @@ def test_level1_overfit_one_real_batch(starmap_small):
     first_loss, first_dev = None, deviance()
     for _ in range(150):
         out = model.loss(batch)
-        first_loss = float(out.total) if first_loss is None else first_loss
+        first_loss = float(out.total.detach()) if first_loss is None else first_loss
         opt.zero_grad()
         out.total.backward()
         opt.step()

@@ -38,8 +38,8 @@ PresetName = Literal["tiny", "small", "base"]
 _PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs: seconds on a CPU
     "tiny": dict(dim=32, heads=2, depth=1, n_latents=4, xpressor_depth=1, decoder_depth=1, max_genes=256),
-    # demo / benchmark: a few CPU minutes on a few thousand cells
-    "small": dict(dim=64, heads=4, depth=2, n_latents=8, xpressor_depth=1, decoder_depth=1, max_genes=512),
+    # demo / benchmark: a few CPU minutes on a few thousand cells (context: expressed genes first)
+    "small": dict(dim=32, heads=2, depth=1, n_latents=8, xpressor_depth=1, decoder_depth=1, max_genes=96),
     # GPU-sized
     "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
 }
@@ -70,9 +70,9 @@ class GeneToCellConfig:
     decoder_self_attend: bool = False
     pooling: Pooling = "xpressor"
     likelihood: Likelihood = "nb"
-    w_autoencode: float = 1.0
-    w_masked: float = 0.5
-    w_denoise: float = 0.5
+    w_autoencode: float = 0.2
+    w_masked: float = 1.0
+    w_denoise: float = 1.0
     mask_fraction: float = 0.25
     denoise_keep: float = 0.5
     max_genes: int = 512
@@ -190,7 +190,9 @@ class GeneToCell(nn.Module):
         self.query_proj = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.dim))
         self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads, self_attend=c.decoder_self_attend)
         self.head = nn.Linear(c.dim, 2 if c.likelihood == "zinb" else 1)
-        self.log_theta = nn.Parameter(torch.zeros(c.n_genes))  # per vocabulary gene
+        # Per vocabulary gene. Starts at theta = e² ≈ 7: theta = 1 makes the NB flat in the mean, and
+        # log-theta moves only ~lr per Adam step, which slowed short CPU runs down.
+        self.log_theta = nn.Parameter(torch.full((c.n_genes,), 2.0))
 
     # ------------------------------------------------------------------ public API
     @property

@@ -1,0 +1,235 @@
+"""Level-1 benchmark: do Xpressor cell latents beat PCA, log-normalised expression and
+CLS / mean pooling on a held-out slide, and do they decode back to expression?
+
+For each dataset the model never sees the held-out slide. ``xpressor``, ``cls`` and
+``mean`` are the same GeneToCell (same encoder, decoder, objectives, steps, batch size,
+learning rate and seed); only the bottleneck differs. A logistic regression on
+standardised embeddings (``xscale.eval.metrics.probe_scores``) is fitted on the other
+slides' cells and scored on the held-out slide. Reconstruction is scored on the
+held-out slide: mean per-cell Pearson correlation between the log-normalised decoded
+means and the observed log-normalised expression, and the mean NB deviance per entry
+against a baseline predicting gene mean (from the training slides) × library size.
+
+Usage::
+
+    python benchmarks/cell_level.py                       # both datasets -> benchmarks/results/cell_level.json
+    python benchmarks/cell_level.py --datasets starmap_mpfc --steps 200 --out /tmp/x.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xscale import datasets
+from xscale.data.anndata_dataset import counts_matrix, map_panel, vocab_from_adatas
+from xscale.eval.metrics import log_normalized, pca, probe_scores
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.models.likelihoods import nb_deviance
+from xscale.tl.cells import embed_cells, reconstruct
+from xscale.train.level1 import fit_level1
+
+log = logging.getLogger("benchmarks.cell_level")
+RESULTS = Path(__file__).parent / "results" / "cell_level.json"
+POOLINGS = ("xpressor", "cls", "mean")
+
+# Budget per model and dataset (same for every pooling). Chosen on a tuning split that
+# never contains the held-out slide: model and probe fitted on one training slide,
+# scored on the other training slide (see NOTES).
+BUDGET = {"starmap_mpfc": {"steps": 600}, "seqfish_embryo_wsir": {"steps": 600}}
+NOTES = {
+    "tuning_protocol": (
+        "Hyper-parameters chosen on a split without the held-out slide (model + probe fitted on the "
+        "first training slide, scored on the second). Early debugging runs (before the gene-identity "
+        "scale fix) printed held-out scores once; no setting was picked from them."
+    ),
+    "tried": [
+        "tuning split STARmap (fit on slide BZ5, score on BZ9): lognorm 0.697, pca 0.606 macro-F1",
+        "dim32/heads2/depth1/K8/context96, batch 64, lr 3e-3, weights 1/0.5/0.5: 0.371 @400 steps, 0.406 @800",
+        "same, context 64, batch 32, lr 1e-2: 0.210 @400 (unstable)",
+        "same as first, mean pooling, theta init e^2.3: 0.338 @600",
+        "same as first, weights 0.2/1/1, theta init e^2.3: 0.428 @600 (kept: defaults now 0.2/1/1, theta e^2)",
+        "before fixing the gene-identity scale (LayerNorm on gene embeddings), dim64/depth2 runs reached "
+        "0.13-0.50 macro-F1; each step costs ~0.3-1.5 s on the shared 2-core machine (load 10-17)",
+    ],
+}
+
+
+def _split(name: str):
+    info = datasets.info(name)
+    adata = datasets.load(name)
+    if info.drop_labels:
+        adata = adata[~adata.obs[info.label_key].isin(info.drop_labels)].copy()
+    test = (adata.obs[info.slide_key].astype(str) == info.holdout).to_numpy()
+    if not test.any():
+        raise RuntimeError(f"held-out slide {info.holdout!r} not found in {name}")
+    return info, adata, test
+
+
+def _reconstruction(model: GeneToCell, train_ad, test_ad) -> dict[str, float]:
+    out = reconstruct(test_ad, model, copy=True)
+    mapping = map_panel(list(map(str, test_ad.var_names)), model.vocab)
+    cols = mapping.columns
+    x = counts_matrix(test_ad)[:, cols].toarray().astype(np.float64)  # (n, G)
+    mu = out.layers["xscale_expected"][:, cols].astype(np.float64)
+    lib = x.sum(1)
+    lx = np.log1p(x / np.maximum(lib[:, None], 1e-8) * 1e4)
+    lm = np.log1p(mu / np.maximum(mu.sum(1, keepdims=True), 1e-8) * 1e4)
+    ok = (lx.std(1) > 0) & (lm.std(1) > 0)
+    pear = np.mean([np.corrcoef(lx[i], lm[i])[0, 1] for i in np.flatnonzero(ok)])
+    theta = model.log_theta.detach().clamp(-7.0, 9.0).exp()[torch.as_tensor(mapping.gene_ids)].numpy()
+    dev = nb_deviance(torch.from_numpy(x), torch.from_numpy(mu), torch.from_numpy(theta)[None]).mean().item()
+    # Baseline: gene share from the training slides × library; per-gene theta by moments on training cells.
+    xt = counts_matrix(train_ad)[:, cols].toarray().astype(np.float64)
+    share = xt.sum(0) / xt.sum()
+    mt = share[None] * xt.sum(1, keepdims=True)
+    excess = ((xt - mt) ** 2 - mt).sum(0)
+    theta_b = np.clip((mt**2).sum(0) / np.maximum(excess, 1e-8), 1e-2, 1e4)
+    mb = share[None] * lib[:, None]
+    dev_b = nb_deviance(torch.from_numpy(x), torch.from_numpy(mb), torch.from_numpy(theta_b)[None]).mean().item()
+    return {"pearson": float(pear), "nb_deviance": float(dev), "baseline_nb_deviance": float(dev_b)}
+
+
+def run_dataset(name: str, *, steps: int, batch_size: int, lr: float, preset: str, seed: int,
+                work: Path) -> tuple[dict, dict]:
+    info, adata, test = _split(name)
+    y = adata.obs[info.label_key].astype(str).to_numpy()
+    train_ad, test_ad = adata[~test].copy(), adata[test].copy()
+    f1, acc, extra = {}, {}, {}
+
+    X = log_normalized(adata.X)
+    r = probe_scores(X[~test], y[~test], X[test], y[test])
+    f1["lognorm"], acc["lognorm"] = r["macro_f1"], r["accuracy"]
+    P_tr, P_te = pca(X[~test], [X[test]], n_components=30, seed=seed)
+    r = probe_scores(P_tr, y[~test], P_te, y[test])
+    f1["pca"], acc["pca"] = r["macro_f1"], r["accuracy"]
+    log.info("%s baselines: %s", name, f1)
+
+    genes = vocab_from_adatas([adata]).genes
+    recon, seconds = None, {}
+    for pooling in POOLINGS:
+        config = GeneToCellConfig.preset(preset, genes=genes, pooling=pooling)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        model = fit_level1(train_ad, config, out_dir=work / f"{name}_{pooling}", max_steps=steps,
+                           batch_size=batch_size, lr=lr, seed=seed, val_fraction=0.0, logger="none",
+                           enable_progress_bar=False, accelerator="cpu", checkpoint_every_n_steps=10_000)
+        seconds[pooling] = time.perf_counter() - t0
+        emb = embed_cells(adata, model, copy=True).obsm["X_xscale_cell"]
+        r = probe_scores(emb[~test], y[~test], emb[test], y[test])
+        f1[pooling], acc[pooling] = r["macro_f1"], r["accuracy"]
+        log.info("%s %s: %s (%.0f s)", name, pooling, r, seconds[pooling])
+        if pooling == "xpressor":
+            recon = _reconstruction(model, train_ad, test_ad)
+            extra["config"] = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "genes"}
+    entry = {
+        "holdout": info.holdout,
+        "macro_f1": {k: f1[k] for k in (*POOLINGS, "pca", "lognorm")},
+        "accuracy": {k: acc[k] for k in (*POOLINGS, "pca", "lognorm")},
+        "reconstruction": recon,
+        "train_seconds": seconds["xpressor"],
+    }
+    extra["train_seconds_per_pooling"] = seconds
+    extra["budget"] = {"steps": steps, "batch_size": batch_size, "lr": lr, "preset": preset, "seed": seed,
+                       "n_train_cells": int((~test).sum()), "n_test_cells": int(test.sum())}
+    best_base = max(f1["pca"], f1["lognorm"])
+    best_pool = max(f1["cls"], f1["mean"])
+    extra["goals"] = {
+        "xpressor_vs_best_baseline_plus_0.02": f1["xpressor"] >= best_base + 0.02,
+        "xpressor_vs_1.05x_best_pooling": f1["xpressor"] >= 1.05 * best_pool,
+        "deviance_below_baseline": recon["nb_deviance"] < recon["baseline_nb_deviance"],
+    }
+    return entry, extra
+
+
+def _run_parallel(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run each dataset in its own process (own CPU share), then merge their JSON into ``args.out``."""
+    import subprocess
+    import sys
+
+    base = [a for a in (argv or sys.argv[1:]) if a != "--parallel"]
+    procs, outs = [], []
+    with tempfile.TemporaryDirectory(prefix="xscale_cell_level_par_") as tmp:
+        for name in args.datasets:
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, __file__, *_drop_option(base, "--datasets"), "--datasets", name,
+                   "--out", str(out)]
+            cmd = _drop_option(cmd[:-2], "--out") + ["--out", str(out)]
+            procs.append(subprocess.Popen(cmd))
+            outs.append(out)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"a dataset run failed (exit codes {codes})")
+        result: dict = {}
+        notes: dict = {}
+        for out in outs:
+            part = json.loads(out.read_text())
+            notes.update(part.pop("notes"))
+            result.update(part)
+    result["notes"] = notes
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_out, args.out)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+def _drop_option(argv: list[str], option: str) -> list[str]:
+    """argv without ``option`` and the values following it (up to the next ``--flag``)."""
+    out, skip = [], False
+    for a in argv:
+        if a == option:
+            skip = True
+            continue
+        if skip and a.startswith("--"):
+            skip = False
+        if not skip:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=list(BUDGET))
+    ap.add_argument("--steps", type=int, default=None, help="override the per-dataset step budget")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--parallel", action="store_true", help="one process per dataset, merged at the end")
+    args = ap.parse_args(argv)
+    if args.parallel and len(args.datasets) > 1:
+        return _run_parallel(args, argv or [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "xscale.data.anndata_dataset"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    result: dict = {}
+    notes = dict(NOTES)
+    with tempfile.TemporaryDirectory(prefix="xscale_cell_level_") as tmp:
+        for name in args.datasets:
+            steps = args.steps if args.steps is not None else BUDGET[name]["steps"]
+            entry, extra = run_dataset(name, steps=steps, batch_size=args.batch_size, lr=args.lr,
+                                       preset=args.preset, seed=args.seed, work=Path(tmp))
+            result[name] = entry
+            notes[name] = extra
+    result["notes"] = notes
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_out, args.out)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
