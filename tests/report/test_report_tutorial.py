@@ -59,7 +59,6 @@ def test_tutorial_matches_builder_and_uses_public_api() -> None:
 def test_tutorial_executes_at_tiny_settings(tmp_path: Path) -> None:
     from nbclient import NotebookClient
 
-    pytest.importorskip("xscale.tl.cells", reason="level-1 embedding functions not written yet")
     nb = _notebook()
     _set_parameters(nb, PRESET="tiny", LEVEL1_EPOCHS=1, LEVEL2_EPOCHS=1, FINETUNE_EPOCHS=1, MAX_STEPS=20,
                     OUT=str(tmp_path / "run"), REPORT_EMBEDDING="pca")

@@ -247,13 +247,21 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
 
 @styled
 def plot_method_bars(groups: Sequence[ComparisonGroup], *, max_panels: int = 8) -> Figure:
-    """Horizontal bars per group and metric: xscale methods in orange, baselines in grey."""
-    panels = [(g, m) for g in groups for m in g.metric_names][:max_panels]
+    """Horizontal bars per group and metric: xscale methods in orange, baselines in grey.
+
+    Only groups comparing two methods or more are drawn (one panel per metric, at most
+    ``max_panels``); each row of panels is as tall as its longest list of methods.
+    """
+    panels = [(g, m) for g in groups if len(g.methods) > 1 for m in g.metric_names][:max_panels]
+    if not panels:
+        raise ValueError("no group compares two methods or more")
     ncol = 2 if len(panels) > 1 else 1
     nrow = math.ceil(len(panels) / ncol)
-    height_each = max(2.0, 0.42 * max(len(g.methods) for g, _ in panels) + 1.1)
-    fig = new_figure(6.2 * ncol, height_each * nrow)
-    axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
+    rows = [panels[i * ncol:(i + 1) * ncol] for i in range(nrow)]
+    heights = [0.36 * max(len(g.methods) for g, _ in row) + 1.3 for row in rows]  # inches per row
+    fig = new_figure(6.2 * ncol, sum(heights))
+    fig.get_layout_engine().set(h_pad=0.12)
+    axes = fig.subplots(nrow, ncol, squeeze=False, height_ratios=heights).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax, (g, metric) in zip(axes, panels, strict=False):
@@ -270,7 +278,7 @@ def plot_method_bars(groups: Sequence[ComparisonGroup], *, max_panels: int = 8) 
         for i, (v, (k, _)) in enumerate(zip(vals, items[::-1], strict=True)):
             ax.text(v, i, f" {format_value(v)}" + (" ★" if k == best else ""), va="center", fontsize=8)
         ax.set_xlabel(metric_label(metric))
-        ax.set_title(g.title, fontsize=10)
+        ax.set_title(g.title, fontsize=10, fontweight="bold")
         ax.spines["left"].set_visible(False)
         ax.tick_params(axis="y", length=0)
     return fig

@@ -72,7 +72,14 @@ def read_history(source: HistorySource) -> pd.DataFrame:
 
 
 def load_histories(history: Mapping[str, HistorySource] | str | Path | None) -> dict[str, pd.DataFrame]:
-    """``{level name: metrics DataFrame}`` from a mapping of sources, or a logs folder to search."""
+    """``{level name: metrics DataFrame}`` from a mapping of sources, or a logs folder to search.
+
+    A mapped run without a ``metrics.csv`` (e.g. a run shorter than Lightning's logging
+    interval logs nothing) gets an empty DataFrame and a warning, so a finished pipeline
+    still gets its report; the report names the runs without logs.
+    """
+    import pandas as pd
+
     if history is None:
         return {}
     if isinstance(history, (str, Path)):
@@ -83,7 +90,14 @@ def load_histories(history: Mapping[str, HistorySource] | str | Path | None) -> 
                 "CSVLogger runs, or a dict {level name: folder or metrics.csv}."
             )
         history = discover_histories(root)
-    return {str(name): read_history(src) for name, src in history.items()}
+    out: dict[str, pd.DataFrame] = {}
+    for name, src in history.items():
+        try:
+            out[str(name)] = read_history(src)
+        except XscaleInputError as e:
+            log.warning("%s", e)
+            out[str(name)] = pd.DataFrame()
+    return out
 
 
 def loss_columns(df: pd.DataFrame, *, max_columns: int = 5) -> list[str]:

@@ -169,6 +169,8 @@ def benchmark_section(groups: Sequence[ComparisonGroup]) -> str:
     if not groups:
         return note("No metrics given: pass <code>metrics=</code> (e.g. the metrics.json of "
                     "<code>xscale demo</code>) to compare xscale with the baselines.")
+    if all(len(g.methods) < 2 for g in groups):
+        return note("The metrics hold no comparison (every task has one method); see the table below.")
     fig = F.plot_method_bars(groups)
     cap = ("<b>xscale against baselines.</b> One panel per task and score; orange bars are xscale, grey "
            "bars are baselines computed in the same run on the same cells; ★ marks the best. "
@@ -192,16 +194,20 @@ def metrics_section(groups: Sequence[ComparisonGroup], raw: Mapping[str, Any]) -
 
 
 def training_section(histories: Mapping[str, pd.DataFrame]) -> str:
+    empty = [k for k, v in histories.items() if not len(v)]
+    missing = note("No metrics were logged for " + ", ".join(escape(k) for k in empty) + " (a run shorter "
+                   "than Lightning's logging interval logs nothing).") if empty else ""
+    histories = {k: v for k, v in histories.items() if len(v)}
     if not histories:
-        return note("No training logs given: pass <code>history=</code> (a logs folder of Lightning "
-                    "CSV logs, or <code>{level: folder}</code>).")
+        return missing or note("No training logs given: pass <code>history=</code> (a logs folder of Lightning "
+                               "CSV logs, or <code>{level: folder}</code>).")
     fig = F.plot_training_curves(histories)
     cap = ("<b>Training curves.</b> Loss against optimisation step, one panel per level (level 1: genes → cells, "
            "negative-binomial negative log-likelihood of the counts; level 2: cells → niches, error in "
            "reconstructing the cells' latents). Light lines are per-step values, dark lines their running "
            "mean; validation losses, when logged, are drawn with markers. A curve that flattens means training "
            "has converged; a validation loss rising while training loss falls would mean over-fitting.")
-    return figure_html(fig, cap, alt="training curves")
+    return figure_html(fig, cap, alt="training curves") + missing
 
 
 def reconstruction_section(
