@@ -38,12 +38,12 @@ def zinb_log_prob(x: Tensor, mu: Tensor, theta: Tensor, zi_logits: Tensor) -> Te
     P(0) = pi + (1 - pi) NB(0); P(x > 0) = (1 - pi) NB(x). Computed with softplus /
     logsumexp so large |zi_logits| stay finite.
     """
-    softplus_neg = F.softplus(-zi_logits)  # -log(1 - pi)
+    log_one_minus_pi = -F.softplus(zi_logits)  # log(1 - sigmoid(l)) = -softplus(l)
     log_nb = nb_log_prob(x, mu, theta)
     log_nb_zero = theta * (torch.log(theta + EPS) - torch.log(theta + mu + EPS))  # log NB(0)
     # log P(0) = log(pi + (1-pi) NB(0)) = logaddexp(zi_logits, log NB(0)) - softplus(zi_logits)
     zero_case = torch.logaddexp(zi_logits, log_nb_zero) - F.softplus(zi_logits)
-    nonzero_case = log_nb - softplus_neg
+    nonzero_case = log_nb + log_one_minus_pi
     return torch.where(x < 0.5, zero_case, nonzero_case)
 
 
