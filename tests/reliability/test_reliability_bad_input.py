@@ -120,6 +120,21 @@ def test_prepare_cli_bad_input(case, damage, extra, pattern, cells, tmp_path, ca
     _assert_nothing_left(out)
 
 
+@pytest.mark.parametrize("case,damage,extra,pattern", CASES, ids=[c[0] for c in CASES])
+def test_run_cli_bad_input(case, damage, extra, pattern, cells, tmp_path, capsys):
+    """``xscale run`` stops at the boundary, before any training, with the same one-line messages."""
+    src = tmp_path / "in.h5ad"
+    damage(cells.copy()).write_h5ad(src)
+    out = tmp_path / "run"
+    rc, err = _cli(["run", "--data", str(src), "--out", str(out), "--preset", "tiny", "--no-progress", *extra],
+                   capsys)
+    assert rc == 2
+    import re
+
+    assert re.search(pattern, _assert_one_clean_line(err, "run")), err
+    assert not (out / "cells.zarr").exists() and not (out / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("case,damage,extra,pattern", CASES[:4], ids=[c[0] for c in CASES[:4]])
 def test_prepare_api_bad_input(case, damage, extra, pattern, cells, tmp_path):
     from xscale.data.store import prepare
@@ -129,9 +144,6 @@ def test_prepare_api_bad_input(case, damage, extra, pattern, cells, tmp_path):
     _assert_nothing_left(tmp_path / "out.zarr")
 
 
-@pytest.mark.xfail(reason="gap (helper D): prepare reads the file lazily with only counts_layer's layer, "
-                   "so the message lists 'Layers present: []' although the file has a 'counts' layer",
-                   strict=False)
 def test_normalised_message_lists_layers_in_file(cells, tmp_path, capsys):
     src = tmp_path / "in.h5ad"
     _normalised(cells.copy()).write_h5ad(src)
@@ -203,13 +215,7 @@ def test_spatialdata_without_table(cells, tmp_path, capsys):
     assert "found no table" in line and "'cells'" in line and "TableModel" in line
 
 
-@pytest.mark.parametrize("damage", [
-    "root-metadata",
-    pytest.param("chunk", marks=pytest.mark.xfail(
-        reason="gap (helper D): a corrupted chunk read lazily in prepare's pass 1 (store.py dask.compute) "
-               "escapes as numcodecs RuntimeError with a traceback instead of XscaleInputError",
-        strict=False)),
-])
+@pytest.mark.parametrize("damage", ["root-metadata", "chunk"])
 def test_corrupted_zarr(cells, tmp_path, capsys, damage):
     import anndata
 
