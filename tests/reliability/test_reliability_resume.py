@@ -130,6 +130,7 @@ def test_sigkill_tiny_module_then_rerun_resumes(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow  # the default suite kills a real `xscale run` in level 1 instead (test_reliability_cli_resume)
 def test_sigkill_level1_fit_then_rerun_resumes(tmp_path):
     """Level 1 (GeneToCell on real cells, fit_level1) SIGKILLed mid-training; the same command resumes."""
     out = tmp_path / "run"
