@@ -7,6 +7,7 @@ expression = the PCA reconstruction mapped back to counts, metrics = the scores 
 :mod:`xscale.eval.metrics` on the held-out slice, histories = Lightning CSV logs of a short
 real training run (a linear auto-encoder of the same expression).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,15 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     a.obsm["X_xscale_niche"] = N
     a.obs["xscale_domain"] = KMeans(4, n_init=4, random_state=0).fit_predict(N).astype(str)
     lib = np.asarray(a.X.sum(axis=1))
-    a.layers["xscale_expected"] = (np.expm1(np.clip(pca.inverse_transform(P), 0, None)) * lib / 1e4).astype(np.float32)
-    a.uns["xscale"] = {"slide_key": "slice", "holdout": HOLDOUT, "domain_key": "domain_name", "label_key": "cell_type"}
+    a.layers["xscale_expected"] = (
+        np.expm1(np.clip(pca.inverse_transform(P), 0, None)) * lib / 1e4
+    ).astype(np.float32)
+    a.uns["xscale"] = {
+        "slide_key": "slice",
+        "holdout": HOLDOUT,
+        "domain_key": "domain_name",
+        "label_key": "cell_type",
+    }
 
     lab = a.obs["domain_name"].astype(str).to_numpy()
     ct = a.obs["cell_type"].astype(str).to_numpy()
@@ -65,7 +73,9 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     X = torch.from_numpy(ln[~held])
     for level, width in (("level1", 8), ("level2", 4)):
         torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(X.shape[1], width), torch.nn.Linear(width, X.shape[1]))
+        net = torch.nn.Sequential(
+            torch.nn.Linear(X.shape[1], width), torch.nn.Linear(width, X.shape[1])
+        )
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
         logger = CSVLogger(str(logs), name=level)
         for step in range(60):

@@ -1,4 +1,5 @@
 """The HTML report: self-contained, every section drawn, images are real PNGs."""
+
 from __future__ import annotations
 
 import base64
@@ -50,7 +51,9 @@ def _assert_self_contained(html: str) -> list[bytes]:
             v = attrs.get(attr)
             if v is None:
                 continue
-            assert not re.match(r"^\s*(https?:)?//", v), f"<{tag} {attr}={v[:60]}> fetches from the network"
+            assert not re.match(r"^\s*(https?:)?//", v), (
+                f"<{tag} {attr}={v[:60]}> fetches from the network"
+            )
             if tag == "img":
                 assert v.startswith("data:image/png;base64,"), v[:40]
                 pngs.append(base64.b64decode(v.split(",", 1)[1], validate=True))
@@ -78,7 +81,11 @@ def _png_sizes(pngs: list[bytes]) -> list[tuple[int, int]]:
 def test_report_from_store_has_every_section(report_inputs: dict, out_dir: Path) -> None:
     out = out_dir / "sub" / "report.html"
     path = build_report(
-        report_inputs["store"], report_inputs["metrics"], out, history=report_inputs["logs"], embedding="pca"
+        report_inputs["store"],
+        report_inputs["metrics"],
+        out,
+        history=report_inputs["logs"],
+        embedding="pca",
     )
     assert path == out and out.is_file()
     assert [p.name for p in out.parent.iterdir()] == ["report.html"], "temporary file left behind"
@@ -104,7 +111,9 @@ def test_report_missing_inputs_leave_notes(report_inputs: dict, out_dir: Path) -
     import anndata as ad
 
     a = report_inputs["adata"]
-    bare = ad.AnnData(a.X.copy(), obs=a.obs[["slice", "cell_type"]].copy(), obsm={"spatial": a.obsm["spatial"]})
+    bare = ad.AnnData(
+        a.X.copy(), obs=a.obs[["slice", "cell_type"]].copy(), obsm={"spatial": a.obsm["spatial"]}
+    )
     out = build_report(bare, None, out_dir / "bare.html", slide_key="slice", holdout=HOLDOUT)
     html = out.read_text()
     for sid in SECTION_IDS:
@@ -124,11 +133,18 @@ def test_report_rejects_unknown_key(report_inputs: dict, out_dir: Path) -> None:
 
 
 def test_metrics_schema_groups_and_headline() -> None:
-    flat = {"holdout": HOLDOUT, "n_cells": 3190,
-            "domains": {"n_domains": 4, "n_cells": 1088, "xscale_niche": {"ari": 0.76, "nmi": 0.7},
-                        "pca_spatial_mean": {"ari": 0.715, "nmi": 0.72}},
-            "cell_type": {"xscale_cell": {"macro_f1": 0.5}, "pca": {"macro_f1": 0.6}},
-            "seconds": {"level1": 41.25, "level2": 30.0}}
+    flat = {
+        "holdout": HOLDOUT,
+        "n_cells": 3190,
+        "domains": {
+            "n_domains": 4,
+            "n_cells": 1088,
+            "xscale_niche": {"ari": 0.76, "nmi": 0.7},
+            "pca_spatial_mean": {"ari": 0.715, "nmi": 0.72},
+        },
+        "cell_type": {"xscale_cell": {"macro_f1": 0.5}, "pca": {"macro_f1": 0.6}},
+        "seconds": {"level1": 41.25, "level2": 30.0},
+    }
     groups = comparison_groups(flat)
     assert run_info(flat)["seconds"] == "level1: 41.250, level2: 30"
     assert [g.path for g in groups] == [("domains",), ("cell_type",)]
@@ -137,9 +153,14 @@ def test_metrics_schema_groups_and_headline() -> None:
     lines = headline(groups)
     assert "+0.045, better" in lines[0] and "not better" in lines[1]
 
-    nested = {"domains": {"heldout": {"xscale_niche": {"ari": 0.7}, "pca": {"ari": 0.2}},
-                          "BZ5": {"xscale_niche": {"ari": 0.6}}},
-              "timing": {"staged": {"seconds": 10.0}, "joint": {"seconds": 12.0}}, "notes": ["x"]}
+    nested = {
+        "domains": {
+            "heldout": {"xscale_niche": {"ari": 0.7}, "pca": {"ari": 0.2}},
+            "BZ5": {"xscale_niche": {"ari": 0.6}},
+        },
+        "timing": {"staged": {"seconds": 10.0}, "joint": {"seconds": 12.0}},
+        "notes": ["x"],
+    }
     paths = [g.path for g in comparison_groups(nested)]
     assert paths == [("domains", "heldout"), ("domains", "BZ5"), ("timing",)]
     assert comparison_groups(nested)[2].best("seconds") == "staged"  # lower is better
@@ -165,8 +186,13 @@ def test_histories_pick_newest_version(report_inputs: dict, tmp_path: Path) -> N
     assert loss[-10:].mean() < loss[:10].mean()  # the logged run did train
     # a run that logged nothing does not stop the report; it is named in the section
     assert load_histories({"x": tmp_path / "nothing"})["x"].empty
-    html = build_report(report_inputs["adata"], {}, tmp_path / "r.html", embedding="pca",
-                        history={"Level 1": report_inputs["logs"] / "level1", "level 2": tmp_path / "nothing"}).read_text()
+    html = build_report(
+        report_inputs["adata"],
+        {},
+        tmp_path / "r.html",
+        embedding="pca",
+        history={"Level 1": report_inputs["logs"] / "level1", "level 2": tmp_path / "nothing"},
+    ).read_text()
     assert "No metrics were logged for level 2" in html and html.count("data:image/png") >= 1
 
 
@@ -175,12 +201,25 @@ def test_report_renders_headless(report_inputs: dict, out_dir: Path) -> None:
     """Opens offline in a headless browser (network disabled) and paints figures."""
     from PIL import Image
 
-    out = build_report(report_inputs["adata"], report_inputs["metrics"], out_dir / "report.html", embedding="pca")
+    out = build_report(
+        report_inputs["adata"], report_inputs["metrics"], out_dir / "report.html", embedding="pca"
+    )
     shot = out_dir / "shot.png"
     subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--proxy-server=127.0.0.1:9", "--window-size=1200,2400", f"--screenshot={shot}", out.as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--proxy-server=127.0.0.1:9",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            out.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     with Image.open(shot) as im:
         arr = np.asarray(im.convert("RGB"))

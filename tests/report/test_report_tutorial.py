@@ -1,4 +1,5 @@
 """The tutorial notebook runs end to end at tiny settings and is kept in sync with its builder."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,15 @@ NOTEBOOK = ROOT / "notebooks" / "tutorial.ipynb"
 
 # Public API the tutorial promises to show; a cell calling each must exist.
 PUBLIC_CALLS = (
-    "xscale.datasets.load", "run_staged", "xscale.tl.embed_cells", "xscale.tl.embed_niches",
-    "xscale.tl.domains", "LatentIndex.open", "xscale.tl.transfer_labels", "decode_hit", "finetune(",
+    "xscale.datasets.load",
+    "run_staged",
+    "xscale.tl.embed_cells",
+    "xscale.tl.embed_niches",
+    "xscale.tl.domains",
+    "LatentIndex.open",
+    "xscale.tl.transfer_labels",
+    "decode_hit",
+    "finetune(",
     "build_report(",
 )
 
@@ -26,7 +34,7 @@ def _set_parameters(nb, **values: object) -> None:
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     src = cell.source
     for name, value in values.items():
-        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", src, flags=re.M)
+        src, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", src, flags=re.MULTILINE)
         assert n == 1, f"parameter {name} not found in the parameters cell"
     cell.source = src
 
@@ -36,7 +44,9 @@ def test_tutorial_matches_builder_and_uses_public_api() -> None:
 
     import nbformat
 
-    spec = importlib.util.spec_from_file_location("build_tutorial", ROOT / "notebooks" / "build_tutorial.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_tutorial", ROOT / "notebooks" / "build_tutorial.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     nb = _notebook()
@@ -51,17 +61,31 @@ def test_tutorial_matches_builder_and_uses_public_api() -> None:
     # public API only: no private names of xscale imported or called
     assert not re.search(r"xscale\.[\w.]*\._\w", code)
     assert not re.search(r"from xscale[\w.]* import [^\n]*\b_\w", code)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "store the notebook without outputs"
+    )
 
 
 def test_tutorial_executes_at_tiny_settings(tmp_path: Path) -> None:
     from nbclient import NotebookClient
 
     nb = _notebook()
-    _set_parameters(nb, PRESET="tiny", LEVEL1_EPOCHS=1, LEVEL2_EPOCHS=1, FINETUNE_EPOCHS=1, MAX_STEPS=20,
-                    OUT=str(tmp_path / "run"), REPORT_EMBEDDING="pca")
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    _set_parameters(
+        nb,
+        PRESET="tiny",
+        LEVEL1_EPOCHS=1,
+        LEVEL2_EPOCHS=1,
+        FINETUNE_EPOCHS=1,
+        MAX_STEPS=20,
+        OUT=str(tmp_path / "run"),
+        REPORT_EMBEDDING="pca",
+    )
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors
     out = tmp_path / "run"
     assert (out / "cells.zarr").is_dir() and (out / "report.html").is_file()

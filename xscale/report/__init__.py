@@ -9,6 +9,7 @@ latent space (UMAP of cell and niche latents), xscale vs baselines (bar chart), 
 table, training curves per level, reconstruction (observed vs decoded expression). Every
 image is an embedded PNG; the file loads nothing from the network.
 """
+
 from __future__ import annotations
 
 from xscale.report.build import SECTION_IDS, build_report
@@ -25,7 +26,18 @@ from xscale.report.logs import discover_histories, load_histories
 from xscale.report.metrics import ComparisonGroup, comparison_groups, load_metrics
 
 __all__ = [
-    "SECTION_IDS", "ComparisonGroup", "build_report", "comparison_groups", "discover_histories", "embed_2d",
-    "load_histories", "load_metrics", "plot_embedding", "plot_gene_correlations", "plot_method_bars",
-    "plot_reconstruction", "plot_spatial_domains", "plot_training_curves",
+    "SECTION_IDS",
+    "ComparisonGroup",
+    "build_report",
+    "comparison_groups",
+    "discover_histories",
+    "embed_2d",
+    "load_histories",
+    "load_metrics",
+    "plot_embedding",
+    "plot_gene_correlations",
+    "plot_method_bars",
+    "plot_reconstruction",
+    "plot_spatial_domains",
+    "plot_training_curves",
 ]

@@ -1,4 +1,5 @@
 """``build_report``: one self-contained ``report.html`` from a latent store, metrics and logs."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -22,7 +23,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SECTION_IDS = ("summary", "domains", "latents", "benchmark", "metrics", "training", "reconstruction")
+SECTION_IDS = (
+    "summary",
+    "domains",
+    "latents",
+    "benchmark",
+    "metrics",
+    "training",
+    "reconstruction",
+)
 
 
 def build_report(
@@ -99,17 +108,33 @@ def build_report(
     cell_type_key = _key(adata, cell_type_key, meta.get("label_key"), "cell_type_key")
     domain_key = _key(adata, domain_key, meta.get("domain_key"), "domain_key")
     if holdout is None:
-        holdout = meta.get("holdout") or (raw.get("holdout") if isinstance(raw.get("holdout"), str) else None)
+        holdout = meta.get("holdout") or (
+            raw.get("holdout") if isinstance(raw.get("holdout"), str) else None
+        )
     held = (holdout,) if isinstance(holdout, str) else tuple(holdout or ())
     n = adata.n_obs
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else np.full(n, "all cells")
     held = tuple(h for h in held if h in set(slides.tolist()))
-    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2] if spatial_key in adata.obsm else None
+    coords = (
+        np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+        if spatial_key in adata.obsm
+        else None
+    )
     histories = load_histories(history)
 
     name = meta.get("name") or (raw.get("dataset") if isinstance(raw.get("dataset"), str) else None)
-    page = Page(title, " · ".join(x for x in (
-        name, f"{n:,} cells × {adata.n_vars:,} genes", _dt.datetime.now().strftime("%Y-%m-%d %H:%M")) if x))
+    page = Page(
+        title,
+        " · ".join(
+            x
+            for x in (
+                name,
+                f"{n:,} cells × {adata.n_vars:,} genes",
+                _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            )
+            if x
+        ),
+    )
 
     overview = {"cells": f"{n:,}", "genes in panel": f"{adata.n_vars:,}"}
     if cell_type_key:
@@ -117,16 +142,25 @@ def build_report(
     if domain_key:
         overview["annotated domains"] = f"{adata.obs[domain_key].nunique()} (obs['{domain_key}'])"
     if predicted_domain_key in adata.obs:
-        overview["xscale domains"] = f"{adata.obs[predicted_domain_key].nunique()} (obs['{predicted_domain_key}'])"
+        overview["xscale domains"] = (
+            f"{adata.obs[predicted_domain_key].nunique()} (obs['{predicted_domain_key}'])"
+        )
     for key, what in ((cell_latent_key, "cell latents"), (niche_latent_key, "niche latents")):
         if key in adata.obsm:
             overview[what] = f"obsm['{key}'], shape {tuple(np.shape(adata.obsm[key])[1:])} per cell"
     slide_rows = []
     if slide_key:
         names, counts = np.unique(slides, return_counts=True)
-        slide_rows = [[s, f"{c:,}", "held out (never trained on)" if s in held else "training"]
-                      for s, c in sorted(zip(names.tolist(), counts.tolist(), strict=True), key=lambda t: (t[0] in held, t[0]))]
-    page.add("summary", "Summary", S.summary_section(groups, overview, slide_rows, held, run_info(raw)))
+        slide_rows = [
+            [s, f"{c:,}", "held out (never trained on)" if s in held else "training"]
+            for s, c in sorted(
+                zip(names.tolist(), counts.tolist(), strict=True),
+                key=lambda t: (t[0] in held, t[0]),
+            )
+        ]
+    page.add(
+        "summary", "Summary", S.summary_section(groups, overview, slide_rows, held, run_info(raw))
+    )
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -135,9 +169,21 @@ def build_report(
     annot_colors: dict[str, str] = {}
     if predicted is not None:
         predicted, pred_colors, annot_colors = S.match_domains(predicted, annotated)
-    page.add("domains", "Spatial domains", S.domains_section(
-        coords, slides, predicted, annotated, holdout=held, predicted_key=predicted_domain_key,
-        annotated_key=domain_key, pred_colors=pred_colors, annot_colors=annot_colors))
+    page.add(
+        "domains",
+        "Spatial domains",
+        S.domains_section(
+            coords,
+            slides,
+            predicted,
+            annotated,
+            holdout=held,
+            predicted_key=predicted_domain_key,
+            annotated_key=domain_key,
+            pred_colors=pred_colors,
+            annot_colors=annot_colors,
+        ),
+    )
     timings["domains"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -146,14 +192,27 @@ def build_report(
     if cell_type_key:
         labels["cell type"] = (_labels(adata, cell_type_key)[sub], None)
     if slide_key:
-        labels["slide"] = (np.array([f"{s} (held out)" if s in held else s for s in slides[sub]]), None)
+        labels["slide"] = (
+            np.array([f"{s} (held out)" if s in held else s for s in slides[sub]]),
+            None,
+        )
     if annotated is not None:
         labels["annotated domain"] = (annotated[sub], annot_colors or None)
     if predicted is not None:
         labels["xscale domain"] = (predicted[sub], pred_colors)
-    page.add("latents", "Latent space", S.latents_section(
-        _latent(adata, cell_latent_key, sub), _latent(adata, niche_latent_key, sub), labels,
-        method=embedding, seed=seed, cell_key=cell_latent_key, niche_key=niche_latent_key))
+    page.add(
+        "latents",
+        "Latent space",
+        S.latents_section(
+            _latent(adata, cell_latent_key, sub),
+            _latent(adata, niche_latent_key, sub),
+            labels,
+            method=embedding,
+            seed=seed,
+            cell_key=cell_latent_key,
+            niche_key=niche_latent_key,
+        ),
+    )
     timings["latents"] = time.perf_counter() - t
 
     page.add("benchmark", "xscale vs baselines", S.benchmark_section(groups))
@@ -161,13 +220,19 @@ def build_report(
     page.add("training", "Training curves", S.training_section(histories))
 
     t = time.perf_counter()
-    page.add("reconstruction", "Reconstruction", _reconstruction(
-        adata, coords, slides, held, expected_layer, genes, n_genes))
+    page.add(
+        "reconstruction",
+        "Reconstruction",
+        _reconstruction(adata, coords, slides, held, expected_layer, genes, n_genes),
+    )
     timings["reconstruction"] = time.perf_counter() - t
 
     total = time.perf_counter() - t0
-    log.info("report sections built in %s; total %.1f s",
-             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), total)
+    log.info(
+        "report sections built in %s; total %.1f s",
+        ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()),
+        total,
+    )
     import xscale
 
     footer = f"xscale {xscale.__version__} · report built in {total:.0f} s · self-contained file, no network needed"
@@ -186,7 +251,9 @@ def _read(src: ad.AnnData | str | Path) -> ad.AnnData:
         return src
     p = Path(src)
     if not p.exists():
-        raise XscaleInputError(f"store {str(p)!r} does not exist. Pass an AnnData, a cells.zarr store or an .h5ad file.")
+        raise XscaleInputError(
+            f"store {str(p)!r} does not exist. Pass an AnnData, a cells.zarr store or an .h5ad file."
+        )
     if p.suffix == ".h5ad":
         return ad.read_h5ad(p)
     return ad.read_zarr(p)
@@ -237,19 +304,30 @@ def _latent(adata: ad.AnnData, key: str, rows: np.ndarray) -> np.ndarray | None:
 
 
 def _reconstruction(
-    adata: ad.AnnData, coords: np.ndarray | None, slides: np.ndarray, held: Sequence[str],
-    layer: str, genes: Sequence[str] | None, n_genes: int,
+    adata: ad.AnnData,
+    coords: np.ndarray | None,
+    slides: np.ndarray,
+    held: Sequence[str],
+    layer: str,
+    genes: Sequence[str] | None,
+    n_genes: int,
 ) -> str:
     import scipy.sparse as sp
 
     if layer not in adata.layers or coords is None or adata.n_vars == 0:
-        return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
+        return S.reconstruction_section(
+            None, None, None, [], None, slide="", held_out=False, layer=layer
+        )
     E_all = adata.layers[layer]
     # writers may decode some slides only (other rows 0 or NaN) and leave NaN for unmodelled genes
-    E_dense = np.asarray(E_all.toarray() if sp.issparse(E_all) else E_all, dtype=np.float32)  # (n, G)
+    E_dense = np.asarray(
+        E_all.toarray() if sp.issparse(E_all) else E_all, dtype=np.float32
+    )  # (n, G)
     decoded_rows = np.nansum(np.abs(E_dense), axis=1) > 0
     if not decoded_rows.any():
-        return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
+        return S.reconstruction_section(
+            None, None, None, [], None, slide="", held_out=False, layer=layer
+        )
     names_, counts_ = np.unique(slides[decoded_rows], return_counts=True)
     held_decoded = [h for h in held if h in set(names_.tolist())]
     slide = held_decoded[0] if held_decoded else str(names_[np.argmax(counts_)])
@@ -259,7 +337,9 @@ def _reconstruction(
     expected = E_dense[m].astype(np.float64)
     modelled = np.isfinite(expected).all(axis=0)  # (G,) genes the model decoded
     if not modelled.any():
-        return S.reconstruction_section(None, None, None, [], None, slide="", held_out=False, layer=layer)
+        return S.reconstruction_section(
+            None, None, None, [], None, slide="", held_out=False, layer=layer
+        )
     # both sides scaled by the counts of the decoded genes: the decoder's library
     lib = np.maximum(counts[:, modelled].sum(axis=1, keepdims=True), 1e-8)
     obs_ln = np.log1p(counts / lib * 1e4)  # (n, G)
@@ -272,14 +352,24 @@ def _reconstruction(
     else:
         missing = [g for g in genes if g not in set(names)]
         if missing:
-            raise XscaleInputError(f"genes {missing} are not in adata.var_names. Pick genes of the panel, or genes=None.")
+            raise XscaleInputError(
+                f"genes {missing} are not in adata.var_names. Pick genes of the panel, or genes=None."
+            )
         pick = np.array([names.get_loc(g) for g in genes])
         how = "chosen by the caller"
     with np.errstate(invalid="ignore", divide="ignore"):
         o = obs_ln - obs_ln.mean(0)
         d = dec_ln - dec_ln.mean(0)
-        r = (o * d).sum(0) / np.sqrt((o ** 2).sum(0) * (d ** 2).sum(0))  # (G,) per-gene Pearson
+        r = (o * d).sum(0) / np.sqrt((o**2).sum(0) * (d**2).sum(0))  # (G,) per-gene Pearson
     r = np.where(modelled, r, np.nan)
     return S.reconstruction_section(
-        coords[m], obs_ln[:, pick], dec_ln[:, pick], [names[i] for i in pick], r,
-        slide=slide, held_out=slide in held, layer=layer, genes_how=how)
+        coords[m],
+        obs_ln[:, pick],
+        dec_ln[:, pick],
+        [names[i] for i in pick],
+        r,
+        slide=slide,
+        held_out=slide in held,
+        layer=layer,
+        genes_how=how,
+    )

@@ -4,6 +4,7 @@ UMAP's own neighbour search (pynndescent) costs 30-60 s of numba compilation per
 a small CPU; here the neighbour graph comes from faiss (exact) and UMAP only lays it out,
 which brings a first call on ~3,000 cells to a few seconds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,12 @@ def embed_2d(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs/random_state and precomputed-knn notices
         reducer = umap.UMAP(
-            n_neighbors=n_neighbors, precomputed_knn=(idx, dist, None), init="pca",
-            random_state=seed, low_memory=True, n_epochs=200 if len(P) <= 10_000 else 100,
+            n_neighbors=n_neighbors,
+            precomputed_knn=(idx, dist, None),
+            init="pca",
+            random_state=seed,
+            low_memory=True,
+            n_epochs=200 if len(P) <= 10_000 else 100,
         )
         xy = reducer.fit_transform(P).astype(np.float32)
     log.info("UMAP of %d cells in %.1f s", len(P), time.perf_counter() - t0)

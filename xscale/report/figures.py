@@ -3,12 +3,13 @@
 No global matplotlib state is touched (no ``pyplot``, no backend switch), so these
 functions are safe inside notebooks, servers and worker processes.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -30,8 +31,13 @@ XSCALE_COLOR = "#d95f02"
 BASELINE_COLOR = "#7f8fa6"
 HOLDOUT_COLOR = "#c0392b"
 STYLE = {
-    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-    "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 100,
 }
 
 
@@ -90,15 +96,26 @@ def _scatter_categories(
     cats, counts = np.unique(labels, return_counts=True)
     for c in cats[np.argsort(-counts)]:
         m = labels == c
-        ax.scatter(xy[m, 0], xy[m, 1], s=size, c=colors.get(c, "#bbbbbb"), linewidths=0, rasterized=True)
+        ax.scatter(
+            xy[m, 0], xy[m, 1], s=size, c=colors.get(c, "#bbbbbb"), linewidths=0, rasterized=True
+        )
 
 
 def _legend(fig: Figure, ax: Axes, colors: Mapping[str, str], title: str) -> None:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", ls="", color=c, markersize=7, label=k) for k, c in colors.items()]
+    handles = [
+        Line2D([], [], marker="o", ls="", color=c, markersize=7, label=k) for k, c in colors.items()
+    ]
     ncol = 1 if len(handles) <= 12 else 2
-    ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=ncol)
+    ax.legend(
+        handles=handles,
+        title=title,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        ncol=ncol,
+    )
 
 
 @styled
@@ -130,8 +147,14 @@ def plot_spatial_domains(
     scores
         ARI per slide, written in the title of the predicted panel.
     """
-    cols = [(name, lab, colors) for name, lab, colors in (
-        ("annotated", annotated, annot_colors), ("xscale", predicted, pred_colors)) if lab is not None]
+    cols = [
+        (name, lab, colors)
+        for name, lab, colors in (
+            ("annotated", annotated, annot_colors),
+            ("xscale", predicted, pred_colors),
+        )
+        if lab is not None
+    ]
     order = sorted(set(slides.tolist()), key=lambda s: (s in holdout, s))
     nrow, ncol = len(order), len(cols)
     spans = []
@@ -162,7 +185,12 @@ def plot_spatial_domains(
             else:
                 ax.set_frame_on(False)
             if i == 0:
-                _legend(fig, ax, colors or {}, "annotated domain" if name == "annotated" else "xscale domain")
+                _legend(
+                    fig,
+                    ax,
+                    colors or {},
+                    "annotated domain" if name == "annotated" else "xscale domain",
+                )
     return fig
 
 
@@ -196,9 +224,18 @@ def plot_embedding(
         ax.set_yticks([])
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], marker="o", ls="", color=c, markersize=6, label=k) for k, c in colors.items()]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False,
-                  ncol=min(4, max(1, len(handles))), fontsize=8)
+        handles = [
+            Line2D([], [], marker="o", ls="", color=c, markersize=6, label=k)
+            for k, c in colors.items()
+        ]
+        ax.legend(
+            handles=handles,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.08),
+            frameon=False,
+            ncol=min(4, max(1, len(handles))),
+            fontsize=8,
+        )
     return fig
 
 
@@ -231,9 +268,18 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
                 w = max(3, len(y) // 20)
                 smooth = np.convolve(y, np.ones(w) / w, mode="valid")
                 ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
-                ax.plot(x[w - 1:], smooth, color=color, lw=1.8, label=c)
+                ax.plot(x[w - 1 :], smooth, color=color, lw=1.8, label=c)
             else:
-                ax.plot(x, y, color=color, lw=1.8, marker="o", ms=3, label=c)
+                ax.plot(
+                    x,
+                    y,
+                    color=color,
+                    lw=1.8,
+                    marker="o",
+                    ms=3,
+                    label=c,
+                    ls="--" if c.lower().startswith("val") else "-",
+                )
         ys = [df[c].dropna().to_numpy(dtype=float) for c in cols]
         ys = [y for y in ys if len(y)]
         if positive and ys and max(y.max() for y in ys) / max(min(y.min() for y in ys), 1e-12) > 20:
@@ -257,12 +303,12 @@ def plot_method_bars(groups: Sequence[ComparisonGroup], *, max_panels: int = 8) 
         raise ValueError("no group compares two methods or more")
     ncol = 2 if len(panels) > 1 else 1
     nrow = math.ceil(len(panels) / ncol)
-    rows = [panels[i * ncol:(i + 1) * ncol] for i in range(nrow)]
+    rows = [panels[i * ncol : (i + 1) * ncol] for i in range(nrow)]
     heights = [0.36 * max(len(g.methods) for g, _ in row) + 1.3 for row in rows]  # inches per row
     fig = new_figure(6.2 * ncol, sum(heights))
     fig.get_layout_engine().set(h_pad=0.12)
     axes = fig.subplots(nrow, ncol, squeeze=False, height_ratios=heights).ravel()
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     for ax, (g, metric) in zip(axes, panels, strict=False):
         items = [(k, v[metric]) for k, v in g.methods.items() if metric in v]
@@ -276,7 +322,9 @@ def plot_method_bars(groups: Sequence[ComparisonGroup], *, max_panels: int = 8) 
         hi = float(np.nanmax(vals)) if len(vals) else 1.0
         ax.set_xlim(lo, hi * 1.18 if hi > 0 else 1.0)
         for i, (v, (k, _)) in enumerate(zip(vals, items[::-1], strict=True)):
-            ax.text(v, i, f" {format_value(v)}" + (" ★" if k == best else ""), va="center", fontsize=8)
+            ax.text(
+                v, i, f" {format_value(v)}" + (" ★" if k == best else ""), va="center", fontsize=8
+            )
         ax.set_xlabel(metric_label(metric))
         ax.set_title(g.title, fontsize=10, fontweight="bold")
         ax.spines["left"].set_visible(False)
@@ -317,12 +365,24 @@ def plot_reconstruction(
         vmax = float(np.quantile(np.concatenate([o, d]), 0.99)) or 1.0
         for j, (vals, what) in enumerate(((o, "observed"), (d, "decoded by xscale"))):
             ax = axes[i, j]
-            sc = ax.scatter(coords[:, 0], coords[:, 1], c=vals, s=size, cmap="magma", vmin=0, vmax=vmax,
-                            linewidths=0, rasterized=True)
+            sc = ax.scatter(
+                coords[:, 0],
+                coords[:, 1],
+                c=vals,
+                s=size,
+                cmap="magma",
+                vmin=0,
+                vmax=vmax,
+                linewidths=0,
+                rasterized=True,
+            )
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{g}: {what}{tag if j == 0 else ''}", color=HOLDOUT_COLOR if held_out and j == 0 else "black")
+            ax.set_title(
+                f"{g}: {what}{tag if j == 0 else ''}",
+                color=HOLDOUT_COLOR if held_out and j == 0 else "black",
+            )
             if j == 1:
                 fig.colorbar(sc, ax=ax, shrink=0.8, label="log1p(norm. counts)")
         ax = axes[i, 2]
@@ -344,7 +404,13 @@ def plot_gene_correlations(r: np.ndarray, *, slide: str) -> Figure:
     finite = r[np.isfinite(r)]
     ax.hist(finite, bins=30, color=XSCALE_COLOR, alpha=0.85)
     if len(finite):
-        ax.axvline(float(np.median(finite)), color="black", lw=1, ls="--", label=f"median {np.median(finite):.2f}")
+        ax.axvline(
+            float(np.median(finite)),
+            color="black",
+            lw=1,
+            ls="--",
+            label=f"median {np.median(finite):.2f}",
+        )
         ax.legend(frameon=False)
     ax.set_xlabel("Pearson r, observed vs decoded, across cells")
     ax.set_ylabel("number of genes")

@@ -1,4 +1,5 @@
 """Self-contained HTML: inline CSS, figures as base64 PNG ``data:`` URIs, nothing fetched."""
+
 from __future__ import annotations
 
 import base64
@@ -85,7 +86,9 @@ def key_value_table(rows: Mapping[str, str], *, header: tuple[str, str] | None =
     return f"<table>{head}{body}</table>"
 
 
-def rows_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, row_classes: Sequence[str] = ()) -> str:
+def rows_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, row_classes: Sequence[str] = ()
+) -> str:
     """A table of already formatted strings (escaped here)."""
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     out = [f"<table><tr>{head}</tr>"]
@@ -99,7 +102,11 @@ def rows_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, row_clas
 def group_table(g: ComparisonGroup) -> str:
     """One comparison group as a table; the best value of each metric in bold."""
     metrics = g.metric_names
-    head = "<tr><th>method</th>" + "".join(f"<th>{escape(metric_label(m))}</th>" for m in metrics) + "</tr>"
+    head = (
+        "<tr><th>method</th>"
+        + "".join(f"<th>{escape(metric_label(m))}</th>" for m in metrics)
+        + "</tr>"
+    )
     best = {m: g.best(m) for m in metrics}
     body = []
     for name, vals in g.methods.items():
@@ -112,8 +119,14 @@ def group_table(g: ComparisonGroup) -> str:
         body.append(f"<tr{cls}><td>{escape(method_label(name))}</td>{''.join(cells)}</tr>")
     ctx = ""
     if g.context:
-        ctx = "<p class='lead'>" + ", ".join(
-            f"{escape(k.replace('_', ' '))}: {escape(f'{int(v):,}' if float(v).is_integer() else format_value(v))}" for k, v in g.context.items()) + "</p>"
+        ctx = (
+            "<p class='lead'>"
+            + ", ".join(
+                f"{escape(k.replace('_', ' '))}: {escape(f'{int(v):,}' if float(v).is_integer() else format_value(v))}"
+                for k, v in g.context.items()
+            )
+            + "</p>"
+        )
     return f"<h3>{escape(g.title)}</h3>{ctx}<table>{head}{''.join(body)}</table>"
 
 
@@ -141,11 +154,12 @@ class Page:
     def render(self, footer: str) -> str:
         nav = "".join(f'<a href="#{sid}">{escape(h)}</a>' for sid, h, _ in self.sections)
         body = "".join(
-            f'<section id="{sid}"><h2>{escape(h)}</h2>{html}</section>' for sid, h, html in self.sections
+            f'<section id="{sid}"><h2>{escape(h)}</h2>{html}</section>'
+            for sid, h, html in self.sections
         )
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{escape(self.title)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{escape(self.title)}</h1><p>{escape(self.subtitle)}</p></header>"
             f"<nav>{nav}</nav><main>{body}</main><footer>{footer}</footer></body></html>\n"

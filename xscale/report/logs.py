@@ -1,4 +1,5 @@
 """Read Lightning ``CSVLogger`` histories (``<dir>/<name>/version_<n>/metrics.csv``)."""
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,9 @@ def discover_histories(root: str | Path) -> dict[str, Path]:
         runs.setdefault("/".join(parts) or root.name, []).append(f)
     firsts = [name.split("/")[0] for name in runs]
     named = {
-        (name.split("/")[0] if firsts.count(name.split("/")[0]) == 1 else name): sorted(files, key=_version_key)[-1]
+        (name.split("/")[0] if firsts.count(name.split("/")[0]) == 1 else name): max(
+            files, key=_version_key
+        )
         for name, files in runs.items()
     }
     return dict(sorted(named.items()))
@@ -71,7 +74,9 @@ def read_history(source: HistorySource) -> pd.DataFrame:
     return pd.read_csv(f)
 
 
-def load_histories(history: Mapping[str, HistorySource] | str | Path | None) -> dict[str, pd.DataFrame]:
+def load_histories(
+    history: Mapping[str, HistorySource] | str | Path | None,
+) -> dict[str, pd.DataFrame]:
     """``{level name: metrics DataFrame}`` from a mapping of sources, or a logs folder to search.
 
     A mapped run without a ``metrics.csv`` (e.g. a run shorter than Lightning's logging
@@ -106,13 +111,19 @@ def loss_columns(df: pd.DataFrame, *, max_columns: int = 5) -> list[str]:
     Index-like columns (epoch, step, learning rates) are left out.
     """
     numeric = [
-        c for c in df.columns
-        if c not in ("epoch", "step") and not c.lower().startswith("lr")
-        and df[c].dtype.kind in "fi" and df[c].notna().any()
+        c
+        for c in df.columns
+        if c not in ("epoch", "step")
+        and not c.lower().startswith("lr")
+        and df[c].dtype.kind in "fi"
+        and df[c].notna().any()
     ]
 
     def rank(c: str) -> tuple[int, int]:
         lc = c.lower()
-        return (0 if "loss" in lc else 1 if lc.startswith(("val", "valid")) else 2, numeric.index(c))
+        return (
+            0 if "loss" in lc else 1 if lc.startswith(("val", "valid")) else 2,
+            numeric.index(c),
+        )
 
     return sorted(numeric, key=rank)[:max_columns]

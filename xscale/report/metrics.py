@@ -23,6 +23,7 @@ Top-level strings, numbers and dicts of numbers (e.g. ``"seconds": {"level1": 41
 run information. Lists and other values are kept in the
 raw JSON shown at the end of the report and are otherwise ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,17 +37,57 @@ from xscale.errors import XscaleInputError
 
 # Known metric names: (display name, direction, explanation for a biologist).
 METRIC_INFO: dict[str, tuple[str, str, str]] = {
-    "ari": ("ARI", "higher", "adjusted Rand index between clusters and annotation: 1 = identical partition, 0 = chance"),
-    "nmi": ("NMI", "higher", "normalised mutual information between clusters and annotation (0 to 1)"),
-    "macro_f1": ("macro F1", "higher", "F1 score averaged over cell types, so rare types count as much as common ones"),
-    "accuracy": ("accuracy", "higher", "fraction of held-out cells whose type is predicted correctly"),
-    "knn_purity": ("kNN purity", "higher", "fraction of each cell's nearest latent neighbours sharing its label"),
-    "slide_mixing": ("slide mixing", "higher", "entropy of slide labels among latent neighbours (1 = slides well mixed)"),
+    "ari": (
+        "ARI",
+        "higher",
+        "adjusted Rand index between clusters and annotation: 1 = identical partition, 0 = chance",
+    ),
+    "nmi": (
+        "NMI",
+        "higher",
+        "normalised mutual information between clusters and annotation (0 to 1)",
+    ),
+    "macro_f1": (
+        "macro F1",
+        "higher",
+        "F1 score averaged over cell types, so rare types count as much as common ones",
+    ),
+    "accuracy": (
+        "accuracy",
+        "higher",
+        "fraction of held-out cells whose type is predicted correctly",
+    ),
+    "knn_purity": (
+        "kNN purity",
+        "higher",
+        "fraction of each cell's nearest latent neighbours sharing its label",
+    ),
+    "slide_mixing": (
+        "slide mixing",
+        "higher",
+        "entropy of slide labels among latent neighbours (1 = slides well mixed)",
+    ),
     "pearson": ("Pearson r", "higher", "correlation between observed and decoded expression"),
-    "pearson_gene": ("Pearson r (per gene)", "higher", "correlation across cells per gene, averaged over genes"),
-    "pearson_cell": ("Pearson r (per cell)", "higher", "correlation across genes per cell, averaged over cells"),
-    "spearman": ("Spearman ρ", "higher", "rank correlation between observed and decoded expression"),
-    "nb_nll": ("NB NLL", "lower", "negative-binomial negative log-likelihood of the counts per gene (nats)"),
+    "pearson_gene": (
+        "Pearson r (per gene)",
+        "higher",
+        "correlation across cells per gene, averaged over genes",
+    ),
+    "pearson_cell": (
+        "Pearson r (per cell)",
+        "higher",
+        "correlation across genes per cell, averaged over cells",
+    ),
+    "spearman": (
+        "Spearman ρ",
+        "higher",
+        "rank correlation between observed and decoded expression",
+    ),
+    "nb_nll": (
+        "NB NLL",
+        "lower",
+        "negative-binomial negative log-likelihood of the counts per gene (nats)",
+    ),
     "nll": ("NLL", "lower", "negative log-likelihood of the counts (nats)"),
     "mse": ("MSE", "lower", "mean squared error"),
     "loss": ("loss", "lower", "training objective"),
@@ -129,7 +170,11 @@ class ComparisonGroup:
     def best(self, metric: str) -> str | None:
         """Method with the best value of ``metric`` (None when the direction is unknown)."""
         hib = higher_is_better(metric)
-        vals = {k: v[metric] for k, v in self.methods.items() if metric in v and math.isfinite(v[metric])}
+        vals = {
+            k: v[metric]
+            for k, v in self.methods.items()
+            if metric in v and math.isfinite(v[metric])
+        }
         if hib is None or not vals:
             return None
         return (max if hib else min)(vals, key=vals.__getitem__)
@@ -163,7 +208,11 @@ def comparison_groups(metrics: Mapping[str, Any]) -> list[ComparisonGroup]:
     groups: list[ComparisonGroup] = []
 
     def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        methods = {str(k): {str(m): float(x) for m, x in v.items()} for k, v in node.items() if _is_method(v)}
+        methods = {
+            str(k): {str(m): float(x) for m, x in v.items()}
+            for k, v in node.items()
+            if _is_method(v)
+        }
         if methods and path:  # numeric dicts at the top level are run information, not methods
             context = {str(k): float(v) for k, v in node.items() if _is_number(v)}
             groups.append(ComparisonGroup(path, methods, context))
