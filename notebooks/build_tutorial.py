@@ -31,8 +31,8 @@ Steps: load → train both levels → embed new cells → domains → query the 
 latent back to expression → fine-tune for cell-type prediction → write the HTML report.
 One slide (mouse) is **held out**: the models never see it during training, so everything
 we measure on it shows how xscale behaves on new tissue."""),
-    ("params", """# Parameters. The defaults train at "small" settings, as `make demo` does: a few minutes
-# on a laptop CPU. The test suite runs this notebook with PRESET="tiny" and MAX_STEPS=20.
+    ("params", """# Parameters. The defaults train at "small" settings, as `make demo` does (several minutes
+# on a 2-core CPU). The test suite runs this notebook with PRESET="tiny" and MAX_STEPS=20.
 PRESET = "small"           # model size per level: "tiny", "small" or "base" (GPU)
 LEVEL1_EPOCHS = 20         # passes over the training cells, level 1 (genes -> cells)
 LEVEL2_EPOCHS = 30         # passes over the training niches, level 2 (cells -> niches)
