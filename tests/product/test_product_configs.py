@@ -126,10 +126,10 @@ def test_xscale_fit_level2_and_joint(level1_dir, starmap_subset_h5ad, tmp_path, 
     quick = ["trainer.max_steps=2", "trainer.logger=false", "trainer.enable_checkpointing=false",
              "trainer.enable_progress_bar=false"]
     exp = ROOT / "configs" / "experiment"
-    assert main(["fit", "--config", str(exp / "level2.yaml"), "--config", str(ROOT / "configs/model/level2/tiny.yaml"),
-                 f"data.init_args.level1={level1_dir}", f"data.init_args.dataset={starmap_subset_h5ad}",
-                 "--save-dir", str(tmp_path / "l2"), *quick]) == 0
+    assert main(["fit", "--save-dir", str(tmp_path / "l2"), "--config", str(exp / "level2.yaml"),
+                 "--config", str(ROOT / "configs/model/level2/tiny.yaml"),
+                 f"data.init_args.level1={level1_dir}", f"data.init_args.dataset={starmap_subset_h5ad}", *quick]) == 0
     assert type(load_model(tmp_path / "l2")).__name__ == "CellToTissue"
-    assert main(["fit", "--config", str(exp / "joint.yaml"), "model.init_args.level1_preset=tiny",
-                 "model.init_args.level2_preset=tiny", "--save-dir", str(tmp_path / "j"), *quick]) == 0
+    assert main(["fit", "--save-dir", str(tmp_path / "j"), "--config", str(exp / "joint.yaml"),
+                 "model.init_args.level1_preset=tiny", "model.init_args.level2_preset=tiny", *quick]) == 0
     assert (tmp_path / "j" / "level1" / "config.json").is_file() and (tmp_path / "j" / "level2" / "config.json").is_file()

@@ -15,7 +15,7 @@ from typing import Any
 HELP = "train one level (or more) from YAML configs with LightningCLI"
 DESCRIPTION = """\
 Train with Lightning's LightningCLI from configs (later files override earlier ones;
-dotted KEY=VALUE overrides go after them):
+dotted KEY=VALUE overrides go last, after every option):
 
   xscale fit --config configs/experiment/multi_dataset.yaml
   xscale fit --config configs/trainer/cpu.yaml --config configs/model/level1/tiny.yaml \\
