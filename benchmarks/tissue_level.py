@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/tissue_level.json")
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--level1-preset", choices=("tiny", "small", "base"), default="tiny")
-    parser.add_argument("--level1-epochs", type=int, default=4)
+    parser.add_argument("--level1-epochs", type=int, default=30)
     parser.add_argument("--level2-epochs", type=int, default=10)
     parser.add_argument("--joint-epochs", type=int, default=1)
     parser.add_argument("--joint-max-steps", type=int, default=30)
@@ -207,13 +207,24 @@ def main() -> None:
 
 
 #: Level-2 settings chosen on the training slices (see MODEL_SELECTION).
-LEVEL2_OVERRIDES: dict = {"max_cells": 32}
+LEVEL2_OVERRIDES: dict = {"max_cells": 32, "xpressor_reads": "tokens"}
 #: What was tried, scored on the training slices only.
 MODEL_SELECTION: list[dict] = [
     {"what": "level-2 small preset, C=16 niches, 10 epochs, inputs = 30 PCA components (stand-in cell latents)",
      "train_slice_ari": {"20180417_BZ5_control": 0.742, "20180419_BZ9_control": 0.414}},
     {"what": "same with C=32 niches (chosen: higher on both training slices)",
      "train_slice_ari": {"20180417_BZ5_control": 0.801, "20180419_BZ9_control": 0.544}},
+    {"what": "first full run: level-1 tiny 4 epochs (cell latents vary little: per-feature variance 0.0016, "
+             "level-2 MSE fell to 0.002 by predicting the mean) -> standardised latents added to CellToTissue",
+     "train_slice_ari": "n/a (fixed before scoring)"},
+    {"what": "level-1 tiny 4 epochs, level-2 C=32, standardised latents, Xpressor reads encoder outputs",
+     "train_slice_ari": {"20180417_BZ5_control": 0.332, "20180419_BZ9_control": 0.207}},
+    {"what": "same, mask_ratio 0.5",
+     "train_slice_ari": {"20180417_BZ5_control": 0.309, "20180419_BZ9_control": 0.218}},
+    {"what": "same, Xpressor reads the cell tokens (chosen: best mean over training slices)",
+     "train_slice_ari": {"20180417_BZ5_control": 0.455, "20180419_BZ9_control": 0.205}},
+    {"what": "level-1 epochs 4 -> 30 for the final run (cell latents were the bottleneck: neighbourhood mean of "
+             "xscale cell latents scored 0.17 / 0.13 on the training slices vs 0.71 / 0.38 for PCA)"},
     {"what": "level-1 'small' preset for the benchmark: dropped, ~6 CPU-min per epoch on the shared 2-core "
              "machine; the benchmark uses level-1 'tiny' to stay within ~15 CPU minutes"},
 ]
