@@ -1,8 +1,9 @@
 """``xscale fit``: train one level from YAML configs with Lightning's ``LightningCLI``.
 
-The classes named in ``configs/`` (``xscale.cli.fit.Level1``, ``Level2``, ``CellData``,
-``NicheData``) are thin, YAML-friendly adapters over the library's LightningModules and
-DataModules (:mod:`xscale.train.level1`, :mod:`xscale.train.level2`). They are defined on
+The classes named in ``configs/`` (``xscale.cli.fit.Level1``, ``Level2``, ``Joint``,
+``CellData``, ``NicheData``, ``JointData``) are thin, YAML-friendly adapters over the library's LightningModules and
+DataModules (:mod:`xscale.train.level1`, :mod:`xscale.train.level2`,
+:mod:`xscale.train.joint`). They are defined on
 first access (PEP 562 module ``__getattr__``) so that importing this module for
 ``xscale --help`` does not import Lightning.
 """
@@ -237,6 +238,8 @@ def build_cli(cli_args: list[str], *, run: bool = False):
     import lightning
     from lightning.pytorch.cli import LightningCLI
 
+    from xscale.train.checkpointing import SafeCheckpointIO
+
     _define()
 
     class XscaleCLI(LightningCLI):
@@ -249,6 +252,8 @@ def build_cli(cli_args: list[str], *, run: bool = False):
         lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, run=run, args=cli_args, save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        # checkpoints hold plain data only and are read back with torch.load(weights_only=True)
+        trainer_defaults={"plugins": [SafeCheckpointIO()]},
     )
 
 
