@@ -167,17 +167,32 @@ def test_metrics_schema_groups_and_headline() -> None:
 
 
 def test_histories_pick_newest_version(report_inputs: dict, tmp_path: Path) -> None:
+    import pandas as pd
+
     found = discover_histories(report_inputs["logs"])
-    assert sorted(found) == ["level1", "level2"]
-    newer = tmp_path / "logs" / "level1" / "version_1"
-    newer.mkdir(parents=True)
-    shutil.copy(found["level1"], newer / "metrics.csv")
-    (tmp_path / "logs" / "level1" / "version_0").mkdir()
-    assert discover_histories(tmp_path / "logs")["level1"] == newer / "metrics.csv"
+    assert found == {
+        "level1": report_inputs["logs"] / "level1",
+        "level2": report_inputs["logs"] / "level2",
+    }
+    csv = report_inputs["logs"] / "level1" / "version_0" / "metrics.csv"
+    one = pd.read_csv(csv)
+    # a fit restarted from scratch (version_1 starts at step 0) replaces version_0 ...
+    run = tmp_path / "logs" / "level1"
+    for v in ("version_0", "version_1"):
+        (run / v).mkdir(parents=True)
+        shutil.copy(csv, run / v / "metrics.csv")
+    assert discover_histories(tmp_path / "logs") == {"level1": run}
+    assert len(load_histories(tmp_path / "logs")["level1"]) == len(one)
+    # ... a resumed fit (version_2 goes on from a later step) continues it
+    later = one.assign(step=one["step"] + 1000)
+    (run / "version_2").mkdir()
+    later.to_csv(run / "version_2" / "metrics.csv", index=False)
+    stitched = load_histories({"l1": run})["l1"]
+    assert len(stitched) == 2 * len(one) and stitched["step"].is_monotonic_increasing
     # the staged pipeline's layout: checkpoints/<stage>/... named by the stage folder
     for rel in ("level1/logs/level1/version_0", "level2/lightning/logs/version_0"):
         (tmp_path / "checkpoints" / rel).mkdir(parents=True)
-        shutil.copy(found["level1"], tmp_path / "checkpoints" / rel / "metrics.csv")
+        shutil.copy(csv, tmp_path / "checkpoints" / rel / "metrics.csv")
     assert sorted(discover_histories(tmp_path / "checkpoints")) == ["level1", "level2"]
     hist = load_histories({"Level 1": report_inputs["logs"] / "level1"})
     df = hist["Level 1"]

@@ -23,55 +23,86 @@ def _version_key(p: Path) -> tuple[int, str]:
     return (int(m.group(1)) if m else -1, str(p))
 
 
-def latest_metrics_csv(path: str | Path) -> Path | None:
-    """The ``metrics.csv`` at ``path`` (a file), or the newest version's under it (a folder)."""
+def _run_dir(f: Path) -> Path:
+    """The run folder of a ``metrics.csv``: the parent of its ``version_<n>`` folder, if any."""
+    return f.parent.parent if re.fullmatch(r"version_\d+", f.parent.name) else f.parent
+
+
+def run_metrics_csvs(path: str | Path) -> list[Path]:
+    """``metrics.csv`` files of one run, oldest version first.
+
+    ``path`` is a file (just that one) or a folder: the run of the newest ``metrics.csv``
+    under it, with every version of that run (a resumed fit logs to a new version).
+    """
     p = Path(path)
     if p.is_file():
-        return p
+        return [p]
     if not p.is_dir():
-        return None
+        return []
     found = sorted(p.rglob("metrics.csv"), key=_version_key)
-    return found[-1] if found else None
+    if not found:
+        return []
+    run = _run_dir(found[-1])
+    return [f for f in found if _run_dir(f) == run]
 
 
 def discover_histories(root: str | Path) -> dict[str, Path]:
-    """Every run under a logs folder, named by its path below ``root``, newest version each.
+    """Every run folder under a logs folder, named by its path below ``root``.
 
     ``logs/level1/version_0/metrics.csv`` and ``logs/level2/version_3/metrics.csv`` give
-    ``{"level1": ..., "level2": ...}``; ``checkpoints/level1/logs/level1/version_0/metrics.csv``
-    under ``checkpoints`` is named ``level1`` too (the first folder below ``root``), unless two
-    runs share that folder, in which case their whole relative paths name them.
+    ``{"level1": logs/level1, "level2": logs/level2}``;
+    ``checkpoints/level1/logs/level1/version_0/metrics.csv`` under ``checkpoints`` is named
+    ``level1`` too (the first folder below ``root``), unless two runs share that folder, in
+    which case their whole relative paths name them.
     """
     root = Path(root)
-    runs: dict[str, list[Path]] = {}
+    runs: dict[str, Path] = {}
     for f in root.rglob("metrics.csv"):
-        rel = f.parent.relative_to(root)
-        parts = [x for x in rel.parts if not re.fullmatch(r"version_\d+", x)]
-        runs.setdefault("/".join(parts) or root.name, []).append(f)
+        run = _run_dir(f)
+        rel = run.relative_to(root) if run != root else Path(root.name)
+        runs.setdefault("/".join(rel.parts) or root.name, run)
     firsts = [name.split("/")[0] for name in runs]
     named = {
-        (name.split("/")[0] if firsts.count(name.split("/")[0]) == 1 else name): max(
-            files, key=_version_key
-        )
-        for name, files in runs.items()
+        (name.split("/")[0] if firsts.count(name.split("/")[0]) == 1 else name): run
+        for name, run in runs.items()
     }
     return dict(sorted(named.items()))
 
 
+def stitch_versions(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One history from a run's versions, oldest first.
+
+    A version that starts at a step an earlier one already reached replaces those rows
+    (a resumed fit continues the curve; a fit restarted from scratch replaces it).
+    """
+    import pandas as pd
+
+    out = frames[0]
+    for nxt in frames[1:]:
+        if "step" not in nxt.columns or "step" not in out.columns or nxt["step"].isna().all():
+            out = nxt
+            continue
+        out = pd.concat([out[out["step"] < nxt["step"].min()], nxt], ignore_index=True)
+    return out
+
+
 def read_history(source: HistorySource) -> pd.DataFrame:
-    """One run's metrics as a DataFrame (columns as logged: ``step``, ``epoch``, ``train/loss``, ...)."""
+    """One run's metrics (columns as logged: ``step``, ``epoch``, ``train/loss``, ...).
+
+    ``source``: a DataFrame, a ``metrics.csv``, or a run folder (versions stitched together).
+    """
     import pandas as pd
 
     if isinstance(source, pd.DataFrame):
         return source
-    f = latest_metrics_csv(source)
-    if f is None:
+    files = run_metrics_csvs(source)
+    if not files:
         raise XscaleInputError(
             f"history: no Lightning metrics.csv found at {str(source)!r}. Pass the CSVLogger folder "
             "of a run (e.g. 'out/logs/level1') or its metrics.csv."
         )
-    log.debug("reading training history %s", f)
-    return pd.read_csv(f)
+    log.debug("reading training history %s", files)
+    return stitch_versions([pd.read_csv(f) for f in files])
 
 
 def load_histories(
