@@ -125,7 +125,7 @@ def test_cli_embed_ignores_pickles_in_a_directory(tmp_path, plant, marker, capsy
 
 # ---------------------------------------------------------------- xscale fit --ckpt-path
 def test_cli_fit_resume_from_planted_checkpoint_runs_nothing(tmp_path, plant, marker, capsys, monkeypatch):
-    """``xscale fit --ckpt-path`` reads the file through Lightning: the payload must never run."""
+    """``xscale fit --ckpt-path`` reads through SafeCheckpointIO: the payload never runs; exit 2 says why."""
     from pathlib import Path
 
     from xscale.cli.main import main
@@ -136,16 +136,9 @@ def test_cli_fit_resume_from_planted_checkpoint_runs_nothing(tmp_path, plant, ma
     args = ["fit", "--config", str(root / "model/level1/tiny.yaml"), "--config", str(root / "data/starmap_mpfc.yaml"),
             "--save-dir", str(tmp_path / "m"), "--ckpt-path", str(evil), "trainer.max_steps=2", "trainer.logger=false",
             "trainer.enable_progress_bar=false", "data.init_args.batch_size=16", "trainer.limit_val_batches=0"]
-    try:
-        rc = main(args)
-    except Exception as err:  # noqa: BLE001 - checked below: refusing is what matters here
-        rc, err_text = None, f"{type(err).__name__}: {err}"
-    else:
-        err_text = capsys.readouterr().err
+    rc = main(args)
+    err_text = capsys.readouterr().err
     assert not marker.exists()
     assert not (tmp_path / "m").exists()
-    if rc != 2:
-        pytest.xfail("gap (helper P): xscale fit --ckpt-path loads through Lightning's default CheckpointIO "
-                     "(safe only because torch>=2.6 defaults to weights_only=True); the refusal is a raw "
-                     f"traceback, not exit 2 with a CheckpointError: {err_text[:160]}")
+    assert rc == 2 and "Traceback" not in err_text
     assert "Refusing to load" in err_text
