@@ -118,3 +118,23 @@ def test_level2_cli_run_writes_store_and_metrics(starmap_small, tmp_path, capsys
     assert 0.0 <= metrics["cell_types"]["knn_purity_xscale_cell"] <= 1.0
     # a missing key is a user error (exit 2), not a traceback
     assert main(["run", "--data", str(data), "--out", str(out), "--slide-key", "nope", "--preset", "tiny"]) == 2
+
+
+def test_level2_niche_embeddings_unit_invariant_and_padded(starmap_small):
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.tl.niches import niche_embeddings
+    from xscale.train.level2 import make_niches
+
+    torch.manual_seed(0)
+    a = starmap_small
+    slides = a.obs["slice"].astype(str).to_numpy()
+    xy = np.asarray(a.obsm["spatial"], dtype=np.float64)
+    lat = np.random.default_rng(0).normal(size=(a.n_obs, 8)).astype(np.float32)
+    model = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=8, max_cells=7))
+    e1 = niche_embeddings(model, lat, xy, slides=slides)
+    e2 = niche_embeddings(model, lat, xy * 1000.0, slides=slides)
+    np.testing.assert_allclose(e1, e2, rtol=1e-4, atol=1e-5)
+    # a slide with fewer cells than the niche size gets padded niches, centre first
+    tiny = make_niches(xy[:4], np.arange(4), max_cells=7)
+    assert tiny.pad_mask[:, 4:].all() and not tiny.pad_mask[:, :4].any()
+    assert (tiny.idx[:, 0] == np.arange(4)).all() and np.allclose(tiny.rel_xy[:, 0], 0.0)
