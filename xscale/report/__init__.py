@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from xscale.report.build import SECTION_IDS, build_report
 from xscale.report.embedding import embed_2d
+from xscale.report.expression import plot_gene_correlations, plot_reconstruction
 from xscale.report.figures import (
     plot_embedding,
-    plot_gene_correlations,
     plot_method_bars,
-    plot_reconstruction,
     plot_spatial_domains,
     plot_training_curves,
 )

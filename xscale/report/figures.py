@@ -78,7 +78,8 @@ def palette(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i / n)) for i in range(n)]
 
 
-def _point_size(n: int) -> float:
+def point_size(n: int) -> float:
+    """Marker area for a scatter of ``n`` cells: small for dense slides, large for sparse ones."""
     return float(np.clip(12000.0 / max(n, 1), 0.3, 14.0))
 
 
@@ -169,7 +170,7 @@ def plot_spatial_domains(
         xy = coords[m]
         for j, (name, lab, colors) in enumerate(cols):
             ax = axes[i, j]
-            _scatter_categories(ax, xy, lab[m], colors or {}, size=_point_size(int(m.sum())))
+            _scatter_categories(ax, xy, lab[m], colors or {}, size=point_size(int(m.sum())))
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -216,7 +217,7 @@ def plot_embedding(
     fig = new_figure(5.6 * n, 4.6)
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (title, labels, colors) in zip(axes, panels, strict=True):
-        _scatter_categories(ax, xy, labels, colors, size=_point_size(len(xy)) * 0.6)
+        _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 0.6)
         ax.set_title(title)
         ax.set_xlabel(f"{axis_label} 1")
         ax.set_ylabel(f"{axis_label} 2")
@@ -329,90 +330,4 @@ def plot_method_bars(groups: Sequence[ComparisonGroup], *, max_panels: int = 8) 
         ax.set_title(g.title, fontsize=10, fontweight="bold")
         ax.spines["left"].set_visible(False)
         ax.tick_params(axis="y", length=0)
-    return fig
-
-
-@styled
-def plot_reconstruction(
-    coords: np.ndarray,
-    observed: np.ndarray,
-    decoded: np.ndarray,
-    genes: Sequence[str],
-    *,
-    slide: str,
-    held_out: bool,
-) -> Figure:
-    """Observed vs decoded expression of a few genes on one slide.
-
-    One row per gene: observed map, decoded map (same colour scale), and a scatter of
-    decoded against observed per cell with Pearson r. Inputs are log-normalised values.
-
-    Parameters
-    ----------
-    coords
-        (n, 2) positions of the slide's cells.
-    observed, decoded
-        (n, len(genes)) log1p(count / library × 10⁴) observed and decoded (expected) values.
-    """
-    n = len(genes)
-    span = np.ptp(coords[:, 1]) / max(np.ptp(coords[:, 0]), 1e-9)
-    fig = new_figure(13.0, max(2.6, 3.6 * float(np.clip(span, 0.35, 1.2))) * n + 0.4)
-    axes = fig.subplots(n, 3, squeeze=False, width_ratios=[1.3, 1.3, 1.0])
-    size = _point_size(len(coords))
-    tag = " [held out]" if held_out else ""
-    for i, g in enumerate(genes):
-        o, d = observed[:, i], decoded[:, i]
-        vmax = float(np.quantile(np.concatenate([o, d]), 0.99)) or 1.0
-        for j, (vals, what) in enumerate(((o, "observed"), (d, "decoded by xscale"))):
-            ax = axes[i, j]
-            sc = ax.scatter(
-                coords[:, 0],
-                coords[:, 1],
-                c=vals,
-                s=size,
-                cmap="magma",
-                vmin=0,
-                vmax=vmax,
-                linewidths=0,
-                rasterized=True,
-            )
-            ax.set_aspect("equal")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(
-                f"{g}: {what}{tag if j == 0 else ''}",
-                color=HOLDOUT_COLOR if held_out and j == 0 else "black",
-            )
-            if j == 1:
-                fig.colorbar(sc, ax=ax, shrink=0.8, label="log1p(norm. counts)")
-        ax = axes[i, 2]
-        ax.scatter(o, d, s=4, alpha=0.4, color=XSCALE_COLOR, linewidths=0, rasterized=True)
-        ax.plot([0, vmax], [0, vmax], color="#555555", lw=0.8, ls="--")
-        r = float(np.corrcoef(o, d)[0, 1]) if o.std() > 0 and d.std() > 0 else float("nan")
-        ax.set_title(f"{g}: Pearson r = {r:.2f}")
-        ax.set_xlabel("observed")
-        ax.set_ylabel("decoded")
-    fig.suptitle(f"slide {slide}{tag}", fontsize=11)
-    return fig
-
-
-@styled
-def plot_gene_correlations(r: np.ndarray, *, slide: str) -> Figure:
-    """Histogram of per-gene Pearson r between observed and decoded expression (all genes)."""
-    fig = new_figure(6.0, 2.8)
-    ax = fig.subplots()
-    finite = r[np.isfinite(r)]
-    ax.hist(finite, bins=30, color=XSCALE_COLOR, alpha=0.85)
-    if len(finite):
-        ax.axvline(
-            float(np.median(finite)),
-            color="black",
-            lw=1,
-            ls="--",
-            label=f"median {np.median(finite):.2f}",
-        )
-        ax.legend(frameon=False)
-    ax.set_xlabel("Pearson r, observed vs decoded, across cells")
-    ax.set_ylabel("number of genes")
-    ax.set_title(f"All {len(finite)} genes, slide {slide}")
     return fig

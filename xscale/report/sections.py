@@ -12,6 +12,7 @@ import numpy as np
 
 from xscale.report import figures as F
 from xscale.report.embedding import EmbeddingMethod, embed_2d
+from xscale.report.expression import plot_gene_correlations, plot_reconstruction
 from xscale.report.html import figure_html, glossary, group_table, key_value_table, note, rows_table
 from xscale.report.metrics import ComparisonGroup, headline
 
@@ -298,7 +299,7 @@ def reconstruction_section(
             f"No decoded expression in <code>layers['{escape(layer)}']</code> (or no counts in X / positions). "
             "Run <code>xscale.tl.reconstruct(adata, model)</code> to add it."
         )
-    fig = F.plot_reconstruction(
+    fig = plot_reconstruction(
         coords, observed, decoded, list(genes), slide=slide, held_out=held_out
     )
     cap = (
@@ -311,7 +312,7 @@ def reconstruction_section(
     out = figure_html(fig, cap, alt="observed vs decoded expression")
     if all_r is not None and np.isfinite(all_r).any():
         out += figure_html(
-            F.plot_gene_correlations(all_r, slide=slide),
+            plot_gene_correlations(all_r, slide=slide),
             "<b>Agreement over the whole panel.</b> Per gene, the Pearson correlation across cells "
             "between measured and decoded expression; the dashed line is the median.",
             alt="per-gene correlation histogram",
