@@ -167,6 +167,16 @@ def _client(client_or_address: Any, n_workers: int) -> tuple[Client, Any]:
                            f"distributed.Client; got {client_or_address!r}.")
 
 
+def _close_quietly(client: Client, cluster: Any) -> None:
+    """Close a local cluster we started; a slow shutdown (busy machine) must not fail a finished job."""
+    for closer in (client, cluster):
+        try:
+            closer.close(timeout=60)
+        except (TimeoutError, OSError, RuntimeError) as err:
+            log.warning("closing the local Dask %s timed out or failed (%s); results are complete.",
+                        type(closer).__name__, err)
+
+
 def _write_skeleton(src: Path, tmp: Path, n: int, width: int, chunk_rows: int, meta: dict[str, Any]) -> str:
     """Write obs / obsm['spatial'] / uns of the input to ``tmp`` and an empty latent array; return its path."""
     import anndata as ad
@@ -274,8 +284,7 @@ def embed_store_dask(
             reports.append(fut.result())
     finally:
         if cluster is not None:
-            client.close()
-            cluster.close()
+            _close_quietly(client, cluster)
     pids = sorted({r["pid"] for r in reports})
     log.info("embedded %d cells in %d chunks on %d worker process(es)", rows.n_cells, len(ranges), len(pids))
     loads = {str(p): max(r["loads"] for r in reports if r["pid"] == p) for p in pids}
