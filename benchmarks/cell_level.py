@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--parallel", action="store_true", help="one process per dataset, merged at the end")
+    ap.add_argument("--update", action="store_true",
+                    help="merge into an existing --out JSON (keep the other datasets' entries)")
     args = ap.parse_args(argv)
     if args.parallel and len(args.datasets) > 1:
         return _run_parallel(args, argv or [])
@@ -222,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                                        preset=args.preset, seed=args.seed, work=Path(tmp))
             result[name] = entry
             notes[name] = extra
+    if args.update and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        old_notes = previous.pop("notes", {})
+        result = {**previous, **result}
+        notes = {**old_notes, **notes}
     result["notes"] = notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
