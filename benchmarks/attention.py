@@ -13,8 +13,11 @@ Writes ``benchmarks/results/attention.json``:
 - ``ablations``: the criss-cross variants that explain why the published one lost
   accuracy (no latent MLP, few latents, parallel hops, padding leaking into latents).
 
-Run: ``.venv/bin/python benchmarks/attention.py`` (about 10-15 min on 2 CPU cores).
-``--skip-quality`` / ``--skip-speed`` run one half and keep the other half of an existing JSON.
+Run: ``.venv/bin/python benchmarks/attention.py``. On an idle 2-core machine the speed half takes
+about 10 min (full attention at N=32768 is ~1 CPU-minute per pass) and each quality run (train
+400 steps + embed + probe) several minutes. ``--skip-quality`` / ``--skip-speed`` run one half
+and keep the other half of an existing JSON; ``--quality-runs VARIANT:SEED ...`` appends single
+runs to ``--quality-jsonl`` (to spread them over processes) and ``--collect-quality`` summarises.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
