@@ -80,7 +80,11 @@ class CellToTissueConfig:
 
     PRESETS: ClassVar[dict[str, dict[str, object]]] = {
         "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2, max_cells=11),
-        "small": dict(dim=64, heads=4, encoder_depth=2, encoder_latents=8, n_tissue_latents=4, max_cells=16),
+        # C=32 and reading the cell tokens scored best on STARmap's training slices (benchmarks/tissue_level.py)
+        "small": dict(
+            dim=64, heads=4, encoder_depth=2, encoder_latents=8, n_tissue_latents=4, max_cells=32,
+            xpressor_reads="tokens",
+        ),
         "base": dict(
             dim=128, heads=8, encoder_depth=4, encoder_latents=16, n_tissue_latents=8,
             xpressor_depth=2, decoder_depth=2, max_cells=32,
