@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "tutorial.ipynb"
 
@@ -66,6 +68,26 @@ def test_tutorial_matches_builder_and_uses_public_api() -> None:
     )
 
 
+def test_tutorial_first_steps_execute(tmp_path: Path) -> None:
+    """Fast default variant: the cells before training (imports, loading, the first plot) run."""
+    from nbclient import NotebookClient
+
+    nb = _notebook()
+    _set_parameters(nb, OUT=str(tmp_path / "run"))
+    first_training = next(i for i, c in enumerate(nb.cells) if "run_staged(" in c.source)
+    nb.cells = nb.cells[:first_training]
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "held-out slide: 20180424_BZ14_control" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the layer map was not drawn"
+
+
+# Several CPU minutes on a busy 2-core machine (about 75-130 s of CPU time): run with `make test-slow`.
+@pytest.mark.slow
 def test_tutorial_executes_at_tiny_settings(tmp_path: Path) -> None:
     from nbclient import NotebookClient
 
