@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _label_column(adata, key: str | None, option: str):
+    import logging
+
+    import numpy as np
+
     from xscale.errors import XscaleInputError
 
     if key is None:
@@ -47,7 +51,19 @@ def _label_column(adata, key: str | None, option: str):
         raise XscaleInputError(
             f"{option} {key!r} not found in obs of the data. Available: {list(adata.obs.columns)}."
         )
-    return adata.obs[key].astype(str).to_numpy()
+    col = adata.obs[key]
+    labels = col.astype(object).to_numpy()
+    missing = col.isna().to_numpy() | np.isin(col.astype(str).str.strip().to_numpy(), ["", "nan", "NaN", "None"])
+    if missing.all():
+        raise XscaleInputError(f"{option} {key!r}: every value is missing; expected labels for at least some cells.")
+    if missing.any():
+        logging.getLogger(__name__).warning(
+            "%s %r: %d of %d cells have no label; evaluation uses the %d labelled cells only.",
+            option, key, int(missing.sum()), len(labels), int((~missing).sum()),
+        )
+    labels = labels.astype(str)
+    labels[missing] = ""  # "" = unlabelled; never counted as a class
+    return labels
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     cell_types = _label_column(adata, args.cell_type_key, "--cell-type-key")
     n_domains = args.n_domains
     if n_domains is None:
-        n_domains = len(set(domains)) if domains is not None else DEFAULT_N_DOMAINS
+        n_domains = len(set(domains) - {""}) if domains is not None else DEFAULT_N_DOMAINS
     if n_domains < 1 or n_domains > adata.n_obs:
         raise XscaleInputError(f"--n-domains: expected 1..{adata.n_obs} (the number of cells), found {n_domains}.")
     epochs = {} if args.max_epochs is None else {"level1_epochs": args.max_epochs, "level2_epochs": args.max_epochs}
@@ -112,8 +128,9 @@ def _evaluate(adata, domains, cell_types, *, slide_key: str | None, spatial_key:
     out: dict = {"n_cells": int(adata.n_obs)}
     if domains is not None:
         per_slide = {}
+        labelled = domains != ""  # evaluation uses labelled cells only
         for s in sorted(set(slides)):
-            m = slides == s
+            m = (slides == s) & labelled
             k = len(set(domains[m]))
             if k < 2 or m.sum() <= k:
                 continue
@@ -128,14 +145,17 @@ def _evaluate(adata, domains, cell_types, *, slide_key: str | None, spatial_key:
         written = adata.obs["xscale_domain"].astype(str).to_numpy()
         out["domains"] = {
             "per_slide": per_slide,
-            "xscale_domain": {"ari": float(adjusted_rand_score(domains, written)),
-                              "nmi": float(normalized_mutual_info_score(domains, written))},
+            "xscale_domain": {"ari": float(adjusted_rand_score(domains[labelled], written[labelled])),
+                              "nmi": float(normalized_mutual_info_score(domains[labelled], written[labelled]))},
+            "n_labelled": int(labelled.sum()),
         }
         methods = ("xscale_niche", "xscale_cell_spatial_mean", "pca", "pca_spatial_mean")
         out["summary"] = {f"domain_ari_{m}": float(np.mean([v[m]["ari"] for v in per_slide.values()]))
                           for m in methods} if per_slide else {}
     if cell_types is not None:
-        out["cell_types"] = {"knn_purity_xscale_cell": knn_purity(cell, cell_types),
-                             "knn_purity_pca": knn_purity(pcs, cell_types)}
+        typed = cell_types != ""
+        out["cell_types"] = {"knn_purity_xscale_cell": knn_purity(cell[typed], cell_types[typed]),
+                             "knn_purity_pca": knn_purity(pcs[typed], cell_types[typed]),
+                             "n_labelled": int(typed.sum())}
         out.setdefault("summary", {})["knn_purity_xscale_cell"] = out["cell_types"]["knn_purity_xscale_cell"]
     return out

@@ -124,8 +124,9 @@ class TissueModule(lightning.LightningModule):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
+        # OneCycleLR divides by zero below ~10 steps; a short run just stops early in a longer cycle.
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=max(int(total), 1), pct_start=0.1, anneal_strategy="cos"
+            opt, max_lr=self.lr, total_steps=max(int(total), 20), pct_start=0.1, anneal_strategy="cos"
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
