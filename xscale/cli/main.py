@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Lightning attaches its own console handler to the "lightning" logger on import; stop
+    # its records from also reaching the root handler, or every Lightning line prints twice.
+    logging.getLogger("lightning").propagate = False
     from xscale.errors import XscaleInputError
 
     try:
