@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)  # >1 thrashes on a loaded 2-core machine
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--parallel", action="store_true", help="one process per dataset, merged at the end")
     ap.add_argument("--update", action="store_true",
