@@ -131,13 +131,14 @@ def test_fused_norm_projection_equals_plain_layers_in_value_and_gradient():
     from xscale.nn.encoders import _LayerNormLinear
 
     torch.manual_seed(5)
-    norm = torch.nn.LayerNorm(D).double()
+    d = 8  # small: gradcheck costs one backward per input element
+    norm = torch.nn.LayerNorm(d).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.normal_()
-    w = torch.randn(3 * D, D, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 7, D, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *a: _LayerNormLinear.apply(*a, norm.eps), (x, norm.weight, norm.bias, w))
+    w = torch.randn(3 * d, d, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: _LayerNormLinear.apply(*a, norm.eps), (x, norm.weight, norm.bias, w), fast_mode=True)
     out = _LayerNormLinear.apply(x, norm.weight, norm.bias, w, norm.eps)
     ref = torch.nn.functional.linear(norm(x), w)
     torch.testing.assert_close(out, ref)
@@ -158,6 +159,6 @@ def test_criss_cross_hops_differ_and_sequential_reads_this_layer():
     assert not torch.allclose(seq(x), par(x))
     # In one parallel layer token i's output cannot depend on token j (latents are the learned init).
     x2 = x.clone()
-    x2[:, 5] += 1.0
+    x2[:, 5] = torch.randn(2, D, dtype=torch.float64)  # not a constant shift: LayerNorm would remove that
     torch.testing.assert_close(par(x)[:, :5], par(x2)[:, :5])
-    assert (seq(x)[:, :5] - seq(x2)[:, :5]).abs().max() > 1e-8  # small at init, but there
+    assert (seq(x)[:, :5] - seq(x2)[:, :5]).abs().max() > 1e-6
