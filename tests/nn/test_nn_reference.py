@@ -138,7 +138,9 @@ def test_fused_norm_projection_equals_plain_layers_in_value_and_gradient():
         norm.bias.normal_()
     w = torch.randn(3 * d, d, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *a: _LayerNormLinear.apply(*a, norm.eps), (x, norm.weight, norm.bias, w), fast_mode=True)
+    torch.autograd.gradcheck(
+        lambda *a: _LayerNormLinear.apply(*a, norm.eps), (x, norm.weight, norm.bias, w), fast_mode=True
+    )
     out = _LayerNormLinear.apply(x, norm.weight, norm.bias, w, norm.eps)
     ref = torch.nn.functional.linear(norm(x), w)
     torch.testing.assert_close(out, ref)
