@@ -84,16 +84,16 @@ def _reconstruction(model: GeneToCell, train_ad, test_ad) -> dict[str, float]:
     lm = np.log1p(mu / np.maximum(mu.sum(1, keepdims=True), 1e-8) * 1e4)
     ok = (lx.std(1) > 0) & (lm.std(1) > 0)
     pear = np.mean([np.corrcoef(lx[i], lm[i])[0, 1] for i in np.flatnonzero(ok)])
-    theta = model.log_theta.detach().clamp(-7.0, 9.0).exp()[torch.as_tensor(mapping.gene_ids)].numpy()
-    dev = nb_deviance(torch.from_numpy(x), torch.from_numpy(mu), torch.from_numpy(theta)[None]).mean().item()
-    # Baseline: gene share from the training slides × library; per-gene theta by moments on training cells.
+    # Baseline: gene share from the training slides × library. Deviance depends on theta, so both
+    # means are scored with the same per-gene theta (moments on the training cells around the baseline).
     xt = counts_matrix(train_ad)[:, cols].toarray().astype(np.float64)
     share = xt.sum(0) / xt.sum()
     mt = share[None] * xt.sum(1, keepdims=True)
     excess = ((xt - mt) ** 2 - mt).sum(0)
-    theta_b = np.clip((mt**2).sum(0) / np.maximum(excess, 1e-8), 1e-2, 1e4)
+    theta_b = torch.from_numpy(np.clip((mt**2).sum(0) / np.maximum(excess, 1e-8), 1e-2, 1e4))[None]
     mb = share[None] * lib[:, None]
-    dev_b = nb_deviance(torch.from_numpy(x), torch.from_numpy(mb), torch.from_numpy(theta_b)[None]).mean().item()
+    dev = nb_deviance(torch.from_numpy(x), torch.from_numpy(mu), theta_b).mean().item()
+    dev_b = nb_deviance(torch.from_numpy(x), torch.from_numpy(mb), theta_b).mean().item()
     return {"pearson": float(pear), "nb_deviance": float(dev), "baseline_nb_deviance": float(dev_b)}
 
 
