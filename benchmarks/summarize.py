@@ -1,0 +1,102 @@
+"""Render the README's benchmark table from ``benchmarks/results/*.json``.
+
+``python benchmarks/summarize.py`` prints the markdown; ``--write README.md`` replaces the
+block between ``<!-- bench:start -->`` and ``<!-- bench:end -->``. A test checks that the
+README's block equals this output, so the table cannot drift from the results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _f(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    """(benchmark, measure, xscale, baseline / goal) rows."""
+    out: list[tuple[str, str, str, str]] = []
+    cell = _load("cell_level")
+    if cell:
+        for ds in ("starmap_mpfc", "seqfish_embryo_wsir"):
+            if ds not in cell:
+                continue
+            f1 = cell[ds]["macro_f1"]
+            rec = cell[ds]["reconstruction"]
+            out.append((f"cell level, {ds} (held out {cell[ds]['holdout']})", "macro-F1, logistic probe",
+                        f"xpressor {_f(f1['xpressor'])} (cls {_f(f1['cls'])}, mean {_f(f1['mean'])})",
+                        f"lognorm {_f(f1['lognorm'])}, PCA {_f(f1['pca'])}"))
+            out.append((f"cell level, {ds}", "NB deviance per count (held out)",
+                        _f(rec["nb_deviance"]), f"gene-mean baseline {_f(rec['baseline_nb_deviance'])}"))
+    tissue = _load("tissue_level")
+    if tissue:
+        held = next(v for v in tissue["per_slice"].values() if v["role"] != "train")["scores"]
+        out.append(("tissue level, STARmap held-out slice", "domain ARI (k-means, 4 layers)",
+                    f"staged {_f(held['xscale_niche_staged']['ari'])}, joint {_f(held['xscale_niche_joint']['ari'])}",
+                    f"PCA + 10-NN spatial mean {_f(held['pca_spatial_mean']['ari'])}; PCA {_f(held['pca']['ari'])}"))
+    att = _load("attention")
+    if att:
+        r = next(r for r in att["rows"] if r["n_tokens"] == 8192)
+        out.append(("criss-cross vs full attention, N = 8192", "encoder fwd+bwd speed-up / peak MB",
+                    f"{r['full_ms'] / r['criss_cross_ms']:.1f}× / {_f(r['criss_cross_peak_mb'], 1)}",
+                    f"goal ≥ 5× / full {_f(r['full_peak_mb'], 1)}"))
+        q = att.get("quality") or {}
+        if q.get("full_macro_f1") is not None:
+            out.append(("criss-cross vs full attention, level-1 quality", "held-out macro-F1",
+                        _f(q["criss_cross_macro_f1"]), f"full {_f(q['full_macro_f1'])} (goal gap ≤ 0.01)"))
+    stream = _load("streaming")
+    if stream:
+        s, l = stream["small"], stream["large"]
+        out.append(("streaming, 100k vs 1M cells", "peak RSS MB",
+                    f"{_f(l['peak_rss_mb'], 0)} at 1M", f"{_f(s['peak_rss_mb'], 0)} at 100k (goal ≤ 1.3×)"))
+        out.append(("streaming, 1M cells", "stream / raw read throughput",
+                    _f(l["stream_cells_per_s"] / l["raw_read_cells_per_s"], 2), "goal ≥ 0.5"))
+        out.append(("streaming, 1M cells", "chunks per niche",
+                    f"spatial order {_f(l['niche_chunks_per_niche']['spatial'], 2)}",
+                    f"shuffled order {_f(l['niche_chunks_per_niche']['shuffled'], 2)}"))
+    peft = _load("peft")
+    if peft:
+        m = peft["macro_f1"]
+        out.append(("fine-tuning, MERFISH spatial half", "macro-F1",
+                    f"PEFT {_f(m['peft_xpressor'])} ({peft['trainable_fraction']:.1%} trainable)",
+                    f"probe {_f(m['linear_probe'])}, full {_f(m['full_finetune'])}, scratch {_f(m['from_scratch'])}"))
+    thr = _load("throughput")
+    if thr:
+        l1 = thr["level1"]
+        out.append(("throughput, level-1 embedding (1 thread)", "cells per CPU-second",
+                    _f(l1["starmap_tl_embed_cells"]["per_s_cpu"], 0),
+                    f"PCA transform {_f(l1['pca50_reference']['per_s_cpu'], 0)}"))
+    return out
+
+
+def markdown() -> str:
+    lines = ["| benchmark | measure | xscale | baseline / goal |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def write(readme: Path) -> None:
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{markdown()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--write", type=Path, help="README to update in place")
+    args = ap.parse_args()
+    if args.write:
+        write(args.write)
+    else:
+        print(markdown(), end="")
