@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from xscale.train.optim import adamw_one_cycle
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import CellBatch, collate_cells
 from xscale.data.niches import Niches
@@ -152,13 +153,7 @@ class HierarchyModule(lightning.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
-        # OneCycleLR divides by zero below ~10 steps; a short run just stops early in a longer cycle.
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=max(int(total), 20), pct_start=0.1, anneal_strategy="cos"
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_one_cycle(self, self.trainer, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def fit_joint(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from xscale.train.optim import adamw_one_cycle
 from xscale.data.niches import Niches, build_niches, slide_scales, spatial_graph
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
@@ -122,13 +123,7 @@ class TissueModule(lightning.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 1000
-        # OneCycleLR divides by zero below ~10 steps; a short run just stops early in a longer cycle.
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=max(int(total), 20), pct_start=0.1, anneal_strategy="cos"
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_one_cycle(self, self.trainer, lr=self.lr, weight_decay=self.weight_decay)
 
 
 class NicheDataModule(lightning.LightningDataModule):
