@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             variables[name] = yaml.safe_load(value)
         done = run_pipeline(args.pipeline, args.out, force=args.force, only=args.only, variables=variables)
     except XscaleInputError as err:
-        print(f"xscale pipeline: error: {err}")
+        print(f"xscale pipeline: error: {err}", file=sys.stderr)
         return 2
     for step, man in done.items():
         print(f"{step}: {'skipped (complete)' if man['skipped'] else 'ran in %.1fs' % man['seconds']}")
