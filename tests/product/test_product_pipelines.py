@@ -78,3 +78,25 @@ def test_pretrain_multiscale_pipeline_runs_at_tiny_settings(tmp_path):
     metrics = done["evaluate_starmap"]["results"]["metrics"]
     assert {"xscale_niche", "pca_spatial_mean"} <= set(metrics["domains"])
     assert all(m["skipped"] for m in run_pipeline(pipe, tmp_path, variables=tiny).values())
+
+
+def test_cli_pipeline_runs_then_skips_and_reports_errors(tmp_path, capsys):
+    """`xscale pipeline` runs a real step, skips it on re-run, and exits 2 with one line on bad input."""
+    from xscale.cli.main import main
+
+    pipe = _write(tmp_path / "p.yaml", """
+name: cli-test
+vars: {n: 4}
+steps:
+  - name: baseline
+    uses: pca_embed
+    with: {data: starmap_mpfc, n_components: "${vars.n}"}
+""")
+    out = tmp_path / "out"
+    assert main(["pipeline", str(pipe), "--out", str(out)]) == 0
+    assert "baseline: ran in" in capsys.readouterr().out
+    assert (out / "manifests" / "baseline.json").exists()
+    assert main(["pipeline", str(pipe), "--out", str(out)]) == 0
+    assert "baseline: skipped (complete)" in capsys.readouterr().out
+    assert main(["pipeline", str(pipe), "--out", str(out), "--var", "oops"]) == 2
+    assert "--var 'oops' is not NAME=VALUE" in capsys.readouterr().err

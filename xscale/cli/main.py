@@ -17,7 +17,7 @@ import sys
 from types import ModuleType
 
 # Order shown in --help: the main job first, then the pipeline steps.
-COMMANDS = ("demo", "run", "prepare", "fit", "embed", "query", "domains", "finetune")
+COMMANDS = ("demo", "run", "prepare", "fit", "embed", "query", "domains", "finetune", "pipeline")
 
 
 def _load(name: str) -> ModuleType | None:

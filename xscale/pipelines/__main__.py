@@ -1,6 +1,11 @@
-"""``python -m xscale.pipelines PIPELINE.yaml --out DIR [--var NAME=VALUE] [--force] [--only STEP ...]``."""
+"""``python -m xscale.pipelines PIPELINE.yaml --out DIR [--var NAME=VALUE] [--force] [--only STEP ...]``.
+
+The same as ``xscale pipeline ...`` (errors exit with status 2 and one line).
+"""
 from __future__ import annotations
 
-from xscale.pipelines.runner import main
+import sys
 
-raise SystemExit(main())
+from xscale.cli.main import main
+
+raise SystemExit(main(["pipeline", *sys.argv[1:]]))

@@ -23,12 +23,10 @@ Run one with ``python -m xscale.pipelines pipelines/evaluate.yaml --out DIR``. S
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -290,32 +288,3 @@ def run_pipeline(
         write_json(manifest_path(out, spec.name), man)
         done[spec.name] = {**man, "skipped": False}
     return done
-
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m xscale.pipelines", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipeline", help="pipeline YAML (pipelines/*.yaml)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--force", action="store_true", help="re-run complete steps")
-    parser.add_argument("--only", nargs="+", help="run only these steps")
-    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="override a vars: entry")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        import yaml
-
-        variables = {}
-        for item in args.var:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise XscaleInputError(f"--var {item!r} is not NAME=VALUE.")
-            variables[name] = yaml.safe_load(value)
-        done = run_pipeline(args.pipeline, args.out, force=args.force, only=args.only, variables=variables)
-    except XscaleInputError as err:
-        print(f"xscale pipeline: error: {err}", file=sys.stderr)
-        return 2
-    for step, man in done.items():
-        print(f"{step}: {'skipped (complete)' if man['skipped'] else 'ran in %.1fs' % man['seconds']}")
-    return 0
