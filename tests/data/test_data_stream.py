@@ -119,3 +119,37 @@ def test_batched_mode_matches_collate_and_covers_once(store):
         ds = CellStream(store, seed=1, buffer_size=300, batch_size=64, rank=rank, world_size=2)
         seen += [int(i) for b in DataLoader(ds, batch_size=None, num_workers=2) for i in b.index]
     assert sorted(seen) == list(range(store.n_cells)) and seen != sorted(seen)
+
+
+def test_batches_from_workers_equal_in_process_batches(store):
+    """Worker batches travel packed (CSR) and unpack to exactly the in-process CellBatch."""
+    ds = CellStream(store, shuffle=False, batch_size=128)
+    ref = list(ds)
+    got = list(DataLoader(ds, batch_size=None, num_workers=1))
+    assert len(got) == len(ref) and type(got[0]) is type(ref[0])
+    for a, b in zip(got, ref, strict=True):
+        for name in ("gene_ids", "counts", "values", "pad_mask", "library", "index", "dataset", "slide"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("n_genes", [3, 300, 70000])
+def test_packed_cells_round_trip(n_genes):
+    import pickle
+
+    import scipy.sparse as sp
+
+    from xscale.data.stream_batch import PackedCells
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(5, n_genes, density=0.5, random_state=0, format="csr", dtype=np.float32)
+    counts.data = np.round(counts.data * 9) + 1
+    if n_genes == 300:
+        counts.data[0] = 70000.0  # beyond uint16: sent as float32
+    ids, rows, slides = rng.permutation(n_genes), np.arange(10, 15), np.array([0, 0, 1, 1, 2])
+    packed = PackedCells(ids, rows, 3, slides, counts)
+    got = pickle.loads(pickle.dumps(packed))
+    ref = packed.unpack()
+    np.testing.assert_array_equal(got.counts.numpy(), counts.toarray())
+    for name in ("gene_ids", "counts", "values", "library", "index", "dataset", "slide"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert got.slide.tolist() == slides.tolist() and (got.dataset == 3).all()

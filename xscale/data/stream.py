@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from xscale.data.batch import CellBatch, CellItem, collate_cells
 from xscale.data.niches import build_niches
 from xscale.data.store import CellStore
-from xscale.data.transforms import log_normalize
+from xscale.data.stream_batch import PackedCells, cell_batch
 from xscale.errors import XscaleInputError
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,9 @@ class CellStream(_StoreStream):
         each block with array operations (DataLoader ``batch_size=None``) — the same values
         ``collate_cells`` would give, many times faster; the shuffle buffer holds rows.
         ``gene_ids`` and ``pad_mask`` are then broadcast (stride-0) views: read-only, call
-        ``.contiguous()`` before writing into them.
+        ``.contiguous()`` before writing into them. In a DataLoader worker the batch leaves as
+        its CSR counts (:class:`~xscale.data.stream_batch.PackedCells`) and arrives in the main
+        process as the identical ``CellBatch``: a fraction of the bytes, no shared-memory segment.
     max_genes
         Gene context per cell in batched mode (as ``collate_cells(max_genes=)``).
     """
@@ -165,8 +167,6 @@ class CellStream(_StoreStream):
             raise XscaleInputError("gene_ids: expected at least one gene in the vocabulary, found none (all -1).")
         self.gene_ids = ids[self.keep_genes]
         self.dataset = dataset
-        self._gene_ids_t = torch.from_numpy(self.gene_ids)
-        self._no_pad = torch.zeros(1, dtype=torch.bool)
         if batch_size is not None and batch_size < 1:
             raise XscaleInputError(f"batch_size: expected >= 1 or None, found {batch_size}.")
         self.batch_size, self.max_genes = batch_size, max_genes
@@ -185,53 +185,40 @@ class CellStream(_StoreStream):
                 m = m[:, self.keep_genes]
             yield rows, m  # (b, G) CSR
 
-    def _make_batch(self, rows: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> CellBatch:
-        """CellBatch from dense counts (B, G) of store rows (B,), as collate_cells would build it."""
+    def _make_batch(self, rows: np.ndarray, counts: sp.csr_matrix, rng: np.random.Generator) -> CellBatch | PackedCells:
+        """The batch of store rows (B,) with CSR counts (B, G), as collate_cells would build it
+        (packed for the hand-off when running in a DataLoader worker)."""
+        slides = np.searchsorted(self.store.slide_stop, rows, side="right")
         if self.max_genes is not None and counts.shape[1] > self.max_genes:
-            slides = np.searchsorted(self.store.slide_stop, rows, side="right")
-            items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s)) for r, cnt, s in zip(rows, counts, slides, strict=True)]
+            dense = counts.toarray()
+            items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s))
+                     for r, cnt, s in zip(rows, dense, slides, strict=True)]
             return collate_cells(items, max_genes=self.max_genes, rng=rng)
-        b, g = counts.shape
-        # two buffers hold all per-cell fields, so a batch leaving a DataLoader worker shares
-        # two storages; every cell has the same panel and no padding: gene_ids and pad_mask
-        # are broadcast views carrying G ids, not B x G (read-only)
-        floats = torch.empty(2 * b * g + b)
-        counts_t = floats[: b * g].view(b, g)
-        counts_t.copy_(torch.from_numpy(counts))
-        library = floats[2 * b * g :]
-        torch.sum(counts_t, dim=1, out=library)
-        values = floats[b * g : 2 * b * g].view(b, g)
-        values.copy_(log_normalize(counts_t, library))
-        ints = torch.empty((3, b), dtype=torch.long)
-        ints[0] = torch.from_numpy(rows)
-        ints[1] = self.dataset
-        ints[2] = torch.from_numpy(np.searchsorted(self.store.slide_stop, rows, side="right"))
-        return CellBatch(
-            gene_ids=self._gene_ids_t.expand(b, g), counts=counts_t, values=values,
-            pad_mask=self._no_pad.expand(b, g), library=library, index=ints[0], dataset=ints[1], slide=ints[2],
-        )
+        if get_worker_info() is not None:
+            return PackedCells(self.gene_ids, rows, self.dataset, slides, counts)
+        return cell_batch(self.gene_ids, counts.toarray(), rows, self.dataset, slides)
 
     def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch]:
         bs = self.batch_size
+        keep = self.buffer_size if self.shuffle else 0
         pool_rows, pool = np.zeros(0, dtype=np.int64), None
         for rows, block in self._blocks(plan):
             pool_rows = np.concatenate([pool_rows, rows])
-            pool = block if pool is None else sp.vstack([pool, block], format="csr")
-            n_out = (pool_rows.size - (self.buffer_size if self.shuffle else 0)) // bs * bs
+            pool = block if pool is None else _stack_rows(pool, block)
+            n_out = (pool_rows.size - keep) // bs * bs
             if n_out <= 0:
                 continue
             # one draw per block: n_out random rows of the pool leave as batches, the rest stays
             perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
-            out_m = pool[perm[:n_out]].toarray()  # (n_out, G)
-            out_r = pool_rows[perm[:n_out]]
             for i in range(0, n_out, bs):
-                yield self._make_batch(out_r[i : i + bs], out_m[i : i + bs], rng)
+                pick = perm[i : i + bs]
+                yield self._make_batch(pool_rows[pick], pool[pick], rng)
             pool_rows, pool = pool_rows[perm[n_out:]], pool[perm[n_out:]]
         if pool is not None and pool_rows.size:
             perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
             for i in range(0, perm.size, bs):
                 pick = perm[i : i + bs]
-                yield self._make_batch(pool_rows[pick], pool[pick].toarray(), rng)
+                yield self._make_batch(pool_rows[pick], pool[pick], rng)
 
     def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[CellItem]:
         for c, rows in plan:
@@ -246,6 +233,13 @@ class CellStream(_StoreStream):
         if self.batch_size is not None:
             return self._batches(plan, rng)
         return self._buffered(self._items(plan), rng)
+
+
+def _stack_rows(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+    """Rows of ``a`` then ``b`` (same columns): concatenated arrays, none of scipy's general stacking."""
+    indptr = np.concatenate([a.indptr, b.indptr[1:] + a.indptr[-1]])
+    return sp.csr_matrix((np.concatenate([a.data, b.data]), np.concatenate([a.indices, b.indices]), indptr),
+                         shape=(a.shape[0] + b.shape[0], a.shape[1]))
 
 
 @dataclass
