@@ -107,7 +107,7 @@ def inprocess_stream(store_path: Path) -> float:
 
 def niche_chunks(store_path: Path, n_niches: int) -> float:
     """Mean blocks per niche over the first ``n_niches`` NicheStream items."""
-    from xscale.data.stream import NicheStream, chunks_per_niche
+    from xscale.data.niche_stream import NicheStream, chunks_per_niche
 
     ds = NicheStream(store_path, max_cells=MAX_CELLS, seed=0, buffer_size=256)
     idx = []

@@ -10,7 +10,8 @@ import xscale
 from xscale.data.batch import collate_cells
 from xscale.data.niches import build_niches
 from xscale.data.store import CellStore, prepare
-from xscale.data.stream import CellStream, NicheStream, chunks_per_niche, collate_niches, shard_plan
+from xscale.data.niche_stream import NicheStream, chunks_per_niche, collate_niches
+from xscale.data.stream import CellStream, shard_plan
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,40 @@ def test_packed_cells_round_trip(n_genes):
     for name in ("gene_ids", "counts", "values", "library", "index", "dataset", "slide"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     assert got.slide.tolist() == slides.tolist() and (got.dataset == 3).all()
+
+
+def test_niche_stream_out_of_core_equals_whole_graph_niches(store, monkeypatch):
+    """Per block of centres only graph rows and touched coordinates are read; niches are identical."""
+    rng = np.random.default_rng(0)
+    rows = np.flatnonzero(rng.random(store.n_cells) < 0.6)
+    lat = rng.normal(size=(store.n_cells, 6)).astype(np.float32)
+    reads = []
+    graph_rows, read_coords = CellStore.graph_rows, CellStore.read_coords
+
+    def spy(fn):
+        def wrapped(self, a, b):
+            reads.append(b - a)
+            return fn(self, a, b)
+        return wrapped
+
+    def whole(self):
+        raise AssertionError("NicheStream must not load a per-cell array of the whole store")
+
+    for name in ("graph", "coords", "cell_scale", "slide_codes"):
+        monkeypatch.setattr(CellStore, name, whole)
+    monkeypatch.setattr(CellStore, "graph_rows", spy(graph_rows))
+    monkeypatch.setattr(CellStore, "read_coords", spy(read_coords))
+    ds = NicheStream(store, max_cells=16, latents=lat, rows=rows, seed=2, buffer_size=50, cache_chunks=1)
+    items = list(ds)
+    monkeypatch.undo()
+    assert reads and max(reads) <= store.chunk_cells
+    centres = np.array([it.centre for it in items])
+    assert sorted(centres.tolist()) == rows.tolist() and centres.tolist() != rows.tolist()
+    ref = build_niches(store.graph(), store.coords(), centres, max_cells=16, scale=store.cell_scale())
+    batch = collate_niches(items)
+    np.testing.assert_array_equal(batch.idx.numpy(), ref.idx)
+    np.testing.assert_array_equal(batch.rel_xy.numpy(), ref.rel_xy)
+    np.testing.assert_array_equal(batch.pad_mask.numpy(), ref.pad_mask)
+    np.testing.assert_array_equal(batch.slide.numpy(), store.slide_codes()[centres])
+    valid = ref.idx >= 0
+    np.testing.assert_array_equal(batch.latents.numpy()[valid], lat[ref.idx[valid]])

@@ -192,15 +192,54 @@ def build_niches(
         unit = np.full(centres.size, float(scale))
     else:
         unit = np.asarray(scale, dtype=np.float64)[centres]
+    sub = graph[centres]  # (B, n) neighbour lists of the centres
+    return gather_niches(centres, sub.indptr, sub.indices, coords, unit, max_cells=max_cells)
+
+
+def gather_niches(
+    centres: np.ndarray,
+    indptr: np.ndarray,
+    neighbours: np.ndarray,
+    coords: np.ndarray,
+    unit: np.ndarray,
+    *,
+    max_cells: int,
+    rows: np.ndarray | None = None,
+) -> Niches:
+    """Niches from the centres' neighbour lists (the core of :func:`build_niches`).
+
+    Parameters
+    ----------
+    centres
+        (B,) rows of the niche centres.
+    indptr, neighbours
+        CSR lists: the neighbours of ``centres[i]`` are ``neighbours[indptr[i]:indptr[i + 1]]`` (rows).
+    coords
+        Coordinates of ``rows`` (m, 2), or of every row when ``rows`` is None.
+    unit
+        (B,) distance unit of each niche (its slide's median nearest-neighbour distance).
+    max_cells
+        C: cells per niche including the centre.
+    rows
+        (m,) sorted rows whose coordinates ``coords`` holds (all the centres and their
+        neighbours), so that a streamed block needs only the coordinates it touches.
+
+    Returns
+    -------
+    :class:`Niches` with idx (B, C) (rows), rel_xy (B, C, 2), pad_mask (B, C).
+    """
     b = centres.size
 
-    sub = graph[centres]  # (B, n) neighbour lists of the centres
-    counts = np.diff(sub.indptr)
+    def xy(r: np.ndarray) -> np.ndarray:
+        return coords[r] if rows is None else coords[np.searchsorted(rows, r)]
+
+    counts = np.diff(indptr)
     row = np.repeat(np.arange(b), counts)
-    nb = sub.indices.astype(np.int64)
+    nb = np.asarray(neighbours, dtype=np.int64)
     not_self = nb != centres[row]
     row, nb = row[not_self], nb[not_self]
-    d2 = ((coords[nb] - coords[centres[row]]) ** 2).sum(axis=1)
+    centre_xy = xy(centres)  # (B, 2)
+    d2 = ((xy(nb) - centre_xy[row]) ** 2).sum(axis=1)
     order = np.lexsort((nb, d2, row))  # by centre, then distance (ties by index: deterministic)
     row, nb = row[order], nb[order]
     starts = np.searchsorted(row, np.arange(b))
@@ -213,6 +252,6 @@ def build_niches(
     idx[row, pos] = nb
     pad_mask = idx < 0
     safe = np.where(pad_mask, centres[:, None], idx)
-    rel = (coords[safe] - coords[centres][:, None, :]) / unit[:, None, None]  # (B, C, 2)
+    rel = (xy(safe.ravel()).reshape(b, max_cells, 2) - centre_xy[:, None, :]) / unit[:, None, None]  # (B, C, 2)
     rel[pad_mask] = 0.0
     return Niches(idx=idx, rel_xy=rel.astype(np.float32), pad_mask=pad_mask)

@@ -382,6 +382,33 @@ class CellStore:
             raise XscaleInputError(f"{self.path}: expected a spatial store (with a graph), found a non-spatial one.")
         return sp.csr_matrix(read_elem(self.root["obsp"]["spatial_connectivities"]))
 
+    def slide_of(self, rows: np.ndarray) -> np.ndarray:
+        """(B,) int64 slide code of the given rows, from the per-slide row ranges (no per-cell array)."""
+        return np.searchsorted(self.slide_stop, np.asarray(rows, dtype=np.int64), side="right")
+
+    def scale_of(self, rows: np.ndarray) -> np.ndarray:
+        """(B,) median nearest-neighbour distance of the given rows' slides."""
+        return self.slide_median_nn[self.slide_of(rows)]
+
+    def read_coords(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, 2) float64 coordinates of rows [start, stop); reads only their chunks."""
+        if not self.spatial:
+            raise XscaleInputError(f"{self.path}: expected a spatial store, found one prepared with spatial_key=None.")
+        return np.asarray(self.root["obsm"]["spatial"][start:stop], dtype=np.float64)
+
+    def graph_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbour lists of rows [start, stop) from the stored graph, reading only that slice.
+
+        Returns indptr (stop - start + 1,) int64 starting at 0 and neighbours (nnz,) int64
+        rows: the neighbours of row ``start + i`` are ``neighbours[indptr[i]:indptr[i + 1]]``.
+        """
+        if not self.spatial:
+            raise XscaleInputError(f"{self.path}: expected a spatial store (with a graph), found a non-spatial one.")
+        g = self.root["obsp"]["spatial_connectivities"]
+        ptr = np.asarray(g["indptr"][start : stop + 1], dtype=np.int64)
+        p0, p1 = int(ptr[0]), int(ptr[-1])
+        return ptr - p0, np.asarray(g["indices"][p0:p1], dtype=np.int64)
+
     def source_index(self) -> np.ndarray:
         """(n,) row of each store cell in the input dataset."""
         return np.asarray(self.root["obs"][SOURCE_INDEX][:], dtype=np.int64)

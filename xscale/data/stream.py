@@ -1,4 +1,5 @@
-"""Streaming torch datasets over a prepared store: :class:`CellStream` (level 1), :class:`NicheStream` (level 2).
+"""Streaming torch datasets over a prepared store: :class:`CellStream` (level 1) here,
+:class:`~xscale.data.niche_stream.NicheStream` (level 2) in :mod:`xscale.data.niche_stream`.
 
 Per epoch, the cell blocks of the store are visited in an order drawn from ``(seed,
 epoch)``; their (selected) cells form one virtual sequence, which is cut into equal
@@ -10,8 +11,6 @@ buffer (``buffer_size`` items). Call :meth:`set_epoch` before each epoch.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xscale.data.batch import CellBatch, CellItem, collate_cells
-from xscale.data.niches import build_niches
 from xscale.data.store import CellStore
 from xscale.data.stream_batch import PackedCells, cell_batch
 from xscale.errors import XscaleInputError
@@ -242,166 +240,13 @@ def _stack_rows(a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
                          shape=(a.shape[0] + b.shape[0], a.shape[1]))
 
 
-@dataclass
-class NicheItem:
-    """One niche of C cells (column 0 = centre).
-
-    idx (C,) int64 store rows (-1 = pad); rel_xy (C, 2) float32; pad_mask (C,) bool;
-    counts (C, G) float32 raw counts (zeros at pad) when streaming counts, else None;
-    latents (C, *L) float32 level-1 latents (zeros at pad) when given, else None.
-    """
-
-    centre: int
-    idx: np.ndarray
-    rel_xy: np.ndarray
-    pad_mask: np.ndarray
-    slide: int
-    counts: np.ndarray | None = None
-    latents: np.ndarray | None = None
+_NICHE_NAMES = ("NicheItem", "NicheBatch", "NicheStream", "collate_niches", "open_latents", "chunks_per_niche")
 
 
-@dataclass
-class NicheBatch:
-    """Stacked niches: idx (B, C), rel_xy (B, C, 2), pad_mask (B, C), centre (B,), slide (B,),
-    counts (B, C, G) or None, latents (B, C, *L) or None."""
+def __getattr__(name: str) -> Any:
+    """The level-2 stream moved to :mod:`xscale.data.niche_stream`; its names stay importable from here."""
+    if name in _NICHE_NAMES:
+        from xscale.data import niche_stream
 
-    idx: torch.Tensor
-    rel_xy: torch.Tensor
-    pad_mask: torch.Tensor
-    centre: torch.Tensor
-    slide: torch.Tensor
-    counts: torch.Tensor | None
-    latents: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return self.idx.shape[0]
-
-
-def collate_niches(items: list[NicheItem]) -> NicheBatch:
-    """Stack niche items (all have the same C) into a :class:`NicheBatch`."""
-    def stack(name: str) -> torch.Tensor | None:
-        vals = [getattr(it, name) for it in items]
-        return None if vals[0] is None else torch.from_numpy(np.stack(vals))
-
-    return NicheBatch(
-        idx=stack("idx"), rel_xy=stack("rel_xy"), pad_mask=stack("pad_mask"),
-        centre=torch.tensor([it.centre for it in items], dtype=torch.long),
-        slide=torch.tensor([it.slide for it in items], dtype=torch.long),
-        counts=stack("counts"), latents=stack("latents"),
-    )
-
-
-class _RowCache:
-    """Reads rows of a per-cell array (store counts or latents) block by block, keeping a few blocks."""
-
-    def __init__(self, read_block, chunk_cells: int, n_cells: int, capacity: int) -> None:
-        self.read_block, self.chunk, self.n, self.capacity = read_block, chunk_cells, n_cells, capacity
-        self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.reads = 0
-
-    def get(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), ...) values of the given rows."""
-        which = rows // self.chunk
-        out = None
-        for c in np.unique(which):
-            if c not in self.blocks:
-                self.blocks[c] = self.read_block(c * self.chunk, min((c + 1) * self.chunk, self.n))
-                self.reads += 1
-                if len(self.blocks) > self.capacity:
-                    self.blocks.popitem(last=False)
-            else:
-                self.blocks.move_to_end(c)
-            blk = self.blocks[c]
-            sel = which == c
-            vals = blk[rows[sel] - c * self.chunk]
-            if out is None:
-                out = np.zeros((rows.size,) + vals.shape[1:], dtype=np.float32)
-            out[sel] = vals
-        return out
-
-
-def open_latents(latents: np.ndarray | str | Path | Any) -> Any:
-    """An (n, ...) latent array: numpy, a zarr array, or the path of a zarr array/obsm written by writeback."""
-    if isinstance(latents, (str, Path)):
-        import zarr
-
-        try:
-            return zarr.open_array(Path(latents), mode="r")
-        except Exception as err:
-            raise XscaleInputError(f"{latents}: expected a zarr array of latents (n_cells, ...), could not open it ({err}).") from err
-    return latents
-
-
-class NicheStream(_StoreStream):
-    """Level-2 stream of :class:`NicheItem` (collate with :func:`collate_niches`).
-
-    Each item is the niche centred on one store row: the centre and its nearest
-    ``max_cells - 1`` neighbours from the stored graph, with relative positions in units of
-    the slide's median nearest-neighbour distance. With ``latents`` (n, ...) in store order,
-    items carry the latents of the niche's cells; otherwise their raw counts.
-    Parameters as in :class:`CellStream`; ``rows`` selects the niche centres;
-    ``cache_chunks`` blocks of neighbour rows are kept per worker.
-    """
-
-    def __init__(self, store: str | Path | CellStore, *, max_cells: int = 32, latents: Any = None,
-                 rows: np.ndarray | None = None, shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
-                 cache_chunks: int = 8, rank: int | None = None, world_size: int | None = None) -> None:
-        super().__init__(store, rows=rows, shuffle=shuffle, seed=seed, buffer_size=buffer_size,
-                         rank=rank, world_size=world_size)
-        if max_cells < 1:
-            raise XscaleInputError(f"max_cells: expected >= 1, found {max_cells}.")
-        self.max_cells, self.cache_chunks = max_cells, cache_chunks
-        self.latents = open_latents(latents) if latents is not None else None
-        if self.latents is not None and self.latents.shape[0] != self.store.n_cells:
-            raise XscaleInputError(
-                f"latents: expected one row per store cell ({self.store.n_cells}), found {self.latents.shape[0]}. "
-                "Embed the same store (rows in store order)."
-            )
-        self.graph = self.store.graph()
-        self.coords = self.store.coords()
-        self.scale = self.store.cell_scale()
-        self.slides = self.store.slide_codes()
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    def _cache(self) -> _RowCache:
-        if self.latents is not None:
-            lat = self.latents
-
-            def read(a: int, b: int) -> np.ndarray:
-                return np.asarray(lat[a:b], dtype=np.float32)
-        else:
-            def read(a: int, b: int) -> np.ndarray:
-                return self.store.read_rows(a, b).toarray()
-        return _RowCache(read, self.store.chunk_cells, self.store.n_cells, self.cache_chunks)
-
-    def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[NicheItem]:
-        cache = self._cache()
-        for _, centres in plan:
-            nich = build_niches(self.graph, self.coords, centres, max_cells=self.max_cells, scale=self.scale)
-            flat = nich.idx.ravel()
-            valid = flat >= 0
-            vals = cache.get(flat[valid])  # (n_valid, ...)
-            full = np.zeros((flat.size,) + vals.shape[1:], dtype=np.float32)
-            full[valid] = vals
-            full = full.reshape(nich.idx.shape + vals.shape[1:])  # (B, C, ...)
-            for i, centre in enumerate(centres):
-                yield NicheItem(
-                    centre=int(centre), idx=nich.idx[i], rel_xy=nich.rel_xy[i], pad_mask=nich.pad_mask[i],
-                    slide=int(self.slides[centre]),
-                    counts=full[i] if self.latents is None else None,
-                    latents=full[i] if self.latents is not None else None,
-                )
-
-    def __iter__(self) -> Iterator[NicheItem]:
-        plan, rng = self._plan()
-        return self._buffered(self._items(plan), rng)
-
-
-def chunks_per_niche(idx: np.ndarray, chunk_cells: int) -> float:
-    """Mean number of distinct store blocks holding a niche's cells. idx (B, C) (-1 = pad) -> float."""
-    blocks = np.where(idx >= 0, idx // chunk_cells, -1)
-    s = np.sort(blocks, axis=1)
-    distinct = (np.diff(s, axis=1) != 0).sum(axis=1) + 1 - (s[:, 0] < 0)
-    return float(distinct.mean())
+        return getattr(niche_stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
