@@ -302,7 +302,8 @@ class CellStore:
     """Read access to a prepared store, block by block. Cheap to pickle (reopens in each worker).
 
     Attributes: ``n_cells``, ``n_genes``, ``genes`` (list), ``chunk_cells``, ``n_chunks``,
-    ``slide_names`` (S,), ``slide_start`` / ``slide_stop`` (S,) row ranges, ``slide_median_nn`` (S,).
+    ``slide_names`` (S,), ``slide_start`` / ``slide_stop`` (S,) row ranges, ``slide_median_nn`` (S,),
+    ``n_neighbors`` / ``radius`` (None = k nearest) of the stored graph.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -325,6 +326,8 @@ class CellStore:
         self.slide_start = np.asarray(meta["slide_start"], dtype=np.int64)
         self.slide_stop = np.asarray(meta["slide_stop"], dtype=np.int64)
         self.slide_median_nn = np.asarray(meta["slide_median_nn"], dtype=np.float64)
+        self.n_neighbors = int(meta["n_neighbors"])  # the stored graph: k nearest, or within a radius
+        self.radius = None if float(meta["radius"]) < 0 else float(meta["radius"])
         self.n_cells, self.n_genes = (int(v) for v in root["X"].attrs["shape"])
         self.n_chunks = -(-self.n_cells // self.chunk_cells)
 
