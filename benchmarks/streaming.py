@@ -13,7 +13,12 @@ the baseline), measure:
 - ``raw_read_cells_per_s``: sequential read + decode (CSR -> dense) of every block of the
   same store, same run (the baseline);
 - ``niche_chunks_per_niche``: mean number of store blocks holding a niche's cells, for
-  ``NicheStream`` items on the Hilbert-ordered store and on the shuffled-order store.
+  ``NicheStream`` items on the Hilbert-ordered store and on the shuffled-order store;
+- ``niche_peak_rss_mb`` / ``niche_items_per_s``: peak RSS and rate of a fresh process
+  reading the first ``N_NICHES`` NicheStream items (with counts) of the Hilbert store;
+- ``diagnostics``: the same CellStream in one process (no workers), the pass's first-batch
+  latency and CPU split (main vs workers), the raw read time, the machine's load average;
+- ``notes`` (top level): those numbers in words, and the previous implementation's.
 
 Run: ``.venv/bin/python benchmarks/streaming.py`` (about 10 minutes on 2 cores; stores go
 to a temporary directory and are deleted). Writes ``benchmarks/results/streaming.json``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -71,14 +77,46 @@ def stream_pass(store: str, batch_size: int, workers: int) -> dict:
     # batched mode: the stream builds each CellBatch from a block with array operations
     ds = CellStream(store, seed=0, buffer_size=4096, batch_size=batch_size)
     dl = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4)
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
-    n = 0
+    n, first = 0, None
     for batch in dl:
         n += len(batch)
+        first = time.perf_counter() - t0 if first is None else first
     seconds = time.perf_counter() - t0
     stop.set()
     thread.join()
-    return {"cells": n, "seconds": seconds, "peak_rss_mb": peak[0] / 2**20}
+    del dl  # workers exit: their CPU time is counted in RUSAGE_CHILDREN
+    main_cpu, workers_cpu = (b - a for a, b in zip(cpu0, _cpu_seconds(), strict=True))
+    return {"cells": n, "seconds": seconds, "peak_rss_mb": peak[0] / 2**20, "first_batch_s": first,
+            "main_cpu_s": main_cpu, "workers_cpu_s": workers_cpu}
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished children) user + system CPU seconds."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def niche_pass(store: str, n_niches: int) -> dict:
+    """Peak RSS (this process) and rate of ``n_niches`` NicheStream items with their counts."""
+    import resource
+
+    import torch
+
+    from xscale.data.niche_stream import NicheStream
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in NicheStream(store, max_cells=MAX_CELLS, seed=0, buffer_size=256):
+        n += 1
+        if n >= n_niches:
+            break
+    seconds = time.perf_counter() - t0
+    return {"niches": n, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def raw_read(store_path: Path) -> float:
@@ -138,6 +176,9 @@ def measure(n_cells: int, root: Path, seed: int) -> dict:
     raw = raw_read(store)
     inproc = inprocess_stream(store)
     logger.info("stream without DataLoader workers (no IPC): %.0f cells/s = %.2f of raw", inproc, inproc / raw)
+    out = subprocess.run([sys.executable, __file__, "--niche-pass", str(store)], check=True, capture_output=True,
+                         text=True)
+    niche = json.loads(out.stdout.strip().splitlines()[-1])
     result = {
         "n_cells": n_cells,
         "peak_rss_mb": round(run["peak_rss_mb"], 1),
@@ -147,9 +188,55 @@ def measure(n_cells: int, root: Path, seed: int) -> dict:
             "spatial": round(niche_chunks(store, N_NICHES), 3),
             "shuffled": round(niche_chunks(shuffled, N_NICHES), 3),
         },
+        "niche_peak_rss_mb": round(niche["peak_rss_mb"], 1),
+        "niche_items_per_s": round(niche["niches"] / niche["seconds"]),
+        "diagnostics": {
+            "stream_in_process_cells_per_s": round(inproc),
+            "stream_seconds": round(run["seconds"], 3),
+            "first_batch_s": round(run["first_batch_s"], 3),
+            "main_cpu_s": round(run["main_cpu_s"], 3),
+            "workers_cpu_s": round(run["workers_cpu_s"], 3),
+            "raw_read_seconds": round(n_cells / raw, 3),
+            "load_average_1min": round(os.getloadavg()[0], 2),
+        },
     }
     logger.info("%s", result)
     return result
+
+
+def _notes(results: dict) -> list[str]:
+    """What the numbers of this run say, in words (with the numbers)."""
+    s, l = results["small"], results["large"]
+    ds, dl = s["diagnostics"], l["diagnostics"]
+
+    def ratio(r: dict) -> float:
+        return r["stream_cells_per_s"] / r["raw_read_cells_per_s"]
+
+    def inproc(r: dict) -> float:
+        return r["diagnostics"]["stream_in_process_cells_per_s"] / r["raw_read_cells_per_s"]
+
+    return [
+        f"stream / raw read: small {ratio(s):.2f}, large {ratio(l):.2f} (2 DataLoader workers, full pass, "
+        f"worker start-up included); the same stream in one process without workers: small {inproc(s):.2f}, "
+        f"large {inproc(l):.2f}.",
+        f"CPU of the 2-worker pass, large: main {dl['main_cpu_s']:.2f} s + workers {dl['workers_cpu_s']:.2f} s "
+        f"(wall {dl['stream_seconds']:.2f} s) vs raw read {dl['raw_read_seconds']:.2f} s; 1-min load average "
+        f"{dl['load_average_1min']} (other jobs share the machine's 2 cores, so wall time ~ total CPU time).",
+        f"small ({s['n_cells']:,} cells): the first batch arrives after {ds['first_batch_s']:.2f} s (forking 2 "
+        f"workers, reopening the store in each, reading a first block) of a {ds['stream_seconds']:.2f} s pass, "
+        f"while the whole raw read takes {ds['raw_read_seconds']:.2f} s: the fixed start-up alone costs "
+        f"{ds['first_batch_s'] / (2 * ds['raw_read_seconds']):.0%} of the time a 0.5 ratio allows.",
+        "Batches leave the workers as CSR counts (uint8/uint16 gene indices, uint16 counts: ~160 kB per 1024 "
+        "cells of a 166-gene panel) and are unpacked into the identical CellBatch in the main process. Before "
+        "(dense CellBatch tensors, each moved into a fresh shared-memory segment and passed by file descriptor) "
+        "the same benchmark gave stream / raw 0.17 (small) and 0.22 (large) under load "
+        "(33014 / 197271 and 60114 / 269367 cells/s).",
+        f"NicheStream reads per block of centres only its slice of the stored graph and the coordinates / counts "
+        f"of the cells its niches touch (block caches): peak RSS of {N_NICHES} niches {s['niche_peak_rss_mb']:.0f} "
+        f"MB at {s['n_cells']:,} cells vs {l['niche_peak_rss_mb']:.0f} MB at {l['n_cells']:,} "
+        f"({l['niche_peak_rss_mb'] / s['niche_peak_rss_mb']:.2f}x). The previous NicheStream loaded the whole graph and "
+        "coordinates (dev measurement of the same 20k-niche pass: 707 MB at 100k, 822 MB at 1M, growing with n).",
+    ]
 
 
 def main() -> None:
@@ -157,11 +244,15 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--large", type=int, default=1_000_000)
     parser.add_argument("--pass", dest="pass_store", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--niche-pass", dest="niche_store", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.pass_store:  # child process: one measured pass
         print(json.dumps(stream_pass(args.pass_store, batch_size=1024, workers=2)))
+        return
+    if args.niche_store:  # child process: NicheStream memory
+        print(json.dumps(niche_pass(args.niche_store, N_NICHES)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results = {}
@@ -177,6 +268,7 @@ def main() -> None:
                 l["peak_rss_mb"] / s["peak_rss_mb"], s["stream_cells_per_s"] / s["raw_read_cells_per_s"],
                 l["stream_cells_per_s"] / l["raw_read_cells_per_s"],
                 l["niche_chunks_per_niche"]["spatial"], l["niche_chunks_per_niche"]["shuffled"])
+    results["notes"] = _notes(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")

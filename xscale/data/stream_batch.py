@@ -19,7 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from xscale.data.batch import CellBatch
-from xscale.data.transforms import log_normalize
+from xscale.data.transforms import TARGET_LIBRARY
 
 
 def cell_batch(gene_ids: np.ndarray, counts: np.ndarray, rows: np.ndarray, dataset: int,
@@ -32,10 +32,12 @@ def cell_batch(gene_ids: np.ndarray, counts: np.ndarray, rows: np.ndarray, datas
     b, g = counts.shape
     counts_t = torch.from_numpy(np.ascontiguousarray(counts, dtype=np.float32))
     library = counts_t.sum(dim=1)  # (B,)
+    # log_normalize's operations in the same order, in place: one (B, G) buffer, no temporaries
+    values = torch.div(counts_t, library.clamp_min(1e-8)[:, None]).mul_(TARGET_LIBRARY).log1p_()
     return CellBatch(
         gene_ids=torch.from_numpy(np.asarray(gene_ids, dtype=np.int64)).expand(b, g),
         counts=counts_t,
-        values=log_normalize(counts_t, library),
+        values=values,
         pad_mask=torch.zeros(1, dtype=torch.bool).expand(b, g),
         library=library,
         index=torch.from_numpy(np.asarray(rows, dtype=np.int64)),
