@@ -81,7 +81,7 @@ def test_workers_cover_each_centre_at_most_once(l2store, latents):
     assert seen.size > rows.size - 2 * 64  # each worker drops at most its last incomplete batch
 
 
-def test_fit_level2_stream_loss_falls(l2store, latents):
+def test_fit_level2_stream_loss_falls(l2store, latents, tmp_path):
     import lightning
 
     from xscale.data.niche_stream import NicheStream
@@ -92,7 +92,8 @@ def test_fit_level2_stream_loss_falls(l2store, latents):
     config = CellToTissueConfig.preset("tiny", in_dim=16)
     rows = _train_rows(l2store)
     model = fit_level2_stream(l2store, latents, config=config, rows=rows, max_epochs=10, max_steps=60,
-                              batch_size=64, lr=3e-3, seed=0, progress=False)
+                              batch_size=64, lr=3e-3, seed=0, progress=False, ckpt_dir=tmp_path)
+    assert (tmp_path / "last.ckpt").exists()  # resumable, as fit_level2
     held_out = np.setdiff1d(np.arange(l2store.n_cells), rows)
     batch = collate_level2(list(NicheStream(l2store, max_cells=MAX_CELLS, latents=latents, rows=held_out[:256],
                                             shuffle=False)))
