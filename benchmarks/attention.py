@@ -228,6 +228,9 @@ def _fit(train, config, *, steps: int, seed: int, out_dir: Path, encoder_factory
         g2c.build_encoder = original
 
 
+QUALITY_MODEL = dict(dim=64, heads=4, depth=2, n_latents=8, max_genes=512, standardize_values=False)
+
+
 def _variants() -> dict[str, tuple[str, Any]]:
     """name -> (GeneToCellConfig.encoder, optional replacement-encoder factory)."""
 
@@ -261,7 +264,8 @@ def quality_runs(steps: int, runs: list[tuple[str, int]], jsonl: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, seed in runs:
             encoder, factory = variants[name]
-            config = GeneToCellConfig.preset("small", genes=genes, encoder=encoder, encoder_latents=32)
+            # pinned (the "small" preset has changed since the first runs): same model for every seed
+            config = GeneToCellConfig.preset("small", genes=genes, encoder=encoder, encoder_latents=32, **QUALITY_MODEL)
             t0 = time.perf_counter()
             model = _fit(train, config, steps=steps, seed=seed, out_dir=Path(tmp) / f"{name}-{seed}",
                          encoder_factory=factory)

@@ -109,3 +109,47 @@ def test_level1_save_load_identical_latents(starmap_small, tmp_path):
             model.encode(batch.gene_ids, batch.values, batch.pad_mask),
             loaded.encode(batch.gene_ids, batch.values, batch.pad_mask), rtol=0, atol=0,
         )
+
+
+def test_level1_gene_stats_match_naive_numpy(starmap_small):
+    vocab = vocab_from_adatas([starmap_small])
+    ids, share, v_mean, v_std = AnnDataCellDataset(starmap_small, vocab).gene_stats()
+    X = np.asarray(starmap_small.X.toarray(), dtype=np.float64)
+    X = X[X.sum(1) > 0]
+    frac = X / X.sum(1, keepdims=True)  # (n, G) each cell's composition
+    order = vocab.index(list(map(str, starmap_small.var_names)))
+    assert sorted(ids.tolist()) == sorted(order.tolist())
+    pos = {int(g): j for j, g in enumerate(order)}
+    cols = [pos[int(g)] for g in ids]
+    np.testing.assert_allclose(share, frac.mean(0)[cols], rtol=1e-6)
+    logv = np.log1p(frac * 1e4)
+    np.testing.assert_allclose(v_mean, logv.mean(0)[cols], rtol=1e-6)
+    np.testing.assert_allclose(v_std, logv.std(0)[cols], rtol=1e-5, atol=1e-7)
+
+
+def test_level1_gene_offset_and_standardised_inputs_round_trip(starmap_small, tmp_path):
+    vocab, batch = _batch(starmap_small, n=16)
+    config = GeneToCellConfig.preset("tiny", genes=vocab.genes, decoder_gene_bias=True, standardize_values=True)
+    torch.manual_seed(0)
+    model = GeneToCell(config).eval()
+    ids, share, v_mean, v_std = (torch.from_numpy(a) for a in AnnDataCellDataset(starmap_small, vocab).gene_stats())
+    before = model.encode(batch.gene_ids, batch.values, batch.pad_mask)
+    model.init_value_scaling(ids, v_mean, v_std)
+    model.init_gene_bias(ids, share)
+    # the statistics change what the encoder sees, and the offset is log share, centred
+    assert not torch.allclose(before, model.encode(batch.gene_ids, batch.values, batch.pad_mask))
+    torch.testing.assert_close(model.gene_bias[ids], (share.clamp_min(1e-8).log() - share.clamp_min(1e-8).log().mean()).float())
+    # with zero decoder output the mean share follows the offset: softmax(gene_bias) over the panel
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        lib = torch.full((len(batch),), 100.0)
+        mean = model.decode(model.encode(batch.gene_ids, batch.values, batch.pad_mask), batch.gene_ids, lib).mean
+    expected = torch.softmax(model.gene_bias[batch.gene_ids[0]].detach(), -1) * 100
+    torch.testing.assert_close(mean[0], expected)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")  # buffers and offset travel with the weights
+    torch.testing.assert_close(loaded.value_std, model.value_std)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(batch.gene_ids, batch.values, batch.pad_mask),
+                                   loaded.encode(batch.gene_ids, batch.values, batch.pad_mask), rtol=0, atol=0)

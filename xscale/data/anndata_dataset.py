@@ -166,6 +166,31 @@ class AnnDataCellDataset(Dataset):
             gene_ids=self.mappings[d].gene_ids, counts=counts, index=row, dataset=d, slide=int(self._slides[d][row])
         )
 
+    def gene_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per vocabulary gene over this dataset's cells: mean share of the library, and the
+        mean and standard deviation of the log-normalised value (``log1p(count / library × 1e4)``).
+
+        Returns (gene_ids (g,), share (g,), value_mean (g,), value_std (g,)) for the genes of
+        the union of panels; each is averaged over the cells whose panel measured the gene.
+        """
+        n = len(self.vocab)
+        share_sum, v_sum, v_sq, seen = (np.zeros(n) for _ in range(4))
+        for X, rows, mapping in zip(self._X, self._rows, self.mappings, strict=True):
+            sub = X[rows]
+            lib = np.asarray(sub.sum(1)).ravel()
+            ok = lib > 0
+            shares = (sp.diags(1.0 / lib[ok]) @ sub[ok]).tocsr()  # (n, g) each cell's composition
+            share_sum[mapping.gene_ids] += np.asarray(shares.sum(0)).ravel()
+            logv = shares.copy()
+            logv.data = np.log1p(logv.data * 1e4)
+            v_sum[mapping.gene_ids] += np.asarray(logv.sum(0)).ravel()
+            v_sq[mapping.gene_ids] += np.asarray(logv.multiply(logv).sum(0)).ravel()
+            seen[mapping.gene_ids] += ok.sum()
+        ids = np.flatnonzero(seen > 0)
+        mean = v_sum[ids] / seen[ids]
+        std = np.sqrt(np.maximum(v_sq[ids] / seen[ids] - mean**2, 0.0))
+        return ids, share_sum[ids] / seen[ids], mean, std
+
     @property
     def genes_used(self) -> list[int]:
         """Number of panel genes in the vocabulary, per AnnData."""

@@ -38,8 +38,11 @@ PresetName = Literal["tiny", "small", "base"]
 _PRESETS: dict[str, dict[str, Any]] = {
     # tests and smoke runs: seconds on a CPU
     "tiny": dict(dim=32, heads=2, depth=1, n_latents=4, xpressor_depth=1, decoder_depth=1, max_genes=256),
-    # demo / benchmark: a few CPU minutes on a few thousand cells (context: expressed genes first)
-    "small": dict(dim=32, heads=2, depth=1, n_latents=8, xpressor_depth=1, decoder_depth=1, max_genes=96),
+    # demo / benchmark: a few CPU minutes on a few thousand cells. Context 192 = every gene of a
+    # panel up to 192 genes (no sampled zeros: deterministic embeddings); 16 latents; per-gene
+    # standardised inputs. Chosen on a STARmap split without the held-out slide (benchmarks/cell_level.py NOTES).
+    "small": dict(dim=32, heads=2, depth=1, n_latents=16, xpressor_depth=1, decoder_depth=1, max_genes=192,
+                  standardize_values=True),
     # GPU-sized
     "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
 }
@@ -68,6 +71,8 @@ class GeneToCellConfig:
     xpressor_depth: int = 1
     decoder_depth: int = 1
     decoder_self_attend: bool = False
+    decoder_gene_bias: bool = False  # per-gene logit offset (gene mean share), set from data by fit_level1
+    standardize_values: bool = False  # encoder input (value - gene mean) / gene sd, stats set by fit_level1
     pooling: Pooling = "xpressor"
     likelihood: Likelihood = "nb"
     w_autoencode: float = 0.2
@@ -190,6 +195,11 @@ class GeneToCell(nn.Module):
         self.query_proj = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.dim))
         self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads, self_attend=c.decoder_self_attend)
         self.head = nn.Linear(c.dim, 2 if c.likelihood == "zinb" else 1)
+        # log mean share of each gene: the decoder then only models a cell's deviation from it
+        self.gene_bias = nn.Parameter(torch.zeros(c.n_genes)) if c.decoder_gene_bias else None
+        if c.standardize_values:  # per vocabulary gene; buffers travel with the weights
+            self.register_buffer("value_mean", torch.zeros(c.n_genes))
+            self.register_buffer("value_std", torch.ones(c.n_genes))
         # Per vocabulary gene. Starts at theta = e² ≈ 7: theta = 1 makes the NB flat in the mean, and
         # log-theta moves only ~lr per Adam step, which slowed short CPU runs down.
         self.log_theta = nn.Parameter(torch.full((c.n_genes,), 2.0))
@@ -243,6 +253,8 @@ class GeneToCell(nn.Module):
         queries = self.query_proj(self.gene_embedder(gene_ids))  # (B, G, D): identity only
         out = self.head(self.decoder(queries, latents, pad_mask))  # (B, G, D) -> (B, G, 1|2)
         logits = out[..., 0]
+        if self.gene_bias is not None:
+            logits = logits + self.gene_bias[gene_ids]  # (G_vocab,) -> (B, G)
         if pad_mask is not None:
             logits = logits.masked_fill(pad_mask, -math.inf)
         share = torch.softmax(logits, dim=-1)  # (B, G)
@@ -300,9 +312,33 @@ class GeneToCell(nn.Module):
         total = total * (sum(weights.tolist()) / max(weight_sum, 1e-12))
         return GeneToCellLoss(total=total, **parts)
 
+    @torch.no_grad()
+    def init_gene_bias(self, gene_ids: Tensor, share: Tensor) -> None:
+        """Set the decoder's per-gene offset to log(mean share): gene_ids (g,) long, share (g,) >= 0.
+
+        Genes never seen keep their offset; no-op without ``decoder_gene_bias``.
+        """
+        if self.gene_bias is None:
+            return
+        share = share.to(self.gene_bias.dtype).clamp_min(1e-8)
+        self.gene_bias[gene_ids] = share.log() - share.log().mean()
+
+    @torch.no_grad()
+    def init_value_scaling(self, gene_ids: Tensor, mean: Tensor, std: Tensor) -> None:
+        """Per-gene input standardisation statistics: gene_ids (g,), mean (g,), std (g,) of log-normalised values.
+
+        No-op without ``standardize_values``.
+        """
+        if not self.config.standardize_values:
+            return
+        self.value_mean[gene_ids] = mean.to(self.value_mean.dtype)
+        self.value_std[gene_ids] = std.to(self.value_std.dtype).clamp_min(0.1)
+
     # ------------------------------------------------------------------ internals
     def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
         gene_emb = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D), unit scale whatever the embedder
+        if self.config.standardize_values:
+            values = (values - self.value_mean[gene_ids]) / self.value_std[gene_ids]  # (B, G) per-gene z-scores
         value_emb = self.value_encoder(values.to(gene_emb.dtype), gene_emb)  # (B, G, D)
         if value_mask is not None:
             value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)
