@@ -196,7 +196,7 @@ class CellStream(_StoreStream):
             return PackedCells(self.gene_ids, rows, self.dataset, slides, counts)
         return cell_batch(self.gene_ids, counts.toarray(), rows, self.dataset, slides)
 
-    def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch]:
+    def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch | PackedCells]:
         bs = self.batch_size
         keep = self.buffer_size if self.shuffle else 0
         pool_rows, pool = np.zeros(0, dtype=np.int64), None
@@ -226,7 +226,7 @@ class CellStream(_StoreStream):
             for r, counts, s in zip(rows.tolist(), block, slides.tolist(), strict=True):
                 yield CellItem(gene_ids=self.gene_ids, counts=counts, index=r, dataset=self.dataset, slide=s)
 
-    def __iter__(self) -> Iterator[CellItem | CellBatch]:
+    def __iter__(self) -> Iterator[CellItem | CellBatch | PackedCells]:
         plan, rng = self._plan()
         if self.batch_size is not None:
             return self._batches(plan, rng)
