@@ -191,3 +191,13 @@ def test_niche_stream_out_of_core_equals_whole_graph_niches(store, monkeypatch):
     np.testing.assert_array_equal(batch.slide.numpy(), store.slide_codes()[centres])
     valid = ref.idx >= 0
     np.testing.assert_array_equal(batch.latents.numpy()[valid], lat[ref.idx[valid]])
+
+
+def test_level1_datamodule_streams_new_order_each_epoch(store):
+    """CellDataModule over a CellStream sets the stream's epoch: every cell once per epoch, new order."""
+    from xscale.train.level1 import CellDataModule
+
+    dm = CellDataModule(CellStream(store, seed=0, buffer_size=50), batch_size=64, max_genes=None, num_workers=1)
+    epochs = [[int(i) for b in dm.train_dataloader() for i in b.index] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(store.n_cells))
+    assert epochs[0] != epochs[1]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xscale.data.batch import CellBatch, CellItem, collate_cells
 from xscale.data.store import CellStore
@@ -250,3 +250,19 @@ def __getattr__(name: str) -> Any:
 
         return getattr(niche_stream, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that sets its stream's epoch (``dataset.set_epoch``) whenever an epoch
+    starts. Workers must not be persistent (they are started per epoch, so they see it):
+    a new block order and shuffle every epoch."""
+
+    def __init__(self, dataset: IterableDataset, *, epoch: Callable[[], int], **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError("EpochLoader: persistent workers would keep the first epoch's order; pass persistent_workers=False.")
+        self._epoch = epoch
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.set_epoch(self._epoch())
+        return super().__iter__()

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
 from xscale.data.batch import CellBatch, CellItem, collate_cells
+from xscale.data.stream import EpochLoader
 from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
@@ -185,6 +186,9 @@ class CellDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         iterable = isinstance(self.train_dataset, IterableDataset)
+        if iterable and hasattr(self.train_dataset, "set_epoch"):  # a stream: new block order every epoch
+            return EpochLoader(self.train_dataset, epoch=self._epoch, batch_size=self.batch_size,
+                               collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers)
         gen = None if iterable else torch.Generator().manual_seed(self.seed)
         return DataLoader(
             self.train_dataset, batch_size=self.batch_size, shuffle=not iterable, generator=gen,
@@ -192,6 +196,13 @@ class CellDataModule(lightning.LightningDataModule):
             collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _epoch(self) -> int:
+        """The trainer's current epoch (or a count of loader iterations without a trainer)."""
+        if self.trainer is not None:
+            return self.trainer.current_epoch
+        self._epochs = getattr(self, "_epochs", -1) + 1
+        return self._epochs
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

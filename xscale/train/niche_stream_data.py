@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from xscale.data.niche_stream import NicheItem, NicheStream, collate_niches, open_latents
 from xscale.data.store import CellStore
+from xscale.data.stream import EpochLoader
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
 from xscale.train.level2 import NicheBatch, TissueModule
@@ -42,19 +43,6 @@ def collate_level2(items: list[NicheItem]) -> NicheBatch:
     nb = collate_niches(items)
     b, c = nb.idx.shape
     return NicheBatch(cell_latents=nb.latents.reshape(b, c, -1), rel_xy=nb.rel_xy, pad_mask=nb.pad_mask, cells=nb.idx)
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that sets its stream's epoch whenever an epoch starts (workers are
-    started per epoch, so they see it): a new block order and shuffle every epoch."""
-
-    def __init__(self, dataset: NicheStream, *, epoch: Callable[[], int], **kwargs: Any) -> None:
-        self._epoch = epoch
-        super().__init__(dataset, **kwargs)
-
-    def __iter__(self) -> Iterator[Any]:
-        self.dataset.set_epoch(self._epoch())
-        return super().__iter__()
 
 
 class NicheStreamDataModule(lightning.LightningDataModule):
@@ -108,7 +96,7 @@ class NicheStreamDataModule(lightning.LightningDataModule):
             )
         kw: dict[str, Any] = dict(batch_size=self.batch_size, collate_fn=collate_level2, num_workers=self.num_workers,
                                   drop_last=drop_last)
-        return _EpochLoader(stream, epoch=self._epoch, **kw) if train else DataLoader(stream, **kw)
+        return EpochLoader(stream, epoch=self._epoch, **kw) if train else DataLoader(stream, **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train, train=True)
