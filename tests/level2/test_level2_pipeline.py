@@ -63,6 +63,16 @@ def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
     assert third.skipped == ["level1", "cells", "level2"]
     np.testing.assert_allclose(third.adata.obsm["X_xscale_niche"], res.adata.obsm["X_xscale_niche"], atol=1e-5)
 
+    # Other settings in the same out dir: a clear error, not silently reused stale stages.
+    from xscale.errors import XscaleInputError
+
+    with pytest.raises(XscaleInputError, match=r"Stage 'level1'.*level1_max_steps: finished with 4, now 8"):
+        run_staged(starmap_small.copy(), out, **{**kwargs, "level1_max_steps": 8})
+    with pytest.raises(XscaleInputError, match=r"Stage 'level2'.*level2_overrides"):
+        run_staged(starmap_small.copy(), out, **kwargs, level2_overrides={"mask_ratio": 0.5})
+    np.testing.assert_array_equal(np.load(out / "checkpoints" / "niches" / "latents.npy"),
+                                  third.adata.obsm["X_xscale_niche"])  # nothing written was touched
+
 
 def test_level2_joint_loss_falls(starmap_small):
     from xscale.data.anndata_dataset import AnnDataCellDataset

@@ -13,6 +13,10 @@ level2     ``checkpoints/level2/model`` (CellToTissue)           model dir renam
 niches     ``checkpoints/niches/latents.npy`` (n, T·D)           dir marked complete
 =========  ====================================================  =====================
 
+Each finished stage also records the settings it was made with (``<stage>.settings.json``:
+its own settings plus those of the stages before it); a re-run whose settings differ
+stops with an error naming the changed keys instead of silently reusing stale output.
+
 Domains (k-means on niche latents) take seconds and are recomputed on every run. The
 result is ``out_dir/cells.zarr``: the input AnnData (same obs_names) with
 ``obsm["X_xscale_cell"]``, ``obsm["X_xscale_niche"]`` and ``obs["xscale_domain"]``.
@@ -119,6 +123,61 @@ def _finished_model(path: Path):
     return load_model(path) if (path / "config.json").is_file() else None
 
 
+def _settings_file(ckpt: Path, stage: str) -> Path:
+    return ckpt / f"{stage}.settings.json"
+
+
+def _jsonable(settings: dict) -> dict:
+    """Settings as plain JSON values (dataclasses to dicts, tuples to lists)."""
+    import dataclasses
+
+    def conv(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return conv(settings)
+
+
+def _check_settings(ckpt: Path, stage: str, settings: dict) -> None:
+    """Stop if ``stage`` finished earlier with other settings (those without a record are trusted)."""
+    path = _settings_file(ckpt, stage)
+    if not path.is_file():
+        log.warning("Stage %s finished earlier but has no settings record (%s); reusing it unchecked.", stage, path)
+        return
+    before = json.loads(path.read_text())
+    now = _jsonable(settings)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        def show(v) -> str:
+            text = json.dumps(v)
+            return text if len(text) <= 80 else text[:77] + "..."
+
+        details = "; ".join(f"{k}: finished with {show(before.get(k))}, now {show(now.get(k))}" for k in changed[:6])
+        raise XscaleInputError(
+            f"Stage {stage!r} in {ckpt} was finished with other settings ({details}). Its output would be stale. "
+            f"Use a fresh out directory, or delete {ckpt / stage} and the stages after it to redo them."
+        )
+
+
+def _record_settings(ckpt: Path, stage: str, settings: dict) -> None:
+    from xscale.utils.atomic import atomic_write_text
+
+    atomic_write_text(_settings_file(ckpt, stage), json.dumps(_jsonable(settings), indent=2, sort_keys=True))
+
+
+def _mask_digest(mask: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.packbits(mask).tobytes()).hexdigest()[:16]
+
+
 def run_staged(
     adata: ad.AnnData,
     out_dir: str | os.PathLike,
@@ -203,26 +262,43 @@ def run_staged(
     skipped: list[str] = []
     seconds: dict[str, float] = {}
     n = adata.n_obs
+    if level1_config is None:
+        from xscale.data.anndata_dataset import vocab_from_adatas
+        from xscale.models.gene_to_cell import GeneToCellConfig
+
+        level1_config = GeneToCellConfig.preset(level1_preset, genes=vocab_from_adatas([adata]).genes)
+    # What each stage's output depends on (its own settings and those of the stages before it).
+    data = {"n_cells": n, "train_cells": _mask_digest(mask), "slide_key": slide_key, "spatial_key": spatial_key}
+    settings = {"level1": {**data, "level1_config": level1_config, "level1_epochs": level1_epochs,
+                           "level1_max_steps": level1_max_steps, "batch_size": batch_size, "seed": seed}}
+    settings["cells"] = dict(settings["level1"])
+    settings["level2"] = {**settings["cells"], "level2_config": level2_config, "level2_preset": level2_preset,
+                          "level2_overrides": level2_overrides or {}, "radius": radius,
+                          "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps}
+    settings["niches"] = dict(settings["level2"])
 
     # -- stage 1: level 1
     t0 = time.perf_counter()
     level1 = _finished_model(ckpt / "level1" / "model")
     if level1 is not None:
+        _check_settings(ckpt, "level1", settings["level1"])
         skipped.append("level1")
         log.info("Stage level1 finished earlier (%s); skipping.", ckpt / "level1" / "model")
     else:
         train = adata[mask].copy() if not mask.all() else adata
         level1 = fit_level1(
-            train, level1_config or level1_preset, out_dir=ckpt / "level1", max_epochs=level1_epochs,
+            train, level1_config, out_dir=ckpt / "level1", max_epochs=level1_epochs,
             max_steps=level1_max_steps, batch_size=batch_size, seed=seed, slide_key=slide_key,
             accelerator=accelerator, enable_progress_bar=progress,
         )
+        _record_settings(ckpt, "level1", settings["level1"])
         seconds["level1"] = time.perf_counter() - t0
 
     # -- stage 2: cell latents for every cell
     t0 = time.perf_counter()
     cells = _load_array(ckpt / "cells", n)
     if cells is not None:
+        _check_settings(ckpt, "cells", settings["cells"])
         skipped.append("cells")
         log.info("Stage cells finished earlier; skipping.")
     else:
@@ -231,6 +307,7 @@ def run_staged(
         cells = np.asarray(tmp.obsm[CELL_KEY], dtype=np.float32).reshape(n, -1)
         del tmp
         _save_array(ckpt / "cells", cells)
+        _record_settings(ckpt, "cells", settings["cells"])
         seconds["cells"] = time.perf_counter() - t0
     adata.obsm[CELL_KEY] = cells
 
@@ -238,6 +315,7 @@ def run_staged(
     t0 = time.perf_counter()
     level2 = _finished_model(ckpt / "level2" / "model")
     if level2 is not None:
+        _check_settings(ckpt, "level2", settings["level2"])
         skipped.append("level2")
         log.info("Stage level2 finished earlier; skipping.")
     else:
@@ -250,17 +328,20 @@ def run_staged(
             ckpt_dir=ckpt / "level2" / "lightning", accelerator=accelerator, progress=progress,
         )
         save_model(level2, ckpt / "level2" / "model")
+        _record_settings(ckpt, "level2", settings["level2"])
         seconds["level2"] = time.perf_counter() - t0
 
     # -- stage 4: niche latents for every cell
     t0 = time.perf_counter()
     niches = _load_array(ckpt / "niches", n)
     if niches is not None:
+        _check_settings(ckpt, "niches", settings["niches"])
         skipped.append("niches")
         log.info("Stage niches finished earlier; skipping.")
     else:
         niches = niche_embeddings(level2, cells, coords, slides=slides, radius=radius, progress=progress)
         _save_array(ckpt / "niches", niches)
+        _record_settings(ckpt, "niches", settings["niches"])
         seconds["niches"] = time.perf_counter() - t0
     adata.obsm[NICHE_KEY] = niches
 
