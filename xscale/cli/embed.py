@@ -15,6 +15,9 @@ when a level-2 model is found, obsm["X_xscale_niche"] (and obs["xscale_domain"] 
     level1/model, level2/model (the layout of `xscale demo` / `run`), e.g. xscale-demo/checkpoints;
   a Lightning .ckpt from `xscale fit`, read with torch.load(weights_only=True) (never unpickles code).
 --data accepts a bundled dataset name (e.g. starmap_mpfc), an .h5ad, or an AnnData/SpatialData zarr.
+  A store written by `xscale prepare` is embedded out of core, block by block, into the store
+  itself (obsm/X_xscale_cell, obsm/X_xscale_niche; read with anndata.read_zarr): an
+  interrupted run resumes where it stopped when re-run. --out is not used then.
 --dask local|ADDRESS embeds level 1 on a Dask cluster (chunks of cells per worker).
 
 example: xscale embed --checkpoint xscale-demo/checkpoints --data my.h5ad --out my-embedding --n-domains 6
@@ -25,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--checkpoint", required=True, help="model directory, run checkpoints directory, or .ckpt")
     p.add_argument("--data", required=True, help="bundled dataset name, .h5ad, or AnnData/SpatialData zarr")
-    p.add_argument("--out", required=True, help="output directory (DIR/cells.zarr is written)")
+    p.add_argument("--out", help="output directory (DIR/cells.zarr is written); not used for a prepared store")
     p.add_argument("--level2", help="level-2 model directory (default: CHECKPOINT/level2 when present)")
     p.add_argument("--n-domains", type=int, help="also cluster niche latents into this many domains")
     p.add_argument("--spatial-key", default="spatial", help="obsm key of coordinates (default spatial)")
@@ -35,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (default 256)")
     p.add_argument("--dask", metavar="local|ADDRESS", help="embed level 1 on a Dask cluster")
     p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="prepared store: replace latents already in it")
 
 
 def _model_dir(path):
@@ -147,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
 
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
+    if _is_prepared_store(args.data):
+        return _embed_prepared_store(args, l1, l2)
+    if args.out is None:
+        raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
     if args.data in ds.available():
         adata = ds.load(args.data)
         slide_key = args.slide_key or ds.info(args.data).slide_key
@@ -184,4 +192,40 @@ def run(args: argparse.Namespace) -> int:
     adata.uns["xscale"] = meta
     write_store(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")
+    return 0
+
+
+def _is_prepared_store(path: str) -> bool:
+    """True for a directory written by ``xscale prepare`` (zarr attrs name it)."""
+    import json
+    from pathlib import Path
+
+    for meta in ("zarr.json", ".zattrs"):
+        f = Path(path) / meta
+        if f.is_file():
+            try:
+                attrs = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return False
+            return "xscale_store" in attrs.get("attributes", attrs)
+    return False
+
+
+def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
+    """Out-of-core, resumable embedding of a prepared store into its own obsm."""
+    from xscale.errors import XscaleInputError
+    from xscale.tl.store_embed import embed_store_cells, embed_store_niches
+
+    if args.n_domains or args.dask:
+        raise XscaleInputError(
+            f"--data {args.data} is a prepared store (embedded out of core): expected no --n-domains / --dask, "
+            "found them. Embed first, then cluster the niche latents (e.g. xscale domains on the store)."
+        )
+    if args.out:
+        print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
+    path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"cell latents: {path}")
+    if l2 is not None:
+        path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite)
+        print(f"niche latents: {path}")
     return 0

@@ -1,0 +1,95 @@
+"""Out-of-core, resumable embedding of a prepared store (xscale.tl.store_embed)."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import xscale
+from xscale.data.store import CellStore, prepare
+from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.tl.store_embed import embed_store_cells, embed_store_niches
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    adata = xscale.datasets.load("starmap_mpfc")
+    l1 = GeneToCell(GeneToCellConfig.preset("tiny", genes=[str(g) for g in adata.var_names])).eval()
+    l2 = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=l1.config.embedding_dim)).eval()  # max_cells 11
+    return adata, l1, l2
+
+
+def _store(tmp_path):
+    # n_neighbors = max_cells - 1: the store's niches are the ones make_niches builds
+    return CellStore(prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "s.zarr", slide_key="slice",
+                             chunk_cells=400, n_neighbors=10))
+
+
+def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    adata, l1, l2 = models
+    store = _store(tmp_path)
+    order = store.source_index()  # store row -> input row
+
+    # interrupted after two blocks: nothing in obsm yet, a re-run finishes the rest only
+    from xscale.data.writeback import LatentWriter
+
+    real_write, calls = LatentWriter.write_chunk, []
+
+    def flaky(self, i, values):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(i)
+        real_write(self, i, values)
+
+    monkeypatch.setattr(LatentWriter, "write_chunk", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        embed_store_cells(store, l1, progress=False)
+    assert "X_xscale_cell" not in ad.read_zarr(store.path).obsm
+    monkeypatch.setattr(LatentWriter, "write_chunk", real_write)
+    resumed_calls = []
+    monkeypatch.setattr(LatentWriter, "write_chunk", lambda self, i, v: (resumed_calls.append(i), real_write(self, i, v)))
+    embed_store_cells(store, l1, progress=False)
+    assert sorted(resumed_calls) == list(range(2, store.n_chunks))  # only the missing blocks
+
+    cells = ad.read_zarr(store.path).obsm["X_xscale_cell"]
+    mem = xscale.tl.embed_cells(adata, l1, copy=True).obsm["X_xscale_cell"]
+    np.testing.assert_allclose(cells, mem[order], atol=1e-5)
+
+    embed_store_niches(store, l2, progress=False)
+    niches = ad.read_zarr(store.path).obsm["X_xscale_niche"]
+    adata.obsm["X_xscale_cell"] = mem
+    ref = xscale.tl.embed_niches(adata, l2, slide_key="slice", copy=True).obsm["X_xscale_niche"]
+    np.testing.assert_allclose(niches, ref[order], atol=1e-4)
+
+    with pytest.raises(xscale.errors.XscaleInputError, match="already exist"):
+        embed_store_cells(store, l1, progress=False)
+
+
+def test_store_niche_embedding_needs_cell_latents(models, tmp_path):
+    _, _, l2 = models
+    with pytest.raises(xscale.errors.XscaleInputError, match=r"obsm\['X_xscale_cell'\]"):
+        embed_store_niches(_store(tmp_path), l2, progress=False)
+
+
+def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
+    from xscale.cli.main import main
+    from xscale.models.io import save_model
+
+    _, l1, l2 = models
+    save_model(l1, tmp_path / "ckpt" / "level1" / "model")
+    save_model(l2, tmp_path / "ckpt" / "level2" / "model")
+    store = _store(tmp_path)
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 0
+    out = capsys.readouterr().out
+    assert "cell latents" in out and "niche latents" in out
+    a = ad.read_zarr(store.path)
+    assert a.obsm["X_xscale_cell"].shape == (store.n_cells, l1.config.embedding_dim)
+    assert a.obsm["X_xscale_niche"].shape == (store.n_cells, l2.config.n_tissue_latents * l2.config.dim)
+    # a second run refuses to replace results silently; --overwrite replaces them
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), "--overwrite"]) == 0

@@ -1,0 +1,149 @@
+"""Embed a prepared store out of core, resumably: latents written block by block into the store.
+
+- :func:`embed_store_cells`: level-1 latents of every store cell -> ``<store>/obsm/X_xscale_cell``.
+- :func:`embed_store_niches`: level-2 latents of the niche around every cell (niches read
+  through the store's graph by :class:`~xscale.data.niche_stream.NicheStream` from the cell
+  latents already in the store) -> ``<store>/obsm/X_xscale_niche``.
+
+Only one block of cells (and the blocks its niches touch) is in memory at a time. Each
+block is written by :class:`~xscale.data.writeback.LatentWriter`: an interrupted run
+(killed, out of time) resumes with the missing blocks on the next call with the same
+model and options, and gives the same array as an uninterrupted run. Results appear in
+``anndata.read_zarr(store).obsm`` only once complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xscale.data.store import CellStore
+from xscale.data.writeback import read_store_latents, store_latent_writer
+from xscale.errors import XscaleInputError
+
+log = logging.getLogger(__name__)
+
+CELL_KEY = "X_xscale_cell"
+NICHE_KEY = "X_xscale_niche"
+
+
+def _fingerprint(model: torch.nn.Module, **options: Any) -> str:
+    """Identifies a computation: the model's weights and config, and the options."""
+    h = hashlib.sha1(repr(sorted(options.items())).encode())
+    h.update(repr(model.config).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled)
+
+
+def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str = CELL_KEY, batch_size: int = 256,
+                      seed: int = 0, overwrite: bool = False, progress: bool = True) -> Path:
+    """Level-1 latents of every cell of a prepared store, written into ``<store>/obsm/<key>``.
+
+    Parameters
+    ----------
+    store
+        A store written by ``xscale prepare`` (path or :class:`~xscale.data.store.CellStore`).
+    model
+        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`.
+    key
+        ``obsm`` key written (n_cells, K·D), rows in store order.
+    batch_size, seed
+        Cells per forward pass; seed of the gene-context sampler (panels longer than the
+        model's context), per block, so a resumed run draws the same contexts.
+    overwrite
+        Replace an existing ``obsm[key]``.
+
+    Returns
+    -------
+    Path of the written array.
+    """
+    from xscale.data.anndata_dataset import map_panel
+    from xscale.tl.dask_embed import embed_rows
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    mapping = map_panel(store.genes, model.vocab, what=str(store.path))
+    log.info("Embedding %d cells of %s with %d of %d panel genes", store.n_cells, store.path, mapping.n_used,
+             mapping.n_panel)
+    model = model.eval()
+    writer = store_latent_writer(store, key, (model.config.embedding_dim,), overwrite=overwrite,
+                                 fingerprint=_fingerprint(model, seed=seed, what="cells"))
+    pending = writer.pending_chunks()
+    with _progress(writer.n_chunks, "cells", progress) as bar:
+        bar.update(writer.n_chunks - len(pending))
+        for i in pending:
+            a, b = writer.chunk_range(i)
+            writer.write_chunk(i, embed_rows(model, store.read_rows(a, b), mapping.columns, mapping.gene_ids,
+                                             start=a, batch_size=batch_size, seed=seed))
+            bar.update(1)
+    return writer.finalize()
+
+
+def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key: str = CELL_KEY,
+                       key: str = NICHE_KEY, batch_size: int = 256, overwrite: bool = False,
+                       progress: bool = True) -> Path:
+    """Level-2 latents of the niche centred on every store cell, into ``<store>/obsm/<key>``.
+
+    Niches come from the store's graph (``xscale prepare --n-neighbors``; prepare with
+    ``max_cells - 1`` neighbours for full niches) and the cell latents in ``obsm[cell_key]``
+    (:func:`embed_store_cells`). ``model`` is a trained
+    :class:`~xscale.models.cell_to_tissue.CellToTissue`. Returns the written array's path.
+    """
+    from xscale.data.niche_stream import NicheStream
+    from xscale.train.niche_stream_data import collate_level2
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    try:
+        latents = read_store_latents(store, cell_key)
+    except Exception as err:
+        raise XscaleInputError(
+            f"{store.path}: expected cell latents in obsm[{cell_key!r}] for niche embedding, found none ({err}). "
+            "Embed the cells first (embed_store_cells / xscale embed)."
+        ) from err
+    width = int(np.prod(latents.shape[1:]))
+    if width != model.config.in_dim:
+        raise XscaleInputError(f"obsm[{cell_key!r}] has width {width}; the level-2 model expects in_dim="
+                               f"{model.config.in_dim} (K·D of the level-1 model it was trained on).")
+    if store.radius is None and store.n_neighbors < model.config.max_cells - 1:
+        log.warning("The store's graph has %d neighbours per cell: niches hold at most %d of max_cells=%d cells.",
+                    store.n_neighbors, store.n_neighbors + 1, model.config.max_cells)
+    model = model.eval()
+    writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),
+                                 overwrite=overwrite, fingerprint=_fingerprint(model, what="niches", cells=cell_key))
+    pending = writer.pending_chunks()
+    with _progress(writer.n_chunks, "niches", progress) as bar, torch.inference_mode():
+        bar.update(writer.n_chunks - len(pending))
+        for i in pending:
+            a, b = writer.chunk_range(i)
+            stream = NicheStream(store, max_cells=model.config.max_cells, latents=latents,
+                                 rows=np.arange(a, b), shuffle=False)
+            out, items = [], []
+            for item in stream:  # centres a..b-1 in store order
+                items.append(item)
+                if len(items) == batch_size:
+                    out.append(_embed_niches(model, collate_level2(items)))
+                    items = []
+            if items:
+                out.append(_embed_niches(model, collate_level2(items)))
+            writer.write_chunk(i, np.concatenate(out))
+            bar.update(1)
+    return writer.finalize()
+
+
+def _embed_niches(model, batch) -> np.ndarray:
+    return model.embed(batch.cell_latents, batch.rel_xy, batch.pad_mask).numpy()  # (B, T·D)
+
+
+__all__ = ["embed_store_cells", "embed_store_niches"]
