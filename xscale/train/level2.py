@@ -186,8 +186,6 @@ def fit_level2(
     -------
     The trained :class:`CellToTissue` in eval mode.
     """
-    from xscale.train.checkpointing import fit_resumable
-
     latents = np.asarray(latents, dtype=np.float32)
     coords = np.asarray(coords, dtype=np.float64)
     if latents.shape[0] != coords.shape[0]:
@@ -204,7 +202,28 @@ def fit_level2(
     data = NicheDataModule(NicheDataset(latents, niches), batch_size=batch_size, seed=seed)
     model = CellToTissue(config)
     model.set_latent_scaling(torch.from_numpy(latents[np.unique(centres)]))
-    module = TissueModule(model, lr=lr)
+    log.info("Level 2: %d niches of <= %d cells, in_dim %d", len(niches), config.max_cells, config.in_dim)
+    return train_tissue(TissueModule(model, lr=lr), data, ckpt_dir=ckpt_dir, max_epochs=max_epochs,
+                        max_steps=max_steps, accelerator=accelerator, progress=progress)
+
+
+def train_tissue(
+    module: TissueModule,
+    data: lightning.LightningDataModule,
+    *,
+    ckpt_dir: str | os.PathLike | None,
+    max_epochs: int,
+    max_steps: int,
+    accelerator: str,
+    progress: bool,
+) -> CellToTissue:
+    """Fit a :class:`TissueModule` on any level-2 DataModule (in-memory or streamed).
+
+    With ``ckpt_dir`` the fit resumes from ``last.ckpt`` there and logs CSV beside it.
+    Returns the trained model in eval mode.
+    """
+    from xscale.train.checkpointing import fit_resumable
+
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     trainer_kwargs: dict[str, Any] = dict(
         max_epochs=max_epochs,
@@ -217,7 +236,6 @@ def fit_level2(
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
     )
-    log.info("Level 2: %d niches of <= %d cells, in_dim %d", len(niches), config.max_cells, config.in_dim)
     if ckpt_dir is not None:
         fit_resumable(module, datamodule=data, ckpt_dir=ckpt_dir, trainer_kwargs=trainer_kwargs)
     else:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning
@@ -29,7 +27,7 @@ from xscale.data.store import CellStore
 from xscale.data.stream import EpochLoader
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
-from xscale.train.level2 import NicheBatch, TissueModule
+from xscale.train.level2 import NicheBatch, TissueModule, train_tissue
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +156,6 @@ def fit_level2_stream(
     -------
     The trained :class:`CellToTissue` in eval mode.
     """
-    from xscale.train.checkpointing import fit_resumable
-
     store = store if isinstance(store, CellStore) else CellStore(store)
     lat = open_latents(latents)
     if lat.shape[0] != store.n_cells:
@@ -181,23 +177,7 @@ def fit_level2_stream(
                                  num_workers=num_workers, seed=seed)
     model = CellToTissue(config)
     model.set_latent_scaling(torch.from_numpy(latent_sample(lat, rows, store.n_cells, n=n_scale, seed=seed)))
-    module = TissueModule(model, lr=lr)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-    trainer_kwargs: dict[str, Any] = dict(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        accelerator=accelerator,
-        devices=1,
-        logger=lightning.pytorch.loggers.CSVLogger(str(ckpt_dir), name="logs") if ckpt_dir else False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=1.0,
-    )
     log.info("Level 2 (streamed from %s): %d niche centres of <= %d cells, in_dim %d", store.path,
              len(data.train), config.max_cells, config.in_dim)
-    if ckpt_dir is not None:
-        fit_resumable(module, datamodule=data, ckpt_dir=ckpt_dir, trainer_kwargs=trainer_kwargs)
-    else:
-        lightning.Trainer(**trainer_kwargs, enable_checkpointing=False).fit(module, datamodule=data)
-    return module.model.eval()
+    return train_tissue(TissueModule(model, lr=lr), data, ckpt_dir=ckpt_dir, max_epochs=max_epochs,
+                        max_steps=max_steps, accelerator=accelerator, progress=progress)
