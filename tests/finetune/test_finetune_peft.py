@@ -151,3 +151,17 @@ def test_cli_finetune(starmap_small, tmp_path, capsys):
     rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "x"),
                "--label-key", "cell_type", "--train-key", "split", "--train-values", "nope"])
     assert rc == 2 and "No cell has obs['split']" in capsys.readouterr().err
+
+
+def test_finetune_callbacks_see_the_training_plan(starmap_small):
+    import lightning as L
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            seen.append((trainer.current_epoch, module.head is not None, module.model.xpressor is not None))
+
+    finetune(_model(starmap_small.var_names), starmap_small, task="cell_type", label_key="cell_type", max_epochs=2,
+             batch_size=64, progress=False, callbacks=[Record()])
+    assert seen == [(0, True, True), (1, True, True)]

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -292,6 +293,7 @@ def finetune(
     log_dir: str | os.PathLike | None = None,
     accelerator: str = "auto",
     progress: bool = True,
+    callbacks: Sequence[L.Callback] = (),
 ) -> FinetuneResult:
     """Fine-tune a pretrained level-1 model on ``adata``, training only the Xpressor by default.
 
@@ -320,6 +322,9 @@ def finetune(
         (task, classes, trainable_fraction, metrics) there, atomically.
     log_dir
         Lightning CSV logs go here (none if None).
+    callbacks
+        Extra Lightning callbacks (e.g. to score a validation split after chosen epochs); they
+        see the :class:`FinetuneModule` (``.model``, ``.head``).
 
     Returns
     -------
@@ -379,6 +384,7 @@ def finetune(
         max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         gradient_clip_val=1.0, num_sanity_val_steps=0, log_every_n_steps=max(1, min(50, len(loader))),
+        callbacks=list(callbacks),
     )
     trainer.fit(module, train_dataloaders=loader)
     net.eval()
