@@ -53,3 +53,25 @@ def test_bad_inputs():
         spatial_graph(np.zeros((5, 3)))
     with pytest.raises(XscaleInputError, match="radius: expected > 0"):
         spatial_graph(np.random.rand(5, 2), radius=0)
+
+
+def test_graph_build_is_quiet():
+    """squidpy's per-slide INFO line does not reach users (its logger is raised to WARNING meanwhile)."""
+    import logging
+
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("spatialdata._logging")
+    before = logger.level
+    handler = Catch(level=logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        spatial_graph(np.random.default_rng(0).random((40, 2)), slides=np.repeat([0, 1], 20), n_neighbors=4)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "Creating graph" in m]
+    assert logger.level == before  # restored afterwards

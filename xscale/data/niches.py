@@ -7,7 +7,9 @@ nearest-neighbour distance, which makes niches independent of the coordinate uni
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,18 @@ def slide_scales(coords: np.ndarray, slides: np.ndarray | None = None) -> np.nda
     return out
 
 
+@contextlib.contextmanager
+def _quiet_squidpy() -> Iterator[None]:
+    """Silence squidpy's per-call INFO line ("Creating graph using ...", via spatialdata's logger)."""
+    logger = logging.getLogger("spatialdata._logging")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def spatial_graph(
     coords: np.ndarray,
     *,
@@ -124,11 +138,12 @@ def spatial_graph(
         if m < 2:
             continue
         sub = ad.AnnData(obsm={"spatial": coords[members]}, shape=(m, 0))
-        if radius is None:
-            res = sq.gr.spatial_neighbors_knn(sub, n_neighs=min(n_neighbors, m - 1), copy=True)
-        else:
-            r = radius * median_nn_distance(coords[members])
-            res = sq.gr.spatial_neighbors_radius(sub, radius=r, copy=True)
+        with _quiet_squidpy():
+            if radius is None:
+                res = sq.gr.spatial_neighbors_knn(sub, n_neighs=min(n_neighbors, m - 1), copy=True)
+            else:
+                r = radius * median_nn_distance(coords[members])
+                res = sq.gr.spatial_neighbors_radius(sub, radius=r, copy=True)
         conn = sp.coo_matrix(res.connectivities)
         keep = conn.row != conn.col
         rows.append(members[conn.row[keep]])
