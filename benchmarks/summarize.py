@@ -70,6 +70,12 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("fine-tuning, MERFISH spatial half", "macro-F1",
                     f"PEFT {_f(m['peft_xpressor'])} ({peft['trainable_fraction']:.1%} trainable)",
                     f"probe {_f(m['linear_probe'])}, full {_f(m['full_finetune'])}, scratch {_f(m['from_scratch'])}"))
+        bc = peft.get("batch_correction", {})
+        if "starmap_mpfc" in bc and "seqfish_embryo_wsir" in bc:
+            st, sq = bc["starmap_mpfc"], bc["seqfish_embryo_wsir"]
+            out.append(("slide correction (PEFT), STARmap / seqFISH", "slide-mixing gain",
+                        f"{st['mixing_gain']:+.3f} / {sq['mixing_gain']:+.3f}",
+                        f"purity drop {st['purity_drop']:+.3f} / {sq['purity_drop']:+.3f} (goal < 0.02)"))
     thr = _load("throughput")
     if thr:
         l1 = thr["level1"]
