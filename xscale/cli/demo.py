@@ -25,7 +25,9 @@ DATASET = "starmap_mpfc"
 # Measured on that machine: 120 level-1 / 60 level-2 epochs took 168 s wall (level 1 102 s,
 # level 2 52 s); 8 / 10 epochs took 32 s but left the cell latents far weaker (held-out
 # macro-F1 0.35 vs 0.56). Longer level-1 training kept helping, so the defaults spend the budget.
-LEVEL1_EPOCHS = 200
+# The "small" level-1 preset of 2026-11-24 (whole 166-gene panel, 16 latents) costs ~1.7x per
+# step, so level 1 runs 120 epochs (was 200).
+LEVEL1_EPOCHS = 120
 LEVEL2_EPOCHS = 80
 
 

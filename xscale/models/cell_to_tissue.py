@@ -80,10 +80,11 @@ class CellToTissueConfig:
 
     PRESETS: ClassVar[dict[str, dict[str, object]]] = {
         "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2, max_cells=11),
-        # C=32 and reading the cell tokens scored best on STARmap's training slices (benchmarks/tissue_level.py)
+        # C=16 niches, T=8 tissue latents, the Xpressor reading encoder outputs and cell tokens: best
+        # mean ARI on STARmap's two training slices (benchmarks/tissue_level.py MODEL_SELECTION)
         "small": dict(
-            dim=64, heads=4, encoder_depth=2, encoder_latents=8, n_tissue_latents=4, max_cells=32,
-            xpressor_reads="tokens",
+            dim=64, heads=4, encoder_depth=2, encoder_latents=8, n_tissue_latents=8, max_cells=16,
+            xpressor_reads="both",
         ),
         "base": dict(
             dim=128, heads=8, encoder_depth=4, encoder_latents=16, n_tissue_latents=8,
