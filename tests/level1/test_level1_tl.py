@@ -53,3 +53,10 @@ def test_level1_reconstruct_writes_expected_counts(starmap_small, model_first_pa
     assert modelled.sum() == 120 and np.isnan(rec[:, ~modelled]).all()
     lib = np.asarray(ad.X[:, :120].sum(1)).ravel()
     np.testing.assert_allclose(rec[:, modelled].sum(1), lib, rtol=1e-4)  # NB mean sums to the library
+
+
+def test_level1_embed_compiled_equals_eager(starmap_small, model_first_panel):
+    """torch.compile is an option of embed_cells: same latents as the eager model."""
+    eager = tl.embed_cells(starmap_small, model_first_panel, copy=True).obsm["X_xscale_cell"]
+    compiled = tl.embed_cells(starmap_small, model_first_panel, copy=True, compile=True).obsm["X_xscale_cell"]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
