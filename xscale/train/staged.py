@@ -28,10 +28,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -277,72 +277,54 @@ def run_staged(
                           "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps}
     settings["niches"] = dict(settings["level2"])
 
-    # -- stage 1: level 1
-    t0 = time.perf_counter()
-    level1 = _finished_model(ckpt / "level1" / "model")
-    if level1 is not None:
-        _check_settings(ckpt, "level1", settings["level1"])
-        skipped.append("level1")
-        log.info("Stage level1 finished earlier (%s); skipping.", ckpt / "level1" / "model")
-    else:
+    def stage(name: str, load: Callable[[], Any], make: Callable[[], Any], save: Callable[[Any], None]) -> Any:
+        """A finished stage is loaded (after checking its settings); otherwise made, saved and recorded."""
+        t0 = time.perf_counter()
+        out = load()
+        if out is not None:
+            _check_settings(ckpt, name, settings[name])
+            skipped.append(name)
+            log.info("Stage %s finished earlier (%s); skipping.", name, ckpt / name)
+            return out
+        out = make()
+        save(out)
+        _record_settings(ckpt, name, settings[name])
+        seconds[name] = time.perf_counter() - t0
+        return out
+
+    def make_level1() -> GeneToCell:  # fit_level1 saves the model itself
         train = adata[mask].copy() if not mask.all() else adata
-        level1 = fit_level1(
+        return fit_level1(
             train, level1_config, out_dir=ckpt / "level1", max_epochs=level1_epochs,
             max_steps=level1_max_steps, batch_size=batch_size, seed=seed, slide_key=slide_key,
             accelerator=accelerator, enable_progress_bar=progress,
         )
-        _record_settings(ckpt, "level1", settings["level1"])
-        seconds["level1"] = time.perf_counter() - t0
 
-    # -- stage 2: cell latents for every cell
-    t0 = time.perf_counter()
-    cells = _load_array(ckpt / "cells", n)
-    if cells is not None:
-        _check_settings(ckpt, "cells", settings["cells"])
-        skipped.append("cells")
-        log.info("Stage cells finished earlier; skipping.")
-    else:
+    def make_cells() -> np.ndarray:
         tmp = adata.copy()
         embed_cells(tmp, level1, key_added=CELL_KEY)
-        cells = np.asarray(tmp.obsm[CELL_KEY], dtype=np.float32).reshape(n, -1)
-        del tmp
-        _save_array(ckpt / "cells", cells)
-        _record_settings(ckpt, "cells", settings["cells"])
-        seconds["cells"] = time.perf_counter() - t0
-    adata.obsm[CELL_KEY] = cells
+        return np.asarray(tmp.obsm[CELL_KEY], dtype=np.float32).reshape(n, -1)
 
-    # -- stage 3: level 2 on niches centred on the training cells
-    t0 = time.perf_counter()
-    level2 = _finished_model(ckpt / "level2" / "model")
-    if level2 is not None:
-        _check_settings(ckpt, "level2", settings["level2"])
-        skipped.append("level2")
-        log.info("Stage level2 finished earlier; skipping.")
-    else:
+    def make_level2() -> CellToTissue:
         config = level2_config or CellToTissueConfig.preset(
             level2_preset, in_dim=cells.shape[1], **(level2_overrides or {})
         )
-        level2 = fit_level2(
+        return fit_level2(
             cells, coords, config=config, train_cells=np.flatnonzero(mask), slides=slides, radius=radius,
             max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, 64), seed=seed,
             ckpt_dir=ckpt / "level2" / "lightning", accelerator=accelerator, progress=progress,
         )
-        save_model(level2, ckpt / "level2" / "model")
-        _record_settings(ckpt, "level2", settings["level2"])
-        seconds["level2"] = time.perf_counter() - t0
 
-    # -- stage 4: niche latents for every cell
-    t0 = time.perf_counter()
-    niches = _load_array(ckpt / "niches", n)
-    if niches is not None:
-        _check_settings(ckpt, "niches", settings["niches"])
-        skipped.append("niches")
-        log.info("Stage niches finished earlier; skipping.")
-    else:
-        niches = niche_embeddings(level2, cells, coords, slides=slides, radius=radius, progress=progress)
-        _save_array(ckpt / "niches", niches)
-        _record_settings(ckpt, "niches", settings["niches"])
-        seconds["niches"] = time.perf_counter() - t0
+    # level 1 -> cell latents of every cell -> level 2 on niches centred on the training cells -> niche latents
+    level1 = stage("level1", lambda: _finished_model(ckpt / "level1" / "model"), make_level1, lambda _: None)
+    cells = stage("cells", lambda: _load_array(ckpt / "cells", n), make_cells,
+                  lambda values: _save_array(ckpt / "cells", values))
+    adata.obsm[CELL_KEY] = cells
+    level2 = stage("level2", lambda: _finished_model(ckpt / "level2" / "model"), make_level2,
+                   lambda model: save_model(model, ckpt / "level2" / "model"))
+    niches = stage("niches", lambda: _load_array(ckpt / "niches", n),
+                   lambda: niche_embeddings(level2, cells, coords, slides=slides, radius=radius, progress=progress),
+                   lambda values: _save_array(ckpt / "niches", values))
     adata.obsm[NICHE_KEY] = niches
 
     if n_domains is not None:
