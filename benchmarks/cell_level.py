@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.models.likelihoods import nb_deviance
 from xscale.tl.cells import embed_cells, reconstruct
 from xscale.train.level1 import fit_level1
+from xscale.utils.atomic import atomic_write_text
 
 log = logging.getLogger("benchmarks.cell_level")
 RESULTS = Path(__file__).parent / "results" / "cell_level.json"
@@ -182,9 +182,7 @@ def _run_parallel(args: argparse.Namespace, argv: list[str]) -> int:
             result.update(part)
     result["notes"] = notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     log.info("wrote %s", args.out)
     return 0
 
@@ -239,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = {**old_notes, **notes}
     result["notes"] = notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     log.info("wrote %s", args.out)
     return 0
 
