@@ -276,11 +276,12 @@ def fit_level1(
         adatas, vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
         min_genes=min_genes, max_genes=config.max_genes, batch_size=batch_size, seed=seed,
     )
-    if hasattr(dm.train_dataset, "gene_stats"):  # data-derived starting points (no-ops unless configured)
+    needs_stats = config.standardize_values or config.decoder_gene_bias
+    if needs_stats and hasattr(dm.train_dataset, "gene_stats"):  # data-derived starting points
         ids, share, v_mean, v_std = (torch.from_numpy(a) for a in dm.train_dataset.gene_stats())
         model.init_gene_bias(ids, share)
         model.init_value_scaling(ids, v_mean, v_std)
-    elif config.standardize_values or config.decoder_gene_bias:
+    elif needs_stats:
         log.warning("The training data gives no per-gene statistics: standardize_values / decoder_gene_bias "
                     "start from mean 0, sd 1, offset 0.")
     module = GeneCellModule(model, lr=lr, seed=seed)
