@@ -69,3 +69,18 @@ def test_level1_module_step_updates_weights(starmap_small):
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, module.model.value_encoder.gene_direction.weight)
+
+
+def test_level1_fit_sets_gene_statistics_from_training_cells(starmap_small, tmp_path):
+    from xscale.models.gene_to_cell import GeneToCellConfig
+
+    genes = vocab_from_adatas([starmap_small]).genes
+    config = GeneToCellConfig.preset("tiny", genes=genes, standardize_values=True, decoder_gene_bias=True)
+    model = fit_level1(starmap_small, config, out_dir=tmp_path / "run", max_steps=1, batch_size=32, seed=0,
+                       val_fraction=0.0, logger="none", enable_progress_bar=False)
+    ids, share, v_mean, v_std = AnnDataCellDataset(starmap_small, model.vocab).gene_stats()
+    np.testing.assert_allclose(model.value_mean[ids].numpy(), v_mean, rtol=1e-5)
+    np.testing.assert_allclose(model.value_std[ids].numpy(), np.maximum(v_std, 0.1), rtol=1e-5)
+    # the offset started at the centred log share and moved by at most one Adam step (lr 2e-3)
+    start = np.log(np.maximum(share, 1e-8)) - np.log(np.maximum(share, 1e-8)).mean()
+    np.testing.assert_allclose(model.gene_bias[ids].detach().numpy(), start, atol=5e-3)
