@@ -59,6 +59,11 @@ class GeneToCellConfig:
     counts as target). The weights are the shares of each batch's cells given each
     objective (one encoder pass per batch) and weight the parts in the total; a
     weight of 0 switches that objective off.
+
+    ``standardize_values``: the encoder sees each gene's log-normalised value as a z-score
+    (per-gene mean / sd buffers, set from the training cells by ``fit_level1``), so genes of
+    low expression weigh as much as abundant ones. ``decoder_gene_bias``: the decoder adds
+    a per-gene offset, started at the centred log mean share of each gene, to its logits.
     """
 
     genes: list[str]
