@@ -148,10 +148,11 @@ def run(args: argparse.Namespace) -> int:
     import xscale.datasets as ds
     import xscale.tl
     from xscale.cli.domains import write_store
+    from xscale.data.store import is_prepared_store
     from xscale.errors import XscaleInputError
 
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
-    if _is_prepared_store(args.data):
+    if is_prepared_store(args.data):
         return _embed_prepared_store(args, l1, l2)
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
@@ -193,22 +194,6 @@ def run(args: argparse.Namespace) -> int:
     write_store(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")
     return 0
-
-
-def _is_prepared_store(path: str) -> bool:
-    """True for a directory written by ``xscale prepare`` (zarr attrs name it)."""
-    import json
-    from pathlib import Path
-
-    for meta in ("zarr.json", ".zattrs"):
-        f = Path(path) / meta
-        if f.is_file():
-            try:
-                attrs = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return False
-            return "xscale_store" in attrs.get("attributes", attrs)
-    return False
 
 
 def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:

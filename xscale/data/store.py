@@ -298,6 +298,18 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
+def is_prepared_store(path: str | Path) -> bool:
+    """True for a zarr group written by :func:`prepare` (complete or not: :class:`CellStore` says which)."""
+    import zarr
+
+    if not Path(path).is_dir():
+        return False
+    try:
+        return "xscale_store" in zarr.open_group(path, mode="r").attrs
+    except Exception:  # not a zarr group
+        return False
+
+
 class CellStore:
     """Read access to a prepared store, block by block. Cheap to pickle (reopens in each worker).
 
@@ -424,4 +436,4 @@ def iter_store_blocks(store: CellStore) -> Any:
         yield a, store.read_rows(a, b)
 
 
-__all__ = ["prepare", "CellStore", "iter_store_blocks", "iter_row_blocks"]
+__all__ = ["prepare", "is_prepared_store", "CellStore", "iter_store_blocks", "iter_row_blocks"]
