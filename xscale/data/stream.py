@@ -252,6 +252,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+class EpochCounter:
+    """The epoch a streamed loader should use: ``owner.trainer.current_epoch`` when a Lightning
+    trainer is attached to ``owner`` (a DataModule), else the number of earlier calls."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner, self.calls = owner, 0
+
+    def __call__(self) -> int:
+        trainer = getattr(self.owner, "trainer", None)
+        if trainer is not None:
+            return trainer.current_epoch
+        self.calls += 1
+        return self.calls - 1
+
+
 class EpochLoader(DataLoader):
     """A DataLoader that sets its stream's epoch (``dataset.set_epoch``) whenever an epoch
     starts. Workers must not be persistent (they are started per epoch, so they see it):

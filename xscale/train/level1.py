@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
 from xscale.data.batch import CellBatch, CellItem, collate_cells
-from xscale.data.stream import EpochLoader
+from xscale.data.stream import EpochCounter, EpochLoader
 from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
@@ -150,6 +150,7 @@ class CellDataModule(lightning.LightningDataModule):
             raise XscaleInputError(f"batch_size must be >= 1; got {batch_size}.")
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.max_genes, self.batch_size, self.num_workers, self.seed = max_genes, batch_size, num_workers, seed
+        self._epoch = EpochCounter(self)  # stream epochs: the trainer's, or a count of loaders made
 
     @classmethod
     def from_adatas(
@@ -196,13 +197,6 @@ class CellDataModule(lightning.LightningDataModule):
             collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def _epoch(self) -> int:
-        """The trainer's current epoch (or a count of loader iterations without a trainer)."""
-        if self.trainer is not None:
-            return self.trainer.current_epoch
-        self._epochs = getattr(self, "_epochs", -1) + 1
-        return self._epochs
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

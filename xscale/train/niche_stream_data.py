@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from xscale.data.niche_stream import NicheItem, NicheStream, collate_niches, open_latents
 from xscale.data.store import CellStore
-from xscale.data.stream import EpochLoader
+from xscale.data.stream import EpochCounter, EpochLoader
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
 from xscale.train.level2 import NicheBatch, TissueModule, train_tissue
@@ -75,13 +75,7 @@ class NicheStreamDataModule(lightning.LightningDataModule):
         kw = dict(max_cells=max_cells, latents=self.latents, buffer_size=buffer_size, cache_chunks=cache_chunks)
         self.train = NicheStream(self.store, rows=rows, shuffle=True, seed=seed, **kw)
         self.val = None if val_rows is None else NicheStream(self.store, rows=val_rows, shuffle=False, **kw)
-        self._epochs = 0
-
-    def _epoch(self) -> int:
-        if self.trainer is not None:
-            return self.trainer.current_epoch
-        self._epochs += 1
-        return self._epochs - 1
+        self._epoch = EpochCounter(self)
 
     def _loader(self, stream: NicheStream, *, train: bool) -> DataLoader:
         shards = max(1, self.num_workers) * (self.trainer.world_size if self.trainer is not None else 1)
