@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from xscale.data.store import CellStore
 from xscale.data.writeback import read_store_latents, store_latent_writer
@@ -102,7 +103,7 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
     :class:`~xscale.models.cell_to_tissue.CellToTissue`. Returns the written array's path.
     """
     from xscale.data.niche_stream import NicheStream
-    from xscale.train.niche_stream_data import collate_level2
+    from xscale.train.niche_stream_data import collate_level2, warn_if_short_niches
 
     store = store if isinstance(store, CellStore) else CellStore(store)
     try:
@@ -116,9 +117,7 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
     if width != model.config.in_dim:
         raise XscaleInputError(f"obsm[{cell_key!r}] has width {width}; the level-2 model expects in_dim="
                                f"{model.config.in_dim} (K·D of the level-1 model it was trained on).")
-    if store.radius is None and store.n_neighbors < model.config.max_cells - 1:
-        log.warning("The store's graph has %d neighbours per cell: niches hold at most %d of max_cells=%d cells.",
-                    store.n_neighbors, store.n_neighbors + 1, model.config.max_cells)
+    warn_if_short_niches(store, model.config.max_cells)
     model = model.eval()
     writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),
                                  overwrite=overwrite, fingerprint=_fingerprint(model, what="niches", cells=cell_key))
@@ -128,16 +127,9 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
         for i in pending:
             a, b = writer.chunk_range(i)
             stream = NicheStream(store, max_cells=model.config.max_cells, latents=latents,
-                                 rows=np.arange(a, b), shuffle=False)
-            out, items = [], []
-            for item in stream:  # centres a..b-1 in store order
-                items.append(item)
-                if len(items) == batch_size:
-                    out.append(_embed_niches(model, collate_level2(items)))
-                    items = []
-            if items:
-                out.append(_embed_niches(model, collate_level2(items)))
-            writer.write_chunk(i, np.concatenate(out))
+                                 rows=np.arange(a, b), shuffle=False)  # centres a..b-1 in store order
+            loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_level2)
+            writer.write_chunk(i, np.concatenate([_embed_niches(model, batch) for batch in loader]))
             bar.update(1)
     return writer.finalize()
 

@@ -43,6 +43,14 @@ def collate_level2(items: list[NicheItem]) -> NicheBatch:
     return NicheBatch(cell_latents=nb.latents.reshape(b, c, -1), rel_xy=nb.rel_xy, pad_mask=nb.pad_mask, cells=nb.idx)
 
 
+def warn_if_short_niches(store: CellStore, max_cells: int) -> None:
+    """Warn when the store's k-nearest graph is too small to fill niches of ``max_cells`` cells."""
+    if store.radius is None and store.n_neighbors < max_cells - 1:
+        log.warning("The store's graph has %d neighbours per cell: niches hold at most %d of max_cells=%d cells. "
+                    "Prepare with n_neighbors=%d for full niches.", store.n_neighbors, store.n_neighbors + 1,
+                    max_cells, max_cells - 1)
+
+
 class NicheStreamDataModule(lightning.LightningDataModule):
     """Loaders of level-2 batches streamed from a prepared store.
 
@@ -162,10 +170,7 @@ def fit_level2_stream(
         raise XscaleInputError(f"config.in_dim: expected the latent width K·D = {in_dim}, found {config.in_dim}.")
     if rows is not None and np.asarray(rows).size == 0:
         raise XscaleInputError("rows is empty: level 2 needs at least one niche centre to train on.")
-    if store.radius is None and store.n_neighbors < config.max_cells - 1:
-        log.warning("The store's graph has %d neighbours per cell: niches hold at most %d of max_cells=%d cells. "
-                    "Prepare with n_neighbors=%d for full niches.", store.n_neighbors, store.n_neighbors + 1,
-                    config.max_cells, config.max_cells - 1)
+    warn_if_short_niches(store, config.max_cells)
     lightning.seed_everything(seed, workers=True, verbose=False)
     data = NicheStreamDataModule(store, lat, max_cells=config.max_cells, rows=rows, batch_size=batch_size,
                                  num_workers=num_workers, seed=seed)
