@@ -128,21 +128,13 @@ def _settings_file(ckpt: Path, stage: str) -> Path:
 
 
 def _jsonable(settings: dict) -> dict:
-    """Settings as plain JSON values (dataclasses to dicts, tuples to lists)."""
+    """Settings as plain JSON values (model configs as saved in config.json, tuples as lists)."""
     import dataclasses
 
-    def conv(v):
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, dict):
-            return {str(k): conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
+    from xscale.models.io import config_to_dict
 
-    return conv(settings)
+    plain = {k: config_to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()}
+    return json.loads(json.dumps(plain, default=list))
 
 
 def _check_settings(ckpt: Path, stage: str, settings: dict) -> None:
