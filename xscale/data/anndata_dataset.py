@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from torch.utils.data import Dataset
 
 from xscale.data.batch import CellItem
+from xscale.data.transforms import TARGET_LIBRARY
 from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 
@@ -182,7 +183,7 @@ class AnnDataCellDataset(Dataset):
             shares = (sp.diags(1.0 / lib[ok]) @ sub[ok]).tocsr()  # (n, g) each cell's composition
             share_sum[mapping.gene_ids] += np.asarray(shares.sum(0)).ravel()
             logv = shares.copy()
-            logv.data = np.log1p(logv.data * 1e4)
+            logv.data = np.log1p(logv.data * TARGET_LIBRARY)  # as log_normalize
             v_sum[mapping.gene_ids] += np.asarray(logv.sum(0)).ravel()
             v_sq[mapping.gene_ids] += np.asarray(logv.multiply(logv).sum(0)).ravel()
             seen[mapping.gene_ids] += ok.sum()
