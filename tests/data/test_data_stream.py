@@ -135,10 +135,12 @@ def test_batches_from_workers_equal_in_process_batches(store):
 
 @pytest.mark.parametrize("n_genes", [3, 300, 70000])
 def test_packed_cells_round_trip(n_genes):
+    """Compact CSR -> pickle -> CellBatch equals collate_cells of the dense rows (every index dtype)."""
     import pickle
 
     import scipy.sparse as sp
 
+    from xscale.data.batch import CellItem
     from xscale.data.stream_batch import PackedCells
 
     rng = np.random.default_rng(0)
@@ -146,14 +148,17 @@ def test_packed_cells_round_trip(n_genes):
     counts.data = np.round(counts.data * 9) + 1
     if n_genes == 300:
         counts.data[0] = 70000.0  # beyond uint16: sent as float32
+    counts = sp.csr_matrix(sp.diags(np.array([1.0, 1, 1, 0, 1], dtype=np.float32)) @ counts)  # cell 3: library 0
+    counts.eliminate_zeros()
     ids, rows, slides = rng.permutation(n_genes), np.arange(10, 15), np.array([0, 0, 1, 1, 2])
-    packed = PackedCells(ids, rows, 3, slides, counts)
+    packed = PackedCells.from_csr(ids, rows, 3, slides, counts)
+    assert packed.data.dtype == (np.float32 if n_genes == 300 else np.uint16)
     got = pickle.loads(pickle.dumps(packed))
-    ref = packed.unpack()
-    np.testing.assert_array_equal(got.counts.numpy(), counts.toarray())
-    for name in ("gene_ids", "counts", "values", "library", "index", "dataset", "slide"):
+    dense = counts.toarray()
+    ref = collate_cells([CellItem(ids, dense[i], int(rows[i]), 3, int(slides[i])) for i in range(5)])
+    for name in ("gene_ids", "counts", "values", "pad_mask", "library", "index", "dataset", "slide"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    assert got.slide.tolist() == slides.tolist() and (got.dataset == 3).all()
+        assert torch.equal(getattr(packed.unpack(), name), getattr(ref, name)), name
 
 
 def test_niche_stream_out_of_core_equals_whole_graph_niches(store, monkeypatch):

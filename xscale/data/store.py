@@ -321,7 +321,6 @@ class CellStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._root = None
-        self._pid = os.getpid()
         root = self.root
         info = root.attrs.get("xscale_store")
         if not info or not info.get("complete"):
@@ -345,8 +344,10 @@ class CellStore:
 
     @property
     def root(self):
-        if self._root is None or self._pid != os.getpid():  # reopen in forked DataLoader workers
-            self._pid = os.getpid()
+        # Opened once per process that unpickled the store (spawned workers). Forked DataLoader
+        # workers keep the parent's open group: zarr resets its event loop after a fork, and
+        # re-reading the metadata in each worker cost ~5 ms of CPU at every worker start.
+        if self._root is None:
             import zarr
 
             try:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from xscale.data.batch import CellBatch, CellItem, collate_cells
 from xscale.data.store import CellStore
-from xscale.data.stream_batch import PackedCells, cell_batch
+from xscale.data.stream_batch import PackedCells, compact_csr, index_dtype
 from xscale.errors import XscaleInputError
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class CellStream(_StoreStream):
         """Cells, or (batched mode) batches, this stream yields per epoch over all shards (approx. for batches)."""
         return self.n_items if self.batch_size is None else -(-self.n_items // self.batch_size)
 
-    def _blocks(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, Any]]:
+    def _blocks(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         for c, rows in plan:
             a, b = self.store.chunk_range(c)
             m = self.store.read_rows(a, b)
@@ -181,24 +181,37 @@ class CellStream(_StoreStream):
                 m = m[rows - a]
             if self.keep_genes.size != m.shape[1]:
                 m = m[:, self.keep_genes]
-            yield rows, m  # (b, G) CSR
+            yield rows, compact_csr(m)  # (b, G) CSR, uint16 counts
 
-    def _make_batch(self, rows: np.ndarray, counts: sp.csr_matrix, rng: np.random.Generator) -> CellBatch | PackedCells:
-        """The batch of store rows (B,) with CSR counts (B, G), as collate_cells would build it
-        (packed for the hand-off when running in a DataLoader worker)."""
-        slides = np.searchsorted(self.store.slide_stop, rows, side="right")
+    def _make_batch(self, rows: np.ndarray, counts: sp.csr_matrix, rng: np.random.Generator) -> CellBatch:
+        """The batch of store rows (B,) with CSR counts (B, G) longer than max_genes, through collate_cells."""
+        slides = self.store.slide_of(rows)
+        items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s))
+                 for r, cnt, s in zip(rows, counts.toarray().astype(np.float32), slides, strict=True)]
+        return collate_cells(items, max_genes=self.max_genes, rng=rng)
+
+    def _cut(self, rows: np.ndarray, counts: sp.csr_matrix, rng: np.random.Generator,
+             packed: bool) -> Iterator[CellBatch | PackedCells]:
+        """Batches of consecutive rows (B,) of ``counts`` (n, G): views of its arrays, unpacked unless ``packed``."""
+        bs = self.batch_size
         if self.max_genes is not None and counts.shape[1] > self.max_genes:
-            dense = counts.toarray()
-            items = [CellItem(self.gene_ids, cnt, int(r), self.dataset, int(s))
-                     for r, cnt, s in zip(rows, dense, slides, strict=True)]
-            return collate_cells(items, max_genes=self.max_genes, rng=rng)
-        if get_worker_info() is not None:
-            return PackedCells(self.gene_ids, rows, self.dataset, slides, counts)
-        return cell_batch(self.gene_ids, counts.toarray(), rows, self.dataset, slides)
+            for i in range(0, rows.size, bs):
+                yield self._make_batch(rows[i : i + bs], counts[i : i + bs], rng)
+            return
+        slides = self.store.slide_of(rows)
+        indices = counts.indices.astype(index_dtype(counts.shape[1]))  # once per cut, not per batch
+        ptr = counts.indptr
+        for i in range(0, rows.size, bs):
+            j = min(i + bs, rows.size)
+            p0, p1 = ptr[i], ptr[j]
+            batch = PackedCells(self.gene_ids, rows[i:j], self.dataset, slides[i:j], counts.data[p0:p1],
+                                indices[p0:p1], ptr[i : j + 1] - p0)
+            yield batch if packed else batch.unpack()
 
     def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch | PackedCells]:
         bs = self.batch_size
         keep = self.buffer_size if self.shuffle else 0
+        packed = get_worker_info() is not None  # in a worker: batches leave compact, unpack in the main process
         pool_rows, pool = np.zeros(0, dtype=np.int64), None
         for rows, block in self._blocks(plan):
             pool_rows = np.concatenate([pool_rows, rows])
@@ -206,17 +219,13 @@ class CellStream(_StoreStream):
             n_out = (pool_rows.size - keep) // bs * bs
             if n_out <= 0:
                 continue
-            # one draw per block: n_out random rows of the pool leave as batches, the rest stays
+            # one draw per block: n_out random rows of the pool leave as batches (one gather), the rest stays
             perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
-            for i in range(0, n_out, bs):
-                pick = perm[i : i + bs]
-                yield self._make_batch(pool_rows[pick], pool[pick], rng)
+            yield from self._cut(pool_rows[perm[:n_out]], pool[perm[:n_out]], rng, packed)
             pool_rows, pool = pool_rows[perm[n_out:]], pool[perm[n_out:]]
         if pool is not None and pool_rows.size:
             perm = rng.permutation(pool_rows.size) if self.shuffle else np.arange(pool_rows.size)
-            for i in range(0, perm.size, bs):
-                pick = perm[i : i + bs]
-                yield self._make_batch(pool_rows[pick], pool[pick], rng)
+            yield from self._cut(pool_rows[perm], pool[perm], rng, packed)
 
     def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[CellItem]:
         for c, rows in plan:
