@@ -133,6 +133,38 @@ def test_batches_from_workers_equal_in_process_batches(store):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
+def test_batched_selection_exactly_once_and_equal_to_collate(store):
+    """Batched mode over selected rows and a vocabulary subset: every selected row once over 2 ranks x
+    2 workers (shards split blocks: only their part is read), and each batch equals collate_cells
+    of its cells' items."""
+    rng = np.random.default_rng(5)
+    rows = np.flatnonzero(rng.random(store.n_cells) < 0.7)
+    ids = np.arange(store.n_genes) + 7
+    ids[[3, 40]] = -1  # genes outside the vocabulary are dropped
+    items = {it.index: it for it in CellStream(store, rows=rows, gene_ids=ids, shuffle=False, dataset=2)}
+    got = []
+    for rank in range(2):
+        ds = CellStream(store, rows=rows, gene_ids=ids, seed=4, buffer_size=150, batch_size=50, dataset=2,
+                        rank=rank, world_size=2)
+        got += list(DataLoader(ds, batch_size=None, num_workers=2))
+    seen = [int(i) for b in got for i in b.index]
+    assert sorted(seen) == rows.tolist() and seen != sorted(seen)
+    for batch in got[::5]:
+        ref = collate_cells([items[int(i)] for i in batch.index])
+        for name in ("gene_ids", "counts", "values", "pad_mask", "library", "index", "dataset", "slide"):
+            assert torch.equal(getattr(batch, name), getattr(ref, name)), name
+
+
+def test_batched_shuffle_buffer_is_bounded(store):
+    """The pool holds at most buffer_size rows plus one block: the first batches come from the first block."""
+    ds = CellStream(store, seed=0, buffer_size=100, batch_size=50)
+    first_block = ds._plan()[0][0][1]  # rows of the first block this (single) shard reads
+    batches = list(ds)
+    early = np.concatenate([b.index.numpy() for b in batches[:2]])  # 100 = 200-row block - 100 kept
+    assert np.isin(early, first_block).all()
+    assert not np.isin(np.concatenate([b.index.numpy() for b in batches[2:6]]), first_block).all()
+
+
 @pytest.mark.parametrize("n_genes", [3, 300, 70000])
 def test_packed_cells_round_trip(n_genes):
     """Compact CSR -> pickle -> CellBatch equals collate_cells of the dense rows (every index dtype)."""

@@ -174,8 +174,8 @@ class CellStream(_StoreStream):
         return self.n_items if self.batch_size is None else -(-self.n_items // self.batch_size)
 
     def _blocks(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        for c, rows in plan:
-            a, b = self.store.chunk_range(c)
+        for _, rows in plan:
+            a, b = int(rows[0]), int(rows[-1]) + 1  # only the span of this shard's rows (a split block: part of it)
             m = self.store.read_rows(a, b)
             if rows.size != b - a:  # a selection of rows
                 m = m[rows - a]
@@ -228,8 +228,8 @@ class CellStream(_StoreStream):
             yield from self._cut(pool_rows[perm], pool[perm], rng, packed)
 
     def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[CellItem]:
-        for c, rows in plan:
-            a, b = self.store.chunk_range(c)
+        for _, rows in plan:
+            a, b = int(rows[0]), int(rows[-1]) + 1
             block = self.store.read_rows(a, b)[rows - a][:, self.keep_genes].toarray()  # (b, G)
             slides = np.searchsorted(self.store.slide_stop, rows, side="right")  # rows are grouped by slide
             for r, counts, s in zip(rows.tolist(), block, slides.tolist(), strict=True):
