@@ -1,14 +1,15 @@
 """Ready level-1 batches built from compact CSR counts, and their hand-off from DataLoader workers.
 
 :class:`~xscale.data.stream.CellStream` in batched mode keeps its shuffle pool as CSR rows
-with compact dtypes (:func:`compact_counts`: uint16 counts; gene positions as uint8/uint16
-when the panel allows) and cuts every batch out of it as a :class:`PackedCells`: zero-copy
-views of one contiguous run of the shuffled pool. :meth:`PackedCells.unpack` builds the
-:class:`~xscale.data.batch.CellBatch` with one scatter of the non-zeros into the dense
-``(B, G)`` arrays (no per-row loop, no scipy object). In the process that trains this
-happens at once; in a DataLoader worker the ``PackedCells`` itself is yielded: it pickles
-through the worker's result pipe as a few small arrays (3 bytes per non-zero for a panel of
-<= 256 genes) and unpickles, in the main process, as the identical ``CellBatch``.
+with uint16 counts (:func:`compact_csr`) and cuts every batch out of it as a
+:class:`PackedCells`: views of one contiguous run of the shuffled pool, gene positions as
+uint8/uint16 when the panel allows. :meth:`PackedCells.unpack` builds the
+:class:`~xscale.data.batch.CellBatch` by scattering the non-zeros into the dense ``(B, G)``
+arrays (scipy's CSR-to-dense loop; log-normalised on the non-zeros only). In the process
+that trains this happens at once; in a DataLoader worker the ``PackedCells`` itself is
+yielded: it pickles through the worker's result pipe as a few small arrays (3 bytes per
+non-zero for a panel of <= 256 genes) and unpickles, in the main process, as the identical
+``CellBatch``.
 
 Why not send the dense ``CellBatch``: torch moves every tensor leaving a worker into a
 fresh shared-memory segment (create, size, map, fault in every page; ~0.9 ms per MB here)
@@ -41,7 +42,7 @@ def compact_csr(counts: sp.csr_matrix) -> sp.csr_matrix:
 
     scipy gathers rows of such a matrix several times faster than of the float32 original.
     """
-    counts.sum_duplicates()  # no-op (one check) for the canonical CSR a prepared store holds
+    counts.sum_duplicates()  # only a check when already canonical (sorted, no duplicates), as stores usually are
     return sp.csr_matrix((compact_counts(counts.data), counts.indices.astype(np.int32, copy=False), counts.indptr),
                          shape=counts.shape)
 
