@@ -56,14 +56,15 @@ def cell_batch_from_csr(gene_ids: np.ndarray, rows: np.ndarray, dataset: int, sl
     ``gene_ids`` and ``pad_mask`` of the result are broadcast (stride-0) views: read-only.
     """
     b, g = len(rows), len(gene_ids)
-    indices = indices.astype(np.int32)  # scipy's own C loop scatters CSR into dense fastest
-    nz = data.astype(np.float32)  # (nnz,) a fresh array: reused in place for the values below
-    counts_t = torch.from_numpy(sp.csr_matrix((nz, indices, indptr), shape=(b, g)).toarray())  # (B, G)
+    nz = data.astype(np.float32)  # (nnz,) a fresh array: the counts, then the values in place
+    csr = sp.csr_matrix((nz, indices.astype(np.int32), indptr), shape=(b, g))
+    counts_t = torch.from_numpy(csr.toarray())  # (B, G): scipy's own C loop scatters CSR fastest
     library = counts_t.sum(dim=1)  # (B,), summed as collate_cells / the dense path would
     # log_normalize's operations in the same order, on the non-zeros only (zeros stay 0 = log1p(0))
     lib_nz = torch.from_numpy(np.repeat(library.clamp_min(1e-8).numpy(), np.diff(indptr)))  # (nnz,)
     torch.from_numpy(nz).div_(lib_nz).mul_(TARGET_LIBRARY).log1p_()
-    values = sp.csr_matrix((nz, indices, indptr), shape=(b, g)).toarray()  # (B, G)
+    csr.data = nz  # the values now (scipy may hold a view of nz, or a copy)
+    values = csr.toarray()  # (B, G)
     return CellBatch(
         gene_ids=torch.from_numpy(np.asarray(gene_ids, dtype=np.int64)).expand(b, g),
         counts=counts_t,
