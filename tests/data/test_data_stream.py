@@ -165,6 +165,26 @@ def test_batched_shuffle_buffer_is_bounded(store):
     assert not np.isin(np.concatenate([b.index.numpy() for b in batches[2:6]]), first_block).all()
 
 
+def test_batched_counts_beyond_uint16_stay_exact(small_adata, tmp_path):
+    """A block holding a count >= 65536 keeps float32 counts in the pool (mixed with uint16 blocks)."""
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix(small_adata.X, dtype=np.float32, copy=True)
+    x[7, 3] = 70001.0  # one huge count: its block is float32, the others uint16
+    small_adata.X = x
+    store = CellStore(prepare(small_adata, tmp_path / "big.zarr", slide_key="slice", chunk_cells=64))
+    items = {it.index: it for it in CellStream(store, shuffle=False)}
+    assert max(it.counts.max() for it in items.values()) == 70001.0
+    for workers in (0, 1):
+        batches = list(DataLoader(CellStream(store, seed=0, buffer_size=40, batch_size=32), batch_size=None,
+                                  num_workers=workers))
+        assert sorted(int(i) for b in batches for i in b.index) == sorted(items)
+        for batch in batches:
+            ref = collate_cells([items[int(i)] for i in batch.index])
+            for name in ("counts", "values", "library"):
+                assert torch.equal(getattr(batch, name), getattr(ref, name)), name
+
+
 @pytest.mark.parametrize("n_genes", [3, 300, 70000])
 def test_packed_cells_round_trip(n_genes):
     """Compact CSR -> pickle -> CellBatch equals collate_cells of the dense rows (every index dtype)."""
