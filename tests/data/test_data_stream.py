@@ -169,9 +169,9 @@ def test_batched_counts_beyond_uint16_stay_exact(small_adata, tmp_path):
     """A block holding a count >= 65536 keeps float32 counts in the pool (mixed with uint16 blocks)."""
     import scipy.sparse as sp
 
-    x = sp.csr_matrix(small_adata.X, dtype=np.float32, copy=True)
+    x = sp.lil_matrix(small_adata.X, dtype=np.float32)
     x[7, 3] = 70001.0  # one huge count: its block is float32, the others uint16
-    small_adata.X = x
+    small_adata.X = x.tocsr()
     store = CellStore(prepare(small_adata, tmp_path / "big.zarr", slide_key="slice", chunk_cells=64))
     items = {it.index: it for it in CellStream(store, shuffle=False)}
     assert max(it.counts.max() for it in items.values()) == 70001.0
