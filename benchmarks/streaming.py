@@ -258,6 +258,7 @@ def measure(n_cells: int, root: Path, seed: int, baseline: tuple[Path, str] | No
     logger.info("prepared in %.0f s", time.perf_counter() - t0)
     shuffled = prepare(src, root / "shuffled.zarr", slide_key="slide", chunk_cells=CHUNK_CELLS, curve="random")
     shutil.rmtree(src)
+    os.sync()  # the stores' dirty pages are written back now, not by kernel threads during the timed reads
     run = _pass(store)
     assert run["cells"] == n_cells, run
     raw = raw_read(store)
