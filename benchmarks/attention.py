@@ -297,8 +297,8 @@ def quality_runs(steps: int, runs: list[tuple[str, int]], jsonl: Path, model_nam
             model = _fit(train, config, steps=steps, seed=seed, out_dir=Path(tmp) / f"{name}-{seed}",
                          encoder_factory=factory, lr=QUALITY_LR)
             x_tr = _embed(model, train, model.vocab)
-            cfg = {k: getattr(config, k) for k in ("dim", "heads", "depth", "n_latents", "max_genes", "encoder_latents",
-                                                  "standardize_values")}
+            keys = ("dim", "heads", "depth", "n_latents", "max_genes", "encoder_latents", "standardize_values")
+            cfg = {k: getattr(config, k) for k in keys}
             rec: dict[str, Any] = {"variant": name, "seed": seed, "steps": steps, "model": model_name, "config": cfg,
                                    **probe_scores(x_tr, y_train, _embed(model, test, model.vocab), y_test)}
             if name == "criss_cross":
