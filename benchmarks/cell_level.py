@@ -71,6 +71,9 @@ NOTES = {
         "extra encoder pass per view; experiment script outside the package): weight 1 0.593, weight 3 0.580, "
         "vs 0.571 without, at ~1.8x the training time. Not adopted: far from the 0.697 of log-normalised "
         "expression on this split.",
+        "2026-11-24 (later), same split, wider latents for the linear probe (random features did better with "
+        "more dimensions): small preset with K=64 0.587 (2048 dims), with D=64 / 4 heads / K=16 0.553 (1024 "
+        "dims), vs 0.571 (K=16, D=32). Not adopted.",
     ],
 }
 
