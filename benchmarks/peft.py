@@ -91,7 +91,7 @@ NOTES = [
     "pretraining panels is lung MERFISH, and from-scratch training matches or beats full fine-tuning, i.e. this "
     "pretraining does not transfer to this panel; full fine-tuning can re-learn the gene and value embeddings, "
     "the Xpressor on frozen tokens cannot. On the validation split PEFT (0.630) and full fine-tuning (0.627) were "
-    "level, but see the next-to-last note: that validation tie came from a spike at the chosen epoch.",
+    "level, but see the last note: that validation tie came from a spike at the chosen epoch.",
     "Macro-F1 is noisy here: Mast cells are 2 of the fitting cells, 1 validation cell and 3 test cells, and each "
     "class weighs 1/7 of macro-F1, so one Mast cell moves a score by up to ~0.1 (e.g. from-scratch with a hidden "
     "layer reached 0.765 on validation at 5 epochs, 0.61 at 20).",
