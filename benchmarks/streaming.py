@@ -106,6 +106,13 @@ class PeakRSS:
         self._thread.join()
 
 
+def _import_outside_window() -> None:
+    """Import what opening a store imports (anndata -> h5py) before RSS sampling starts: importing h5py
+    runs ``uname -p`` (platform.processor) in a fork of this process, and a sample taken between that
+    fork and its exec counted the parent's pages twice (one large niche pass read 656 MB instead of 456)."""
+    import anndata.io  # noqa: F401
+
+
 def stream_pass(store: str, batch_size: int, workers: int) -> dict:
     """One full CellStream pass through a DataLoader; peak RSS of this process and its workers."""
     import torch
@@ -113,6 +120,7 @@ def stream_pass(store: str, batch_size: int, workers: int) -> dict:
 
     from xscale.data.stream import CellStream
 
+    _import_outside_window()
     torch.set_num_threads(1)
     rss = PeakRSS().__enter__()
     # batched mode: the stream builds each CellBatch from a block with array operations
@@ -179,6 +187,7 @@ def niche_pass(store: str, n_niches: int) -> dict:
 
     from xscale.data.niche_stream import NicheStream
 
+    _import_outside_window()
     torch.set_num_threads(1)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
