@@ -41,8 +41,13 @@ def rows() -> list[tuple[str, str, str, str]]:
     tissue = _load("tissue_level")
     if tissue:
         held = next(v for v in tissue["per_slice"].values() if v["role"] != "train")["scores"]
+        summary = tissue["held_out_summary"]
+        spread = (f" (level-2 seeds {len(summary['xscale_niche_staged_ari_by_level2_seed'])}: mean "
+                  f"{_f(summary['xscale_niche_staged_ari_mean'])} ± {_f(summary['xscale_niche_staged_ari_sd'])})"
+                  if "xscale_niche_staged_ari_mean" in summary else "")
         out.append(("tissue level, STARmap held-out slice", "domain ARI (k-means, 4 layers)",
-                    f"staged {_f(held['xscale_niche_staged']['ari'])}, joint {_f(held['xscale_niche_joint']['ari'])}; "
+                    f"staged {_f(held['xscale_niche_staged']['ari'])}{spread}, "
+                    f"joint {_f(held['xscale_niche_joint']['ari'])}; "
                     f"cell latents + 10-NN mean {_f(held['xscale_cell_spatial_mean']['ari'])}",
                     f"PCA + 10-NN spatial mean {_f(held['pca_spatial_mean']['ari'])}; PCA {_f(held['pca']['ari'])}"))
     att = _load("attention")

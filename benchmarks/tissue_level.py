@@ -100,6 +100,34 @@ def _joint_child(work: str, settings: dict, threads: int, queue: mp.Queue) -> No
     queue.put({"seconds": train_seconds, "peak_rss_mb": _peak_rss_mb()})
 
 
+def _level2_seeds_child(work: str, settings: dict, seeds: list[int], threads: int, queue: mp.Queue) -> None:
+    """Level 2 retrained from the staged cell latents with other seeds (same config, epochs and batch)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import xscale.datasets as datasets
+    from xscale.models.cell_to_tissue import CellToTissueConfig
+    from xscale.tl.niches import niche_embeddings
+    from xscale.train.level2 import fit_level2
+
+    adata = datasets.load(DATASET)
+    info = datasets.info(DATASET)
+    slides = adata.obs[info.slide_key].astype(str).to_numpy()
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    cells = np.load(Path(work) / "staged_cell.npy")
+    l2 = settings["level2"]
+    config = CellToTissueConfig.preset(l2["preset"], in_dim=cells.shape[1], **l2["overrides"])
+    seconds = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        model = fit_level2(cells, coords, config=config, train_cells=np.flatnonzero(slides != info.holdout),
+                           slides=slides, max_epochs=settings["level2_epochs"],
+                           batch_size=min(settings["batch_size"], 64), seed=seed, progress=False)  # as run_staged
+        seconds[seed] = time.perf_counter() - t0
+        np.save(Path(work) / f"staged_niche_level2_seed{seed}.npy", niche_embeddings(model, cells, coords, slides=slides))
+    queue.put({"seconds": seconds})
+
+
 def _in_child(target, *args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -112,7 +140,7 @@ def _in_child(target, *args) -> dict:
     return result
 
 
-def evaluate(work: Path, with_joint: bool) -> dict:
+def evaluate(work: Path, with_joint: bool, level2_seeds: list[int] = ()) -> dict:
     import xscale.datasets as datasets
     from xscale.eval.metrics import cluster_scores, log_normalized, pca, spatial_mean
 
@@ -127,6 +155,8 @@ def evaluate(work: Path, with_joint: bool) -> dict:
     reps = {"xscale_niche_staged": np.load(work / "staged_niche.npy")}
     if with_joint:
         reps["xscale_niche_joint"] = np.load(work / "joint_niche.npy")
+    for seed in level2_seeds:
+        reps[f"xscale_niche_staged_level2_seed{seed}"] = np.load(work / f"staged_niche_level2_seed{seed}.npy")
     cells = np.load(work / "staged_cell.npy")
     out: dict = {}
     for s in sorted(set(slides)):
@@ -155,6 +185,8 @@ def main() -> None:
     parser.add_argument("--no-joint", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level2-seeds", type=int, nargs="*", default=[],
+                        help="also retrain level 2 from the staged cell latents with these seeds (spread of the score)")
     args = parser.parse_args()
 
     settings = {
@@ -166,7 +198,9 @@ def main() -> None:
     t0 = time.perf_counter()
     staged = _in_child(_staged_child, str(work), settings, args.threads)
     joint = None if args.no_joint else _in_child(_joint_child, str(work), settings, args.threads)
-    per_slide = evaluate(work, joint is not None)
+    extra = [s for s in args.level2_seeds if s != args.seed]
+    seeds_run = _in_child(_level2_seeds_child, str(work), settings, extra, args.threads) if extra else None
+    per_slide = evaluate(work, joint is not None, extra)
     hold = next(v for v in per_slide.values() if v["role"] == "held_out")["scores"]
     baselines = ("xscale_cell_spatial_mean", "pca", "pca_spatial_mean", "pca30_train_spatial_mean")
     best_name = max(baselines, key=lambda k: hold[k]["ari"])
@@ -182,6 +216,7 @@ def main() -> None:
             "best_baseline": best_name,
             "best_baseline_ari": hold[best_name]["ari"],
             "margin_staged_minus_best_baseline": margin,
+            **_seed_spread(hold, args.seed, extra),
             "goal": "margin >= 0.03 and staged ARI >= 0.745",
             "goal_met": bool(margin >= 0.03 and hold["xscale_niche_staged"]["ari"] >= 0.745),
         },
@@ -191,6 +226,7 @@ def main() -> None:
             "joint": None if joint is None else {
                 "train_seconds": joint["seconds"], "peak_rss_mb": joint["peak_rss_mb"],
                 "note": "fine-tunes both levels from the staged checkpoints; seconds exclude the staged run"},
+            "level2_seed_seconds": None if seeds_run is None else seeds_run["seconds"],
             "note": "peak_rss_mb = ru_maxrss of the child process running that pipeline (imports included)",
         },
         "level2_config": staged["level2_config"],
@@ -204,6 +240,17 @@ def main() -> None:
     print(json.dumps(result["held_out_summary"], indent=2))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _seed_spread(hold: dict, seed: int, extra: list[int]) -> dict:
+    """Held-out staged ARI per level-2 seed (same cell latents), with mean and sd; {} without extra seeds."""
+    if not extra:
+        return {}
+    aris = {seed: hold["xscale_niche_staged"]["ari"]}
+    aris.update({s: hold[f"xscale_niche_staged_level2_seed{s}"]["ari"] for s in extra})
+    vals = np.array(list(aris.values()))
+    return {"xscale_niche_staged_ari_by_level2_seed": aris, "xscale_niche_staged_ari_mean": float(vals.mean()),
+            "xscale_niche_staged_ari_sd": float(vals.std(ddof=1))}
 
 
 #: Level-2 settings chosen on the training slices (see MODEL_SELECTION).
