@@ -244,7 +244,7 @@ class CellStream(_StoreStream):
         for _, rows in plan:
             a, b = int(rows[0]), int(rows[-1]) + 1
             block = self.store.read_rows(a, b)[rows - a][:, self.keep_genes].toarray()  # (b, G)
-            slides = np.searchsorted(self.store.slide_stop, rows, side="right")  # rows are grouped by slide
+            slides = self.store.slide_of(rows)  # rows are grouped by slide
             for r, counts, s in zip(rows.tolist(), block, slides.tolist(), strict=True):
                 yield CellItem(gene_ids=self.gene_ids, counts=counts, index=r, dataset=self.dataset, slide=s)
 
