@@ -69,8 +69,8 @@ NOTES = [
     "Earlier pinned-model runs (the morning of 2026-11-24, kept in attention_quality_runs_pinned_2026_11_24.jsonl): "
     "D=64, depth 2, K=8, context 512, unstandardised inputs, 400 steps. Full 0.476 / 0.552 / 0.527 / 0.522 / 0.566 "
     "(mean 0.529), criss-cross 0.557 / 0.424 / 0.500 / 0.279 / 0.514 (mean 0.455): at that short budget criss-cross "
-    "was lower and unstable (seed 3 reached the same loss as full, 4.37 vs 4.38, yet probed at 0.279). See "
-    "PINNED_1600 below for that seed trained to the benchmark's 1600 steps.",
+    "was lower and unstable (seed 3 reached the same loss as full, 4.37 vs 4.38, yet probed at 0.279). The next "
+    "note has that seed trained to the benchmark's 1600 steps.",
     "Does the gap depend on the model? quality_diagnostics (attention_quality_diagnostics.jsonl; same 1600-step "
     "budget, lr 3e-3): 'small_depth2' (the small preset with 2 encoder layers) full 0.541 / 0.570, criss-cross "
     "0.513 / 0.559 (seeds 0 / 3: gap 0.020); 'pinned' (D=64, depth 2, K=8) seed 3 full 0.538, criss-cross 0.416 "
