@@ -126,9 +126,12 @@ class CellDataModule(lightning.LightningDataModule):
     Parameters
     ----------
     train_dataset
-        Map-style or iterable dataset of CellItems (``AnnDataCellDataset``, ``CellStream``, ...).
+        Map-style or iterable dataset of CellItems (``AnnDataCellDataset``, ``CellStream``, ...),
+        or a batched ``CellStream(batch_size=B, max_genes=...)``, which yields ready CellBatches
+        built per block with array operations (the fast path for stores; its ``max_genes`` must
+        equal this DataModule's, and its ``batch_size`` replaces ``batch_size`` here).
     val_dataset
-        Optional validation dataset of CellItems.
+        Optional validation dataset of CellItems (or a batched ``CellStream``).
     max_genes
         Gene context per cell (longer panels are sampled: expressed genes first).
     batch_size, num_workers, seed
@@ -185,9 +188,23 @@ class CellDataModule(lightning.LightningDataModule):
                  len(train), n_val, len(adatas), train.genes_used)
         return cls(train, val, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed)
 
+    def _batched(self, dataset: Dataset | None, name: str) -> bool:
+        """True for a stream yielding ready CellBatches (``CellStream(batch_size=...)``); checks its context."""
+        if getattr(dataset, "batch_size", None) is None:
+            return False
+        if dataset.max_genes != self.max_genes:
+            raise XscaleInputError(
+                f"{name}: the batched CellStream builds batches with max_genes={dataset.max_genes}, the "
+                f"DataModule's max_genes is {self.max_genes}; pass the same value to both."
+            )
+        return True
+
     def train_dataloader(self) -> DataLoader:
         iterable = isinstance(self.train_dataset, IterableDataset)
         if iterable and hasattr(self.train_dataset, "set_epoch"):  # a stream: new block order every epoch
+            if self._batched(self.train_dataset, "train_dataset"):  # batches come ready from the stream
+                return EpochLoader(self.train_dataset, epoch=self._epoch, batch_size=None,
+                                   num_workers=self.num_workers)
             return EpochLoader(self.train_dataset, epoch=self._epoch, batch_size=self.batch_size,
                                collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers)
         gen = None if iterable else torch.Generator().manual_seed(self.seed)
@@ -201,6 +218,9 @@ class CellDataModule(lightning.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []
+        if self._batched(self.val_dataset, "val_dataset"):
+            return DataLoader(self.val_dataset, batch_size=None, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0)
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
                           collate_fn=CollateCells(self.max_genes, self.seed + 1), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
