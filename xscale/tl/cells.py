@@ -83,8 +83,9 @@ def embed_cells(
         Return a modified copy instead of writing into ``adata``.
     compile
         Run the encoder through ``torch.compile`` (dynamic shapes). Pays a one-off compile
-        (~20 s on a CPU) for faster batches: worth it for large datasets only
-        (benchmarks/throughput.py: 1.45x cells/s on one CPU thread). Needs a C compiler.
+        (4-20 s on a CPU, measured) for faster batches: worth it for large datasets only
+        (benchmarks/throughput.py: 1.58x cells/s on one CPU thread, median of 5 passes). Needs a
+        C compiler.
 
     Returns
     -------
