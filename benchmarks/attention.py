@@ -231,7 +231,7 @@ def _embed(model, adata, vocab, *, batch_size: int = 256, extra_pad: int = 0) ->
     return np.concatenate(out)
 
 
-def _fit(train, config, *, steps: int, seed: int, out_dir: Path, encoder_factory=None, lr: float = 2e-3):
+def _fit(train, config, *, steps: int, seed: int, out_dir: Path, lr: float, encoder_factory=None):
     """fit_level1 with an optional replacement encoder (benchmark-only ablations)."""
     import xscale.models.gene_to_cell as g2c
     from xscale.train.level1 import fit_level1
