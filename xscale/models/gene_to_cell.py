@@ -7,6 +7,7 @@ Pipeline (shapes in the alphabet of ARCHITECTURE.md)::
     -> bottleneck: Xpressor (B, K, D) | CLS token (B, 1, D) | masked mean (B, 1, D)
     -> Decompressor with gene-identity-only queries                              (B, G, D)
     -> NB / ZINB: mean = softmax over genes (padding excluded) × library, per-gene dispersion
+    (optional) linear read-out: each gene's value = flattened latents · A(gene identity)  (B, G)
 
 The bottleneck is the only thing ``pooling`` changes: CLS and mean pooling give one
 vector that the *same* decoder reads, trained with the same objectives and budget.
@@ -42,7 +43,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # panel up to 192 genes (no sampled zeros: deterministic embeddings); 16 latents; per-gene
     # standardised inputs. Chosen on a STARmap split without the held-out slide (benchmarks/cell_level.py NOTES).
     "small": dict(dim=32, heads=2, depth=1, n_latents=16, xpressor_depth=1, decoder_depth=1, max_genes=192,
-                  standardize_values=True),
+                  standardize_values=True, w_readout=1.0),
     # GPU-sized
     "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
 }
@@ -59,6 +60,14 @@ class GeneToCellConfig:
     counts as target). The weights are the shares of each batch's cells given each
     objective (one encoder pass per batch) and weight the parts in the total; a
     weight of 0 switches that objective off.
+
+    ``w_readout``: weight of the linear read-out term, added on top of the NB parts. A bilinear
+    head predicts every gene's input value (log-normalised, standardised when
+    ``standardize_values``) from the flattened latents, linearly: value[b, g] = z[b] · A(gene_g)
+    + bias_g, scored by mean squared error on the clean values whatever the cell's objective.
+    The NB decoder alone leaves expression in the latents but not linearly (a linear probe on
+    them trailed log-normalised expression by ~0.13 macro-F1); this term makes a linear image
+    of expression part of every embedding (benchmarks/cell_level.py NOTES).
 
     ``standardize_values``: the encoder sees each gene's log-normalised value as a z-score
     (per-gene mean / sd buffers, set from the training cells by ``fit_level1``), so genes of
@@ -83,6 +92,7 @@ class GeneToCellConfig:
     w_autoencode: float = 0.2
     w_masked: float = 1.0
     w_denoise: float = 1.0
+    w_readout: float = 0.0
     mask_fraction: float = 0.25
     denoise_keep: float = 0.5
     max_genes: int = 512
@@ -110,6 +120,8 @@ class GeneToCellConfig:
         weights = (self.w_autoencode, self.w_masked, self.w_denoise)
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"Objective weights must be >= 0 with a positive sum; got {weights}.")
+        if self.w_readout < 0:
+            raise ValueError(f"GeneToCellConfig.w_readout must be >= 0; got {self.w_readout}.")
         if not 0.0 < self.mask_fraction < 1.0:
             raise ValueError(f"GeneToCellConfig.mask_fraction must be in (0, 1); got {self.mask_fraction}.")
         if not 0.0 < self.denoise_keep <= 1.0:
@@ -149,12 +161,17 @@ def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 @dataclass
 class GeneToCellLoss:
-    """Loss of one batch: ``total`` (weighted sum, differentiable) and its parts (mean NLL per gene)."""
+    """Loss of one batch: ``total`` (weighted sum, differentiable) and its parts.
+
+    NB parts are mean NLL per scored gene; ``readout`` is the linear read-out's mean squared
+    error per gene (0 when ``w_readout`` is 0).
+    """
 
     total: Tensor
     autoencode: Tensor
     masked: Tensor
     denoise: Tensor
+    readout: Tensor
 
 
 class ValueEncoder(nn.Module):
@@ -208,6 +225,11 @@ class GeneToCell(nn.Module):
         # Per vocabulary gene. Starts at theta = e² ≈ 7: theta = 1 makes the NB flat in the mean, and
         # log-theta moves only ~lr per Adam step, which slowed short CPU runs down.
         self.log_theta = nn.Parameter(torch.full((c.n_genes,), 2.0))
+        if c.w_readout > 0:  # linear read-out: gene identity -> a direction in the flattened latents
+            self.readout = nn.Linear(c.dim, c.embedding_dim)
+            self.readout_bias = nn.Parameter(torch.zeros(c.n_genes))
+        else:
+            self.readout, self.readout_bias = None, None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -269,6 +291,25 @@ class GeneToCell(nn.Module):
         zi = out[..., 1] if self.config.likelihood == "zinb" else None
         return NBParams(mean=mean, theta=theta, zi_logits=zi, pad_mask=pad_mask)
 
+    def readout_values(self, latents: Tensor, gene_ids: Tensor) -> Tensor:
+        """Linear read-out of each gene's input value. latents (B, K, D), gene_ids (B, G) -> (B, G).
+
+        Values are on the encoder's input scale (standardised when ``standardize_values``).
+        Needs ``w_readout > 0`` (the head is trained only by that term).
+        """
+        if self.readout is None:
+            raise ValueError("This GeneToCell has no linear read-out head (config.w_readout is 0).")
+        genes = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D)
+        z = latents.flatten(1).to(genes.dtype)  # (B, K, D) -> (B, K·D)
+        # z · (W g + c) = g · (zᵀW) + z · c: never builds the (B, G, K·D) gene directions
+        u = z @ self.readout.weight  # (B, K·D) @ (K·D, D) -> (B, D)
+        return (genes * u[:, None]).sum(-1) + (z @ self.readout.bias)[:, None] + self.readout_bias[gene_ids]
+
+    def readout_values_naive(self, latents: Tensor, gene_ids: Tensor) -> Tensor:
+        """Reference for :meth:`readout_values`: builds every gene's (K·D) direction. (B, G)."""
+        directions = self.readout(self.gene_norm(self.gene_embedder(gene_ids)))  # (B, G, K·D)
+        return torch.einsum("be,bge->bg", latents.flatten(1), directions) + self.readout_bias[gene_ids]
+
     def loss(self, batch: Any, generator: torch.Generator | None = None) -> GeneToCellLoss:
         """Auto-encoding, masked-gene and denoising NB/ZINB NLLs in one encoder pass.
 
@@ -279,7 +320,8 @@ class GeneToCell(nn.Module):
         only) or is binomially thinned to ``denoise_keep`` (denoise; full counts as
         target). One pass over the batch thus costs what a single objective costs. Each
         part is the mean negative log-likelihood per scored gene (0 when no cell drew
-        it); ``total`` is the weighted sum of the parts over the weights of the parts present.
+        it); ``total`` is the weighted sum of the parts over the weights of the parts present,
+        plus ``w_readout`` × the linear read-out error on the clean input values.
         The decoded library is the batch's counts summed over its gene context.
         """
         c = self.config
@@ -315,6 +357,12 @@ class GeneToCell(nn.Module):
                 total = total + w * parts[name]
                 weight_sum += w
         total = total * (sum(weights.tolist()) / max(weight_sum, 1e-12))
+        parts["readout"] = counts.new_zeros(())
+        if self.readout is not None:
+            target = self._input_values(batch.gene_ids, batch.values)  # (B, G) clean input, encoder scale
+            err = (self.readout_values(latents, batch.gene_ids) - target).square().masked_fill(pad, 0.0)
+            parts["readout"] = err.sum() / real.sum().clamp_min(1)
+            total = total + c.w_readout * parts["readout"]
         return GeneToCellLoss(total=total, **parts)
 
     @torch.no_grad()
@@ -340,10 +388,15 @@ class GeneToCell(nn.Module):
         self.value_std[gene_ids] = std.to(self.value_std.dtype).clamp_min(0.1)
 
     # ------------------------------------------------------------------ internals
+    def _input_values(self, gene_ids: Tensor, values: Tensor) -> Tensor:
+        """Log-normalised values on the encoder's scale: per-gene z-scores with ``standardize_values``. (B, G)."""
+        if self.config.standardize_values:
+            return (values - self.value_mean[gene_ids]) / self.value_std[gene_ids]
+        return values
+
     def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
         gene_emb = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D), unit scale whatever the embedder
-        if self.config.standardize_values:
-            values = (values - self.value_mean[gene_ids]) / self.value_std[gene_ids]  # (B, G) per-gene z-scores
+        values = self._input_values(gene_ids, values)
         value_emb = self.value_encoder(values.to(gene_emb.dtype), gene_emb)  # (B, G, D)
         if value_mask is not None:
             value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)

@@ -75,7 +75,7 @@ class GeneCellModule(lightning.LightningModule):
         out = self.model.loss(batch, generator=self._gen(batch.counts.device))
         b = len(batch)
         self.log("train/loss", out.total, prog_bar=True, batch_size=b)
-        for part in ("autoencode", "masked", "denoise"):
+        for part in ("autoencode", "masked", "denoise", "readout"):
             self.log(f"train/{part}", getattr(out, part), batch_size=b)
         return out.total
 
