@@ -149,8 +149,10 @@ def run_dataset(name: str, *, steps: int, batch_size: int, lr: float, preset: st
         r = probe_scores(emb[~test], y[~test], emb[test], y[test])
         f1[pooling], acc[pooling] = r["macro_f1"], r["accuracy"]
         log.info("%s %s: %s (%.0f s)", name, pooling, r, seconds[pooling])
+        # decoding through each bottleneck (the entry's "reconstruction" is the Xpressor's)
+        extra.setdefault("reconstruction_per_pooling", {})[pooling] = _reconstruction(model, train_ad, test_ad)
         if pooling == "xpressor":
-            recon = _reconstruction(model, train_ad, test_ad)
+            recon = extra["reconstruction_per_pooling"][pooling]
             extra["config"] = {k: v for k, v in json.loads(json.dumps(config.__dict__)).items() if k != "genes"}
     entry = {
         "holdout": info.holdout,

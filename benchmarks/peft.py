@@ -99,6 +99,13 @@ NOTES = [
     "longer: validation macro-F1 0.559 / 0.630 / 0.574 / 0.569 / 0.577 at 40 / 80 / 120 / 160 / 200 epochs "
     "(75 s, one thread). The 0.630 at 80 epochs that made PEFT look level with full fine-tuning on validation "
     "is a spike; PEFT plateaus near 0.57-0.58, as on the test half (0.579). Longer PEFT does not close the gap.",
+    "2026-11-24 (third session), validation split only: pretraining with the level-1 linear read-out term "
+    "(PRETRAIN_CONFIG + w_readout=1, 2500 steps, 222 s) raised the probe on the pretrained latents from 0.415 to "
+    "0.518, but full fine-tuning gained more than PEFT: at the chosen settings (PEFT lr 1e-2, epochs 20/40/60/80; "
+    "full lr 3e-3, epochs 5/10/20), seeds 0 and 1, PEFT 0.622/0.629/0.581/0.589 and 0.605/0.589/0.597/0.605 vs "
+    "full 0.642/0.702/0.666 and 0.735/0.656/0.657 (without the term: PEFT 0.563/0.559/0.579/0.630 and "
+    "0.575/0.550/0.580/0.582, full 0.627/0.599/0.602 and 0.578/0.612/0.616). The gap the goal is about widens "
+    "(~0.03 -> ~0.07), so PRETRAIN_CONFIG keeps w_readout=0 (the tiny preset's default).",
 ]
 
 

@@ -36,8 +36,11 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append((f"cell level, {ds} (held out {cell[ds]['holdout']})", "macro-F1, logistic probe",
                         f"xpressor {_f(f1['xpressor'])} (cls {_f(f1['cls'])}, mean {_f(f1['mean'])})",
                         f"lognorm {_f(f1['lognorm'])}, PCA {_f(f1['pca'])}"))
+            per_pool = cell.get("notes", {}).get(ds, {}).get("reconstruction_per_pooling", {})
+            pooled = ", ".join(f"{k} {_f(per_pool[k]['nb_deviance'])}" for k in ("cls", "mean") if k in per_pool)
             out.append((f"cell level, {ds}", "NB deviance per count (held out)",
-                        _f(rec["nb_deviance"]), f"gene-mean baseline {_f(rec['baseline_nb_deviance'])}"))
+                        f"xpressor {_f(rec['nb_deviance'])}" + (f" ({pooled})" if pooled else ""),
+                        f"gene-mean baseline {_f(rec['baseline_nb_deviance'])}"))
     tissue = _load("tissue_level")
     if tissue:
         held = next(v for v in tissue["per_slice"].values() if v["role"] != "train")["scores"]

@@ -300,6 +300,13 @@ MODEL_SELECTION: list[dict] = [
      "BZ9_references": {"cell latents + 10-NN mean": 0.435, "per-slice PCA(10) + 10-NN mean": 0.381},
      "training_slice_BZ5_ari_same_runs": {"20": [0.838, 0.759, 0.807], "40": [0.648, 0.801, 0.663],
                                           "60": [0.499, 0.723, 0.514]}},
+    {"what": "2026-11-24 (third session): level-1 small preset with the linear read-out term (w_readout=1, chosen "
+             "on the level-1 tuning split for cell types, not for domains). The same out-of-sample check (level 2 "
+             "on BZ5 only, 40 epochs, scored on the unseen BZ9) on the new 200-epoch cell latents: niche ARI "
+             "0.551 / 0.490 / 0.642 (level-2 seeds 0/1/2; mean 0.561, vs 0.612 with the previous latents); cell "
+             "latents + 10-NN mean 0.391 on BZ9 and 0.497 on BZ5 (was 0.435 / 0.817). No level-2 setting changed.",
+     "unseen_slice_BZ9_ari_40_epochs_seeds_0_1_2": [0.551, 0.490, 0.642],
+     "training_slice_BZ5_ari_same_runs": [0.656, 0.641, 0.590]},
 ]
 
 if __name__ == "__main__":
