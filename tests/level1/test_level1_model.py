@@ -216,3 +216,13 @@ def test_level1_linear_readout_is_linear_in_latents_and_trains(starmap_small, tm
     with torch.no_grad():
         torch.testing.assert_close(loaded.readout_values(lat, batch.gene_ids), model.readout_values(lat, batch.gene_ids),
                                    rtol=0, atol=0)
+
+
+def test_level1_loss_runs_the_gene_embedder_once(starmap_small):
+    """encode, decode and the read-out share one gene-embedder pass per loss (a protein LM is costly)."""
+    vocab, batch = _batch(starmap_small, n=8)
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=vocab.genes, w_readout=1.0))
+    calls = []
+    model.gene_embedder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    model.loss(batch, generator=torch.Generator().manual_seed(0))
+    assert calls == [batch.gene_ids.shape]

@@ -237,14 +237,16 @@ class GeneToCell(nn.Module):
         return GeneVocab(self.config.genes)
 
     def encode(
-        self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None, *, value_mask: Tensor | None = None
+        self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None, *, value_mask: Tensor | None = None,
+        gene_emb: Tensor | None = None,
     ) -> Tensor:
         """Cell latents. gene_ids (B, G) long, values (B, G) log-normalised, pad_mask (B, G) True = pad.
 
         ``value_mask`` (B, G) bool replaces those genes' value embedding by the mask token.
+        ``gene_emb`` (B, G, D): ``self.gene_embedder(gene_ids)`` if already computed (it is otherwise).
         Returns (B, K, D) for the Xpressor, (B, 1, D) for CLS / mean pooling.
         """
-        tokens = self._tokens(gene_ids, values, value_mask)  # (B, G, D)
+        tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
         if self.config.pooling == "cls":
             b = tokens.shape[0]
             cls = self.cls_token.expand(b, 1, -1)  # (D,) -> (B, 1, D)
@@ -268,16 +270,17 @@ class GeneToCell(nn.Module):
         return self.encode(gene_ids, values, pad_mask).flatten(1)  # (B, K, D) -> (B, K·D)
 
     def decode(
-        self, latents: Tensor, gene_ids: Tensor, library: Tensor, pad_mask: Tensor | None = None
+        self, latents: Tensor, gene_ids: Tensor, library: Tensor, pad_mask: Tensor | None = None, *,
+        gene_emb: Tensor | None = None,
     ) -> NBParams:
         """Count distribution of ``gene_ids`` given latents.
 
         latents (B, K, D); gene_ids (B, G) the genes to decode (any genes of the
         vocabulary, not necessarily those encoded); library (B,) total counts the
         decoded genes share; pad_mask (B, G) True = padding. Returns :class:`NBParams`
-        with mean (B, G) = softmax over the non-padding genes × library.
+        with mean (B, G) = softmax over the non-padding genes × library. ``gene_emb`` as in :meth:`encode`.
         """
-        queries = self.query_proj(self.gene_embedder(gene_ids))  # (B, G, D): identity only
+        queries = self.query_proj(self._gene_emb(gene_ids, gene_emb))  # (B, G, D): identity only
         out = self.head(self.decoder(queries, latents, pad_mask))  # (B, G, D) -> (B, G, 1|2)
         logits = out[..., 0]
         if self.gene_bias is not None:
@@ -291,15 +294,15 @@ class GeneToCell(nn.Module):
         zi = out[..., 1] if self.config.likelihood == "zinb" else None
         return NBParams(mean=mean, theta=theta, zi_logits=zi, pad_mask=pad_mask)
 
-    def readout_values(self, latents: Tensor, gene_ids: Tensor) -> Tensor:
+    def readout_values(self, latents: Tensor, gene_ids: Tensor, *, gene_emb: Tensor | None = None) -> Tensor:
         """Linear read-out of each gene's input value. latents (B, K, D), gene_ids (B, G) -> (B, G).
 
         Values are on the encoder's input scale (standardised when ``standardize_values``).
-        Needs ``w_readout > 0`` (the head is trained only by that term).
+        Needs ``w_readout > 0`` (the head is trained only by that term). ``gene_emb`` as in :meth:`encode`.
         """
         if self.readout is None:
             raise ValueError("This GeneToCell has no linear read-out head (config.w_readout is 0).")
-        genes = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D)
+        genes = self.gene_norm(self._gene_emb(gene_ids, gene_emb))  # (B, G, D)
         z = latents.flatten(1).to(genes.dtype)  # (B, K, D) -> (B, K·D)
         # z · (W g + c) = g · (zᵀW) + z · c: never builds the (B, G, K·D) gene directions
         u = z @ self.readout.weight  # (B, K·D) @ (K·D, D) -> (B, D)
@@ -341,8 +344,9 @@ class GeneToCell(nn.Module):
             thin_library = (batch.library - (counts - thinned).sum(-1)).clamp_min(0.0)
             thin_values = log_normalize(thinned, thin_library).masked_fill(pad, 0.0)
             values = torch.where((task == 2)[:, None], thin_values.to(values.dtype), values)
-        latents = self.encode(batch.gene_ids, values, pad, value_mask=hide)  # (B, K, D)
-        lp = self.decode(latents, batch.gene_ids, library, pad).log_prob(counts)  # (B, G)
+        gene_emb = self.gene_embedder(batch.gene_ids)  # (B, G, D), once: a protein-LM embedder is costly
+        latents = self.encode(batch.gene_ids, values, pad, value_mask=hide, gene_emb=gene_emb)  # (B, K, D)
+        lp = self.decode(latents, batch.gene_ids, library, pad, gene_emb=gene_emb).log_prob(counts)  # (B, G)
         real = ~pad
         scored = {
             "autoencode": real & (task == 0)[:, None],
@@ -360,7 +364,8 @@ class GeneToCell(nn.Module):
         parts["readout"] = counts.new_zeros(())
         if self.readout is not None:
             target = self._input_values(batch.gene_ids, batch.values)  # (B, G) clean input, encoder scale
-            err = (self.readout_values(latents, batch.gene_ids) - target).square().masked_fill(pad, 0.0)
+            pred = self.readout_values(latents, batch.gene_ids, gene_emb=gene_emb)  # (B, G)
+            err = (pred - target).square().masked_fill(pad, 0.0)
             parts["readout"] = err.sum() / real.sum().clamp_min(1)
             total = total + c.w_readout * parts["readout"]
         return GeneToCellLoss(total=total, **parts)
@@ -394,8 +399,14 @@ class GeneToCell(nn.Module):
             return (values - self.value_mean[gene_ids]) / self.value_std[gene_ids]
         return values
 
-    def _tokens(self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None) -> Tensor:
-        gene_emb = self.gene_norm(self.gene_embedder(gene_ids))  # (B, G, D), unit scale whatever the embedder
+    def _gene_emb(self, gene_ids: Tensor, gene_emb: Tensor | None) -> Tensor:
+        """Raw gene embeddings (B, G, D): ``gene_emb`` when the caller computed them, else the embedder's."""
+        return self.gene_embedder(gene_ids) if gene_emb is None else gene_emb
+
+    def _tokens(
+        self, gene_ids: Tensor, values: Tensor, value_mask: Tensor | None, gene_emb: Tensor | None = None
+    ) -> Tensor:
+        gene_emb = self.gene_norm(self._gene_emb(gene_ids, gene_emb))  # (B, G, D), unit scale whatever the embedder
         values = self._input_values(gene_ids, values)
         value_emb = self.value_encoder(values.to(gene_emb.dtype), gene_emb)  # (B, G, D)
         if value_mask is not None:
