@@ -186,15 +186,19 @@ class CellStream(_StoreStream):
         """Cells, or (batched mode) batches, this stream yields per epoch over all shards (approx. for batches)."""
         return self.n_items if self.batch_size is None else -(-self.n_items // self.batch_size)
 
+    def _read(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts (b, G) CSR of the sorted store rows (b,) of one block, on the stream's genes."""
+        a, b = int(rows[0]), int(rows[-1]) + 1  # only the span of this shard's rows (a split block: part of it)
+        m = self.store.read_rows(a, b)
+        if rows.size != b - a:  # a selection of rows
+            m = m[rows - a]
+        if self.keep_genes.size != m.shape[1]:
+            m = m[:, self.keep_genes]
+        return m
+
     def _blocks(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
         for _, rows in plan:
-            a, b = int(rows[0]), int(rows[-1]) + 1  # only the span of this shard's rows (a split block: part of it)
-            m = self.store.read_rows(a, b)
-            if rows.size != b - a:  # a selection of rows
-                m = m[rows - a]
-            if self.keep_genes.size != m.shape[1]:
-                m = m[:, self.keep_genes]
-            yield rows, compact_csr(m)  # (b, G) CSR, uint16 counts
+            yield rows, compact_csr(self._read(rows))  # (b, G) CSR, uint16 counts
 
     def _make_batch(self, rows: np.ndarray, counts: sp.csr_matrix, rng: np.random.Generator) -> CellBatch:
         """The batch of store rows (B,) with CSR counts (B, G) longer than max_genes, through collate_cells."""
@@ -242,8 +246,7 @@ class CellStream(_StoreStream):
 
     def _items(self, plan: list[tuple[int, np.ndarray]]) -> Iterator[CellItem]:
         for _, rows in plan:
-            a, b = int(rows[0]), int(rows[-1]) + 1
-            block = self.store.read_rows(a, b)[rows - a][:, self.keep_genes].toarray()  # (b, G)
+            block = self._read(rows).toarray()  # (b, G)
             slides = self.store.slide_of(rows)  # rows are grouped by slide
             for r, counts, s in zip(rows.tolist(), block, slides.tolist(), strict=True):
                 yield CellItem(gene_ids=self.gene_ids, counts=counts, index=r, dataset=self.dataset, slide=s)
