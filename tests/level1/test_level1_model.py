@@ -195,7 +195,7 @@ def test_level1_linear_readout_is_linear_in_latents_and_trains(starmap_small, tm
         GeneToCellConfig(genes=["A"], w_readout=-1.0)
     # training on the read-out alone drives its error far down on one real batch
     model.zero_grad()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def readout_mse() -> float:
         with torch.no_grad():
@@ -203,13 +203,16 @@ def test_level1_linear_readout_is_linear_in_latents_and_trains(starmap_small, tm
             return float(((pred - target) ** 2)[real].mean())
 
     first = readout_mse()
-    for _ in range(150):
+    # the head starts small (weights scaled by 1/sqrt(K·D)): its first error is near the targets' own
+    # mean square, not the ~100x that the default nn.Linear init gave
+    assert first < 2.0 * float((target ** 2)[real].mean()), first
+    for _ in range(200):
         loss = ((model.readout_values(model.encode(batch.gene_ids, batch.values, batch.pad_mask), batch.gene_ids)
                  - target) ** 2)[real].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert readout_mse() < 0.2 * first
+    assert readout_mse() < 0.1 * first  # from about the targets' mean square to a small part of it
     # the head travels with the checkpoint
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
