@@ -112,6 +112,7 @@ def _level2_seeds_child(work: str, settings: dict, seeds: list[int], threads: in
     from xscale.models.cell_to_tissue import CellToTissueConfig
     from xscale.tl.niches import niche_embeddings
     from xscale.train.level2 import fit_level2
+    from xscale.train.staged import LEVEL2_MAX_BATCH
 
     adata = datasets.load(DATASET)
     info = datasets.info(DATASET)
@@ -125,7 +126,7 @@ def _level2_seeds_child(work: str, settings: dict, seeds: list[int], threads: in
         t0 = time.perf_counter()
         model = fit_level2(cells, coords, config=config, train_cells=np.flatnonzero(slides != info.holdout),
                            slides=slides, max_epochs=settings["level2_epochs"],
-                           batch_size=min(settings["batch_size"], 64), seed=seed, progress=False)  # as run_staged
+                           batch_size=min(settings["batch_size"], LEVEL2_MAX_BATCH), seed=seed, progress=False)
         seconds[seed] = time.perf_counter() - t0
         np.save(Path(work) / f"staged_niche_level2_seed{seed}.npy", niche_embeddings(model, cells, coords, slides=slides))
     queue.put({"seconds": seconds})

@@ -49,6 +49,7 @@ STAGES = ("level1", "cells", "level2", "niches")
 CELL_KEY = "X_xscale_cell"
 NICHE_KEY = "X_xscale_niche"
 DOMAIN_KEY = "xscale_domain"
+LEVEL2_MAX_BATCH = 64  # niches per level-2 batch at most (each niche carries up to C cells): min(batch_size, this)
 Preset = Literal["tiny", "small", "base"]
 
 
@@ -303,7 +304,7 @@ def run_staged(
         )
         return fit_level2(
             cells, coords, config=config, train_cells=np.flatnonzero(mask), slides=slides, radius=radius,
-            max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, 64), seed=seed,
+            max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, LEVEL2_MAX_BATCH), seed=seed,
             ckpt_dir=ckpt / "level2" / "lightning", accelerator=accelerator, progress=progress,
         )
 
