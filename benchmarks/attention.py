@@ -270,7 +270,9 @@ QUALITY_MODELS: dict[str, dict[str, Any]] = {
     "small": dict(w_readout=0.0),
     "pinned": dict(dim=64, heads=4, depth=2, n_latents=8, max_genes=512, standardize_values=False, w_readout=0.0),
     "small_depth2": dict(depth=2, w_readout=0.0),
-    "small_readout": {},  # the small preset as it is now (w_readout=1, small read-out start); --quality-steps 3200
+    # the small preset with the read-out term at weight 1 (the preset's weight when this pair was measured; it is 3
+    # since 2026-11-24, fourth session) and the read-out head's small start; run with --quality-steps 3200
+    "small_readout": dict(w_readout=1.0),
     "pinned_standardised": dict(dim=64, heads=4, depth=2, n_latents=8, max_genes=512, standardize_values=True,
                                 w_readout=0.0),
 }

@@ -43,7 +43,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # panel up to 192 genes (no sampled zeros: deterministic embeddings); 16 latents; per-gene
     # standardised inputs. Chosen on a STARmap split without the held-out slide (benchmarks/cell_level.py NOTES).
     "small": dict(dim=32, heads=2, depth=1, n_latents=16, xpressor_depth=1, decoder_depth=1, max_genes=192,
-                  standardize_values=True, w_readout=1.0),
+                  standardize_values=True, w_readout=3.0),
     # GPU-sized
     "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
 }
