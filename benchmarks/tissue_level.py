@@ -314,6 +314,10 @@ MODEL_SELECTION: list[dict] = [
              "0.491 / 0.650 / 0.818 (mean 0.653, sd 0.163; before 0.606 / 0.675 / 0.577), joint 0.547 (before "
              "0.655), cell latents + 10-NN mean 0.637 (before 0.639). The level-2 seed decides more than the "
              "level-1 change."},
+    {"what": "2026-11-24 (fourth session, later): level-1 read-out weight 3 (was 1) with the small start, chosen on "
+             "level-1 splits without the held-out slide (cell_level.py NOTES). No level-2 setting changed. Re-run "
+             "with the same arguments: held-out staged ARI by level-2 seed 0.618 / 0.587 / 0.699 (mean 0.634, sd "
+             "0.058), joint 0.656, cell latents + 10-NN mean 0.633."},
 ]
 
 if __name__ == "__main__":
