@@ -97,9 +97,10 @@ NOTES = [
     "0.154 / 0.558 / 0.648 / 0.416 / 0.503 with 166 padding tokens (masked: unchanged). Those runs used the "
     "read-out head's default start.",
     "2026-11-24 (fourth session): the read-out head now starts small (GeneToCell). The pair re-run on the small "
-    "preset with read-out weight 1 (the preset's weight then; 3 since later that session, not re-run) with the same command (raw runs in attention_quality_readout_runs.jsonl): full 0.664 / 0.649 / 0.690 / "
-    "0.659 / 0.678 (mean 0.668; seed 0 reproduced cell_level.json's 0.664 of that run), criss-cross 0.684 / 0.663 / 0.684 / "
-    "0.674 / 0.661 (mean 0.673): criss-cross 0.005 higher, higher on 3 of 5 seeds. Padding leak: 0.627 / 0.588 / "
+    "preset with read-out weight 1 (the preset's weight then; 3 since later that session, not re-run) with "
+    "the same command (raw runs in attention_quality_readout_runs.jsonl): full 0.664 / 0.649 / 0.690 / "
+    "0.659 / 0.678 (mean 0.668; seed 0 reproduced cell_level.json's 0.664 of that run), criss-cross 0.684 / "
+    "0.663 / 0.684 / 0.674 / 0.661 (mean 0.673): criss-cross 0.005 higher, higher on 3 of 5 seeds. Padding leak: 0.627 / 0.588 / "
     "0.651 / 0.598 / 0.555.",
 ]
 

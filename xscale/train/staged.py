@@ -304,7 +304,8 @@ def run_staged(
         )
         return fit_level2(
             cells, coords, config=config, train_cells=np.flatnonzero(mask), slides=slides, radius=radius,
-            max_epochs=level2_epochs, max_steps=level2_max_steps, batch_size=min(batch_size, LEVEL2_MAX_BATCH), seed=seed,
+            max_epochs=level2_epochs, max_steps=level2_max_steps,
+            batch_size=min(batch_size, LEVEL2_MAX_BATCH), seed=seed,
             ckpt_dir=ckpt / "level2" / "lightning", accelerator=accelerator, progress=progress,
         )
 
