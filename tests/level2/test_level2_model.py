@@ -74,3 +74,37 @@ def test_level2_masked_cells_scored_and_roundtrip(tmp_path):
     save_model(model, tmp_path / "l2")
     again = load_model(tmp_path / "l2")
     torch.testing.assert_close(again.embed(x, xy, pad), model.embed(x, xy, pad))
+
+
+def test_level2_composition_term_matches_a_naive_reference():
+    torch.manual_seed(0)
+    model = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=24, w_composition=2.5)).eval()
+    x, xy, pad = _batch()
+    out = model.loss(x, xy, pad, mask=False)
+    latents = model.encode(x, xy, pad)
+    errors = []
+    for i in range(x.shape[0]):  # one niche at a time: the mean of its real cells only
+        mean = torch.stack([model.standardize(x[i, j]) for j in range(x.shape[1]) if not pad[i, j]]).mean(0)
+        errors.append((model.composition(latents[i].flatten()) - mean).pow(2))
+    torch.testing.assert_close(out.composition, torch.cat(errors).mean())
+    torch.testing.assert_close(out.loss, out.reconstruction + out.masked + 2.5 * out.composition)
+
+
+def test_level2_composition_off_builds_no_head_and_trains_when_on():
+    off = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=24, w_composition=0.0))
+    assert off.composition is None
+    x, xy, pad = _batch()
+    assert off.loss(x, xy, pad, mask=False).composition.item() == 0.0
+    assert CellToTissueConfig(in_dim=24).w_composition == 0.0  # configs saved before the term load unchanged
+    with pytest.raises(ValueError, match="w_composition"):
+        CellToTissueConfig(in_dim=8, w_composition=-1.0)
+    torch.manual_seed(0)
+    model = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=24))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = model.loss(x, xy, pad, mask=False).composition.item()
+    for _ in range(100):
+        out = model.loss(x, xy, pad, mask=False)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.composition.item() < 0.05 * first

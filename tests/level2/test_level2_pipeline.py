@@ -70,6 +70,13 @@ def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
         run_staged(starmap_small.copy(), out, **{**kwargs, "level1_max_steps": 8})
     with pytest.raises(XscaleInputError, match=r"Stage 'level2'.*level2_overrides"):
         run_staged(starmap_small.copy(), out, **kwargs, level2_overrides={"mask_ratio": 0.5})
+    from xscale.models.cell_to_tissue import CellToTissueConfig  # a preset changed by a newer xscale
+
+    changed = {**CellToTissueConfig.PRESETS["tiny"], "w_composition": 0.5}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(CellToTissueConfig.PRESETS, "tiny", changed)
+        with pytest.raises(XscaleInputError, match=r"Stage 'level2'.*level2_preset_values"):
+            run_staged(starmap_small.copy(), out, **kwargs)
     np.testing.assert_array_equal(np.load(out / "checkpoints" / "niches" / "latents.npy"),
                                   third.adata.obsm["X_xscale_niche"])  # nothing written was touched
 

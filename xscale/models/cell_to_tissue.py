@@ -8,7 +8,10 @@ available) mixes the cell tokens, an :class:`~xscale.nn.xpressor.Xpressor` compr
 them into T tissue latents, and a :class:`~xscale.nn.xpressor.Decompressor` whose
 queries carry *relative position only* rebuilds every cell's level-1 latents from
 those T latents. Masked-cell objective: some cells' latents are replaced by a learned
-mask token in the input (their position stays), and must still be rebuilt.
+mask token in the input (their position stays), and must still be rebuilt. Composition
+term (``w_composition``): a linear head on the flattened tissue latents gives the mean of
+the niche's cells' latents, so the niche's make-up, what spatial domains are made of, is
+linearly readable from the embedding.
 
 Shapes: B niches, C cell tokens, K·D level-1 latent width (``in_dim``), T tissue
 latents, D level-2 width.
@@ -58,6 +61,11 @@ class CellToTissueConfig:
         Fraction of real cells whose latents are hidden in the input during training.
     masked_weight
         Extra weight of the masked cells in the reconstruction loss (0 = plain average).
+    w_composition
+        Weight of the composition term: a linear head on the flattened tissue latents must
+        give the mean (standardised) latents of the niche's real cells. It makes what spatial
+        domains are made of, the niche's cell make-up, linearly readable from the niche
+        embedding (0 = off: no head is built).
     max_cells
         C, the niche size the model is meant for (centre included); used by data code.
     """
@@ -76,19 +84,23 @@ class CellToTissueConfig:
     position_scale: float = 2.0
     mask_ratio: float = 0.25
     masked_weight: float = 1.0
+    w_composition: float = 0.0
     max_cells: int = 16
 
     PRESETS: ClassVar[dict[str, dict[str, object]]] = {
-        "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2, max_cells=11),
+        "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2, max_cells=11,
+                     w_composition=10.0),
         # C=16 niches, T=8 tissue latents, the Xpressor reading encoder outputs and cell tokens: best
-        # mean ARI on STARmap's two training slices (benchmarks/tissue_level.py MODEL_SELECTION)
+        # mean ARI on STARmap's two training slices (benchmarks/tissue_level.py MODEL_SELECTION).
+        # w_composition=10: chosen among 0/1/3/10/30 with level 2 trained on one training slice and
+        # scored on it and on the other, unseen one (MODEL_SELECTION; never the held-out slice)
         "small": dict(
             dim=64, heads=4, encoder_depth=2, encoder_latents=8, n_tissue_latents=8, max_cells=16,
-            xpressor_reads="both",
+            xpressor_reads="both", w_composition=10.0,
         ),
         "base": dict(
             dim=128, heads=8, encoder_depth=4, encoder_latents=16, n_tissue_latents=8,
-            xpressor_depth=2, decoder_depth=2, max_cells=32,
+            xpressor_depth=2, decoder_depth=2, max_cells=32, w_composition=10.0,
         ),
     }
 
@@ -108,6 +120,8 @@ class CellToTissueConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"CellToTissueConfig.mask_ratio must be in [0, 1); got {self.mask_ratio!r}.")
+        if self.w_composition < 0:
+            raise ValueError(f"CellToTissueConfig.w_composition must be >= 0; got {self.w_composition!r}.")
         if self.masked_weight < 0 or self.position_scale <= 0:
             raise ValueError(
                 f"CellToTissueConfig needs masked_weight >= 0 and position_scale > 0; "
@@ -127,13 +141,15 @@ class TissueLoss:
     """Level-2 loss terms (scalars). ``loss`` is what is optimised.
 
     ``reconstruction`` = mean squared error over all real cells; ``masked`` = the same
-    over the masked cells only (0 when none are masked); ``n_cells`` real cells scored;
+    over the masked cells only (0 when none are masked); ``composition`` = squared error
+    per feature of the linear composition head (0 when ``w_composition`` is 0); ``n_cells`` real cells scored;
     ``recon`` (B, C, K·D) the rebuilt cell latents (joint training decodes them further).
     """
 
     loss: Tensor
     reconstruction: Tensor
     masked: Tensor
+    composition: Tensor
     n_cells: int
     recon: Tensor
 
@@ -162,6 +178,8 @@ class CellToTissue(nn.Module):
         self.query_position = FourierFeatures(c.dim, n_frequencies=c.n_frequencies, scale=c.position_scale, seed=1)
         self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads)
         self.out_proj = nn.Linear(c.dim, c.in_dim)
+        # composition head: flattened tissue latents (T·D) -> mean standardised cell latents (K·D)
+        self.composition = nn.Linear(c.n_tissue_latents * c.dim, c.in_dim) if c.w_composition > 0 else None
 
     # ---------------------------------------------------------------- scaling
     @torch.no_grad()
@@ -259,6 +277,12 @@ class CellToTissue(nn.Module):
             mask[all_hidden] = False
         return mask
 
+    def niche_mean(self, cell_latents: Tensor, pad_mask: Tensor) -> Tensor:
+        """Mean standardised latents of each niche's real cells. (B, C, K·D) -> (B, K·D)."""
+        real = (~pad_mask).to(cell_latents.dtype)[..., None]  # (B, C, 1)
+        z = self.standardize(cell_latents) * real
+        return z.sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+
     def forward(
         self, cell_latents: Tensor, rel_xy: Tensor, pad_mask: Tensor, *, cell_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -286,7 +310,7 @@ class CellToTissue(nn.Module):
         if cell_mask is None and mask and self.training:
             cell_mask = self.sample_cell_mask(pad_mask)
         target = cell_latents if target is None else target
-        _, recon = self(cell_latents, rel_xy, pad_mask, cell_mask=cell_mask)
+        latents, recon = self(cell_latents, rel_xy, pad_mask, cell_mask=cell_mask)
         # scored in standardised units: every latent feature counts equally
         err = (self.standardize(recon) - self.standardize(target)).pow(2).mean(dim=-1)  # (B, C)
         real = (~pad_mask).to(err.dtype)
@@ -298,6 +322,12 @@ class CellToTissue(nn.Module):
         else:
             masked = err.new_zeros(())
         total = reconstruction + self.config.masked_weight * masked
+        composition = err.new_zeros(())
+        if self.composition is not None:  # all real cells' mean, masked ones included: the niche's make-up
+            pred = self.composition(latents.flatten(1))  # (B, T·D) -> (B, K·D)
+            composition = (pred - self.niche_mean(target, pad_mask)).pow(2).mean()
+            total = total + self.config.w_composition * composition
         return TissueLoss(
-            loss=total, reconstruction=reconstruction, masked=masked, n_cells=int(real.sum().item()), recon=recon
+            loss=total, reconstruction=reconstruction, masked=masked, composition=composition,
+            n_cells=int(real.sum().item()), recon=recon,
         )

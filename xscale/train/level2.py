@@ -111,6 +111,8 @@ class TissueModule(lightning.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=b)
         self.log("train/reconstruction", out.reconstruction, batch_size=b)
         self.log("train/masked", out.masked, batch_size=b)
+        if self.model.composition is not None:
+            self.log("train/composition", out.composition, batch_size=b)
         return out.loss
 
     def validation_step(self, batch: NicheBatch, batch_idx: int) -> None:

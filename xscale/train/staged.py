@@ -268,6 +268,8 @@ def run_staged(
     settings["level2"] = {**settings["cells"], "level2_config": level2_config, "level2_preset": level2_preset,
                           "level2_overrides": level2_overrides or {}, "radius": radius,
                           "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps}
+    if level2_config is None:  # the preset's values, so a preset changed between versions is not reused unnoticed
+        settings["level2"]["level2_preset_values"] = dict(CellToTissueConfig.PRESETS.get(level2_preset, {}))
     settings["niches"] = dict(settings["level2"])
 
     def stage(name: str, load: Callable[[], Any], make: Callable[[], Any], save: Callable[[Any], None]) -> Any:
