@@ -108,3 +108,30 @@ def test_level2_composition_off_builds_no_head_and_trains_when_on():
         out.loss.backward()
         opt.step()
     assert out.composition.item() < 0.05 * first
+
+
+def test_domains_centred_per_slide_ignore_a_slide_wide_shift():
+    import anndata as ad
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    from xscale.errors import XscaleInputError
+    from xscale.tl.niches import center_groups, domains
+
+    rng = np.random.default_rng(0)
+    truth = np.tile(np.repeat([0, 1], 50), 2)  # two domains on each of two slides
+    slide = np.repeat(["a", "b"], 100)
+    x = rng.normal(size=(200, 6)) * 0.3
+    x[:, 0] += 2.0 * truth  # the domains differ along feature 0
+    x[slide == "b"] += 8.0  # slide b is shifted as a whole (a batch effect), more than the domains differ
+    adata = ad.AnnData(np.zeros((200, 1), dtype=np.float32), obsm={"X_xscale_niche": x})
+    adata.obs["slide"] = slide
+    domains(adata, 2)
+    assert adjusted_rand_score(truth, adata.obs["xscale_domain"]) < 0.1  # the clusters follow the slides
+    domains(adata, 2, slide_key="slide")
+    assert adjusted_rand_score(truth, adata.obs["xscale_domain"]) == 1.0
+    centred = center_groups(x, slide)
+    for s in ("a", "b"):  # reference: each slide minus its own mean
+        np.testing.assert_allclose(centred[slide == s], x[slide == s] - x[slide == s].mean(0))
+    with pytest.raises(XscaleInputError, match="slide_key 'nope' not found"):
+        domains(adata, 2, slide_key="nope")

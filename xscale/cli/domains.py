@@ -9,7 +9,7 @@ Cluster obsm["X_xscale_niche"] of a latent store (all slides together, so domain
 comparable across slides) and write the labels to obs[--key-added] (default
 "xscale_domain"). The store is rewritten under a temporary name and swapped in when
 complete; --out writes a new store instead. With --label-key, prints the ARI/NMI of the
-domains against that annotation.
+domains against that annotation. With --slide-key, each slide's latents are centred first.
 
 example: xscale domains --store xscale-demo/cells.zarr --n-domains 6 --key-added xscale_domain_6
 """
@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-rep", default="X_xscale_niche", help="obsm key to cluster (default X_xscale_niche)")
     p.add_argument("--key-added", default="xscale_domain", help="obs column written (default xscale_domain)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slide-key", help="obs column of slides: centre each slide's latents before clustering, so a "
+                                       "slide-wide shift is not a domain (what xscale demo/run do with a slide key)")
     p.add_argument("--label-key", help="obs column of annotated domains: print ARI/NMI against it")
     p.add_argument("--out", help="write the result to this new store instead of updating --store")
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.use_rep in adata.obsm and np.asarray(adata.obsm[args.use_rep]).ndim > 2:
         adata.obsm[args.use_rep] = np.asarray(adata.obsm[args.use_rep]).reshape(adata.n_obs, -1)
     xscale.tl.domains(adata, args.n_domains, key_added=args.key_added, use_rep=args.use_rep,
-                      method=args.method, seed=args.seed)
+                      method=args.method, seed=args.seed, slide_key=args.slide_key)
     counts = adata.obs[args.key_added].value_counts().sort_index()
     print(f"{args.n_domains} domains in obs[{args.key_added!r}]: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     if args.label_key:

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table-key", default=None, help="SpatialData table to use (if several)")
     parser.add_argument("--n-domains", type=int, default=None,
                         help=f"number of spatial domains (default: categories of --domain-key, else {DEFAULT_N_DOMAINS})")
+    parser.add_argument("--no-slide-center", action="store_true",
+                        help="cluster domains on the niche latents as they are; by default, with --slide-key, each "
+                             "slide's latents are centred first so a slide-wide shift is not a domain (leave that on "
+                             "for sections of one organ; turn it off for slides of different regions)")
     parser.add_argument("--domain-key", default=None, help="obs column of annotated regions: evaluation only")
     parser.add_argument("--cell-type-key", default=None, help="obs column of cell types: evaluation only")
     parser.add_argument("--preset", choices=("tiny", "small", "base"), default="small",
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         adata, out, level1_preset=args.preset, level2_preset=args.preset, slide_key=args.slide_key,
         spatial_key=args.spatial_key, n_domains=n_domains, radius=args.radius, seed=args.seed,
         level1_max_steps=args.max_steps, level2_max_steps=args.max_steps, accelerator=args.accelerator,
-        progress=not args.no_progress, **epochs,
+        progress=not args.no_progress, domain_slide_center=not args.no_slide_center, **epochs,
     )
     print(f"{result.store}: {adata.n_obs} cells; obsm['X_xscale_cell'] {result.adata.obsm['X_xscale_cell'].shape}, "
           f"obsm['X_xscale_niche'] {result.adata.obsm['X_xscale_niche'].shape}, obs['xscale_domain'] ({n_domains})")

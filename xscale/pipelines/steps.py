@@ -127,9 +127,10 @@ def _step_embed_niches(
     from xscale.models.io import load_model
 
     adata = ad.read_zarr(store)
-    xscale.tl.embed_niches(adata, load_model(checkpoint), slide_key=slide_key or _dataset_keys(dataset)["slide_key"])
+    slide_key = slide_key or _dataset_keys(dataset)["slide_key"]
+    xscale.tl.embed_niches(adata, load_model(checkpoint), slide_key=slide_key)
     if n_domains:
-        xscale.tl.domains(adata, n_domains)
+        xscale.tl.domains(adata, n_domains, slide_key=slide_key)
     return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
 
 

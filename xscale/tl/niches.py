@@ -123,15 +123,32 @@ def embed_niches(
     return adata if copy else None
 
 
+def center_groups(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each group's rows minus that group's mean row. (n, d), (n,) -> (n, d) float64."""
+    X = np.array(X, dtype=np.float64)
+    codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(codes)).astype(np.float64)  # (g,)
+    sums = np.zeros((len(codes), X.shape[1]))
+    np.add.at(sums, inverse, X)  # (g, d)
+    return X - (sums / counts[:, None])[inverse]
+
+
 def cluster_domains(
-    X: np.ndarray, n_domains: int, *, method: Literal["kmeans", "gmm"] = "kmeans", seed: int = 0
+    X: np.ndarray, n_domains: int, *, method: Literal["kmeans", "gmm"] = "kmeans", seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cluster rows of ``X`` (standardised per feature) into ``n_domains``. (n, d) -> (n,) int labels.
 
     ``"kmeans"``: k-means with 10 restarts. ``"gmm"``: Gaussian mixture with diagonal
-    covariances initialised from k-means.
+    covariances initialised from k-means. ``groups`` (n,), e.g. slides: each group's rows
+    are centred on their own mean first (:func:`center_groups`), so a shift of a whole
+    slide does not become a domain of its own.
     """
     X = np.asarray(X, dtype=np.float64)
+    if groups is not None:
+        if len(groups) != X.shape[0]:
+            raise XscaleInputError(f"groups: expected one per row ({X.shape[0]}), found {len(groups)}.")
+        X = center_groups(X, groups)
     sd = X.std(axis=0)
     Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     if n_domains < 1 or n_domains > Z.shape[0]:
@@ -155,6 +172,7 @@ def domains(
     use_rep: str = "X_xscale_niche",
     method: Literal["kmeans", "gmm"] = "kmeans",
     seed: int = 0,
+    slide_key: str | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Spatial domains: cluster the niche latents of all cells together.
@@ -162,6 +180,10 @@ def domains(
     Each feature of ``obsm[use_rep]`` is standardised, then clustered by k-means
     (``method="kmeans"``, 10 restarts, the default) or a diagonal Gaussian mixture
     (``"gmm"``). Clustering all slides together keeps domain ids comparable across slides.
+    With ``slide_key``, each slide's niche latents are first centred on that slide's mean:
+    a shift between slides (a batch effect) then cannot claim a domain of its own. This
+    assumes the slides hold the same kinds of regions in broadly similar proportions
+    (sections of one organ); leave it None for slides of different regions.
 
     Parameters
     ----------
@@ -173,6 +195,8 @@ def domains(
         ``obs`` column written: categorical domain ids ``"0"``, ``"1"``, ...
     seed
         Random state of the clustering.
+    slide_key
+        ``obs`` column of slides whose latents are centred per slide before clustering.
 
     Returns
     -------
@@ -182,10 +206,11 @@ def domains(
 
     adata = adata.copy() if copy else adata
     X = _obsm(adata, use_rep, "use_rep", "Run xscale.tl.embed_niches(adata, level2_model) first.")
-    labels = cluster_domains(X, n_domains, method=method, seed=seed)
+    labels = cluster_domains(X, n_domains, method=method, seed=seed, groups=_slides(adata, slide_key))
     cats = [str(i) for i in range(n_domains)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
-    log.info("Wrote %d domains to obs[%r]", n_domains, key_added)
+    centred = f", latents centred per obs[{slide_key!r}]" if slide_key is not None else ""
+    log.info("Wrote %d domains to obs[%r]%s", n_domains, key_added, centred)
     return adata if copy else None
 
 

@@ -186,6 +186,7 @@ def run_staged(
     spatial_key: str = "spatial",
     n_domains: int | None = None,
     domain_method: Literal["kmeans", "gmm"] = "kmeans",
+    domain_slide_center: bool = True,
     radius: float | None = None,
     level1_epochs: int = 20,
     level2_epochs: int = 30,
@@ -218,6 +219,9 @@ def run_staged(
         ``obs`` column of slides: niches never cross slides.
     n_domains
         When given, ``obs["xscale_domain"]`` = k-means (or GMM) of the niche latents.
+    domain_slide_center
+        With ``slide_key``: centre each slide's niche latents before clustering domains
+        (:func:`xscale.tl.domains`), so a slide-wide shift does not become a domain.
     radius
         Optional niche radius in median nearest-neighbour distances.
     level1_epochs, level2_epochs, level1_max_steps, level2_max_steps, batch_size, seed
@@ -324,7 +328,8 @@ def run_staged(
     adata.obsm[NICHE_KEY] = niches
 
     if n_domains is not None:
-        domains(adata, n_domains, key_added=DOMAIN_KEY, use_rep=NICHE_KEY, method=domain_method, seed=seed)
+        domains(adata, n_domains, key_added=DOMAIN_KEY, use_rep=NICHE_KEY, method=domain_method, seed=seed,
+                slide_key=slide_key if domain_slide_center else None)
 
     store = out_dir / "cells.zarr"
     if write_store:
