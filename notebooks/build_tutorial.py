@@ -112,7 +112,10 @@ nearest neighbours, positions relative to the centre) and compresses it with lev
 `obs["xscale_domain"]`. We score the agreement with the annotated layers by the adjusted
 Rand index (ARI: 1 = identical partitions, 0 = chance) and compare with a strong simple
 baseline computed on the same cells: PCA of expression averaged over each cell and its 10
-nearest spatial neighbours."""),
+nearest spatial neighbours. To cluster several slides together, pass
+`slide_key="slice"`: each slide's niche latents are centred first, so that a shift of a
+whole slide (a batch effect) does not become a domain of its own; `xscale run` and
+`make demo` do this."""),
     ("code", """from sklearn.metrics import adjusted_rand_score
 
 from xscale.eval.metrics import cluster_scores, log_normalized, pca, spatial_mean
