@@ -319,14 +319,16 @@ MODEL_SELECTION: list[dict] = [
              "level-1 splits without the held-out slide (cell_level.py NOTES). No level-2 setting changed. Re-run "
              "with the same arguments: held-out staged ARI by level-2 seed 0.618 / 0.587 / 0.699 (mean 0.634, sd "
              "0.058), joint 0.656, cell latents + 10-NN mean 0.633."},
-    {"what": "2026-11-24 (fifth session): level-2 composition term (CellToTissueConfig.w_composition: a linear "
-             "head on the flattened tissue latents must give the mean standardised latents of the niche's "
-             "cells). Same out-of-sample check on this benchmark's cached 200-epoch small level-1 latents: level 2 "
-             "trained on BZ5 niches only, scored on BZ5 and on BZ9, which level 2 never saw; level-2 seeds 0/1/2. "
-             "Chosen: w_composition=10, the highest mean ARI over both slices: at 40 epochs 0.760 vs 0.752 / "
-             "0.692 / 0.689 / 0.545 for 30 / 3 / 1 / 0, at 80 epochs 0.760 vs 0.704 for 1; now in the "
-             "tiny/small/base presets. Level-2 reconstruction MSE on BZ9 niches "
-             "(standardised units, seed 0, 40 epochs) also fell: 0.920 / 0.874 / 0.833 / 0.83 for 0 / 1 / 10 / 30.",
+    {"what": "2026-11-24 (fifth session): level-2 composition term (CellToTissueConfig."
+             "w_composition: a linear head on the flattened tissue latents must give the mean "
+             "standardised latents of the niche's cells). Same out-of-sample check on this "
+             "benchmark's cached 200-epoch small level-1 latents: level 2 trained on BZ5 niches "
+             "only, scored on BZ5 and on BZ9, which level 2 never saw; level-2 seeds 0/1/2. "
+             "Chosen: w_composition=10, the highest mean ARI over both slices: at 40 epochs 0.760 "
+             "vs 0.752 / 0.692 / 0.689 / 0.545 for 30 / 3 / 1 / 0, at 80 epochs 0.760 vs 0.704 "
+             "for 1; now in the tiny/small/base presets. Level-2 reconstruction MSE on BZ9 niches "
+             "(standardised units, seed 0, 40 epochs) also fell: 0.920 / 0.874 / 0.833 / 0.83 for "
+             "0 / 1 / 10 / 30.",
      "unseen_slice_BZ9_ari_seeds_0_1_2": {
          "w0, 40 epochs": [0.656, 0.495, 0.629], "w1, 40 epochs": [0.671, 0.675, 0.718],
          "w3, 40 epochs": [0.594, 0.633, 0.759], "w10, 40 epochs": [0.586, 0.700, 0.767],

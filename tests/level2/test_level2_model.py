@@ -84,7 +84,8 @@ def test_level2_composition_term_matches_a_naive_reference():
     latents = model.encode(x, xy, pad)
     errors = []
     for i in range(x.shape[0]):  # one niche at a time: the mean of its real cells only
-        mean = torch.stack([model.standardize(x[i, j]) for j in range(x.shape[1]) if not pad[i, j]]).mean(0)
+        real = [model.standardize(x[i, j]) for j in range(x.shape[1]) if not pad[i, j]]
+        mean = torch.stack(real).mean(0)
         errors.append((model.composition(latents[i].flatten()) - mean).pow(2))
     torch.testing.assert_close(out.composition, torch.cat(errors).mean())
     torch.testing.assert_close(out.loss, out.reconstruction + out.masked + 2.5 * out.composition)
@@ -95,7 +96,8 @@ def test_level2_composition_off_builds_no_head_and_trains_when_on():
     assert off.composition is None
     x, xy, pad = _batch()
     assert off.loss(x, xy, pad, mask=False).composition.item() == 0.0
-    assert CellToTissueConfig(in_dim=24).w_composition == 0.0  # configs saved before the term load unchanged
+    # configs saved before the term (no w_composition key) load unchanged
+    assert CellToTissueConfig(in_dim=24).w_composition == 0.0
     with pytest.raises(ValueError, match="w_composition"):
         CellToTissueConfig(in_dim=8, w_composition=-1.0)
     torch.manual_seed(0)
@@ -123,11 +125,12 @@ def test_domains_centred_per_slide_ignore_a_slide_wide_shift():
     slide = np.repeat(["a", "b"], 100)
     x = rng.normal(size=(200, 6)) * 0.3
     x[:, 0] += 2.0 * truth  # the domains differ along feature 0
-    x[slide == "b"] += 8.0  # slide b is shifted as a whole (a batch effect), more than the domains differ
+    x[slide == "b"] += 8.0  # slide b shifted as a whole (a batch effect), more than domains differ
     adata = ad.AnnData(np.zeros((200, 1), dtype=np.float32), obsm={"X_xscale_niche": x})
     adata.obs["slide"] = slide
     domains(adata, 2)
-    assert adjusted_rand_score(truth, adata.obs["xscale_domain"]) < 0.1  # the clusters follow the slides
+    # without centring the clusters follow the slides
+    assert adjusted_rand_score(truth, adata.obs["xscale_domain"]) < 0.1
     domains(adata, 2, slide_key="slide")
     assert adjusted_rand_score(truth, adata.obs["xscale_domain"]) == 1.0
     centred = center_groups(x, slide)

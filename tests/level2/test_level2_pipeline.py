@@ -70,7 +70,9 @@ def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
         run_staged(starmap_small.copy(), out, **{**kwargs, "level1_max_steps": 8})
     with pytest.raises(XscaleInputError, match=r"Stage 'level2'.*level2_overrides"):
         run_staged(starmap_small.copy(), out, **kwargs, level2_overrides={"mask_ratio": 0.5})
-    from xscale.models.cell_to_tissue import CellToTissueConfig  # a preset changed by a newer xscale
+    from xscale.models.cell_to_tissue import CellToTissueConfig
+
+    # a preset changed by a newer xscale
 
     changed = {**CellToTissueConfig.PRESETS["tiny"], "w_composition": 0.5}
     with pytest.MonkeyPatch.context() as mp:

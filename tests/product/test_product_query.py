@@ -145,7 +145,8 @@ def test_cli_domains_reclusters_niche_latents(starmap_store, tmp_path, capsys):
     assert result.obs["dom5"].nunique() == 5 and result.n_obs == adata.n_obs
     assert "dom5" not in ad.read_zarr(path).obs  # --out leaves the source store alone
     assert main(["domains", "--store", str(out), "--n-domains", "1"]) == 2
-    assert main(["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "slice", "--out", str(out)]) == 0
+    args = ["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "slice"]
+    assert main([*args, "--out", str(out)]) == 0
     assert ad.read_zarr(out).obs["xscale_domain"].nunique() == 4
     assert main(["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "nope"]) == 2
     assert "slide_key 'nope' not found" in capsys.readouterr().err

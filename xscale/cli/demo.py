@@ -30,8 +30,8 @@ DATASET = "starmap_mpfc"
 # 149 s, level 2 93 s) on the idle 2-core machine. With the read-out term in the small preset (w_readout=1):
 # 249 s wall (level 1 150 s, level 2 84 s). With the read-out head's scaled start (GeneToCell):
 # 250 s wall (level 1 150 s, level 2 85 s); held-out per-gene Pearson of decoding 0.474 -> 0.901.
-# Read-out weight 3: 239 s wall (level 1 137 s, level 2 86 s). Level-2 composition term (w_composition=10):
-# 228 s wall (level 1 130 s, level 2 83 s); held-out niche ARI 0.529 -> 0.781.
+# Read-out weight 3: 239 s wall (level 1 137 s, level 2 86 s). Level-2 composition term
+# (w_composition=10): 228 s wall (level 1 130 s, level 2 83 s); held-out niche ARI 0.529 -> 0.781.
 LEVEL1_EPOCHS = 120
 LEVEL2_EPOCHS = 80
 

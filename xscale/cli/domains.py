@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-rep", default="X_xscale_niche", help="obsm key to cluster (default X_xscale_niche)")
     p.add_argument("--key-added", default="xscale_domain", help="obs column written (default xscale_domain)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slide-key", help="obs column of slides: centre each slide's latents before clustering, so a "
-                                       "slide-wide shift is not a domain (what xscale demo/run do with a slide key)")
+    p.add_argument("--slide-key", help="obs column of slides: centre each slide's latents before "
+                   "clustering, so a slide-wide shift is not a domain (as xscale demo/run do)")
     p.add_argument("--label-key", help="obs column of annotated domains: print ARI/NMI against it")
     p.add_argument("--out", help="write the result to this new store instead of updating --store")
 

@@ -25,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-domains", type=int, default=None,
                         help=f"number of spatial domains (default: categories of --domain-key, else {DEFAULT_N_DOMAINS})")
     parser.add_argument("--no-slide-center", action="store_true",
-                        help="cluster domains on the niche latents as they are; by default, with --slide-key, each "
-                             "slide's latents are centred first so a slide-wide shift is not a domain (leave that on "
-                             "for sections of one organ; turn it off for slides of different regions)")
+                        help="cluster domains on the niche latents as they are; by default, with "
+                             "--slide-key, each slide's latents are centred first so a slide-wide "
+                             "shift is not a domain (leave that on for sections of one organ; turn "
+                             "it off for slides of different regions)")
     parser.add_argument("--domain-key", default=None, help="obs column of annotated regions: evaluation only")
     parser.add_argument("--cell-type-key", default=None, help="obs column of cell types: evaluation only")
     parser.add_argument("--preset", choices=("tiny", "small", "base"), default="small",

@@ -88,8 +88,8 @@ class CellToTissueConfig:
     max_cells: int = 16
 
     PRESETS: ClassVar[dict[str, dict[str, object]]] = {
-        "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2, max_cells=11,
-                     w_composition=10.0),
+        "tiny": dict(dim=32, heads=2, encoder_depth=1, encoder_latents=4, n_tissue_latents=2,
+                     max_cells=11, w_composition=10.0),
         # C=16 niches, T=8 tissue latents, the Xpressor reading encoder outputs and cell tokens: best
         # mean ARI on STARmap's two training slices (benchmarks/tissue_level.py MODEL_SELECTION).
         # w_composition=10: chosen among 0/1/3/10/30 with level 2 trained on one training slice and
@@ -121,7 +121,9 @@ class CellToTissueConfig:
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"CellToTissueConfig.mask_ratio must be in [0, 1); got {self.mask_ratio!r}.")
         if self.w_composition < 0:
-            raise ValueError(f"CellToTissueConfig.w_composition must be >= 0; got {self.w_composition!r}.")
+            raise ValueError(
+                f"CellToTissueConfig.w_composition must be >= 0; got {self.w_composition!r}."
+            )
         if self.masked_weight < 0 or self.position_scale <= 0:
             raise ValueError(
                 f"CellToTissueConfig needs masked_weight >= 0 and position_scale > 0; "
@@ -142,8 +144,9 @@ class TissueLoss:
 
     ``reconstruction`` = mean squared error over all real cells; ``masked`` = the same
     over the masked cells only (0 when none are masked); ``composition`` = squared error
-    per feature of the linear composition head (0 when ``w_composition`` is 0); ``n_cells`` real cells scored;
-    ``recon`` (B, C, K·D) the rebuilt cell latents (joint training decodes them further).
+    per feature of the linear composition head (0 when ``w_composition`` is 0); ``n_cells``
+    real cells scored; ``recon`` (B, C, K·D) the rebuilt cell latents (joint training
+    decodes them further).
     """
 
     loss: Tensor
@@ -179,7 +182,9 @@ class CellToTissue(nn.Module):
         self.decoder = Decompressor(c.dim, c.decoder_depth, c.heads)
         self.out_proj = nn.Linear(c.dim, c.in_dim)
         # composition head: flattened tissue latents (T·D) -> mean standardised cell latents (K·D)
-        self.composition = nn.Linear(c.n_tissue_latents * c.dim, c.in_dim) if c.w_composition > 0 else None
+        self.composition = (
+            nn.Linear(c.n_tissue_latents * c.dim, c.in_dim) if c.w_composition > 0 else None
+        )
 
     # ---------------------------------------------------------------- scaling
     @torch.no_grad()
@@ -323,7 +328,7 @@ class CellToTissue(nn.Module):
             masked = err.new_zeros(())
         total = reconstruction + self.config.masked_weight * masked
         composition = err.new_zeros(())
-        if self.composition is not None:  # all real cells' mean, masked ones included: the niche's make-up
+        if self.composition is not None:  # mean of all real cells, masked ones too: the make-up
             pred = self.composition(latents.flatten(1))  # (B, T·D) -> (B, K·D)
             composition = (pred - self.niche_mean(target, pad_mask)).pow(2).mean()
             total = total + self.config.w_composition * composition

@@ -126,11 +126,11 @@ def embed_niches(
 def center_groups(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Each group's rows minus that group's mean row. (n, d), (n,) -> (n, d) float64."""
     X = np.array(X, dtype=np.float64)
-    codes, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    counts = np.bincount(inverse, minlength=len(codes)).astype(np.float64)  # (g,)
-    sums = np.zeros((len(codes), X.shape[1]))
-    np.add.at(sums, inverse, X)  # (g, d)
-    return X - (sums / counts[:, None])[inverse]
+    groups = np.asarray(groups)
+    for g in np.unique(groups):  # a few slides: one vectorised mean each
+        rows = groups == g
+        X[rows] -= X[rows].mean(axis=0)
+    return X
 
 
 def cluster_domains(
@@ -147,7 +147,9 @@ def cluster_domains(
     X = np.asarray(X, dtype=np.float64)
     if groups is not None:
         if len(groups) != X.shape[0]:
-            raise XscaleInputError(f"groups: expected one per row ({X.shape[0]}), found {len(groups)}.")
+            raise XscaleInputError(
+                f"groups: expected one per row ({X.shape[0]}), found {len(groups)}."
+            )
         X = center_groups(X, groups)
     sd = X.std(axis=0)
     Z = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
@@ -206,7 +208,8 @@ def domains(
 
     adata = adata.copy() if copy else adata
     X = _obsm(adata, use_rep, "use_rep", "Run xscale.tl.embed_niches(adata, level2_model) first.")
-    labels = cluster_domains(X, n_domains, method=method, seed=seed, groups=_slides(adata, slide_key))
+    groups = _slides(adata, slide_key)
+    labels = cluster_domains(X, n_domains, method=method, seed=seed, groups=groups)
     cats = [str(i) for i in range(n_domains)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     centred = f", latents centred per obs[{slide_key!r}]" if slide_key is not None else ""

@@ -272,8 +272,9 @@ def run_staged(
     settings["level2"] = {**settings["cells"], "level2_config": level2_config, "level2_preset": level2_preset,
                           "level2_overrides": level2_overrides or {}, "radius": radius,
                           "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps}
-    if level2_config is None:  # the preset's values, so a preset changed between versions is not reused unnoticed
-        settings["level2"]["level2_preset_values"] = dict(CellToTissueConfig.PRESETS.get(level2_preset, {}))
+    if level2_config is None:  # the preset's values: a preset changed between versions is noticed
+        preset_values = CellToTissueConfig.PRESETS.get(level2_preset, {})
+        settings["level2"]["level2_preset_values"] = dict(preset_values)
     settings["niches"] = dict(settings["level2"])
 
     def stage(name: str, load: Callable[[], Any], make: Callable[[], Any], save: Callable[[Any], None]) -> Any:
@@ -328,8 +329,8 @@ def run_staged(
     adata.obsm[NICHE_KEY] = niches
 
     if n_domains is not None:
-        domains(adata, n_domains, key_added=DOMAIN_KEY, use_rep=NICHE_KEY, method=domain_method, seed=seed,
-                slide_key=slide_key if domain_slide_center else None)
+        domains(adata, n_domains, key_added=DOMAIN_KEY, use_rep=NICHE_KEY, method=domain_method,
+                seed=seed, slide_key=slide_key if domain_slide_center else None)
 
     store = out_dir / "cells.zarr"
     if write_store:
