@@ -157,3 +157,48 @@ def test_level2_niche_embeddings_unit_invariant_and_padded(starmap_small):
     tiny = make_niches(xy[:4], np.arange(4), max_cells=7)
     assert tiny.pad_mask[:, 4:].all() and not tiny.pad_mask[:, :4].any()
     assert (tiny.idx[:, 0] == np.arange(4)).all() and np.allclose(tiny.rel_xy[:, 0], 0.0)
+
+
+def _spots(a: ad.AnnData, bin_size: float) -> ad.AnnData:
+    """Spot-based data from real cells: counts summed over a square grid, one spot per occupied bin
+    (at the bin centre), per slide: a regular lattice like Visium's, several cells per spot."""
+    import scipy.sparse as sp
+
+    slides = a.obs["slice"].astype(str).to_numpy()
+    keys = np.floor(a.obsm["spatial"] / bin_size).astype(np.int64)
+    groups = [f"{s}|{i}|{j}" for s, (i, j) in zip(slides, keys, strict=True)]
+    names, inverse = np.unique(groups, return_inverse=True)
+    member = sp.csr_matrix((np.ones(a.n_obs), (inverse, np.arange(a.n_obs))), shape=(len(names), a.n_obs))
+    counts = sp.csr_matrix(member @ sp.csr_matrix(a.X)).astype(np.float32)  # (spots, genes) summed counts
+    grid = np.array([[int(v) for v in n.split("|")[1:]] for n in names], dtype=np.float64)
+    spots = ad.AnnData(counts, var=a.var[[]].copy())
+    spots.obs_names = [f"spot{i}" for i in range(len(names))]
+    spots.obs["slice"] = [n.split("|")[0] for n in names]
+    spots.obsm["spatial"] = (grid + 0.5) * bin_size
+    return spots
+
+
+@pytest.mark.parametrize("kind", ["small_panel", "spots"])
+def test_level2_cli_run_on_a_small_panel_and_on_spots(starmap_small, tmp_path, kind):
+    """`xscale run` completes on a panel of tens of genes and on spot-based data (a regular grid)."""
+    from xscale.cli.main import main
+
+    a = starmap_small
+    if kind == "small_panel":  # the 24 most detected genes of the panel
+        detected = np.asarray((a.X > 0).sum(axis=0)).ravel()
+        a = a[:, np.sort(np.argsort(-detected)[:24])].copy()
+    else:
+        extent = np.ptp(a.obsm["spatial"], axis=0).max()
+        a = _spots(a, bin_size=extent / 12)
+        assert a.n_obs < starmap_small.n_obs and a.X.sum() == starmap_small.X.sum()
+    data = tmp_path / f"{kind}.h5ad"
+    a.write_h5ad(data)
+    out = tmp_path / "out"
+    code = main(["run", "--data", str(data), "--out", str(out), "--slide-key", "slice", "--n-domains", "3",
+                 "--preset", "tiny", "--max-steps", "3", "--no-progress"])
+    assert code == 0
+    store = ad.read_zarr(out / "cells.zarr")
+    assert list(store.obs_names) == list(a.obs_names)
+    for key in ("X_xscale_cell", "X_xscale_niche"):
+        assert store.obsm[key].shape[0] == a.n_obs and np.isfinite(store.obsm[key]).all()
+    assert store.obs["xscale_domain"].nunique() == 3
