@@ -342,9 +342,9 @@ MODEL_SELECTION: list[dict] = [
      "references_same_latents": {"cell latents + 10-NN mean": {"BZ5": 0.762, "BZ9": 0.489}}},
     {"what": "2026-11-24 (fifth session), after the choice and not used for it: the same benchmark with "
              "level-1 seeds 1 and 2 (--seed 1 --level2-seeds 1 2; --seed 2 --level2-seeds 0 1). "
-             "Held-out staged ARI, level-1 seed 1: 0.811 / 0.747 (level-2 seeds 1 / 2), joint 0.786; "
-             "level-1 seed 2: 0.800 / 0.772 / 0.832 (level-2 seeds 2 / 0 / 1), joint 0.796. With the "
-             "committed run's "
+             "Held-out staged ARI, level-1 seed 1: 0.811 / 0.747 (level-2 seeds 1 / 2), joint "
+             "0.786; level-1 seed 2: 0.800 / 0.772 / 0.832 (level-2 seeds 2 / 0 / 1), joint 0.796. "
+             "With the committed run's "
              "0.807 / 0.795 / 0.787: 8 runs, mean 0.794, lowest 0.747; every run clears 0.745 and "
              "PCA + 10-NN (0.717) + 0.03.",
      "held_out_ari_level1_seed1": {"staged_level2_seed1": 0.811, "staged_level2_seed2": 0.747,
