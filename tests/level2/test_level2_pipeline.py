@@ -164,17 +164,18 @@ def _spots(a: ad.AnnData, bin_size: float) -> ad.AnnData:
     (at the bin centre), per slide: a regular lattice like Visium's, several cells per spot."""
     import scipy.sparse as sp
 
-    slides = a.obs["slice"].astype(str).to_numpy()
-    keys = np.floor(a.obsm["spatial"] / bin_size).astype(np.int64)
-    groups = [f"{s}|{i}|{j}" for s, (i, j) in zip(slides, keys, strict=True)]
-    names, inverse = np.unique(groups, return_inverse=True)
-    member = sp.csr_matrix((np.ones(a.n_obs), (inverse, np.arange(a.n_obs))), shape=(len(names), a.n_obs))
-    counts = sp.csr_matrix(member @ sp.csr_matrix(a.X)).astype(np.float32)  # (spots, genes) summed counts
-    grid = np.array([[int(v) for v in n.split("|")[1:]] for n in names], dtype=np.float64)
+    names, slide = np.unique(a.obs["slice"].astype(str).to_numpy(), return_inverse=True)
+    bins = np.floor(a.obsm["spatial"] / bin_size).astype(np.int64)  # (n, 2) grid cell of each cell
+    # (S, 3) slide and grid cell of each spot; inverse: the spot of each cell
+    spot_keys, inverse = np.unique(np.column_stack([slide, bins]), axis=0, return_inverse=True)
+    n_spots = len(spot_keys)
+    rows_cols = (inverse.ravel(), np.arange(a.n_obs))
+    member = sp.csr_matrix((np.ones(a.n_obs), rows_cols), shape=(n_spots, a.n_obs))  # (S, n)
+    counts = sp.csr_matrix(member @ sp.csr_matrix(a.X)).astype(np.float32)  # (S, genes) summed
     spots = ad.AnnData(counts, var=a.var[[]].copy())
-    spots.obs_names = [f"spot{i}" for i in range(len(names))]
-    spots.obs["slice"] = [n.split("|")[0] for n in names]
-    spots.obsm["spatial"] = (grid + 0.5) * bin_size
+    spots.obs_names = [f"spot{i}" for i in range(n_spots)]
+    spots.obs["slice"] = names[spot_keys[:, 0]]
+    spots.obsm["spatial"] = (spot_keys[:, 1:] + 0.5) * bin_size  # bin centres: a regular lattice
     return spots
 
 
