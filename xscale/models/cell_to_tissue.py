@@ -282,11 +282,11 @@ class CellToTissue(nn.Module):
             mask[all_hidden] = False
         return mask
 
-    def niche_mean(self, cell_latents: Tensor, pad_mask: Tensor) -> Tensor:
-        """Mean standardised latents of each niche's real cells. (B, C, K·D) -> (B, K·D)."""
-        real = (~pad_mask).to(cell_latents.dtype)[..., None]  # (B, C, 1)
-        z = self.standardize(cell_latents) * real
-        return z.sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+    @staticmethod
+    def niche_mean(z: Tensor, pad_mask: Tensor) -> Tensor:
+        """Mean over each niche's real cells of latents z. (B, C, K·D) -> (B, K·D)."""
+        real = (~pad_mask).to(z.dtype)[..., None]  # (B, C, 1)
+        return (z * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
 
     def forward(
         self, cell_latents: Tensor, rel_xy: Tensor, pad_mask: Tensor, *, cell_mask: Tensor | None = None
@@ -317,7 +317,8 @@ class CellToTissue(nn.Module):
         target = cell_latents if target is None else target
         latents, recon = self(cell_latents, rel_xy, pad_mask, cell_mask=cell_mask)
         # scored in standardised units: every latent feature counts equally
-        err = (self.standardize(recon) - self.standardize(target)).pow(2).mean(dim=-1)  # (B, C)
+        target_z = self.standardize(target)  # (B, C, K·D), shared by both terms below
+        err = (self.standardize(recon) - target_z).pow(2).mean(dim=-1)  # (B, C)
         real = (~pad_mask).to(err.dtype)
         n_real = real.sum().clamp_min(1.0)
         reconstruction = (err * real).sum() / n_real
@@ -330,7 +331,7 @@ class CellToTissue(nn.Module):
         composition = err.new_zeros(())
         if self.composition is not None:  # mean of all real cells, masked ones too: the make-up
             pred = self.composition(latents.flatten(1))  # (B, T·D) -> (B, K·D)
-            composition = (pred - self.niche_mean(target, pad_mask)).pow(2).mean()
+            composition = (pred - self.niche_mean(target_z, pad_mask)).pow(2).mean()
             total = total + self.config.w_composition * composition
         return TissueLoss(
             loss=total, reconstruction=reconstruction, masked=masked, composition=composition,
