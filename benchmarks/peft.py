@@ -106,6 +106,11 @@ NOTES = [
     "full 0.642/0.702/0.666 and 0.735/0.656/0.657 (without the term: PEFT 0.563/0.559/0.579/0.630 and "
     "0.575/0.550/0.580/0.582, full 0.627/0.599/0.602 and 0.578/0.612/0.616). The gap the goal is about widens "
     "(~0.03 -> ~0.07), so PRETRAIN_CONFIG keeps w_readout=0 (the tiny preset's default).",
+    "2026-11-24 (sixth session), validation split only: PEFT with more latent queries than were pretrained "
+    "(32 instead of 8; the 24 new queries copies of the pretrained ones plus noise, head on all 32; lr 1e-2, "
+    "seeds 0 / 1) scored 0.540 / 0.503 at 20 epochs, 0.568 / 0.569 at 40, 0.564 / 0.587 at 80, vs 0.563 / "
+    "0.575, 0.559 / 0.550 and 0.630 / 0.582 with the 8 pretrained queries (same script), at 12.6 % trainable "
+    "(over the 10 % cap). Not adopted.",
 ]
 
 
