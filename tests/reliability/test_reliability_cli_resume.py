@@ -27,24 +27,38 @@ def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, object]:
     return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=ENV), handle
 
 
+def _log_tail(log: Path | None, n: int = 3000) -> str:
+    """The end of the run's log, for assertion messages (a failure says what the run printed)."""
+    if log is None or not log.exists():
+        return ""
+    return "\n--- end of the run's log ---\n" + log.read_text(errors="replace")[-n:]
+
+
 def _kill_when(proc: subprocess.Popen, last: Path, min_step: int, max_step: int, timeout: float,
-               not_exists: Path | None = None) -> int:
-    """SIGKILL ``proc`` once ``last`` holds a step in [min_step, max_step); returns the step saved on disk."""
+               not_exists: Path | None = None, log: Path | None = None) -> int:
+    """SIGKILL ``proc`` once ``last`` holds a step in [min_step, max_step); returns the step saved on disk.
+
+    ``log``: the run's output file, quoted in any assertion message."""
     deadline = time.monotonic() + timeout
+    seen: list[int] = []  # steps read from ``last`` while polling, for the failure message
     try:
         while time.monotonic() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
+            assert proc.poll() is None, (
+                f"the run ended (exit code {proc.returncode}) before it could be killed; steps seen in {last}: "
+                f"{seen}{_log_tail(log)}")
             if last.exists():
                 step = load_lightning_checkpoint(last)["global_step"]
+                seen.append(step)
                 if min_step <= step < max_step and (not_exists is None or not not_exists.exists()):
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     # the run may have saved again before the signal landed: what is on disk now counts
                     step = load_lightning_checkpoint(last)["global_step"]
-                    assert step < max_step, "the stage finished before the kill landed"
+                    assert step < max_step, f"the stage finished before the kill landed{_log_tail(log)}"
                     return step
             time.sleep(0.1)
-        raise AssertionError(f"{last} never reached step {min_step} within {timeout}s")
+        raise AssertionError(f"{last} never reached step {min_step} within {timeout}s; steps seen: {seen}"
+                             f"{_log_tail(log)}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -79,14 +93,15 @@ def test_xscale_run_killed_in_each_level_resumes_and_completes(small_h5ad, tmp_p
 
     # 1. killed during level 1
     proc, h = _start(cmd, tmp_path / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600)
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp_path / "1.log")
     h.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "checkpoints" / "level1" / "model").exists() and not (out / "cells.zarr").exists()
 
     # 2. same command: resumes level 1 at s1; killed during level 2
     proc, h = _start(cmd, tmp_path / "2.log")
-    s2 = _kill_when(proc, l2, 1, steps, timeout=900, not_exists=out / "checkpoints" / "level2" / "model")
+    s2 = _kill_when(proc, l2, 1, steps, timeout=900, not_exists=out / "checkpoints" / "level2" / "model",
+                    log=tmp_path / "2.log")
     h.close()
     log2 = (tmp_path / "2.log").read_text()
     assert _resumed_step(log2, l1) == s1
@@ -116,7 +131,7 @@ def test_xscale_demo_killed_mid_training_resumes_and_completes(tmp_path):
            "--max-steps", str(steps), "--no-progress", "--no-report"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     proc, h = _start(cmd, tmp_path / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600)
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp_path / "1.log")
     h.close()
     assert proc.returncode == -signal.SIGKILL
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1200)
@@ -149,7 +164,7 @@ def resumed_run(small_h5ad, tmp_path_factory):
            "--no-progress"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     proc, h = _start(cmd, tmp / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600)
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp / "1.log")
     h.close()
     killed_rc, cells_after_kill = proc.returncode, (out / "cells.zarr").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
