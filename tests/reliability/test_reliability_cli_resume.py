@@ -36,16 +36,15 @@ def _log_tail(log: Path | None, n: int = 3000) -> str:
 
 def _kill_when(proc: subprocess.Popen, last: Path, min_step: int, max_step: int, timeout: float,
                not_exists: Path | None = None, log: Path | None = None) -> int:
-    """SIGKILL ``proc`` once ``last`` holds a step in [min_step, max_step); returns the step saved on disk.
-
-    ``log``: the run's output file, quoted in any assertion message."""
+    """SIGKILL ``proc`` once ``last`` holds a step in [min_step, max_step); returns the step
+    saved on disk. ``log``: the run's output file, quoted in any assertion message."""
     deadline = time.monotonic() + timeout
     seen: list[int] = []  # steps read from ``last`` while polling, for the failure message
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, (
-                f"the run ended (exit code {proc.returncode}) before it could be killed; steps seen in {last}: "
-                f"{seen}{_log_tail(log)}")
+                f"the run ended (exit code {proc.returncode}) before it could be killed; "
+                f"steps seen in {last}: {seen}{_log_tail(log)}")
             if last.exists():
                 step = load_lightning_checkpoint(last)["global_step"]
                 seen.append(step)
@@ -54,11 +53,12 @@ def _kill_when(proc: subprocess.Popen, last: Path, min_step: int, max_step: int,
                     proc.wait()
                     # the run may have saved again before the signal landed: what is on disk now counts
                     step = load_lightning_checkpoint(last)["global_step"]
-                    assert step < max_step, f"the stage finished before the kill landed{_log_tail(log)}"
+                    assert step < max_step, (
+                        f"the stage finished before the kill landed{_log_tail(log)}")
                     return step
             time.sleep(0.1)
-        raise AssertionError(f"{last} never reached step {min_step} within {timeout}s; steps seen: {seen}"
-                             f"{_log_tail(log)}")
+        raise AssertionError(f"{last} never reached step {min_step} within {timeout}s; "
+                             f"steps seen: {seen}{_log_tail(log)}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -100,8 +100,8 @@ def test_xscale_run_killed_in_each_level_resumes_and_completes(small_h5ad, tmp_p
 
     # 2. same command: resumes level 1 at s1; killed during level 2
     proc, h = _start(cmd, tmp_path / "2.log")
-    s2 = _kill_when(proc, l2, 1, steps, timeout=900, not_exists=out / "checkpoints" / "level2" / "model",
-                    log=tmp_path / "2.log")
+    s2 = _kill_when(proc, l2, 1, steps, timeout=900,
+                    not_exists=out / "checkpoints" / "level2" / "model", log=tmp_path / "2.log")
     h.close()
     log2 = (tmp_path / "2.log").read_text()
     assert _resumed_step(log2, l1) == s1
