@@ -93,7 +93,7 @@ def test_xscale_run_killed_in_each_level_resumes_and_completes(small_h5ad, tmp_p
 
     # 1. killed during level 1
     proc, h = _start(cmd, tmp_path / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp_path / "1.log")
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=Path(h.name))
     h.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "checkpoints" / "level1" / "model").exists() and not (out / "cells.zarr").exists()
@@ -101,7 +101,7 @@ def test_xscale_run_killed_in_each_level_resumes_and_completes(small_h5ad, tmp_p
     # 2. same command: resumes level 1 at s1; killed during level 2
     proc, h = _start(cmd, tmp_path / "2.log")
     s2 = _kill_when(proc, l2, 1, steps, timeout=900,
-                    not_exists=out / "checkpoints" / "level2" / "model", log=tmp_path / "2.log")
+                    not_exists=out / "checkpoints" / "level2" / "model", log=Path(h.name))
     h.close()
     log2 = (tmp_path / "2.log").read_text()
     assert _resumed_step(log2, l1) == s1
@@ -131,7 +131,7 @@ def test_xscale_demo_killed_mid_training_resumes_and_completes(tmp_path):
            "--max-steps", str(steps), "--no-progress", "--no-report"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     proc, h = _start(cmd, tmp_path / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp_path / "1.log")
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=Path(h.name))
     h.close()
     assert proc.returncode == -signal.SIGKILL
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1200)
@@ -164,7 +164,7 @@ def resumed_run(small_h5ad, tmp_path_factory):
            "--no-progress"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     proc, h = _start(cmd, tmp / "1.log")
-    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=tmp / "1.log")
+    s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=Path(h.name))
     h.close()
     killed_rc, cells_after_kill = proc.returncode, (out / "cells.zarr").exists()
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
