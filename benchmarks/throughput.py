@@ -68,7 +68,7 @@ def _embed(model, ds, order: np.ndarray, batch_size: int, mode: str) -> tuple[np
     pad = total = 0
     ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
     with ctx():
-        for idx, b in _batches(ds, order, batch_size, model.config.max_genes):
+        for idx, b in _batches(ds, order, batch_size, model.config.inference_context):
             out[idx] = model.embed(b.gene_ids, b.values, b.pad_mask).detach().numpy()
             pad += int(b.pad_mask.sum())
             total += b.pad_mask.numel()
@@ -143,13 +143,13 @@ def level1(batch_size: int, compile_: bool) -> dict[str, Any]:
             compiled = torch.compile(model.encode, dynamic=True)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                b = next(_batches(ds, order, batch_size, model.config.max_genes))[1]
+                b = next(_batches(ds, order, batch_size, model.config.inference_context))[1]
                 compiled(b.gene_ids, b.values, b.pad_mask)
             compile_s = time.perf_counter() - t0
 
             def run() -> None:
                 with torch.inference_mode():
-                    for _, bb in _batches(ds, order, batch_size, model.config.max_genes):
+                    for _, bb in _batches(ds, order, batch_size, model.config.inference_context):
                         compiled(bb.gene_ids, bb.values, bb.pad_mask)
 
             cpu, wall, _ = _clock_median(run)

@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 import xscale.tl as tl
@@ -41,6 +42,34 @@ def test_level1_embedding_deterministic_under_seed(starmap_small, model_first_pa
     # the panel (120 known genes) is longer than max_genes=48, so the context seed matters
     c = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=4, copy=True)
     assert not np.array_equal(a.obsm["X_xscale_cell"], c.obsm["X_xscale_cell"])
+
+
+def test_level1_inference_context_reads_whole_panel(starmap_small, model_first_panel):
+    """inference_max_genes >= the panel: every gene is read, so the context seed no longer matters;
+    embed_cells, encode_cells and the store / dask path (embed_rows) all use the same context."""
+    import dataclasses
+
+    from xscale.data.anndata_dataset import map_panel
+    from xscale.tl.dask_embed import embed_rows
+    from xscale.train.finetune import encode_cells
+
+    net = GeneToCell(dataclasses.replace(model_first_panel.config, inference_max_genes=128))
+    net.load_state_dict(model_first_panel.state_dict())
+    net.eval()
+    assert net.config.inference_context == 128 and model_first_panel.config.inference_context == 48
+    ad = starmap_small[:50].copy()
+    a = tl.embed_cells(ad, net, batch_size=16, seed=3, copy=True).obsm["X_xscale_cell"]
+    b = tl.embed_cells(ad, net, batch_size=16, seed=4, copy=True).obsm["X_xscale_cell"]
+    np.testing.assert_array_equal(a, b)
+    old = tl.embed_cells(ad, model_first_panel, batch_size=16, seed=3, copy=True).obsm["X_xscale_cell"]
+    assert not np.allclose(a, old, atol=1e-4)  # 120 genes vs a 48-gene sampled context
+    np.testing.assert_allclose(encode_cells(net, ad, batch_size=16, seed=9).reshape(50, -1), a, atol=1e-5)
+    m = map_panel(list(ad.var_names), net.vocab)
+    counts = sp.csr_matrix(ad.X)
+    rows = embed_rows(net, counts, m.columns, m.gene_ids, start=0, batch_size=16, seed=5)
+    np.testing.assert_allclose(rows, a, atol=1e-5)
+    with pytest.raises(ValueError, match="inference_max_genes must be a positive integer or None; got 0"):
+        dataclasses.replace(model_first_panel.config, inference_max_genes=0)
 
 
 def test_level1_reconstruct_writes_expected_counts(starmap_small, model_first_panel):

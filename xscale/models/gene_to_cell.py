@@ -42,8 +42,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # demo / benchmark: a few CPU minutes on a few thousand cells. Context 192 = every gene of a
     # panel up to 192 genes (no sampled zeros: deterministic embeddings); 16 latents; per-gene
     # standardised inputs. Chosen on a STARmap split without the held-out slide (benchmarks/cell_level.py NOTES).
+    # Embedding reads panels up to 512 genes whole (deterministic; seqFISH tuning split: +0.02).
     "small": dict(dim=32, heads=2, depth=1, n_latents=16, xpressor_depth=1, decoder_depth=1, max_genes=192,
-                  standardize_values=True, w_readout=3.0),
+                  inference_max_genes=512, standardize_values=True, w_readout=3.0),
     # GPU-sized
     "base": dict(dim=256, heads=8, depth=6, n_latents=16, xpressor_depth=2, decoder_depth=2, max_genes=2048),
 }
@@ -99,7 +100,12 @@ class GeneToCellConfig:
     w_readout: float = 0.0
     mask_fraction: float = 0.25
     denoise_keep: float = 0.5
-    max_genes: int = 512
+    max_genes: int = 512  # gene context per cell in training
+    # Gene context when embedding / decoding (embed_cells, reconstruct, store and dask embedding,
+    # encode_cells); None = max_genes. Panels up to this many genes are read whole (every cell's
+    # embedding uses all its genes, no sampled zeros); longer ones keep the expressed genes plus
+    # seeded sampled zeros up to it.
+    inference_max_genes: int | None = None
     gene_embedder: str = "learned"
     gene_embedder_options: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +122,10 @@ class GeneToCellConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GeneToCellConfig.{name} must be a positive integer; got {value!r}.")
+        ctx = self.inference_max_genes
+        if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
+            raise ValueError("GeneToCellConfig.inference_max_genes must be a positive integer or None; "
+                             f"got {ctx!r}.")
         if self.dim % self.heads:
             raise ValueError(f"GeneToCellConfig.dim={self.dim} must be divisible by heads={self.heads}.")
         _check_choice("encoder", self.encoder, ("full", "criss-cross"))
@@ -146,6 +156,11 @@ class GeneToCellConfig:
     @property
     def n_genes(self) -> int:
         return len(self.genes)
+
+    @property
+    def inference_context(self) -> int:
+        """Gene context per cell when embedding / decoding: ``inference_max_genes`` or ``max_genes``."""
+        return self.max_genes if self.inference_max_genes is None else self.inference_max_genes
 
     @property
     def latents_per_cell(self) -> int:

@@ -41,7 +41,7 @@ def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: i
     for start in tqdm(starts, desc="cells", unit="batch", disable=len(starts) < 20, leave=False):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         rng = np.random.default_rng([seed, start])
-        yield start, collate_cells(items, max_genes=model.config.max_genes, rng=rng)
+        yield start, collate_cells(items, max_genes=model.config.inference_context, rng=rng)
 
 
 def _device(model: GeneToCell) -> torch.device:
@@ -77,8 +77,9 @@ def embed_cells(
     min_genes
         Fewest panel genes the model must know; fewer raises :class:`~xscale.errors.XscaleInputError`.
     seed
-        Seed of the gene-context sampler (used only for panels longer than ``max_genes``);
-        the result is deterministic for a given seed and batch size.
+        Seed of the gene-context sampler, used only for panels longer than the model's
+        ``config.inference_context`` (``inference_max_genes``, else ``max_genes``); the result
+        is deterministic for a given seed and batch size.
     copy
         Return a modified copy instead of writing into ``adata``.
     compile

@@ -17,8 +17,8 @@ temporary name and renamed when complete.
 
 The embedding of a cell does not depend on which worker embeds it or on the number of
 workers: batches are formed within a range in row order, context sampling (panels
-longer than ``max_genes``) is seeded by the batch's first row, and every task runs
-torch with one thread.
+longer than the model's ``config.inference_context``) is seeded by the batch's first row,
+and every task runs torch with one thread.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def embed_rows(model, counts: sp.csr_matrix, columns: np.ndarray, gene_ids: np.n
         for lo in range(0, counts.shape[0], batch_size):
             block = counts[lo : lo + batch_size].toarray()
             items = [CellItem(gene_ids=gene_ids, counts=row, index=start + lo + i) for i, row in enumerate(block)]
-            batch = collate_cells(items, max_genes=model.config.max_genes,
+            batch = collate_cells(items, max_genes=model.config.inference_context,
                                   rng=np.random.default_rng([seed, start + lo]))
             out[lo : lo + len(items)] = model.embed(batch.gene_ids, batch.values, batch.pad_mask).numpy()
     return out
@@ -233,7 +233,7 @@ def embed_store_dask(
         Cells per task and per output chunk.
     batch_size, seed
         Cells per forward pass; seed of context sampling for panels longer than the
-        model's ``max_genes``.
+        model's ``config.inference_context``.
     overwrite
         Replace an existing ``out_path``.
 

@@ -223,13 +223,15 @@ def encode_cells(
 ) -> np.ndarray:
     """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
 
-    Panels longer than ``model.config.max_genes`` use a seeded gene context (expressed genes first).
+    Panels longer than ``model.config.inference_context`` use a seeded gene context
+    (expressed genes first).
     """
     from torch.utils.data import DataLoader
 
     ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
-                        collate_fn=partial(collate_cells, max_genes=model.config.max_genes, rng=np.random.default_rng(seed)))
+                        collate_fn=partial(collate_cells, max_genes=model.config.inference_context,
+                                           rng=np.random.default_rng(seed)))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
