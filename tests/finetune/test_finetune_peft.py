@@ -165,3 +165,71 @@ def test_finetune_callbacks_see_the_training_plan(starmap_small):
     finetune(_model(starmap_small.var_names), starmap_small, task="cell_type", label_key="cell_type", max_epochs=2,
              batch_size=64, progress=False, callbacks=[Record()])
     assert seen == [(0, True, True), (1, True, True)]
+
+
+@pytest.mark.parametrize("encoder", ["full", "criss-cross"])
+def test_layer_mix_equals_naive_reference(encoder):
+    """The Xpressor's input with a layer mix = norm(Σ softmax(w)_l · state_l), the states computed
+    here layer by layer; weights all on the last layer give back the model without a mix."""
+    torch.manual_seed(0)
+    genes = [f"G{i}" for i in range(30)]
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes, depth=3, encoder=encoder)).eval()
+    ids, values = torch.randint(0, 30, (5, 12)), torch.rand(5, 12)
+    pad = torch.zeros(5, 12, dtype=torch.bool)
+    pad[0, 7:] = True
+    plain = model.encode(ids, values, pad).detach()
+    model.add_layer_mix()
+    assert model.config.xpressor_layer_mix and model.layer_mix.shape == (4,)
+    with torch.no_grad():
+        model.layer_mix.copy_(torch.tensor([0.3, -1.0, 2.0, 0.5]))
+        tokens = model._tokens(ids, values, None, None)
+        enc, states = model.encoder, [tokens]
+        if encoder == "full":
+            for attn, mlp in zip(enc.attn, enc.mlp, strict=True):
+                states.append(mlp(attn(states[-1], pad)))
+        else:
+            lat = enc.latents.expand(5, -1, -1)
+            for layer in enc.layers:
+                x, lat = layer(states[-1], lat, pad)
+                states.append(x)
+        w = torch.softmax(model.layer_mix, 0)
+        mixed = enc.norm(w[0] * states[0] + w[1] * states[1] + w[2] * states[2] + w[3] * states[3])
+        torch.testing.assert_close(model.encode(ids, values, pad), model.xpressor(mixed, pad))
+        model.layer_mix.copy_(torch.tensor([-1e4, -1e4, -1e4, 0.0]))
+        torch.testing.assert_close(model.encode(ids, values, pad), plain)
+    with pytest.raises(ValueError, match="xpressor_layer_mix needs pooling='xpressor'; got pooling='cls'"):
+        GeneToCellConfig.preset("tiny", genes=genes, pooling="cls", xpressor_layer_mix=True)
+
+
+def test_finetune_layer_mix_trains_mix_and_xpressor_only(starmap_small, tmp_path):
+    adata = starmap_small
+    model = _model(adata.var_names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
+    res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
+                   batch_size=32, progress=False, layer_mix=True, lr=1e-2, output_dir=tmp_path / "ft")
+    state = res.model.state_dict()
+    changed = {k for k, v in state.items() if k not in before or not torch.equal(v, before[k])}
+    assert "layer_mix" in changed and all(k.startswith("xpressor.") or k == "layer_mix" for k in changed)
+    assert not torch.allclose(state["layer_mix"], torch.zeros_like(state["layer_mix"]))  # moved from uniform
+    head_n = sum(p.numel() for p in res.head.parameters())
+    n_x = sum(p.numel() for p in res.model.xpressor.parameters()) + model.config.depth + 1 + head_n
+    assert res.n_trainable == n_x
+    reloaded = load_model(tmp_path / "ft" / "model")
+    assert reloaded.config.xpressor_layer_mix
+    np.testing.assert_allclose(encode_cells(reloaded, adata[:20]), encode_cells(res.model, adata[:20]), atol=1e-5)
+    with pytest.raises(XscaleInputError, match="layer_mix=True feeds the Xpressor; this model pools with 'mean'"):
+        finetune(_model(adata.var_names, pooling="mean"), adata, label_key="cell_type", layer_mix=True,
+                 progress=False)
+
+
+def test_cli_finetune_layer_mix(starmap_small, tmp_path, capsys):
+    from xscale.cli.main import main
+
+    save_model(_model(starmap_small.var_names), tmp_path / "pre")
+    starmap_small.write_h5ad(tmp_path / "d.h5ad")
+    rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "ft"),
+               "--label-key", "cell_type", "--epochs", "1", "--layer-mix", "--no-progress"])
+    assert rc == 0
+    assert load_model(tmp_path / "ft" / "model").config.xpressor_layer_mix
+    assert not load_model(tmp_path / "pre").config.xpressor_layer_mix  # the pretrained model is untouched

@@ -88,6 +88,9 @@ class GeneToCellConfig:
     encoder_latents: int = 32  # M, criss-cross only
     n_latents: int = 8  # K
     xpressor_depth: int = 1
+    # The Xpressor reads a learned softmax mix of the encoder's input tokens and every layer's
+    # output (uniform start) instead of the last layer only; finetune(layer_mix=True) adds it.
+    xpressor_layer_mix: bool = False
     decoder_depth: int = 1
     decoder_self_attend: bool = False
     decoder_gene_bias: bool = False  # per-gene logit offset (gene mean share), set from data by fit_level1
@@ -130,6 +133,9 @@ class GeneToCellConfig:
             raise ValueError(f"GeneToCellConfig.dim={self.dim} must be divisible by heads={self.heads}.")
         _check_choice("encoder", self.encoder, ("full", "criss-cross"))
         _check_choice("pooling", self.pooling, ("xpressor", "cls", "mean"))
+        if self.xpressor_layer_mix and self.pooling != "xpressor":
+            raise ValueError("GeneToCellConfig.xpressor_layer_mix needs pooling='xpressor'; "
+                             f"got pooling={self.pooling!r}.")
         _check_choice("likelihood", self.likelihood, ("nb", "zinb"))
         weights = (self.w_autoencode, self.w_masked, self.w_denoise)
         if any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -231,6 +237,8 @@ class GeneToCell(nn.Module):
             self.xpressor: Xpressor | None = Xpressor(c.dim, c.n_latents, c.xpressor_depth, c.heads)
         else:
             self.xpressor = None
+        # (depth + 1,) logits of the Xpressor's mix over encoder depths; zeros = uniform
+        self.layer_mix = nn.Parameter(torch.zeros(c.depth + 1)) if c.xpressor_layer_mix else None
         self.cls_token = nn.Parameter(torch.randn(c.dim) * 0.02) if c.pooling == "cls" else None
         self.pool_norm = nn.LayerNorm(c.dim) if c.pooling != "xpressor" else None
         self.query_proj = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.dim))
@@ -258,6 +266,20 @@ class GeneToCell(nn.Module):
     def vocab(self) -> GeneVocab:
         return GeneVocab(self.config.genes)
 
+    def add_layer_mix(self) -> None:
+        """Let the Xpressor read a learned mix of encoder depths (uniform start), in place.
+
+        For a model pretrained without it (parameter-efficient fine-tuning: the mix's depth + 1
+        weights train with the Xpressor). No-op when the model already has one.
+        """
+        if self.layer_mix is not None:
+            return
+        if self.xpressor is None:
+            raise ValueError(f"A layer mix feeds the Xpressor; this model pools with {self.config.pooling!r}.")
+        self.config = dataclasses.replace(self.config, xpressor_layer_mix=True)
+        ref = next(self.parameters())
+        self.layer_mix = nn.Parameter(torch.zeros(self.config.depth + 1, device=ref.device, dtype=ref.dtype))
+
     def encode(
         self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None, *, value_mask: Tensor | None = None,
         gene_emb: Tensor | None = None,
@@ -276,7 +298,12 @@ class GeneToCell(nn.Module):
             if pad_mask is not None:
                 pad_mask = torch.cat([pad_mask.new_zeros(b, 1), pad_mask], dim=1)
             return self.pool_norm(self.encoder(tokens, pad_mask)[:, :1])  # (B, 1, D)
-        hidden = self.encoder(tokens, pad_mask)  # (B, G, D)
+        if self.layer_mix is not None:
+            states = self.encoder.layer_states(tokens, pad_mask)  # depth + 1 × (B, G, D)
+            share = torch.softmax(self.layer_mix, dim=0)  # (depth + 1,)
+            hidden = self.encoder.norm(sum(w * h for w, h in zip(share, states, strict=True)))
+        else:
+            hidden = self.encoder(tokens, pad_mask)  # (B, G, D)
         if self.xpressor is not None:
             return self.xpressor(hidden, pad_mask)  # (B, G, D) -> (B, K, D)
         keep = (~pad_mask).to(hidden.dtype) if pad_mask is not None else hidden.new_ones(hidden.shape[:2])

@@ -47,6 +47,13 @@ class Encoder(nn.Module):
             x = mlp(attn(x, pad_mask))
         return self.norm(x)
 
+    def layer_states(self, tokens: Tensor, pad_mask: Tensor | None = None) -> list[Tensor]:
+        """The input and every layer's output, before the final norm: depth + 1 × (B, N, D)."""
+        states = [tokens]
+        for attn, mlp in zip(self.attn, self.mlp, strict=True):
+            states.append(mlp(attn(states[-1], pad_mask)))
+        return states
+
 
 class _LayerNormLinear(torch.autograd.Function):
     """``F.linear(F.layer_norm(x), weight)`` that saves ``x`` only: the normalised tokens are
@@ -179,6 +186,15 @@ class CrissCrossEncoder(nn.Module):
         for layer in self.layers:
             x, latents = layer(x, latents, pad_mask)
         return self.norm(x)
+
+    def layer_states(self, tokens: Tensor, pad_mask: Tensor | None = None) -> list[Tensor]:
+        """The input and every layer's token output, before the final norm: depth + 1 × (B, N, D)."""
+        states = [tokens]
+        latents = self.latents.expand(tokens.shape[0], -1, -1)  # (M, D) -> (B, M, D)
+        for layer in self.layers:
+            x, latents = layer(states[-1], latents, pad_mask)
+            states.append(x)
+        return states
 
 
 ENCODERS: dict[str, type[nn.Module]] = {"full": Encoder, "criss-cross": CrissCrossEncoder}

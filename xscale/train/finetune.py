@@ -74,7 +74,7 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
     """Freeze ``model`` except the part named by ``trainable``; the head always trains.
 
     ``"xpressor"``: the Xpressor blocks (latent queries, cross/self-attention, MLPs,
-    final norm). ``"head"``: nothing in the model. ``"all"``: everything. Returns
+    final norm) and, if the model has one, its mix over encoder depths (``layer_mix``). ``"head"``: nothing in the model. ``"all"``: everything. Returns
     (n_trainable, n_parameters) over model + head.
     """
     if trainable not in ("xpressor", "head", "all"):
@@ -87,6 +87,8 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
                 f"{model.config.pooling!r}. Pass trainable='all' or 'head'."
             )
         model.xpressor.requires_grad_(True)
+        if model.layer_mix is not None:  # the Xpressor's input: its mix over encoder depths
+            model.layer_mix.requires_grad_(True)
     if head is not None:
         head.requires_grad_(True)
     modules = [model] + ([head] if head is not None else [])
@@ -285,6 +287,7 @@ def finetune(
     reconstruction_weight: float | None = None,
     balance_classes: bool = True,
     head_hidden: int = 128,
+    layer_mix: bool = False,
     max_epochs: int = 10,
     max_steps: int = -1,
     batch_size: int = 64,
@@ -319,6 +322,11 @@ def finetune(
         Weight of the model's NB reconstruction loss; default 0 for cell_type, 1 for batch_correction.
     balance_classes
         Weight the cross-entropy by inverse class frequency (favours macro-F1).
+    layer_mix
+        Let the Xpressor read a learned softmax mix of the frozen encoder's input tokens and
+        every layer's output (uniform start; depth + 1 extra weights) instead of the last layer
+        only (:meth:`GeneToCell.add_layer_mix`). Helps when the pretrained encoder's last layer
+        carries little of what the new panel's labels need (``benchmarks/peft.py`` NOTES).
     output_dir
         If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
         (task, classes, trainable_fraction, metrics) there, atomically.
@@ -338,6 +346,11 @@ def finetune(
         raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
     L.seed_everything(seed, verbose=False)
     net = _load(model)
+    if layer_mix:
+        if net.xpressor is None:
+            raise XscaleInputError(f"layer_mix=True feeds the Xpressor; this model pools with "
+                                   f"{net.config.pooling!r}. Pass layer_mix=False.")
+        net.add_layer_mix()
     cfg = net.config
     train = _mask(adata, train_mask)
     head = discriminator = labels = class_weights = None
