@@ -31,6 +31,15 @@ def _model(genes, pooling="xpressor") -> GeneToCell:
     return model
 
 
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _left_half(adata) -> np.ndarray:
+    """(n_obs,) bool: cells left of the median x (a spatial training half)."""
+    return adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
+
+
 def test_gradient_reversal_and_heads(tmp_path):
     x = torch.randn(3, 4, requires_grad=True)
     (grad_reverse(x, 0.5) * 2).sum().backward()
@@ -77,8 +86,8 @@ def test_set_trainable_freezes_all_but_the_xpressor(starmap_small):
 def test_finetune_cell_type_changes_only_xpressor_and_head(starmap_small, tmp_path):
     adata = starmap_small
     model = _model(adata.var_names)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train = adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
+    before = _state(model)
+    train = _left_half(adata)
     res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
                    batch_size=32, progress=False, output_dir=tmp_path / "ft", log_dir=tmp_path / "logs")
     changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
@@ -113,7 +122,7 @@ def test_finetune_learns_labels_from_the_xpressor(starmap_small):
 @pytest.mark.parametrize("correction", ["adversarial", "mmd"])
 def test_finetune_batch_correction_keeps_decoder_frozen(starmap_small, correction):
     model = _model(starmap_small.var_names)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _state(model)
     res = finetune(model, starmap_small, task="batch_correction", slide_key="slice", correction=correction,
                    max_steps=4, batch_size=48, progress=False)
     changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
@@ -204,8 +213,8 @@ def test_layer_mix_equals_naive_reference(encoder):
 def test_finetune_layer_mix_trains_mix_and_xpressor_only(starmap_small, tmp_path):
     adata = starmap_small
     model = _model(adata.var_names)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    train = adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
+    before = _state(model)
+    train = _left_half(adata)
     res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
                    batch_size=32, progress=False, layer_mix=True, lr=1e-2, output_dir=tmp_path / "ft")
     state = res.model.state_dict()

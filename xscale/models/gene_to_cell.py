@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from xscale.data.transforms import binomial_thin, log_normalize
 from xscale.data.vocab import GeneVocab, normalize_symbol
+from xscale.errors import XscaleInputError
 from xscale.models.gene_embedders import build_gene_embedder
 from xscale.models.io import register_model
 from xscale.models.likelihoods import NBParams
@@ -275,7 +276,8 @@ class GeneToCell(nn.Module):
         if self.layer_mix is not None:
             return
         if self.xpressor is None:
-            raise ValueError(f"A layer mix feeds the Xpressor; this model pools with {self.config.pooling!r}.")
+            raise XscaleInputError(f"layer_mix=True feeds the Xpressor; this model pools with "
+                                   f"{self.config.pooling!r}. Pass layer_mix=False.")
         self.config = dataclasses.replace(self.config, xpressor_layer_mix=True)
         ref = next(self.parameters())
         self.layer_mix = nn.Parameter(torch.zeros(self.config.depth + 1, device=ref.device, dtype=ref.dtype))

@@ -74,8 +74,9 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
     """Freeze ``model`` except the part named by ``trainable``; the head always trains.
 
     ``"xpressor"``: the Xpressor blocks (latent queries, cross/self-attention, MLPs,
-    final norm) and, if the model has one, its mix over encoder depths (``layer_mix``). ``"head"``: nothing in the model. ``"all"``: everything. Returns
-    (n_trainable, n_parameters) over model + head.
+    final norm) and, if the model has one, its mix over encoder depths (``layer_mix``).
+    ``"head"``: nothing in the model. ``"all"``: everything. Returns (n_trainable,
+    n_parameters) over model + head.
     """
     if trainable not in ("xpressor", "head", "all"):
         raise XscaleInputError(f"trainable must be 'xpressor', 'head' or 'all'; got {trainable!r}.")
@@ -347,10 +348,7 @@ def finetune(
     L.seed_everything(seed, verbose=False)
     net = _load(model)
     if layer_mix:
-        if net.xpressor is None:
-            raise XscaleInputError(f"layer_mix=True feeds the Xpressor; this model pools with "
-                                   f"{net.config.pooling!r}. Pass layer_mix=False.")
-        net.add_layer_mix()
+        net.add_layer_mix()  # XscaleInputError for a model without an Xpressor
     cfg = net.config
     train = _mask(adata, train_mask)
     head = discriminator = labels = class_weights = None
