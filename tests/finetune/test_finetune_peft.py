@@ -40,6 +40,17 @@ def _left_half(adata) -> np.ndarray:
     return adata.obsm["spatial"][:, 0] < np.median(adata.obsm["spatial"][:, 0])
 
 
+def _finetune_left_half(adata, **kwargs):
+    """Cell-type fine-tuning of a fresh model on the left half, 2 epochs; returns (result,
+    names of the weights that changed or were added)."""
+    model = _model(adata.var_names)
+    before = _state(model)
+    res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=_left_half(adata),
+                   max_epochs=2, batch_size=32, progress=False, **kwargs)
+    changed = {k for k, v in res.model.state_dict().items() if k not in before or not torch.equal(v, before[k])}
+    return res, changed
+
+
 def test_gradient_reversal_and_heads(tmp_path):
     x = torch.randn(3, 4, requires_grad=True)
     (grad_reverse(x, 0.5) * 2).sum().backward()
@@ -85,12 +96,8 @@ def test_set_trainable_freezes_all_but_the_xpressor(starmap_small):
 
 def test_finetune_cell_type_changes_only_xpressor_and_head(starmap_small, tmp_path):
     adata = starmap_small
-    model = _model(adata.var_names)
-    before = _state(model)
     train = _left_half(adata)
-    res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
-                   batch_size=32, progress=False, output_dir=tmp_path / "ft", log_dir=tmp_path / "logs")
-    changed = {k for k, v in res.model.state_dict().items() if not torch.equal(v, before[k])}
+    res, changed = _finetune_left_half(adata, output_dir=tmp_path / "ft", log_dir=tmp_path / "logs")
     assert changed and all(k.startswith("xpressor.") for k in changed)
     assert 0 < res.trainable_fraction < 1 and res.head is not None
     assert 0.0 <= res.metrics["macro_f1"] <= 1.0 and "accuracy" in res.metrics
@@ -212,17 +219,12 @@ def test_layer_mix_equals_naive_reference(encoder):
 
 def test_finetune_layer_mix_trains_mix_and_xpressor_only(starmap_small, tmp_path):
     adata = starmap_small
-    model = _model(adata.var_names)
-    before = _state(model)
-    train = _left_half(adata)
-    res = finetune(model, adata, task="cell_type", label_key="cell_type", train_mask=train, max_epochs=2,
-                   batch_size=32, progress=False, layer_mix=True, lr=1e-2, output_dir=tmp_path / "ft")
+    res, changed = _finetune_left_half(adata, layer_mix=True, lr=1e-2, output_dir=tmp_path / "ft")
     state = res.model.state_dict()
-    changed = {k for k, v in state.items() if k not in before or not torch.equal(v, before[k])}
     assert "layer_mix" in changed and all(k.startswith("xpressor.") or k == "layer_mix" for k in changed)
     assert not torch.allclose(state["layer_mix"], torch.zeros_like(state["layer_mix"]))  # moved from uniform
     head_n = sum(p.numel() for p in res.head.parameters())
-    n_x = sum(p.numel() for p in res.model.xpressor.parameters()) + model.config.depth + 1 + head_n
+    n_x = sum(p.numel() for p in res.model.xpressor.parameters()) + res.model.config.depth + 1 + head_n
     assert res.n_trainable == n_x
     reloaded = load_model(tmp_path / "ft" / "model")
     assert reloaded.config.xpressor_layer_mix
