@@ -240,7 +240,45 @@ def test_cli_finetune_layer_mix(starmap_small, tmp_path, capsys):
     save_model(_model(starmap_small.var_names), tmp_path / "pre")
     starmap_small.write_h5ad(tmp_path / "d.h5ad")
     rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "ft"),
-               "--label-key", "cell_type", "--epochs", "1", "--layer-mix", "--no-progress"])
+               "--label-key", "cell_type", "--epochs", "1", "--layer-mix", "--ema-decay", "0.9", "--no-progress"])
     assert rc == 0
     assert load_model(tmp_path / "ft" / "model").config.xpressor_layer_mix
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["ema_decay"] == 0.9
     assert not load_model(tmp_path / "pre").config.xpressor_layer_mix  # the pretrained model is untouched
+
+
+def test_ema_weights_equal_naive_reference(starmap_small):
+    """finetune(ema_decay=d) ends with e_T where e_1 = w_1, e_t = d·e_{t-1} + (1-d)·w_t over the
+    weights w_t after each optimiser step (recorded here); mid-run, ``applied`` lends e_t and gives
+    the current weights back."""
+    import lightning as L
+
+    from xscale.train.optim import EMAWeights
+
+    decay, steps, lent = 0.8, [], []
+
+    class Record(L.Callback):  # runs after the EMA callback (finetune puts the average first)
+        def on_train_batch_end(self, trainer, module, *args):
+            steps.append({k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad})
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMAWeights))
+            before = {k: p.detach().clone() for k, p in module.named_parameters()}
+            with ema.applied(module):
+                lent.append({k: p.detach().clone() for k, p in module.named_parameters() if k in steps[-1]})
+            assert all(torch.equal(p, before[k]) for k, p in module.named_parameters())
+
+    res = finetune(_model(starmap_small.var_names), starmap_small, task="cell_type", label_key="cell_type",
+                   max_epochs=2, batch_size=64, lr=1e-2, progress=False, ema_decay=decay, callbacks=[Record()])
+    assert len(steps) >= 8
+    ref = dict(steps[0])
+    for t, w in enumerate(steps):
+        if t:
+            ref = {k: decay * ref[k] + (1 - decay) * w[k] for k in ref}
+        for k in ref:
+            torch.testing.assert_close(lent[t][k], ref[k])
+    final = dict(res.model.named_parameters(prefix="model")) | dict(res.head.named_parameters(prefix="head"))
+    assert set(ref) <= set(final) and any(k.startswith("head.") for k in ref)
+    for k in ref:
+        torch.testing.assert_close(final[k].detach(), ref[k])
+    assert any(not torch.allclose(ref[k], steps[-1][k]) for k in ref)  # the average is not the last step
+    with pytest.raises(XscaleInputError, match=r"ema_decay: expected a value in \(0, 1\) such as 0.98, found 1.5"):
+        finetune(_model(starmap_small.var_names), starmap_small, label_key="cell_type", ema_decay=1.5, progress=False)

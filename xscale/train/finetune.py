@@ -40,6 +40,8 @@ from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, mmd_loss
 from xscale.models.io import load_model, save_model
+from xscale.train.finetune_infer import calibrate_head, encode_cells, predict_labels
+from xscale.train.optim import EMAWeights
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -221,59 +223,6 @@ def _labels(adata: ad.AnnData, label_key: str | None, train: np.ndarray) -> tupl
     return codes, classes
 
 
-def encode_cells(
-    model: GeneToCell, adata: ad.AnnData, *, batch_size: int = 256, counts_layer: str | None = None, seed: int = 0
-) -> np.ndarray:
-    """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
-
-    Panels longer than ``model.config.inference_context`` use a seeded gene context
-    (expressed genes first).
-    """
-    from torch.utils.data import DataLoader
-
-    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
-                        collate_fn=partial(collate_cells, max_genes=model.config.inference_context,
-                                           rng=np.random.default_rng(seed)))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for batch in loader:
-            batch = batch.to(device)
-            out.append(model.encode(batch.gene_ids, batch.values, batch.pad_mask).float().cpu().numpy())  # (B, K, D)
-    model.train(was_training)
-    return np.concatenate(out)
-
-
-def calibrate_head(head: ClassificationHead, latents: np.ndarray) -> None:
-    """Set the head's input standardisation to the exact mean / variance of ``latents`` (n, K, D).
-
-    Done once after training, on the training cells through the final model, so inference
-    uses the statistics of the latents the head will actually see.
-    """
-    z = torch.from_numpy(latents).flatten(1) if head.config.pool == "flatten" else torch.from_numpy(latents).mean(1)
-    norm = head.net[0]
-    norm.running_mean.copy_(z.mean(0))
-    norm.running_var.copy_(z.var(0, unbiased=True))
-
-
-def predict_labels(
-    model: GeneToCell, head: ClassificationHead, adata: ad.AnnData, *, key_added: str | None = None,
-    batch_size: int = 256, counts_layer: str | None = None,
-) -> np.ndarray:
-    """Predicted class of every cell, (n_obs,) str; also written to ``adata.obs[key_added]`` if given."""
-    latents = torch.from_numpy(encode_cells(model, adata, batch_size=batch_size, counts_layer=counts_layer))
-    head.eval()
-    with torch.no_grad():
-        idx = torch.cat([head(chunk).argmax(-1) for chunk in latents.split(4096)]).numpy()
-    pred = np.asarray(head.config.classes, dtype=object)[idx].astype(str)
-    if key_added is not None:
-        adata.obs[key_added] = pred
-    return pred
-
-
 def finetune(
     model: str | os.PathLike | GeneToCell,
     adata: ad.AnnData,
@@ -289,6 +238,7 @@ def finetune(
     balance_classes: bool = True,
     head_hidden: int = 128,
     layer_mix: bool = False,
+    ema_decay: float | None = None,
     max_epochs: int = 10,
     max_steps: int = -1,
     batch_size: int = 64,
@@ -328,6 +278,10 @@ def finetune(
         every layer's output (uniform start; depth + 1 extra weights) instead of the last layer
         only (:meth:`GeneToCell.add_layer_mix`). Helps when the pretrained encoder's last layer
         carries little of what the new panel's labels need (``benchmarks/peft.py`` NOTES).
+    ema_decay
+        If given (e.g. 0.98), the result keeps an exponential moving average of the trained
+        weights, updated every step (:class:`~xscale.train.optim.EMAWeights`): steadier than
+        the last step's weights on small labelled sets. None = the last step's weights.
     output_dir
         If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
         (task, classes, trainable_fraction, metrics) there, atomically.
@@ -345,6 +299,7 @@ def finetune(
         raise XscaleInputError(f"task must be 'cell_type' or 'batch_correction'; got {task!r}.")
     if correction not in ("adversarial", "mmd"):
         raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
+    ema = EMAWeights(ema_decay) if ema_decay is not None else None  # checks the decay before any work
     L.seed_everything(seed, verbose=False)
     net = _load(model)
     if layer_mix:
@@ -397,9 +352,9 @@ def finetune(
         max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=logger,
         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
         gradient_clip_val=1.0, num_sanity_val_steps=0, log_every_n_steps=max(1, min(50, len(loader))),
-        callbacks=list(callbacks),
+        callbacks=([ema] if ema is not None else []) + list(callbacks),  # the average first: others may score it
     )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader)  # with ema: ends holding the averaged weights
     net.eval()
     for name, p in net.named_parameters():
         p.requires_grad_(flags[name])  # give back the caller's (e.g. a frozen protein LM's) settings
@@ -422,11 +377,13 @@ def finetune(
             log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"], metrics["accuracy"])
     result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
     if output_dir is not None:
-        result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names)
+        result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,
+                                    ema_decay=ema_decay)
     return result
 
 
-def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str]) -> Path:
+def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
+           ema_decay: float | None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -434,7 +391,7 @@ def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slid
     if result.head is not None:
         save_model(result.head, tmp / "head")
     doc = {
-        "task": task, "trainable": trainable, "trainable_fraction": result.trainable_fraction,
+        "task": task, "trainable": trainable, "ema_decay": ema_decay, "trainable_fraction": result.trainable_fraction,
         "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
         "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
     }

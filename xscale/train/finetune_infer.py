@@ -1,0 +1,73 @@
+"""Inference with a fine-tuned level-1 model: cell latents of an AnnData, the classification
+head's input statistics, and predicted labels. Re-exported by :mod:`xscale.train.finetune`."""
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from xscale.data.anndata_dataset import AnnDataCellDataset
+from xscale.data.batch import collate_cells
+from xscale.models.gene_to_cell import GeneToCell
+from xscale.models.heads import ClassificationHead
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+
+def encode_cells(
+    model: GeneToCell, adata: ad.AnnData, *, batch_size: int = 256, counts_layer: str | None = None, seed: int = 0
+) -> np.ndarray:
+    """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
+
+    Panels longer than ``model.config.inference_context`` use a seeded gene context
+    (expressed genes first).
+    """
+    from torch.utils.data import DataLoader
+
+    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
+                        collate_fn=partial(collate_cells, max_genes=model.config.inference_context,
+                                           rng=np.random.default_rng(seed)))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            out.append(model.encode(batch.gene_ids, batch.values, batch.pad_mask).float().cpu().numpy())  # (B, K, D)
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def calibrate_head(head: ClassificationHead, latents: np.ndarray) -> None:
+    """Set the head's input standardisation to the exact mean / variance of ``latents`` (n, K, D).
+
+    Done once after training, on the training cells through the final model, so inference
+    uses the statistics of the latents the head will actually see.
+    """
+    z = torch.from_numpy(latents).flatten(1) if head.config.pool == "flatten" else torch.from_numpy(latents).mean(1)
+    norm = head.net[0]
+    norm.running_mean.copy_(z.mean(0))
+    norm.running_var.copy_(z.var(0, unbiased=True))
+
+
+def predict_labels(
+    model: GeneToCell, head: ClassificationHead, adata: ad.AnnData, *, key_added: str | None = None,
+    batch_size: int = 256, counts_layer: str | None = None,
+) -> np.ndarray:
+    """Predicted class of every cell, (n_obs,) str; also written to ``adata.obs[key_added]`` if given."""
+    latents = torch.from_numpy(encode_cells(model, adata, batch_size=batch_size, counts_layer=counts_layer))
+    head.eval()
+    with torch.no_grad():
+        idx = torch.cat([head(chunk).argmax(-1) for chunk in latents.split(4096)]).numpy()
+    pred = np.asarray(head.config.classes, dtype=object)[idx].astype(str)
+    if key_added is not None:
+        adata.obs[key_added] = pred
+    return pred
+
+
+__all__ = ["calibrate_head", "encode_cells", "predict_labels"]
