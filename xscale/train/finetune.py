@@ -281,7 +281,8 @@ def finetune(
     ema_decay
         If given (e.g. 0.98), the result keeps an exponential moving average of the trained
         weights, updated every step (:class:`~xscale.train.optim.EMAWeights`): steadier than
-        the last step's weights on small labelled sets. None = the last step's weights.
+        the last step's weights on small labelled sets. None = the last step's weights. The
+        average lives in a copy of the model and head (twice their memory while training).
     output_dir
         If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
         (task, classes, trainable_fraction, metrics) there, atomically.
