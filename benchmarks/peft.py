@@ -147,7 +147,10 @@ NOTES = [
     "0.627), from scratch 0.641, probe 0.450: both rose by about 0.01, the gap is unchanged (0.031). "
     "Cross-platform PEFT 0.440 (was 0.445). Afterwards, longer PEFT with the average (lr 1e-2, layer mix, "
     "seeds 0 / 1, validation split): 0.638 / 0.605 at 80 epochs, 0.634 / 0.600 at 100, 0.629 / 0.619 at 120, "
-    "0.630 / 0.613 at 160 (means 0.622, 0.617, 0.624, 0.622): flat after 80, so the grid's cap stays 80.",
+    "0.630 / 0.613 at 160 (means 0.622, 0.617, 0.624, 0.622): flat after 80, so the grid's cap stays 80. Also not adopted (same "
+    "setting, averaged weights at 40/60/80, seeds 0 / 1): label smoothing 0.1 on the weighted cross-entropy "
+    "0.365/0.367/0.372 and 0.346/0.350/0.380 (collapses); dropout 0.2 on the linear head's input "
+    "0.590/0.617/0.605 and 0.610/0.601/0.604 (no gain).",
 ]
 
 
