@@ -135,12 +135,16 @@ def test_batches_from_workers_equal_in_process_batches(store):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-class _FreezeProbe(CellStream):
-    """Yields, after the stream's own worker set-up, the collector's frozen-object count."""
+def _freeze_probe(stream_class: type) -> type:
+    """``stream_class`` yielding, after its own shard planning (where a worker is set up), the
+    collector's frozen-object count."""
 
-    def __iter__(self):
-        super().__iter__()  # plans the shard: sets the worker up
-        yield gc.get_freeze_count()
+    class Probe(stream_class):
+        def __iter__(self):
+            self._plan()
+            yield gc.get_freeze_count()
+
+    return Probe
 
 
 @pytest.mark.parametrize("stream", ["cells", "niches"])
@@ -148,15 +152,7 @@ def test_workers_freeze_the_inherited_heap_and_the_parent_does_not(store, stream
     """In a DataLoader worker the stream moves the heap it inherited to the permanent generation
     (the worker's collections then never walk it); the training process itself is untouched."""
     before = gc.get_freeze_count()
-    if stream == "cells":
-        ds = _FreezeProbe(store, batch_size=64)
-    else:
-        class Probe(NicheStream):
-            def __iter__(self):
-                self._plan()
-                yield gc.get_freeze_count()
-
-        ds = Probe(store)
+    ds = _freeze_probe(CellStream)(store, batch_size=64) if stream == "cells" else _freeze_probe(NicheStream)(store)
     (frozen,) = list(DataLoader(ds, batch_size=None, num_workers=1))
     assert frozen > 1000  # torch, numpy, scipy, zarr, ... objects of the parent
     assert gc.get_freeze_count() == before

@@ -10,6 +10,7 @@ buffer (``buffer_size`` items). Call :meth:`set_epoch` before each epoch.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -78,8 +79,6 @@ def setup_worker() -> None:
     pass that lasts ~0.2 s) and wrote to every object's header, copying the parent's pages
     into the worker. Affects only the worker process; its own new objects are collected as usual.
     """
-    import gc
-
     global _set_up_pid
     if _set_up_pid == os.getpid():  # persistent workers: once per process, not per epoch
         return
