@@ -152,6 +152,13 @@ NOTES = [
     "0.365/0.367/0.372 and 0.346/0.350/0.380 (collapses); dropout 0.2 on the linear head's input "
     "0.590/0.617/0.605 and 0.610/0.601/0.604 (no gain); unweighted cross-entropy (balance_classes=False) "
     "0.634/0.616/0.618 and 0.605/0.599/0.600 (no gain).",
+    "2026-11-24 (ninth session), same split, pretrained model and setting (lr 1e-2, layer mix, averaged weights "
+    "at 40/60/80 epochs, seeds 0 / 1; reference 0.622/0.616/0.638 and 0.608/0.611/0.605, mean 0.617), /work/exp/"
+    "peft_ema2.py in the session. Not adopted: the model's NB reconstruction kept as an auxiliary loss during "
+    "cell-type PEFT (finetune(reconstruction_weight=)), weight 0.3 0.597/0.602/0.595 and 0.605/0.602/0.606, "
+    "weight 1 0.596/0.600/0.592 and 0.597/0.594/0.589 (worse); a cosine learning-rate decay over the 80 epochs "
+    "after a 5 % warm-up 0.612/0.608/0.606 and 0.587/0.588/0.585 (worse); the head at 3x the Xpressor's "
+    "learning rate 0.572/0.559/0.547 and 0.612/0.610/0.613 (worse on average).",
 ]
 
 
