@@ -158,7 +158,8 @@ NOTES = [
     "cell-type PEFT (finetune(reconstruction_weight=)), weight 0.3 0.597/0.602/0.595 and 0.605/0.602/0.606, "
     "weight 1 0.596/0.600/0.592 and 0.597/0.594/0.589 (worse); a cosine learning-rate decay over the 80 epochs "
     "after a 5 % warm-up 0.612/0.608/0.606 and 0.587/0.588/0.585 (worse); the head at 3x the Xpressor's "
-    "learning rate 0.572/0.559/0.547 and 0.612/0.610/0.613 (worse on average).",
+    "learning rate 0.572/0.559/0.547 and 0.612/0.610/0.613 (worse on average); batch 32 0.591/0.575/0.586 and "
+    "0.610/0.613/0.619, batch 128 0.607/0.606/0.591 and 0.594/0.593/0.579 (both worse than 64).",
 ]
 
 
