@@ -34,6 +34,28 @@ def test_h5ad_store_anndata_round_trip(starmap_store, starmap):
     assert g.shape == (starmap.n_obs, starmap.n_obs) and np.all(np.diff(g.indptr) == 10)
 
 
+def test_block_reads_open_each_array_once_and_match_the_store(starmap_store, monkeypatch):
+    import pickle
+
+    import zarr
+
+    s = CellStore(starmap_store)
+    back = ad.read_zarr(starmap_store)  # the naive reference: the whole store read by anndata
+    opened = []
+    get = zarr.Group.__getitem__
+    monkeypatch.setattr(zarr.Group, "__getitem__", lambda g, key: opened.append(key) or get(g, key))
+    for a, b in [(0, 256), (256, 700), (3000, s.n_cells)]:
+        assert np.array_equal(s.read_rows(a, b).toarray(), back.X[a:b].toarray())
+        np.testing.assert_array_equal(s.read_coords(a, b), back.obsm["spatial"][a:b])
+        ptr, nbrs = s.graph_rows(a, b)
+        g = back.obsp["spatial_connectivities"][a:b]
+        assert np.array_equal(ptr, g.indptr) and np.array_equal(nbrs, g.indices)
+    assert sorted(opened) == sorted(["X/indptr", "X/data", "X/indices", "obsm/spatial",
+                                     "obsp/spatial_connectivities/indptr", "obsp/spatial_connectivities/indices"])
+    clone = pickle.loads(pickle.dumps(s))  # a spawned worker: reopens, holds no parent handles
+    assert clone._arrays == {} and np.array_equal(clone.read_rows(5, 9).toarray(), back.X[5:9].toarray())
+
+
 def test_store_order_slides_then_curve(starmap_store):
     s = CellStore(starmap_store)
     assert list(s.slide_stop - s.slide_start) == [1049, 1053, 1088]
