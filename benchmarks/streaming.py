@@ -23,7 +23,7 @@ the baseline), measure:
   second pass with persistent workers (labelled: not the headline), the same DataLoader over
   empty items (its fixed cost), passes in processes that import anndata before torch (as a
   user's script does; the headline passes import torch first), and with ``--baseline-tree``
-  alternating passes of an earlier xscale on the same store (before/after in one run);
+  alternating passes and raw reads of an earlier xscale on the same store (before/after in one run);
 - ``notes`` (top level): those numbers in words, and the previous implementation's.
 
 Run: ``.venv/bin/python benchmarks/streaming.py [--baseline-tree DIR --baseline-label COMMIT]``
