@@ -159,7 +159,9 @@ NOTES = [
     "weight 1 0.596/0.600/0.592 and 0.597/0.594/0.589 (worse); a cosine learning-rate decay over the 80 epochs "
     "after a 5 % warm-up 0.612/0.608/0.606 and 0.587/0.588/0.585 (worse); the head at 3x the Xpressor's "
     "learning rate 0.572/0.559/0.547 and 0.612/0.610/0.613 (worse on average); batch 32 0.591/0.575/0.586 and "
-    "0.610/0.613/0.619, batch 128 0.607/0.606/0.591 and 0.594/0.593/0.579 (both worse than 64).",
+    "0.610/0.613/0.619, batch 128 0.607/0.606/0.591 and 0.594/0.593/0.579 (both worse than 64); the "
+    "encoder's per-gene input standardisation re-estimated on the MERFISH fitting cells before PEFT (statistics, "
+    "not trained parameters) 0.549/0.553/0.552 and 0.550/0.547/0.547 (worse, as for the probe above).",
 ]
 
 
