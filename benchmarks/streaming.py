@@ -242,18 +242,17 @@ def niche_chunks(store_path: Path, n_niches: int) -> float:
     return chunks_per_niche(np.stack(idx), ds.store.chunk_cells)
 
 
-def _pass(store: Path, tree: Path | None = None) -> dict:
-    """One measured pass (:func:`stream_pass`) in a fresh process, with the xscale of ``tree`` if given."""
-    cmd = [sys.executable, __file__, "--pass", str(store)] + ([] if tree is None else ["--tree", str(tree)])
+def _child(mode: str, store: Path, tree: Path | None = None):
+    """This script's ``mode`` (``--pass``, ``--raw``, ``--niche-pass``) on ``store`` in a fresh process,
+    with the xscale of ``tree`` if given; its JSON result (the child's last line of output)."""
+    cmd = [sys.executable, __file__, mode, str(store)] + ([] if tree is None else ["--tree", str(tree)])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _raw(store: Path, tree: Path | None = None) -> float:
-    """Cells per second of one :func:`raw_read` in a fresh process, with the xscale of ``tree`` if given."""
-    cmd = [sys.executable, __file__, "--raw", str(store)] + ([] if tree is None else ["--tree", str(tree)])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def _pass(store: Path, tree: Path | None = None) -> dict:
+    """One measured pass (:func:`stream_pass`) in a fresh process, with the xscale of ``tree`` if given."""
+    return _child("--pass", store, tree)
 
 
 def _use_tree(tree: str) -> None:
@@ -293,9 +292,7 @@ def measure(n_cells: int, root: Path, seed: int, baseline: tuple[Path, str] | No
     raw = float(np.median(raws))
     inproc = inprocess_stream(store)
     logger.info("stream without DataLoader workers (no IPC): %.0f cells/s = %.2f of raw", inproc, inproc / raw)
-    out = subprocess.run([sys.executable, __file__, "--niche-pass", str(store)], check=True, capture_output=True,
-                         text=True)
-    niche = json.loads(out.stdout.strip().splitlines()[-1])
+    niche = _child("--niche-pass", store)
     result = {
         "n_cells": n_cells,
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),  # the highest of the passes
@@ -333,7 +330,7 @@ def measure(n_cells: int, root: Path, seed: int, baseline: tuple[Path, str] | No
                 r = _pass(store, tree=tree)
                 rates[which].append(r["cells"] / r["seconds"])
                 cpu[which].append(r["main_cpu_s"] + r["workers_cpu_s"])
-                raw_ab[which].append(_raw(store, tree))
+                raw_ab[which].append(_child("--raw", store, tree))  # cells/s of a raw_read
         result["diagnostics"]["before_after"] = {
             "baseline": baseline[1], "passes_each": AB_REPEATS,
             "current_median_cells_per_s": round(float(np.median(rates["current"]))),
