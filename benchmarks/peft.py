@@ -161,7 +161,9 @@ NOTES = [
     "learning rate 0.572/0.559/0.547 and 0.612/0.610/0.613 (worse on average); batch 32 0.591/0.575/0.586 and "
     "0.610/0.613/0.619, batch 128 0.607/0.606/0.591 and 0.594/0.593/0.579 (both worse than 64); the "
     "encoder's per-gene input standardisation re-estimated on the MERFISH fitting cells before PEFT (statistics, "
-    "not trained parameters) 0.549/0.553/0.552 and 0.550/0.547/0.547 (worse, as for the probe above).",
+    "not trained parameters) 0.549/0.553/0.552 and 0.550/0.547/0.547 (worse, as for the probe above); the "
+    "layer-mix weights at 10x the learning rate 0.600/0.596/0.588 and 0.608/0.609/0.611 (worse; the mix became "
+    "spiky, e.g. 0.31 on layer 6 for seed 0, 0.38 on the input tokens for seed 1).",
 ]
 
 
