@@ -137,7 +137,8 @@ NOTES = {
         "(0.697 without), seqFISH 0.440 (0.461), PCA 0.614 / 0.462 (0.606 / 0.531), so it was not tried as "
         "model input. Width 64 (4 heads; 1024 probe dimensions) on STARmap: 0.704 / 0.701 (0.703 vs 0.706 at "
         "width 32) at ~2.5x the training time. Two Xpressor layers (xpressor_depth 2) on STARmap: 0.724 / 0.685 "
-        "(0.705 vs 0.706). None adopted.",
+        "(0.705 vs 0.706). Learning rate 1.5e-3 / 6e-3 instead of 3e-3 on STARmap, seed 0: 0.703 / 0.704 (vs "
+        "0.715). None adopted.",
     ],
 }
 
