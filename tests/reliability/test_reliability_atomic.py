@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from xscale.utils import atomic
 from xscale.utils.atomic import (
-    atomic_dir, atomic_write_text, is_complete, remove_stale_temps,
+    atomic_dir, atomic_write_text, is_complete, remove_stale_temps, replace_dir,
 )
 
 
@@ -45,6 +46,60 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "v").write_text("new")
     assert (target / "v").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_replace_dir_swaps_and_keeps_the_old_directory_when_the_rename_fails(tmp_path, monkeypatch):
+    target, new = tmp_path / "model", tmp_path / "model.tmp"
+    target.mkdir()
+    (target / "v").write_text("old")
+    new.mkdir()
+    (new / "v").write_text("new")
+    real_replace = os.replace
+
+    def failing(src, dst):  # the rename of the new directory into place fails (e.g. disk error)
+        if os.fspath(src) == os.fspath(new):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        replace_dir(new, target)
+    assert (target / "v").read_text() == "old"  # moved aside, then moved back: nothing lost
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.tmp"]
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert replace_dir(new, target) == target
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # the old one is gone once replaced
+
+
+def test_finetune_output_is_replaced_through_replace_dir(tmp_path, monkeypatch):
+    """finetune's output directory (written by _write) goes through replace_dir: a failed swap keeps the old result."""
+    import torch
+
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.train import finetune as ft
+
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=["A", "B", "C"]))
+    result = ft.FinetuneResult(model, None, 0.1, 1, 10, {"final_loss": 1.0})
+    out = tmp_path / "ft"
+    ft._write(result, out, task="batch_correction", trainable="xpressor", slides=["s1", "s2"], ema_decay=None)
+    before = (out / "finetune.json").read_text()
+    real_replace, calls = os.replace, []
+
+    def failing(src, dst):  # moving the old result aside works; moving the new one into place fails
+        calls.append((os.fspath(src), os.fspath(dst)))
+        if os.fspath(dst) == os.fspath(out) and os.fspath(src).endswith(".tmp"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        ft._write(result, out, task="batch_correction", trainable="xpressor", slides=["s3"], ema_decay=None)
+    assert (out / "finetune.json").read_text() == before
+    assert [d for _, d in calls][-2:] == [os.fspath(out), os.fspath(out)]  # the swap was tried, then undone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "ft.tmp"]
 
 
 def test_atomic_dir_no_overwrite(tmp_path):

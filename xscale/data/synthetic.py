@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from xscale.data.niches import median_nn_distance
 from xscale.errors import XscaleInputError
+from xscale.utils.atomic import replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -165,9 +166,7 @@ def tile_tissue(
         write_elem(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
                                                        "jitter": jitter, "keep_min": keep_min}})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # an earlier store stays whole until this one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xscale.errors import XscaleInputError
+from xscale.utils.atomic import replace_dir
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -293,9 +294,7 @@ def embed_store_dask(
         "model_loads_per_worker": loads, "task_seconds": round(sum(r["seconds"] for r in reports), 3),
     }
     zarr.consolidate_metadata(str(tmp))
-    if out_path.exists():
-        shutil.rmtree(out_path)
-    os.replace(tmp, out_path)
+    replace_dir(tmp, out_path)  # an earlier output stays whole until this one is in place
     return out_path
 
 

@@ -42,6 +42,7 @@ from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminat
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import calibrate_head, encode_cells, predict_labels
 from xscale.train.optim import EMAWeights
+from xscale.utils.atomic import replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -397,8 +398,6 @@ def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slid
         "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
     }
     (tmp / "finetune.json").write_text(json.dumps(doc, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)  # an earlier result is moved aside, not deleted, until this one is in place
     log.info("Wrote the fine-tuned model to %s", out)
     return out

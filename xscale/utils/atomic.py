@@ -1,6 +1,6 @@
 """Write-to-temp-then-rename helpers, so a half-written output never looks finished.
 
-Two primitives:
+Three primitives:
 
 - :func:`atomic_dir` — build a directory (a zarr store, a saved model, a results folder)
   under a temporary sibling name ``<name>.tmp-<pid>-<hex>``; on success a completion
@@ -9,6 +9,9 @@ Two primitives:
   anything else.
 - :func:`atomic_write` / :func:`atomic_write_bytes` / :func:`atomic_write_text` — the
   same for one file (flushed and fsync'ed before ``os.replace``).
+- :func:`replace_dir` — the final step of :func:`atomic_dir` on its own, for writers that
+  build their temporary directory themselves: the old target is moved aside, not deleted,
+  until the new one is in place.
 
 Temporaries live beside their target (same file system), so the final rename is a
 single atomic ``rename(2)``. Temporaries left by a killed process (SIGKILL, power loss)
@@ -156,14 +159,33 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     except BaseException:
         _remove(tmp)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move the finished directory ``src`` to ``dst``, replacing what is there without a gap.
+
+    An existing ``dst`` is first moved aside (``<name>.tmp-<pid>-old<hex>``), then ``src`` is
+    renamed into place, then the old one is deleted: a reader sees the old or the new complete
+    directory, never none. If the rename fails, the old directory is moved back before the error
+    propagates, so a failed replacement loses nothing already written. ``src`` and ``dst`` must
+    be on one file system (temporaries live beside their target). Returns ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
     old: Path | None = None
-    if path.exists() or path.is_symlink():
-        old = path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}-old{secrets.token_hex(4)}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f"{dst.name}{_TMP_TAG}{os.getpid()}-old{secrets.token_hex(4)}")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    _fsync_dir(dst.parent)
     if old is not None:
         _remove(old)
+    return dst
 
 
 @contextlib.contextmanager
