@@ -139,6 +139,12 @@ NOTES = {
         "width 32) at ~2.5x the training time. Two Xpressor layers (xpressor_depth 2) on STARmap: 0.724 / 0.685 "
         "(0.705 vs 0.706). Learning rate 1.5e-3 / 6e-3 instead of 3e-3 on STARmap, seed 0: 0.703 / 0.704 (vs "
         "0.715). None adopted.",
+        "2026-11-24 (tenth session), STARmap tuning split, 3200 steps, seeds 0 / 1 (/work/exp/l1.py in the "
+        "session): an exponential moving average of the level-1 weights (Lightning's EMA callback through "
+        "fit_level1's trainer_kwargs, decay 0.995; the averaged weights embed) 0.709 / 0.680 (mean 0.695) vs "
+        "0.703 / 0.685 (0.694) without, both on this session's machine. The same command without the average "
+        "gave 0.715 / 0.696 on the ninth session's machine: CPU training is not bit-reproducible across "
+        "machines, and such differences are as large as the effects compared here. Not adopted.",
     ],
 }
 
