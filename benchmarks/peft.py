@@ -209,10 +209,15 @@ def clone(model):
 # costs about half a full fine-tuning epoch (no backward pass through the encoder), so PEFT's 80
 # epochs cost about what full fine-tuning's 40 do; full fine-tuning peaked at 5-10 epochs in every
 # candidate (see merfish_transfer.tuning.runs), so its cap does not bind.
+# thinning: training cells binomially thinned at every step, keep ~ U(thinning, 1) per cell
+# (finetune(thinning=)); every method gets each candidate with and without it.
+THINNING = (None, 0.5)
 TUNE_GRID = {
     # layer_mix: the Xpressor reads a learned mix of all encoder depths (finetune(layer_mix=True))
-    "peft_xpressor": [dict(lr=lr, head_hidden=0, layer_mix=mix) for mix in (False, True) for lr in (5e-3, 1e-2)],
-    "full_finetune": [dict(lr=1e-3, head_hidden=0), dict(lr=1e-3, head_hidden=128), dict(lr=3e-3, head_hidden=0)],
+    "peft_xpressor": [dict(lr=lr, head_hidden=0, layer_mix=mix, thinning=t)
+                      for t in THINNING for mix in (False, True) for lr in (5e-3, 1e-2)],
+    "full_finetune": [dict(lr=lr, head_hidden=h, thinning=t)
+                      for t in THINNING for lr, h in ((1e-3, 0), (1e-3, 128), (3e-3, 0))],
 }
 TUNE_GRID["from_scratch"] = TUNE_GRID["full_finetune"]  # same candidates and budget as full fine-tuning
 # Every tuning run keeps an exponential moving average of its weights (finetune(ema_decay=)) and is scored
@@ -323,7 +328,7 @@ def tune_transfer(model, merfish, train: np.ndarray, *, seed: int, epochs: dict[
         out["runs"][method] = runs
         out["chosen"][method] = {"lr": r["lr"], "head_hidden": r["head_hidden"], "epochs": e,
                                  "layer_mix": r.get("layer_mix", False), "ema_decay": r["ema_decay"],
-                                 "val_macro_f1": r["val_macro_f1"][str(e)]}
+                                 "thinning": r.get("thinning"), "val_macro_f1": r["val_macro_f1"][str(e)]}
     return out
 
 
@@ -410,7 +415,8 @@ def transfer_merfish(model, merfish, *, seed: int, seeds: int, score_epochs: dic
             res = finetune(_start(model, method), merfish, task="cell_type", label_key="cell_type", train_mask=train,
                            trainable="xpressor" if method == "peft_xpressor" else "all", max_epochs=chosen["epochs"],
                            batch_size=64, lr=chosen["lr"], head_hidden=chosen["head_hidden"], seed=s, progress=False,
-                           layer_mix=chosen.get("layer_mix", False), ema_decay=chosen.get("ema_decay"))
+                           layer_mix=chosen.get("layer_mix", False), ema_decay=chosen.get("ema_decay"),
+                           thinning=chosen.get("thinning"))
             scores.append(res.metrics["macro_f1"])
             if method == "peft_xpressor":
                 out["trainable_fraction"] = res.trainable_fraction
@@ -429,7 +435,7 @@ def transfer_merfish(model, merfish, *, seed: int, seeds: int, score_epochs: dic
 
 
 def cross_platform(model, cosmx, merfish, *, epochs: int, lr: float, seed: int, layer_mix: bool = False,
-                   ema_decay: float | None = None) -> dict:
+                   ema_decay: float | None = None, thinning: float | None = None) -> dict:
     from xscale.eval.metrics import log_normalized, probe_scores
     from xscale.train.finetune import encode_cells, finetune, predict_labels
 
@@ -439,12 +445,12 @@ def cross_platform(model, cosmx, merfish, *, epochs: int, lr: float, seed: int, 
     c.obs["lineage"] = c.obs["cell_type"].astype(str).map(COSMX_TO_LINEAGE)
     yc, ym = c.obs["lineage"].astype(str).to_numpy(), m.obs["cell_type"].astype(str).to_numpy()
     res = {"n_shared_genes": len(shared), "label_map": COSMX_TO_LINEAGE, "peft_epochs": epochs, "peft_lr": lr,
-           "peft_layer_mix": layer_mix, "peft_ema_decay": ema_decay}
+           "peft_layer_mix": layer_mix, "peft_ema_decay": ema_decay, "peft_thinning": thinning}
     Zc, Zm = flat(encode_cells(model, c)), flat(encode_cells(model, m))
     f1 = {"linear_probe": probe_scores(Zc, yc, Zm, ym)["macro_f1"]}
     ft = finetune(clone(model), c, task="cell_type", label_key="lineage", trainable="xpressor", max_epochs=epochs,
                   batch_size=64, lr=lr, head_hidden=0, seed=seed, progress=False, layer_mix=layer_mix,
-                  ema_decay=ema_decay)
+                  ema_decay=ema_decay, thinning=thinning)
     pred = predict_labels(ft.model, ft.head, m)
     from sklearn.metrics import f1_score
 
@@ -628,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             "peft_xpressor", {"lr": 1e-2, "epochs": max(score_epochs["peft_xpressor"])})
         result["cross_platform_cosmx_to_merfish"] = cross_platform(
             model, data["cosmx_nsclc_profast"], merfish, epochs=chosen["epochs"], lr=chosen["lr"], seed=args.seed,
-            layer_mix=chosen.get("layer_mix", False), ema_decay=chosen.get("ema_decay"))
+            layer_mix=chosen.get("layer_mix", False), ema_decay=chosen.get("ema_decay"),
+            thinning=chosen.get("thinning"))
         log.info("cross-platform: %s", result["cross_platform_cosmx_to_merfish"]["macro_f1"])
         save()
     if "correction" not in args.sections:

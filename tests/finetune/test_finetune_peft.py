@@ -282,3 +282,61 @@ def test_ema_weights_equal_naive_reference(starmap_small):
     assert any(not torch.allclose(ref[k], steps[-1][k]) for k in ref)  # the average is not the last step
     with pytest.raises(XscaleInputError, match=r"ema_decay: expected a value in \(0, 1\) such as 0.98, found 1.5"):
         finetune(_model(starmap_small.var_names), starmap_small, label_key="cell_type", ema_decay=1.5, progress=False)
+
+
+def test_thin_batch_equals_collating_thinned_cells():
+    """thin_batch = draw a keep probability per cell, thin, and collate the thinned cells again (naive
+    reference: collate_cells on items holding the thinned counts); keep 1 changes nothing."""
+    from xscale.data.batch import CellItem, collate_cells, thin_batch
+
+    rng = np.random.default_rng(0)
+    items = [CellItem(gene_ids=np.arange(1, 1 + n), counts=rng.poisson(3.0, n).astype(np.float32), index=i, slide=i % 2)
+             for i, n in enumerate([12, 12, 7, 12])]  # one shorter panel: padding
+    batch = collate_cells(items)
+    assert torch.equal(thin_batch(batch, 1.0).values, batch.values)
+    thinned = thin_batch(batch, 0.3, generator=torch.Generator().manual_seed(1))
+    assert (thinned.counts <= batch.counts).all() and thinned.counts[batch.pad_mask].eq(0).all()
+    assert thinned.counts.sum() < batch.counts.sum()
+    again = collate_cells([CellItem(gene_ids=it.gene_ids, counts=thinned.counts[i, : len(it.gene_ids)].numpy(),
+                                    index=it.index, slide=it.slide) for i, it in enumerate(items)])
+    for name in ("gene_ids", "counts", "pad_mask", "library", "index", "slide"):
+        assert torch.equal(getattr(thinned, name), getattr(again, name)), name
+    torch.testing.assert_close(thinned.values, again.values)
+    # the keep probability is drawn per cell from [min_keep, 1]: large cells show it in their totals
+    big = collate_cells([CellItem(gene_ids=np.arange(1, 41), counts=np.full(40, 500.0, np.float32), index=i)
+                         for i in range(200)])
+    share = thin_batch(big, 0.5, generator=torch.Generator().manual_seed(2)).library / big.library  # (200,)
+    assert share.min() > 0.48 and share.max() <= 1.0 and 0.7 < share.mean() < 0.8  # uniform on [0.5, 1]: mean 0.75
+    with pytest.raises(ValueError, match="min_keep"):
+        thin_batch(batch, 0.0)
+
+
+def test_thin_batch_scales_the_library_outside_a_sampled_context():
+    from xscale.data.batch import CellItem, collate_cells, thin_batch
+
+    items = [CellItem(gene_ids=np.arange(1, 101), counts=np.full(100, 10.0, np.float32), index=0)]
+    batch = collate_cells(items, max_genes=40, rng=np.random.default_rng(0))  # 40 of 100 genes: library 1000
+    assert batch.library.item() == 1000.0 and batch.counts.sum().item() == 400.0
+    g = torch.Generator().manual_seed(3)
+    thinned = thin_batch(batch, 0.5, generator=g)
+    keep = 0.5 + 0.5 * torch.rand(1, 1, generator=torch.Generator().manual_seed(3))  # the same first draw
+    expected = thinned.counts.sum() + 600.0 * keep[0, 0]
+    torch.testing.assert_close(thinned.library[0], expected)
+
+
+def test_finetune_with_thinning_trains_and_records_it(starmap_small, tmp_path, capsys):
+    from xscale.cli.main import main
+
+    res, changed = _finetune_left_half(starmap_small, thinning=0.5)
+    assert changed and all(k.startswith(("xpressor.", "layer_mix")) for k in changed)
+    plain, _ = _finetune_left_half(starmap_small)
+    a, b = res.model.state_dict(), plain.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the augmentation changed what was learned
+    with pytest.raises(XscaleInputError, match="thinning: expected"):
+        finetune(_model(starmap_small.var_names), starmap_small, label_key="cell_type", thinning=1.5, progress=False)
+    save_model(_model(starmap_small.var_names), tmp_path / "pre")
+    starmap_small.write_h5ad(tmp_path / "d.h5ad")
+    rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "ft"),
+               "--label-key", "cell_type", "--epochs", "1", "--thinning", "0.5", "--no-progress"])
+    assert rc == 0
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["thinning"] == 0.5

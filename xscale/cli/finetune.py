@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "not the last layer only")
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="keep an exponential moving average of the trained weights (e.g. 0.98) and use it")
+    p.add_argument("--thinning", type=float, metavar="K",
+                   help="augmentation: each training cell keeps each molecule with a probability drawn from "
+                        "[K, 1] at every step (e.g. 0.5); off by default")
     p.add_argument("--correction", choices=("adversarial", "mmd"), default="adversarial")
     p.add_argument("--correction-weight", type=float, default=1.0)
     p.add_argument("--reconstruction-weight", type=float, help="default 0 for cell_type, 1 for batch_correction")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     result = finetune(
         args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
         train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,
-        layer_mix=args.layer_mix, ema_decay=args.ema_decay,
+        layer_mix=args.layer_mix, ema_decay=args.ema_decay, thinning=args.thinning,
         correction=args.correction, correction_weight=args.correction_weight,
         reconstruction_weight=args.reconstruction_weight, max_epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, counts_layer=args.counts_layer, seed=args.seed, output_dir=args.out, log_dir=args.log_dir,

@@ -52,6 +52,29 @@ class CellBatch:
         return self.gene_ids.shape[0]
 
 
+def thin_batch(batch: CellBatch, min_keep: float, *, generator: torch.Generator | None = None) -> CellBatch:
+    """The batch as if captured less efficiently: augmentation for fine-tuning on few labelled cells.
+
+    Each cell keeps each of its molecules with a probability drawn uniformly from
+    ``[min_keep, 1]`` for that cell (binomial thinning), and its input values are
+    log-normalised again. ``library`` shrinks with the thinned counts; molecules of genes
+    outside a sampled context (panels longer than ``max_genes``) are not in the batch, so
+    their share of the library is scaled by the cell's keep probability (its expectation).
+    Padding stays zero; ids, masks and labels are unchanged.
+    """
+    if not 0.0 < min_keep <= 1.0:
+        raise ValueError(f"min_keep: expected a keep fraction in (0, 1], found {min_keep}.")
+    b = len(batch)
+    u = torch.rand(b, 1, generator=generator, dtype=batch.counts.dtype)  # (B, 1)
+    keep = min_keep + (1.0 - min_keep) * u  # (B, 1) per-cell keep probability
+    counts = torch.binomial(batch.counts, keep.expand_as(batch.counts), generator=generator)  # (B, G)
+    outside = (batch.library - batch.counts.sum(dim=1)).clamp_min(0.0)  # (B,) counts not in the context
+    library = counts.sum(dim=1) + outside * keep[:, 0]  # (B,)
+    values = log_normalize(counts, library).masked_fill(batch.pad_mask, 0.0)
+    return CellBatch(gene_ids=batch.gene_ids, counts=counts, values=values, pad_mask=batch.pad_mask,
+                     library=library, index=batch.index, dataset=batch.dataset, slide=batch.slide)
+
+
 def sample_context(counts: np.ndarray, max_genes: int, rng: np.random.Generator) -> np.ndarray:
     """Positions to keep for a panel longer than ``max_genes``: expressed genes first, then zeros.
 

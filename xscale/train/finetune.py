@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from xscale.data.anndata_dataset import AnnDataCellDataset
-from xscale.data.batch import CellBatch, collate_cells
+from xscale.data.batch import CellBatch, collate_cells, thin_batch
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, mmd_loss
@@ -121,6 +121,7 @@ class FinetuneModule(L.LightningModule):
         correction: Correction = "adversarial",
         reconstruction_weight: float = 0.0,
         correction_weight: float = 1.0,
+        thinning: float | None = None,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
     ) -> None:
@@ -134,6 +135,7 @@ class FinetuneModule(L.LightningModule):
         self.register_buffer("labels", labels if labels is not None else torch.empty(0, dtype=torch.long))
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
         self.reconstruction_weight, self.correction_weight = reconstruction_weight, correction_weight
+        self.thinning = thinning
         self.lr, self.weight_decay = lr, weight_decay
 
     def on_train_epoch_start(self) -> None:
@@ -144,6 +146,8 @@ class FinetuneModule(L.LightningModule):
                 m.reset_running_stats()
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
+        if self.thinning is not None:  # augmentation: a fresh capture efficiency per cell and step
+            batch = thin_batch(batch, self.thinning)
         latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
         total = latents.new_zeros(())
         if self.task == "cell_type":
@@ -240,6 +244,7 @@ def finetune(
     head_hidden: int = 128,
     layer_mix: bool = False,
     ema_decay: float | None = None,
+    thinning: float | None = None,
     max_epochs: int = 10,
     max_steps: int = -1,
     batch_size: int = 64,
@@ -284,6 +289,12 @@ def finetune(
         weights, updated every step (:class:`~xscale.train.optim.EMAWeights`): steadier than
         the last step's weights on small labelled sets. None = the last step's weights. The
         average lives in a copy of the model and head (twice their memory while training).
+    thinning
+        If given (e.g. 0.5), every training step sees each cell binomially thinned: it keeps each
+        molecule with a probability drawn uniformly from ``[thinning, 1]`` for that cell
+        (:func:`~xscale.data.batch.thin_batch`), as if captured less efficiently. Augmentation for
+        small labelled sets; scoring and embedding always use the cells as measured. None = off.
+        On ``benchmarks/peft.py``'s validation split it raised PEFT's macro-F1 by ~0.03 (NOTES).
     output_dir
         If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
         (task, classes, trainable_fraction, metrics) there, atomically.
@@ -302,6 +313,9 @@ def finetune(
     if correction not in ("adversarial", "mmd"):
         raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
     ema = EMAWeights(ema_decay) if ema_decay is not None else None  # checks the decay before any work
+    if thinning is not None and not 0.0 < thinning <= 1.0:
+        raise XscaleInputError(f"thinning: expected the lowest keep fraction in (0, 1] such as 0.5, found {thinning}. "
+                               "Pass None to train on the cells as measured.")
     L.seed_everything(seed, verbose=False)
     net = _load(model)
     if layer_mix:
@@ -346,7 +360,8 @@ def finetune(
                         collate_fn=partial(collate_cells, max_genes=cfg.max_genes, rng=np.random.default_rng(seed)))
     module = FinetuneModule(
         net, task=task, head=head, discriminator=discriminator, labels=labels, class_weights=class_weights,
-        correction=correction, reconstruction_weight=rec_w, correction_weight=correction_weight, lr=lr,
+        correction=correction, reconstruction_weight=rec_w, correction_weight=correction_weight,
+        thinning=thinning, lr=lr,
     )
     net.train()
     logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="finetune") if log_dir is not None else False
@@ -380,12 +395,12 @@ def finetune(
     result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
     if output_dir is not None:
         result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,
-                                    ema_decay=ema_decay)
+                                    ema_decay=ema_decay, thinning=thinning)
     return result
 
 
 def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
-           ema_decay: float | None) -> Path:
+           ema_decay: float | None, thinning: float | None = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -393,7 +408,8 @@ def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slid
     if result.head is not None:
         save_model(result.head, tmp / "head")
     doc = {
-        "task": task, "trainable": trainable, "ema_decay": ema_decay, "trainable_fraction": result.trainable_fraction,
+        "task": task, "trainable": trainable, "ema_decay": ema_decay, "thinning": thinning,
+        "trainable_fraction": result.trainable_fraction,
         "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
         "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
     }
