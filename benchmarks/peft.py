@@ -57,11 +57,12 @@ COSMX_TO_LINEAGE = {
 }
 
 
-COMMAND = ("python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections none --threads 1 (pretraining); "
-           "python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections correction --threads 1 (2026-11-24, "
-           "the batch_correction section, kept); python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections "
-           "transfer cross_platform --out /tmp/peft_ema.json (eighth session, 2 threads: weight averages and two "
-           "tuning seeds); python benchmarks/peft.py --merge /tmp/peft_corr.json /tmp/peft_ema.json")
+COMMAND = ("python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections none --threads 1 (pretraining; "
+           "2026-11-24, tenth session: the earlier pretrained model did not survive the machine, so it was pretrained "
+           "again and every section re-run with it); python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections "
+           "correction --threads 1 --out /tmp/peft_corr.json; python benchmarks/peft.py --pretrained /tmp/peft7_pre "
+           "--sections transfer cross_platform --threads 1 --out /tmp/peft_tr.json (the two in parallel, 1 thread "
+           "each); python benchmarks/peft.py --merge /tmp/peft_corr.json /tmp/peft_tr.json")
 NOTES = [
     "Pretraining: 2500 steps (was 150), batch 64, lr 2e-3, config = 'tiny' preset with PRETRAIN_CONFIG overrides "
     "(depth 8, K=8 latents, one Xpressor layer, context 64 genes, per-gene standardised inputs, decoder gene offset, "
@@ -164,6 +165,23 @@ NOTES = [
     "not trained parameters) 0.549/0.553/0.552 and 0.550/0.547/0.547 (worse, as for the probe above); the "
     "layer-mix weights at 10x the learning rate 0.600/0.596/0.588 and 0.608/0.609/0.611 (worse; the mix became "
     "spiky, e.g. 0.31 on layer 6 for seed 0, 0.38 on the input tokens for seed 1).",
+    "2026-11-24 (tenth session). The pretrained model was pretrained again on this session's machine (same "
+    "command and seed; CPU training is not bit-reproducible across machines: validation loss 2.058 vs 2.048 at "
+    "step 2155), and every section was re-run with it. The earlier chosen PEFT setting (lr 1e-2, layer mix, "
+    "averaged weights) scored lower on the validation split with the new model: mean over 40/60/80 epochs, "
+    "seeds 0-4, 0.583 (per seed 0.571/0.574/0.605/0.587/0.577; 0.617 with the earlier model, seeds 0/1). "
+    "Training cells binomially thinned at every step, keep ~ U(0.5, 1) per cell (/work/exp/peft_aug.py in the "
+    "session), gave 0.617 (0.620/0.611/0.622/0.623/0.609: higher on every seed); seeds 0/1 only: keep ~ U(0.3, 1) "
+    "0.619, each measured gene zeroed with probability 0.2 0.620, both together 0.544, zeroed with probability "
+    "0.4 0.582 (seed 0). Full fine-tuning (lr 3e-3, averaged weights, 10/20/40 epochs, seeds 0/1) with thinning "
+    "0.650 vs 0.662 without, but steadier (0.643-0.658 vs 0.623-0.727). Adopted: finetune(thinning=), "
+    "xscale finetune --thinning; TUNE_GRID offers every candidate of every method with and without it "
+    "(THINNING). This run chose it for PEFT (validation 0.636) and not for full fine-tuning (0.678) or "
+    "training from scratch. Test half, 3 seeds: PEFT 0.611 (0.631/0.606/0.597), full 0.634 (0.624/0.642/0.637): "
+    "the gap is 0.023 (0.031 in the earlier run), still above the 0.02 of the goal. The slide correction "
+    "(chosen on STARmap as before: MMD, weight 1, 6 epochs) now drops seqFISH's cell-type purity by 0.0215 "
+    "(repeats 0.033 and 0.010; mixing gain 0.020 and -0.001), above the 0.02 of the goal; with the earlier "
+    "model it dropped 0.005. Both repeats of each candidate and dataset are in batch_correction.",
 ]
 
 
