@@ -145,6 +145,17 @@ NOTES = {
         "0.703 / 0.685 (0.694) without, both on this session's machine. The same command without the average "
         "gave 0.715 / 0.696 on the ninth session's machine: CPU training is not bit-reproducible across "
         "machines, and such differences are as large as the effects compared here. Not adopted.",
+        "2026-11-24 (tenth session), tuning splits, 3200 steps, seeds 0 / 1, all on this session's machine "
+        "(references without the change: STARmap 0.703 / 0.685, mean 0.694; seqFISH 0.546 / 0.578, mean 0.562). "
+        "The Xpressor reading a learned mix of the input tokens and the encoder's output (xpressor_layer_mix, "
+        "as PEFT uses): STARmap 0.689 / 0.690 (0.689). Two encoder layers (depth 2 instead of 1): STARmap "
+        "0.732 / 0.714 (0.723, +0.029; CLS with depth 2 0.709 / 0.677, 0.693), seqFISH 0.553 / 0.549 (0.551). "
+        "The full benchmark for STARmap with depth 2 (seed 0, held-out slide) gave xpressor 0.686, cls 0.668, "
+        "mean 0.670 (depth 1, committed: 0.6885 / 0.676 / 0.670), NB deviance 0.145 and per-cell Pearson 0.924 "
+        "(0.126 / 0.937), at 370 s of training per model (1.4x the depth-1 runs on the same machine). Not "
+        "adopted: the tuning-split gain did not carry to the held-out slide (probe within seed noise, as for "
+        "read-out weight 10 above) while decoding got worse and training slower; the committed STARmap entry "
+        "stays the depth-1 run.",
     ],
 }
 
