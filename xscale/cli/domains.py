@@ -34,16 +34,13 @@ def write_store(adata, path) -> None:
     import shutil
     from pathlib import Path
 
+    from xscale.utils.atomic import replace_dir
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     adata.write_zarr(tmp)
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from xscale.data.validate import (
     _empty_error, check_counts, check_names, check_slides, check_spatial, iter_row_blocks,
 )
 from xscale.errors import XscaleInputError
+from xscale.utils.atomic import replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -289,11 +290,8 @@ def prepare(
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename a complete store into place (an old one is removed only after the swap)."""
-    if out.exists() and overwrite:
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+    if overwrite:
+        replace_dir(tmp, out)
     else:
         os.replace(tmp, out)
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from xscale.data.store import CellStore
 from xscale.errors import XscaleInputError
+from xscale.utils.atomic import replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -132,11 +133,8 @@ class LatentWriter:
             raise RuntimeError(f"{self.target}: {int((~self.done).sum())} block(s) not written yet")
         self.array.attrs.update(self.attrs)
         self._state_file.unlink()
-        if self.target.exists() and self.overwrite:
-            old = self.target.with_name(f".{self.target.name}.old")
-            os.replace(self.target, old)
-            os.replace(self.partial, self.target)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.overwrite:
+            replace_dir(self.partial, self.target)  # an old target is removed only after the swap
         else:
             os.replace(self.partial, self.target)
         logger.info("wrote %s (%d x %s)", self.target, self.n_cells, self.cell_shape)
