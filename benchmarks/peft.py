@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xscale.utils.atomic import atomic_write_text
+
 log = logging.getLogger("benchmarks.peft")
 
 PRETRAIN = ["starmap_mpfc", "seqfish_embryo_wsir", "cosmx_nsclc_profast", "pbmc3k_subset_profast"]
@@ -630,9 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every section, so a crash late in the run keeps what was measured
         result["seconds_total"] = time.time() - t0
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2, default=float))
-        tmp_out.replace(out)
+        atomic_write_text(out, json.dumps(result, indent=2, default=float))
 
     result["quick"] = args.quick
     result["notes"] = NOTES
@@ -710,9 +710,7 @@ def merge(paths: list[str], out: Path) -> dict:
     result["sections"] = sorted({s for p in paths for s in json.loads(Path(p).read_text()).get("sections", [])})
     if "macro_f1" in result and "batch_correction" in result:
         result["goals"] = goals(result)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2, default=float))
     return result
 
 
