@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -88,7 +89,7 @@ def test_finetune_output_is_replaced_through_replace_dir(tmp_path, monkeypatch):
 
     def failing(src, dst):  # moving the old result aside works; moving the new one into place fails
         calls.append((os.fspath(src), os.fspath(dst)))
-        if os.fspath(dst) == os.fspath(out) and os.fspath(src).endswith(".tmp"):
+        if os.fspath(dst) == os.fspath(out) and "-old" not in Path(src).name:  # the new one, not the old put back
             raise OSError("disk full")
         real_replace(src, dst)
 
@@ -99,7 +100,8 @@ def test_finetune_output_is_replaced_through_replace_dir(tmp_path, monkeypatch):
         ft._write(result, out, task="batch_correction", trainable="xpressor", slides=["s3"], ema_decay=None)
     assert (out / "finetune.json").read_text() == before
     assert [d for _, d in calls][-2:] == [os.fspath(out), os.fspath(out)]  # the swap was tried, then undone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft", "ft.tmp"]
+    left = sorted(p.name for p in tmp_path.iterdir())  # the old result and the new one's temporary
+    assert len(left) == 2 and left[0] == "ft" and left[1].startswith("ft.tmp-"), left
 
 
 def test_atomic_dir_no_overwrite(tmp_path):

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +41,7 @@ from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminat
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import calibrate_head, encode_cells, predict_labels
 from xscale.train.optim import EMAWeights
-from xscale.utils.atomic import replace_dir
+from xscale.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -401,19 +400,16 @@ def finetune(
 
 def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
            ema_decay: float | None, thinning: float | None = None) -> Path:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(result.model, tmp / "model")
-    if result.head is not None:
-        save_model(result.head, tmp / "head")
     doc = {
         "task": task, "trainable": trainable, "ema_decay": ema_decay, "thinning": thinning,
         "trainable_fraction": result.trainable_fraction,
         "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
         "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
     }
-    (tmp / "finetune.json").write_text(json.dumps(doc, indent=2))
-    replace_dir(tmp, out)  # an earlier result is moved aside, not deleted, until this one is in place
+    with atomic_dir(out) as tmp:  # an earlier result is moved aside, not deleted, until this one is in place
+        save_model(result.model, tmp / "model")
+        if result.head is not None:
+            save_model(result.head, tmp / "head")
+        (tmp / "finetune.json").write_text(json.dumps(doc, indent=2))
     log.info("Wrote the fine-tuned model to %s", out)
     return out

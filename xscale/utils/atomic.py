@@ -142,7 +142,8 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     -----
     On success the marker :data:`COMPLETE_MARKER` is written inside, then the directory
     is renamed into place (an existing target is first moved aside and deleted after the
-    rename, so readers see either the old or the new complete directory). On an exception
+    rename, so readers see either the old or the new complete directory, but for the moment
+    between the two renames). On an exception
     (including ``KeyboardInterrupt``) the temporary directory is removed and the exception
     propagates; ``path`` is left untouched.
     """
@@ -167,7 +168,8 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     An existing ``dst`` is first moved aside (``<name>.tmp-<pid>-old<hex>``), then ``src`` is
     renamed into place, then the old one is deleted: a reader sees the old or the new complete
-    directory, never none. If the rename fails, the old directory is moved back before the error
+    directory, except between the two renames (no copying or deleting happens there), when
+    ``dst`` is briefly absent. If the rename fails, the old directory is moved back before the error
     propagates, so a failed replacement loses nothing already written. ``src`` and ``dst`` must
     be on one file system (temporaries live beside their target). Returns ``dst``.
     """
