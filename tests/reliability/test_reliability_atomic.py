@@ -6,6 +6,7 @@ from pathlib import Path
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from xscale.utils import atomic
@@ -175,3 +176,36 @@ def test_prepare_killed_mid_write_leaves_nothing_that_looks_complete(tmp_path):
     from xscale.data.store import CellStore
 
     assert CellStore(out).n_cells == 3190
+
+
+def test_atomic_dir_without_marker(tmp_path):
+    with atomic_dir(tmp_path / "s.zarr", marker=False) as tmp:
+        (tmp / "zarr.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "s.zarr").iterdir()) == ["zarr.json"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.zarr"]
+
+
+@pytest.mark.parametrize("writer", ["pipeline_step", "domains"])
+def test_zarr_writers_keep_the_old_store_when_a_write_fails(tmp_path, writer):
+    """The pipeline steps' and ``xscale domains``' store writers: a failed write leaves the earlier store whole."""
+    import anndata as ad
+
+    from xscale.cli.domains import write_store
+    from xscale.pipelines.steps import _write_zarr
+
+    write = {"pipeline_step": _write_zarr, "domains": write_store}[writer]
+    path = tmp_path / "cells.zarr"
+    old = ad.AnnData(np.ones((4, 2), dtype=np.float32))
+    write(old, path)
+
+    class Broken(ad.AnnData):
+        def write_zarr(self, store, **kwargs):
+            (Path(store) / "half").write_text("x")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write(Broken(np.zeros((4, 2), dtype=np.float32)), path)
+    np.testing.assert_array_equal(ad.read_zarr(path).X, old.X)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr"]  # no temporary left
+    write(ad.AnnData(np.full((3, 2), 2.0, dtype=np.float32)), path)  # a later write replaces it
+    assert ad.read_zarr(path).shape == (3, 2)

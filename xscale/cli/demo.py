@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
     from xscale.pipelines import evaluate_adata
     from xscale.train.staged import run_staged
+    from xscale.utils.atomic import atomic_write_text
 
     log = logging.getLogger("xscale.demo")
     if args.n_domains < 2:
@@ -129,9 +130,7 @@ def run(args: argparse.Namespace) -> int:
     obs = adata.X[held].toarray() if sp.issparse(adata.X) else np.asarray(adata.X[held])
     metrics["reconstruction"] = {"heldout": {"xscale": {"pearson_gene": _pearson_gene(obs, expected[held])}}}
     metrics["seconds"] = {**{k: round(v, 1) for k, v in result.seconds.items()}}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
 
     history = _link_logs(out)
     if not args.no_report:

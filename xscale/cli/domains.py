@@ -30,17 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def write_store(adata, path) -> None:
-    """Write ``adata`` to ``path`` (zarr) via a temporary name, replacing any existing store."""
-    import shutil
-    from pathlib import Path
+    """Write ``adata`` to ``path`` (zarr) via a temporary name, replacing any existing store
+    only once the new one is complete (a failed write leaves the old store as it was)."""
+    from xscale.utils.atomic import atomic_dir
 
-    from xscale.utils.atomic import replace_dir
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    adata.write_zarr(tmp)
-    replace_dir(tmp, path)
+    with atomic_dir(path, marker=False) as tmp:  # per-process temporary: concurrent runs do not collide
+        adata.write_zarr(tmp)
 
 
 def run(args: argparse.Namespace) -> int:

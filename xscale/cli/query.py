@@ -126,12 +126,9 @@ def run(args: argparse.Namespace) -> int:
         _add_decoded(index, hits, args)
     text = hits_to_text(hits, args.format)
     if args.output:
-        from pathlib import Path
+        from xscale.utils.atomic import atomic_write_text
 
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        atomic_write_text(args.output, text + "\n")
     else:
         sys.stdout.write(text + "\n")
     return 0

@@ -10,8 +10,6 @@ appended to an AnnData zarr store, so n_cells can exceed memory.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +19,7 @@ import scipy.sparse as sp
 
 from xscale.data.niches import median_nn_distance
 from xscale.errors import XscaleInputError
-from xscale.utils.atomic import replace_dir
+from xscale.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -142,9 +140,8 @@ def tile_tissue(
     out = Path(out)
     if out.exists() and not overwrite:
         raise XscaleInputError(f"{out}: already exists. Pass overwrite=True or another path.")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # an earlier store stays whole until this one is in place; a failure removes the temporary
+    with atomic_dir(out, marker=False) as tmp:
         root = zarr.open_group(tmp, mode="w", zarr_format=3)
         xg = root.create_group("X")
         chunk_nnz = max(4096, chunk_cells * 64)
@@ -166,8 +163,5 @@ def tile_tissue(
         write_elem(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
                                                        "jitter": jitter, "keep_min": keep_min}})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        replace_dir(tmp, out)  # an earlier store stays whole until this one is in place
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)
     return out

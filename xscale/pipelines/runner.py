@@ -221,10 +221,10 @@ def is_complete(out: Path, spec: StepSpec, params: dict[str, Any]) -> dict[str, 
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
+    from xscale.utils.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str))
 
 
 # ------------------------------------------------------------------------- run

@@ -27,13 +27,11 @@ def _read_data(data: str, *, exclude_holdout: bool = False):
 
 
 def _write_zarr(adata, path: Path) -> Path:
-    import shutil
+    """Write ``adata`` to ``path`` (zarr); an earlier store is replaced only once this one is complete."""
+    from xscale.utils.atomic import atomic_dir
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    adata.write_zarr(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with atomic_dir(path, marker=False) as tmp:
+        adata.write_zarr(tmp)
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xscale.errors import XscaleInputError
-from xscale.utils.atomic import replace_dir
+from xscale.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -272,29 +271,28 @@ def embed_store_dask(
         slide_key = read_elem(src_root["uns"]["xscale"]).get("slide_key")
         if slide_key:
             meta["slide_key"] = str(slide_key)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    array_path = _write_skeleton(store_path, tmp, rows.n_cells, width, chunk_rows, meta)
-    ranges = [(a, min(a + chunk_rows, rows.n_cells)) for a in range(0, rows.n_cells, chunk_rows)]
-    client, cluster = _client(client_or_address, n_workers)
-    reports = []
-    try:
-        futures = [client.submit(_embed_range, rows, str(model_dir.resolve()), array_path, a, b, batch_size, seed,
-                                 pure=False) for a, b in ranges]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="embed (dask)", unit="chunk"):
-            reports.append(fut.result())
-    finally:
-        if cluster is not None:
-            _close_quietly(client, cluster)
-    pids = sorted({r["pid"] for r in reports})
-    log.info("embedded %d cells in %d chunks on %d worker process(es)", rows.n_cells, len(ranges), len(pids))
-    loads = {str(p): max(r["loads"] for r in reports if r["pid"] == p) for p in pids}
-    zarr.open_group(tmp, mode="r+").attrs["xscale_dask"] = {
-        "chunks": len(ranges), "chunk_rows": chunk_rows, "worker_pids": [int(p) for p in pids],
-        "model_loads_per_worker": loads, "task_seconds": round(sum(r["seconds"] for r in reports), 3),
-    }
-    zarr.consolidate_metadata(str(tmp))
-    replace_dir(tmp, out_path)  # an earlier output stays whole until this one is in place
+    # an earlier output stays whole until this one is in place; a failed run removes its temporary
+    with atomic_dir(out_path, marker=False) as tmp:
+        array_path = _write_skeleton(store_path, tmp, rows.n_cells, width, chunk_rows, meta)
+        ranges = [(a, min(a + chunk_rows, rows.n_cells)) for a in range(0, rows.n_cells, chunk_rows)]
+        client, cluster = _client(client_or_address, n_workers)
+        reports = []
+        try:
+            futures = [client.submit(_embed_range, rows, str(model_dir.resolve()), array_path, a, b, batch_size, seed,
+                                     pure=False) for a, b in ranges]
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="embed (dask)", unit="chunk"):
+                reports.append(fut.result())
+        finally:
+            if cluster is not None:
+                _close_quietly(client, cluster)
+        pids = sorted({r["pid"] for r in reports})
+        log.info("embedded %d cells in %d chunks on %d worker process(es)", rows.n_cells, len(ranges), len(pids))
+        loads = {str(p): max(r["loads"] for r in reports if r["pid"] == p) for p in pids}
+        zarr.open_group(tmp, mode="r+").attrs["xscale_dask"] = {
+            "chunks": len(ranges), "chunk_rows": chunk_rows, "worker_pids": [int(p) for p in pids],
+            "model_loads_per_worker": loads, "task_seconds": round(sum(r["seconds"] for r in reports), 3),
+        }
+        zarr.consolidate_metadata(str(tmp))
     return out_path
 
 

@@ -123,7 +123,7 @@ def mark_complete(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name; rename it to ``path`` on success.
 
     Parameters
@@ -133,6 +133,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     overwrite
         If True (default) an existing ``path`` is replaced once the new one is complete;
         if False an existing ``path`` raises :class:`FileExistsError` before any work.
+    marker
+        Write :data:`COMPLETE_MARKER` inside before the rename (default). Pass False for a zarr
+        store: zarr warns about any file in a store that is not part of its hierarchy.
 
     Yields
     ------
@@ -140,7 +143,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
 
     Notes
     -----
-    On success the marker :data:`COMPLETE_MARKER` is written inside, then the directory
+    On success the marker :data:`COMPLETE_MARKER` is written inside (unless ``marker=False``), then the directory
     is renamed into place (an existing target is first moved aside and deleted after the
     rename, so readers see either the old or the new complete directory, but for the moment
     between the two renames). On an exception
@@ -156,7 +159,8 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        mark_complete(tmp)
+        if marker:
+            mark_complete(tmp)
     except BaseException:
         _remove(tmp)
         raise
