@@ -64,7 +64,10 @@ COMMAND = ("python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections non
            "again and every section re-run with it); python benchmarks/peft.py --pretrained /tmp/peft7_pre --sections "
            "correction --threads 1 --out /tmp/peft_corr.json; python benchmarks/peft.py --pretrained /tmp/peft7_pre "
            "--sections transfer cross_platform --threads 1 --out /tmp/peft_tr.json (the two in parallel, 1 thread "
-           "each); python benchmarks/peft.py --merge /tmp/peft_corr.json /tmp/peft_tr.json")
+           "each); python benchmarks/peft.py --merge /tmp/peft_corr.json /tmp/peft_tr.json. 2026-11-25 (eleventh "
+           "session), same pretrained model: the correction section alone again, python benchmarks/peft.py "
+           "--pretrained /tmp/peft7_pre --sections correction --threads 1 --out /tmp/peft_corr4.json, then "
+           "python benchmarks/peft.py --merge /tmp/peft_tr.json /tmp/peft_corr4.json")
 NOTES = [
     "Pretraining: 2500 steps (was 150), batch 64, lr 2e-3, config = 'tiny' preset with PRETRAIN_CONFIG overrides "
     "(depth 8, K=8 latents, one Xpressor layer, context 64 genes, per-gene standardised inputs, decoder gene offset, "
@@ -184,6 +187,28 @@ NOTES = [
     "(chosen on STARmap as before: MMD, weight 1, 6 epochs) now drops seqFISH's cell-type purity by 0.0215 "
     "(repeats 0.033 and 0.010; mixing gain 0.020 and -0.001), above the 0.02 of the goal; with the earlier "
     "model it dropped 0.005. Both repeats of each candidate and dataset are in batch_correction.",
+    "2026-11-25 (eleventh session), slide correction only (same pretrained model; transfer and cross-platform "
+    "sections unchanged). Two findings. (1) An MMD correction can collapse the latents: MMD weight 5 for 12 "
+    "epochs shrank their spread (mean per-feature std over training cells) from 0.40 to 0.0008, with "
+    "reconstruction worse (NB loss 3.1 -> 3.7) and slides separated further (mixing gain -0.68); MMD weight 1 for 12 "
+    "epochs collapsed in 2 of 3 repeats. finetune now measures the spread before and after every slide correction, "
+    "records it (metrics latent_spread_before / _after) and warns below 0.1x; this benchmark records it per run "
+    "(latent_spread, collapsed) with the decoded expression's per-cell Pearson (reconstruction_pearson), and a "
+    "candidate that collapsed in any repeat is not eligible. (2) finetune(structure_weight=) adds "
+    "heads.structure_loss: each slide's cells centred on the slide's mean, the change of their pairwise inner "
+    "products relative to the pretrained model's (a frozen copy), over the reference's mean squared norm, squared. "
+    "Whole slides may shift or rotate; each slide's own geometry, spread included, is kept. A first version "
+    "compared cosines of the centred latents instead; on STARmap it looked better (MMD 1, 6 epochs, structure 0.3: "
+    "gain 0.032, purity +0.005, chosen), but cosines ignore the scale, and on seqFISH that setting collapsed the "
+    "latents in all 3 repeats (spread 0.40 -> < 0.03, decoded-expression Pearson 0.370 -> 0.283) while its kNN "
+    "scores looked fine (gain 0.009, purity +0.005): it was replaced by the inner-product version before any "
+    "further choice. Rule change, made before this final run: no purity drop at all on STARmap "
+    "(CORRECTION_MAX_DROP = 0; the 0.01 allowance became 0.0215 on seqFISH in the tenth session) and no collapse; "
+    "3 repeats per candidate instead of 2. Chosen: MMD weight 1, 6 epochs, structure 1 (STARmap tuning gain 0.019, "
+    "purity +0.001). Final (3 training subsets each): STARmap gain 0.017, purity drop 0.0005; seqFISH gain 0.012, "
+    "purity drop 0.007 (repeats 0.008 / 0.006 / 0.007), no collapse, decoded-expression Pearson 0.370 -> 0.368 "
+    "(STARmap 0.470 -> 0.468). The purity goal is met on both; the mixing gains are about half the adversarial "
+    "ones (0.04-0.05 on STARmap), which lose 0.011-0.027 of purity there.",
 ]
 
 
@@ -485,16 +510,39 @@ def cross_platform(model, cosmx, merfish, *, epochs: int, lr: float, seed: int, 
 
 
 # Slide-correction candidates, chosen on STARmap only: train on a random subset, score the OTHER cells.
-# seqFISH is never used for the choice. Chosen = largest mixing gain with a purity drop below 0.01.
-CORRECTION_GRID = [dict(correction=c, weight=w, epochs=e) for c, w in (("adversarial", 3.0), ("adversarial", 10.0),
-                                                                       ("mmd", 1.0), ("mmd", 5.0))
-                   for e in (6, 12)]
+# seqFISH is never used for the choice. Chosen = largest mixing gain among candidates that do not lower
+# purity (CORRECTION_MAX_DROP). structure_weight keeps each slide's own similarities (finetune docs).
+CORRECTION_GRID = ([dict(correction="adversarial", weight=3.0, epochs=e, structure_weight=s)
+                    for e in (6, 12) for s in (0.0, 1.0)]
+                   + [dict(correction="mmd", weight=w, epochs=e, structure_weight=s)
+                      for w in (1.0, 5.0) for e in (6, 12) for s in (0.0, 1.0, 3.0)]
+                   + [dict(correction="adversarial", weight=10.0, epochs=e, structure_weight=0.0) for e in (6, 12)])
+# A 0.01 allowance on STARmap (the earlier rule) became a 0.0215 drop on seqFISH (tenth session), above the
+# goal's 0.02: purity differences do not transfer between datasets, so the rule allows no drop at all.
+CORRECTION_MAX_DROP = 0.0
+# A candidate whose latents collapsed (spread < finetune.COLLAPSE_RATIO of before, in any repeat) is not
+# eligible: such latents no longer decode their cells (reconstruction_pearson), whatever the kNN scores say.
+
+
+def reconstruction_pearson(model, adata) -> float:
+    """Mean per-cell Pearson correlation between the decoded means and the observed expression, both
+    log-normalised, over the genes the model knows (auto-encoding through the cell latents)."""
+    from xscale.eval.metrics import log_normalized
+    from xscale.tl.cells import reconstruct
+
+    out = reconstruct(adata, model, copy=True)
+    genes = out.var["xscale_expected_modelled"].to_numpy()
+    pred = log_normalized(out.layers["xscale_expected"][:, genes])
+    obs = log_normalized(adata.X[:, genes])
+    pc, oc = pred - pred.mean(1, keepdims=True), obs - obs.mean(1, keepdims=True)
+    r = (pc * oc).sum(1) / np.sqrt((pc * pc).sum(1) * (oc * oc).sum(1)).clip(1e-12)
+    return float(r.mean())
 
 
 def _correct(model, adata, train: np.ndarray, score: np.ndarray, *, slide_key: str, drop: tuple[str, ...], seed: int,
-             correction: str, weight: float, epochs: int) -> dict:
+             correction: str, weight: float, epochs: int, structure_weight: float = 0.0) -> dict:
     from xscale.eval.metrics import knn_purity, slide_mixing
-    from xscale.train.finetune import encode_cells, finetune
+    from xscale.train.finetune import COLLAPSE_RATIO, encode_cells, finetune
 
     keep = score & ~adata.obs["cell_type"].astype(str).isin(drop).to_numpy()
     slides, labels = adata.obs[slide_key].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy()
@@ -502,17 +550,21 @@ def _correct(model, adata, train: np.ndarray, score: np.ndarray, *, slide_key: s
     def scores(m) -> dict:
         Z = flat(encode_cells(m, adata))
         return {"slide_mixing": slide_mixing(Z[score], slides[score], k=15),
-                "knn_purity": knn_purity(Z[keep], labels[keep], k=15)}
+                "knn_purity": knn_purity(Z[keep], labels[keep], k=15),
+                "reconstruction_pearson": reconstruction_pearson(m, adata[score])}
 
     before = scores(model)
     t = time.time()
     res = finetune(clone(model), adata, task="batch_correction", slide_key=slide_key, trainable="xpressor",
                    train_mask=train, correction=correction, correction_weight=weight, max_epochs=epochs,
-                   batch_size=64, lr=1e-3, seed=seed, progress=False)
+                   structure_weight=structure_weight, batch_size=64, lr=1e-3, seed=seed, progress=False)
     after = scores(res.model)
     return {"before": before, "after": after, "mixing_gain": after["slide_mixing"] - before["slide_mixing"],
             "purity_drop": before["knn_purity"] - after["knn_purity"], "correction": correction,
-            "correction_weight": weight, "epochs": epochs, "trainable_fraction": res.trainable_fraction,
+            "correction_weight": weight, "structure_weight": structure_weight, "epochs": epochs,
+            "latent_spread": [res.metrics["latent_spread_before"], res.metrics["latent_spread_after"]],
+            "collapsed": res.metrics["latent_spread_after"] < COLLAPSE_RATIO * res.metrics["latent_spread_before"],
+            "trainable_fraction": res.trainable_fraction,
             "seconds": time.time() - t}
 
 
@@ -532,32 +584,37 @@ def tune_correction(model, starmap, *, n_train: int, seed: int, grid: list[dict]
             train = _subset(starmap.n_obs, n_train, seed + 100 + rep)
             reps.append(_correct(model, starmap, train, ~train, slide_key="slice", drop=(), seed=seed + rep, **cand))
         r = {**cand, "mixing_gain": float(np.mean([x["mixing_gain"] for x in reps])),
-             "purity_drop": float(np.mean([x["purity_drop"] for x in reps])), "repeats": reps}
+             "purity_drop": float(np.mean([x["purity_drop"] for x in reps])),
+             "reconstruction_pearson": float(np.mean([x["after"]["reconstruction_pearson"] for x in reps])),
+             "collapsed_repeats": int(sum(x["collapsed"] for x in reps)), "repeats": reps}
         runs.append(r)
         log.info("tune correction %s: mixing gain %.4f, purity drop %.4f (mean of %d)", cand, r["mixing_gain"],
                  r["purity_drop"], repeats)
-    ok = [r for r in runs if r["purity_drop"] < 0.01]
+    ok = [r for r in runs if r["purity_drop"] <= CORRECTION_MAX_DROP and not r["collapsed_repeats"]]
     best = max(ok, key=lambda r: r["mixing_gain"]) if ok else min(runs, key=lambda r: r["purity_drop"])
     return {"dataset": "starmap_mpfc", "n_train": n_train, "n_scored": starmap.n_obs - n_train, "repeats": repeats,
-            "rule": "largest mean mixing gain among candidates with mean purity drop < 0.01 on the cells not "
-                    "trained on (mean over repeats with different training subsets and seeds)",
+            "rule": f"largest mean mixing gain among candidates with mean purity drop <= {CORRECTION_MAX_DROP} on "
+                    "the cells not trained on (mean over repeats with different training subsets and seeds) whose "
+                    "latents did not collapse in any repeat",
             "runs": runs, "chosen": {"correction": best["correction"], "correction_weight": best["weight"],
-                                     "epochs": best["epochs"]}}
+                                     "epochs": best["epochs"], "structure_weight": best.get("structure_weight", 0.0)}}
 
 
 def correction(model, adata, *, slide_key: str, drop: tuple[str, ...], seed: int, n_train: int, correction: str,
-               correction_weight: float, epochs: int, repeats: int) -> dict:
+               correction_weight: float, epochs: int, repeats: int, structure_weight: float = 0.0) -> dict:
     """Train the correction on ``n_train`` random cells (CPU budget), ``repeats`` times with other subsets and
     seeds; score every cell. Gains and drops are means over the repeats."""
     reps = []
     for rep in range(repeats):
         train = _subset(adata.n_obs, n_train, seed + rep)
         reps.append(_correct(model, adata, train, np.ones(adata.n_obs, dtype=bool), slide_key=slide_key, drop=drop,
-                             seed=seed + rep, correction=correction, weight=correction_weight, epochs=epochs))
-    mean = {k: float(np.mean([r["after"][k] for r in reps])) for k in ("slide_mixing", "knn_purity")}
+                             seed=seed + rep, correction=correction, weight=correction_weight, epochs=epochs,
+                             structure_weight=structure_weight))
+    mean = {k: float(np.mean([r["after"][k] for r in reps]))
+            for k in ("slide_mixing", "knn_purity", "reconstruction_pearson")}
     return {"n_cells": adata.n_obs, "n_train": n_train, "slides": sorted(set(adata.obs[slide_key].astype(str))),
-            "correction": correction, "correction_weight": correction_weight, "epochs": epochs,
-            "before": reps[0]["before"], "after": mean,
+            "correction": correction, "correction_weight": correction_weight, "structure_weight": structure_weight,
+            "epochs": epochs, "before": reps[0]["before"], "after": mean,
             "mixing_gain": float(np.mean([r["mixing_gain"] for r in reps])),
             "purity_drop": float(np.mean([r["purity_drop"] for r in reps])),
             "trainable_fraction": reps[0]["trainable_fraction"], "repeats": reps,
@@ -572,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-seeds", type=int, default=2,
                    help="seeds of each tuning candidate; the choice uses their mean validation F1")
     p.add_argument("--correction-epochs", type=int, help="override the epochs of every correction candidate")
-    p.add_argument("--correction-repeats", type=int, default=2,
+    p.add_argument("--correction-repeats", type=int, default=3,
                    help="training subsets / seeds per correction candidate and per final correction (means reported)")
     p.add_argument("--correction-cells", type=int, default=1200, help="cells per dataset the correction trains on")
     p.add_argument("--pretrained", help="run directory: pretrain into it, or reuse the model already there")

@@ -340,3 +340,97 @@ def test_finetune_with_thinning_trains_and_records_it(starmap_small, tmp_path, c
                "--label-key", "cell_type", "--epochs", "1", "--thinning", "0.5", "--no-progress"])
     assert rc == 0
     assert json.loads((tmp_path / "ft" / "finetune.json").read_text())["thinning"] == 0.5
+
+
+def _structure_naive(f: torch.Tensor, r: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """structure_loss by a loop over ordered pairs of distinct cells of one group (rows centred per group,
+    inner products over the reference's mean squared centred norm)."""
+    fc, rc = f.clone(), r.clone()
+    for g in set(groups.tolist()):
+        fc[groups == g] -= f[groups == g].mean(0)
+        rc[groups == g] -= r[groups == g].mean(0)
+    scale = sum(float(rc[i] @ rc[i]) for i in range(len(r))) / len(r)
+    terms = [((fc[i] @ fc[j] - rc[i] @ rc[j]) / scale) ** 2
+             for i in range(len(f)) for j in range(len(f)) if i != j and groups[i] == groups[j]]
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def test_structure_loss_equals_naive_reference():
+    from xscale.models.heads import structure_loss
+
+    gen = torch.Generator().manual_seed(0)
+    f, r = torch.randn(12, 3, 4, generator=gen), torch.randn(12, 12, generator=gen)
+    groups = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2, 0])
+    torch.testing.assert_close(structure_loss(f.flatten(1), r, groups), _structure_naive(f.flatten(1), r, groups))
+    assert structure_loss(f.flatten(1), r, torch.arange(12)) == 0  # no pair within a group
+    # moving a whole group does not count when its own similarities stay: rotate and shift group 1's features
+    x = torch.randn(12, 6, generator=gen)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    moved = torch.where((groups == 1)[:, None], x @ q + 3.0, x)
+    assert structure_loss(moved, x, groups) < 1e-10 < structure_loss(moved, x, torch.zeros(12, dtype=torch.long))
+    assert structure_loss(x + 5.0, x, groups) < 1e-10  # a shared shift: nothing changed within a group
+    shrunk = float(structure_loss(0.01 * x, x, groups))  # a collapse onto one point costs (cosines would not see it)
+    assert shrunk > 0.1 and shrunk == pytest.approx(float(_structure_naive(0.01 * x, x, groups)), rel=1e-5)
+
+
+def _within_slide_change(model, reference, adata) -> float:
+    """Mean squared change of within-slide cosine similarities of the cell latents (all cells)."""
+    from xscale.models.heads import structure_loss
+
+    z, z0 = (torch.from_numpy(encode_cells(m, adata).reshape(adata.n_obs, -1)) for m in (model, reference))
+    slides = torch.from_numpy(adata.obs["slice"].astype("category").cat.codes.to_numpy().astype(np.int64))
+    return float(structure_loss(z, z0, slides))
+
+
+def test_finetune_structure_weight_keeps_within_slide_similarities(starmap_small, tmp_path):
+    import warnings
+
+    pre = _model(starmap_small.var_names)
+    runs, spread = {}, {}
+    for w in (0.0, 30.0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                           correction="mmd", correction_weight=1.0, structure_weight=w, max_epochs=3, batch_size=48,
+                           lr=3e-3, progress=False, output_dir=tmp_path / f"w{w}")
+        runs[w] = _within_slide_change(res.model, pre, starmap_small)
+        spread[w] = (res.metrics["latent_spread_after"] / res.metrics["latent_spread_before"],
+                     any("collapsed the cell latents" in str(c.message) for c in caught))
+        doc = json.loads((tmp_path / f"w{w}" / "finetune.json").read_text())
+        assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": w}
+    assert runs[0.0] > 10 * runs[30.0], runs
+    # this untrained model's decoder barely resists the penalty: alone, it collapses the latents (and says so)
+    assert spread[0.0][0] < 0.1 and spread[0.0][1], spread
+    assert spread[30.0][0] > 0.1 and not spread[30.0][1], spread
+    with pytest.raises(XscaleInputError, match="structure_weight: only task='batch_correction'"):
+        finetune(pre, starmap_small, task="cell_type", label_key="cell_type", structure_weight=1.0, progress=False)
+    with pytest.raises(XscaleInputError, match="expected a weight >= 0, found -1"):
+        finetune(pre, starmap_small, task="batch_correction", slide_key="slice", structure_weight=-1.0, progress=False)
+
+
+def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small):
+    from xscale.train import finetune as ft
+
+    metrics: dict = {}
+    with pytest.warns(UserWarning, match=r"collapsed the cell latents.*lower correction_weight \(now 5\)"):
+        ft._check_spread(metrics, 0.4, 0.001, 5.0)
+    assert metrics == {"latent_spread_before": 0.4, "latent_spread_after": 0.001}
+    res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                   correction="mmd", max_steps=2, batch_size=48, progress=False)
+    assert 0.1 * res.metrics["latent_spread_before"] < res.metrics["latent_spread_after"]
+
+
+def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, capsys):
+    from xscale.cli.main import main
+
+    save_model(_model(starmap_small.var_names), tmp_path / "pre")
+    starmap_small.write_h5ad(tmp_path / "d.h5ad")
+    rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "bc"),
+               "--task", "batch_correction", "--slide-key", "slice", "--correction", "mmd", "--structure-weight", "0.5",
+               "--epochs", "1", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["latent_spread_before"] > 0 and summary["latent_spread_after"] > 0
+    doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
+    assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": 0.5}
+    assert doc["slides"] == sorted(set(starmap_small.obs["slice"].astype(str)))

@@ -100,3 +100,27 @@ steps:
     assert "baseline: skipped (complete)" in capsys.readouterr().out
     assert main(["pipeline", str(pipe), "--out", str(out), "--var", "oops"]) == 2
     assert "--var 'oops' is not NAME=VALUE" in capsys.readouterr().err
+
+
+def test_slide_correction_pipeline_runs_at_tiny_settings(tmp_path):
+    """The shipped slide-correction pipeline on a tiny untrained model: corrected model, settings, embedding."""
+    from pathlib import Path
+
+    import anndata as ad
+    import torch
+
+    import xscale.datasets as ds
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    adata = ds.load("starmap_mpfc")
+    torch.manual_seed(0)
+    save_model(GeneToCell(GeneToCellConfig.preset("tiny", genes=list(adata.var_names))), tmp_path / "pre")
+    pipe = Path(__file__).resolve().parents[2] / "pipelines" / "slide_correction.yaml"
+    done = run_pipeline(pipe, tmp_path / "run", variables={"model": str(tmp_path / "pre"), "max_steps": 2})
+    assert list(done) == ["correct", "cells"]
+    doc = json.loads((tmp_path / "run" / "correct" / "finetuned" / "finetune.json").read_text())
+    assert doc["task"] == "batch_correction" and doc["correction"]["structure_weight"] == 1.0
+    assert "latent_spread_after" in doc["metrics"]
+    cells = ad.read_zarr(done["cells"]["outputs"]["store"]["path"])
+    assert cells.obsm["X_xscale_cell"].shape[0] == adata.n_obs

@@ -8,14 +8,18 @@ DESCRIPTION = """\
 Load a pretrained level-1 model, freeze the encoders and train only the Xpressor blocks
 (plus a small head): --task cell_type trains a classifier on the cell latents from
 --label-key; --task batch_correction makes slides (--slide-key) indistinguishable in the
-latents (adversarial slide classifier or MMD) while keeping the reconstruction loss.
+latents (adversarial slide classifier or MMD) while keeping the reconstruction loss;
+--structure-weight also keeps the similarities between cells of the same slide, so cell
+types stay apart while the slides are aligned. A correction that collapses the latents
+(every cell mapped to nearly the same point) is reported with a warning.
 Writes OUT/model (the fine-tuned model, usable by `xscale embed`), OUT/head (cell_type)
-and OUT/finetune.json (trainable fraction, held-out metrics).
+and OUT/finetune.json (settings, trainable fraction, held-out metrics, latent spread).
 
 Examples:
   xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\
       --train-key split --train-values train --out runs/ft
-  xscale finetune runs/pretrain/model starmap_mpfc --task batch_correction --slide-key slice --out runs/bc
+  xscale finetune runs/pretrain/model starmap_mpfc --task batch_correction --slide-key slice \
+      --correction mmd --structure-weight 1 --epochs 6 --out runs/bc
 """
 
 
@@ -41,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "[K, 1] at every step (e.g. 0.5); off by default")
     p.add_argument("--correction", choices=("adversarial", "mmd"), default="adversarial")
     p.add_argument("--correction-weight", type=float, default=1.0)
+    p.add_argument("--structure-weight", type=float, default=0.0, metavar="W",
+                   help="batch_correction: keep the cosine similarities between cells of the same slide where "
+                        "the pretrained model had them, with this weight (e.g. 1); 0 = off")
     p.add_argument("--reconstruction-weight", type=float, help="default 0 for cell_type, 1 for batch_correction")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
@@ -106,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
         train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,
         layer_mix=args.layer_mix, ema_decay=args.ema_decay, thinning=args.thinning,
-        correction=args.correction, correction_weight=args.correction_weight,
+        correction=args.correction, correction_weight=args.correction_weight, structure_weight=args.structure_weight,
         reconstruction_weight=args.reconstruction_weight, max_epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, counts_layer=args.counts_layer, seed=args.seed, output_dir=args.out, log_dir=args.log_dir,
         accelerator=args.accelerator, progress=not args.no_progress,

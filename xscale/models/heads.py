@@ -8,6 +8,9 @@
   reversed gradient pushes the Xpressor to remove slide information.
 - :func:`mmd_loss`: a kernel maximum mean discrepancy between the latents of each
   slide and the rest, the non-adversarial alternative.
+- :func:`structure_loss`: how far the inner products between cells of the same slide
+  moved from those of reference latents (the pretrained model's): keeps each slide's own
+  geometry, spread included, while a slide penalty aligns the slides.
 """
 from __future__ import annotations
 
@@ -142,3 +145,33 @@ def mmd_loss(features: Tensor, groups: Tensor, *, bandwidths: tuple[float, ...] 
         kab = k[a][:, ~a].mean()
         losses.append(kaa + kbb - 2 * kab)
     return torch.stack(losses).mean() if losses else x.sum() * 0.0
+
+
+def structure_loss(features: Tensor, reference: Tensor, groups: Tensor) -> Tensor:
+    """Mean squared change of the inner products between cells of the same group, relative to ``reference``.
+
+    features (B, F) and reference (B, F) describe the same cells (e.g. latents now and of
+    the pretrained model), groups (B,) integer codes (slides). Each group's rows are centred
+    on that group's mean in the batch; for every ordered pair of distinct cells of the same
+    group the change of their inner product, ``f_i·f_j - r_i·r_j``, is divided by the mean
+    squared norm of the centred reference rows, squared and averaged. Centring per group
+    lets whole slides move (a shift, or a rotation, of one slide costs nothing); keeping
+    inner products, not only angles, also keeps their spread, so the latents cannot
+    collapse onto one point. Pairs across groups are free. A batch with no such pair gives
+    0. Returns a scalar.
+    """
+    f, r = features.flatten(1), reference.flatten(1)
+    codes, inverse = torch.unique(groups, return_inverse=True)
+    onehot = nn.functional.one_hot(inverse, len(codes)).to(f.dtype)  # (B, S)
+    per_group = onehot / onehot.sum(dim=0).clamp_min(1.0)  # (B, S): column s averages group s
+
+    def centred(x: Tensor) -> Tensor:  # (B, F): each row minus its group's mean
+        return x - onehot @ (per_group.T @ x)
+
+    same = inverse[:, None] == inverse[None, :]  # (B, B)
+    same.fill_diagonal_(False)
+    if not same.any():
+        return f.sum() * 0.0
+    fc, rc = centred(f), centred(r)
+    scale = rc.pow(2).sum(dim=1).mean().clamp_min(1e-12)  # reference's mean squared norm
+    return ((fc @ fc.T - rc @ rc.T) / scale)[same].pow(2).mean()

@@ -172,7 +172,8 @@ def _step_finetune(
     ctx: StepContext, *, model: str, data: str, task: str = "cell_type", label_key: str | None = None,
     slide_key: str | None = None, trainable: str = "xpressor", max_epochs: int = 10, max_steps: int = -1,
     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, layer_mix: bool = False, ema_decay: float | None = None,
-    thinning: float | None = None,
+    thinning: float | None = None, correction: str = "adversarial", correction_weight: float = 1.0,
+    structure_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Parameter-efficient fine-tuning of a level-1 model (:func:`xscale.train.finetune.finetune`)."""
     from xscale.train.finetune import finetune
@@ -180,6 +181,7 @@ def _step_finetune(
     result = finetune(model, _read_data(data), task=task, label_key=label_key, slide_key=slide_key,
                       trainable=trainable, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
                       lr=lr, seed=seed, layer_mix=layer_mix, ema_decay=ema_decay, thinning=thinning,
+                      correction=correction, correction_weight=correction_weight, structure_weight=structure_weight,
                       output_dir=ctx.workdir / "finetuned", accelerator="cpu")
     return {"outputs": {"checkpoint": ctx.workdir / "finetuned" / "model", "run": ctx.workdir / "finetuned"},
             "results": {"metrics": result.metrics}}
