@@ -434,3 +434,15 @@ def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, c
     doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
     assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": 0.5}
     assert doc["slides"] == sorted(set(starmap_small.obs["slice"].astype(str)))
+
+
+def test_finetune_batch_correction_defaults_are_the_benchmarked_setting(starmap_small, tmp_path):
+    res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                   max_steps=1, batch_size=48, progress=False, output_dir=tmp_path / "bc")
+    doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
+    assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": 1.0}
+    assert res.metrics["latent_spread_after"] > 0
+    res = finetune(_model(starmap_small.var_names), starmap_small, task="cell_type", label_key="cell_type",
+                   max_steps=1, batch_size=48, progress=False, output_dir=tmp_path / "ct")
+    doc = json.loads((tmp_path / "ct" / "finetune.json").read_text())
+    assert doc["correction"] is None and "latent_spread_after" not in res.metrics

@@ -172,8 +172,8 @@ def _step_finetune(
     ctx: StepContext, *, model: str, data: str, task: str = "cell_type", label_key: str | None = None,
     slide_key: str | None = None, trainable: str = "xpressor", max_epochs: int = 10, max_steps: int = -1,
     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, layer_mix: bool = False, ema_decay: float | None = None,
-    thinning: float | None = None, correction: str = "adversarial", correction_weight: float = 1.0,
-    structure_weight: float = 0.0,
+    thinning: float | None = None, correction: str = "mmd", correction_weight: float = 1.0,
+    structure_weight: float | None = None,
 ) -> dict[str, Any]:
     """Parameter-efficient fine-tuning of a level-1 model (:func:`xscale.train.finetune.finetune`)."""
     from xscale.train.finetune import finetune

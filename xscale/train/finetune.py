@@ -11,9 +11,9 @@ the parameters. Two tasks:
   decoder, so the latents still describe the cell) plus a penalty that makes slides
   indistinguishable: an adversarial slide classifier behind gradient reversal
   (``correction="adversarial"``) or an MMD between slides (``correction="mmd"``).
-  Optionally (``structure_weight``) a third term keeps the cosine similarities between
+  A third term (``structure_weight``, on by default) keeps the inner products between
   cells of the same slide where the pretrained model had them, so aligning the slides
-  does not reshuffle each slide's own neighbourhoods.
+  neither reshuffles each slide's own neighbourhoods nor collapses the latents.
 
 :func:`finetune` is the Python API, ``xscale finetune`` the CLI; both report
 ``trainable_fraction`` (trainable / all parameters of model + head).
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 Task = Literal["cell_type", "batch_correction"]
 Trainable = Literal["xpressor", "head", "all"]
 Correction = Literal["adversarial", "mmd"]
+DEFAULT_STRUCTURE_WEIGHT = 1.0  # batch_correction's default: chosen by benchmarks/peft.py on STARmap
 
 
 @dataclass
@@ -258,9 +259,9 @@ def finetune(
     slide_key: str | None = None,
     train_mask: np.ndarray | str | None = None,
     trainable: Trainable = "xpressor",
-    correction: Correction = "adversarial",
+    correction: Correction = "mmd",
     correction_weight: float = 1.0,
-    structure_weight: float = 0.0,
+    structure_weight: float | None = None,
     reconstruction_weight: float | None = None,
     balance_classes: bool = True,
     head_hidden: int = 128,
@@ -295,13 +296,15 @@ def finetune(
     trainable
         ``"xpressor"`` (default; parameter-efficient), ``"head"`` (model frozen) or ``"all"``.
     correction, correction_weight
-        Slide penalty for ``batch_correction``: ``"adversarial"`` (gradient-reversal slide
-        classifier) or ``"mmd"``, and its weight.
+        Slide penalty for ``batch_correction``: ``"mmd"`` (default) or ``"adversarial"``
+        (gradient-reversal slide classifier), and its weight.
     structure_weight
         ``batch_correction`` only: weight of :func:`~xscale.models.heads.structure_loss`, the
-        mean squared change of cosine similarities between cells of the same slide relative
-        to the model as loaded (a frozen copy, one more forward pass per step). Keeps cell
-        types apart within each slide while the slides are aligned; 0 = off.
+        change of the inner products between cells of the same slide (each slide centred on
+        its mean) relative to the model as loaded (a frozen copy, one more forward pass per
+        step). Keeps each slide's own geometry, so cell types stay apart and the latents do
+        not collapse while the slides are aligned. None = 1 for ``batch_correction`` (with the
+        MMD at weight 1 for 6 epochs, the setting ``benchmarks/peft.py`` chose), 0 = off.
     reconstruction_weight
         Weight of the model's NB reconstruction loss; default 0 for cell_type, 1 for batch_correction.
     balance_classes
@@ -339,6 +342,8 @@ def finetune(
         raise XscaleInputError(f"task must be 'cell_type' or 'batch_correction'; got {task!r}.")
     if correction not in ("adversarial", "mmd"):
         raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
+    if structure_weight is None:
+        structure_weight = DEFAULT_STRUCTURE_WEIGHT if task == "batch_correction" else 0.0
     if not structure_weight >= 0:
         raise XscaleInputError(f"structure_weight: expected a weight >= 0, found {structure_weight}.")
     if structure_weight > 0 and task != "batch_correction":
