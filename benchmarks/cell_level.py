@@ -30,7 +30,7 @@ import torch
 
 from xscale import datasets
 from xscale.data.anndata_dataset import counts_matrix, map_panel, vocab_from_adatas
-from xscale.eval.metrics import log_normalized, pca, probe_scores
+from xscale.eval.metrics import log_normalized, mean_cell_pearson, pca, probe_scores
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.models.likelihoods import nb_deviance
 from xscale.tl.cells import embed_cells, reconstruct
@@ -204,8 +204,7 @@ def _reconstruction(model: GeneToCell, train_ad, test_ad, baseline: _Baseline | 
     lib = x.sum(1)
     lx = np.log1p(x / np.maximum(lib[:, None], 1e-8) * 1e4)
     lm = np.log1p(mu / np.maximum(mu.sum(1, keepdims=True), 1e-8) * 1e4)
-    ok = (lx.std(1) > 0) & (lm.std(1) > 0)
-    pear = np.mean([np.corrcoef(lx[i], lm[i])[0, 1] for i in np.flatnonzero(ok)])
+    pear = mean_cell_pearson(lx, lm)
     dev = nb_deviance(torch.from_numpy(x), torch.from_numpy(mu), base.theta).mean().item()
     return {"pearson": float(pear), "nb_deviance": float(dev), "baseline_nb_deviance": base.deviance}
 

@@ -520,29 +520,26 @@ CORRECTION_GRID = ([dict(correction="adversarial", weight=3.0, epochs=e, structu
 # A 0.01 allowance on STARmap (the earlier rule) became a 0.0215 drop on seqFISH (tenth session), above the
 # goal's 0.02: purity differences do not transfer between datasets, so the rule allows no drop at all.
 CORRECTION_MAX_DROP = 0.0
-# A candidate whose latents collapsed (spread < finetune.COLLAPSE_RATIO of before, in any repeat) is not
+# A candidate whose latents collapsed (spread < finetune_infer.COLLAPSE_RATIO of before, in any repeat) is not
 # eligible: such latents no longer decode their cells (reconstruction_pearson), whatever the kNN scores say.
 
 
 def reconstruction_pearson(model, adata) -> float:
     """Mean per-cell Pearson correlation between the decoded means and the observed expression, both
     log-normalised, over the genes the model knows (auto-encoding through the cell latents)."""
-    from xscale.eval.metrics import log_normalized
+    from xscale.eval.metrics import log_normalized, mean_cell_pearson
     from xscale.tl.cells import reconstruct
 
     out = reconstruct(adata, model, copy=True)
     genes = out.var["xscale_expected_modelled"].to_numpy()
-    pred = log_normalized(out.layers["xscale_expected"][:, genes])
-    obs = log_normalized(adata.X[:, genes])
-    pc, oc = pred - pred.mean(1, keepdims=True), obs - obs.mean(1, keepdims=True)
-    r = (pc * oc).sum(1) / np.sqrt((pc * pc).sum(1) * (oc * oc).sum(1)).clip(1e-12)
-    return float(r.mean())
+    return mean_cell_pearson(log_normalized(out.layers["xscale_expected"][:, genes]), log_normalized(adata.X[:, genes]))
 
 
 def _correct(model, adata, train: np.ndarray, score: np.ndarray, *, slide_key: str, drop: tuple[str, ...], seed: int,
              correction: str, weight: float, epochs: int, structure_weight: float = 0.0) -> dict:
     from xscale.eval.metrics import knn_purity, slide_mixing
-    from xscale.train.finetune import COLLAPSE_RATIO, encode_cells, finetune
+    from xscale.train.finetune import encode_cells, finetune
+    from xscale.train.finetune_infer import COLLAPSE_RATIO
 
     keep = score & ~adata.obs["cell_type"].astype(str).isin(drop).to_numpy()
     slides, labels = adata.obs[slide_key].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy()

@@ -409,11 +409,11 @@ def test_finetune_structure_weight_keeps_within_slide_similarities(starmap_small
 
 
 def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small):
-    from xscale.train import finetune as ft
+    from xscale.train.finetune_infer import check_collapse
 
     metrics: dict = {}
     with pytest.warns(UserWarning, match=r"collapsed the cell latents.*lower correction_weight \(now 5\)"):
-        ft._check_spread(metrics, 0.4, 0.001, 5.0)
+        check_collapse(metrics, 0.4, 0.001, 5.0)
     assert metrics == {"latent_spread_before": 0.4, "latent_spread_after": 0.001}
     res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
                    correction="mmd", max_steps=2, batch_size=48, progress=False)

@@ -64,3 +64,16 @@ def test_metrics_on_known_cases():
     coords = np.arange(10, dtype=float)[:, None].repeat(2, 1)
     sm = metrics.spatial_mean(np.arange(10.0)[:, None], coords, k=2)
     assert sm[5, 0] == pytest.approx(5.0) and sm.shape == (10, 1)
+
+
+def test_mean_cell_pearson_equals_corrcoef_per_row():
+    from xscale.eval.metrics import mean_cell_pearson
+
+    rng = np.random.default_rng(1)
+    A, B = rng.normal(size=(30, 12)), rng.normal(size=(30, 12))
+    B[:10] += 3 * A[:10]  # some correlated rows
+    A[5] = 2.0  # a constant row: no correlation defined, left out
+    ok = [i for i in range(30) if i != 5]
+    expected = np.mean([np.corrcoef(A[i], B[i])[0, 1] for i in ok])
+    assert mean_cell_pearson(A, B) == pytest.approx(expected, rel=1e-12)
+    assert mean_cell_pearson(A[ok], 2 * A[ok] + 1) == pytest.approx(1.0)

@@ -104,6 +104,20 @@ def slide_mixing(X: np.ndarray, slides: Sequence, *, k: int = 15) -> float:
     return float(ent.mean() / np.log(len(cats)))
 
 
+def mean_cell_pearson(A: np.ndarray, B: np.ndarray) -> float:
+    """Mean over cells (rows) of the Pearson correlation between ``A[i]`` and ``B[i]``. (n, G), (n, G).
+
+    Rows constant in either matrix (no correlation defined) are left out of the mean.
+    """
+    a = np.asarray(A, dtype=np.float64)
+    b = np.asarray(B, dtype=np.float64)
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    norms = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))  # (n,)
+    ok = norms > 0
+    return float(((a * b).sum(axis=1)[ok] / norms[ok]).mean())
+
+
 def log_normalized(X, *, target: float = 1e4) -> np.ndarray:
     """Dense log1p(counts / library × target) of a (sparse) count matrix. (n, G) float32."""
     import scipy.sparse as sp

@@ -43,7 +43,9 @@ from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, mmd_loss, structure_loss
 from xscale.models.io import load_model, save_model
-from xscale.train.finetune_infer import calibrate_head, encode_cells, predict_labels
+from xscale.train.finetune_infer import (
+    calibrate_head, check_collapse, encode_cells, latent_spread, predict_labels, spread_sample,
+)
 from xscale.train.optim import EMAWeights
 from xscale.utils.atomic import atomic_dir
 
@@ -386,8 +388,8 @@ def finetune(
         rec_w = 1.0 if reconstruction_weight is None else reconstruction_weight
     # the model as loaded, frozen: what structure_loss keeps each slide's similarities close to
     reference = copy.deepcopy(net) if structure_weight > 0 else None
-    spread_cells = _spread_sample(train, seed) if task == "batch_correction" else None
-    spread_before = _latent_spread(net, adata[spread_cells], counts_layer) if spread_cells is not None else None
+    spread_cells = spread_sample(train, seed) if task == "batch_correction" else None
+    spread_before = latent_spread(net, adata[spread_cells], counts_layer) if spread_cells is not None else None
     flags = {name: p.requires_grad for name, p in net.named_parameters()}
     n_train, n_total = set_trainable(net, head, trainable)
     fraction = n_train / n_total
@@ -421,7 +423,7 @@ def finetune(
     if final is not None:
         metrics["final_loss"] = float(final)
     if spread_before is not None:
-        _check_spread(metrics, spread_before, _latent_spread(net, adata[spread_cells], counts_layer), correction_weight)
+        check_collapse(metrics, spread_before, latent_spread(net, adata[spread_cells], counts_layer), correction_weight)
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer))
@@ -439,55 +441,18 @@ def finetune(
     if output_dir is not None:
         result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,
                                     ema_decay=ema_decay, thinning=thinning,
-                                    correction=(correction, correction_weight, structure_weight)
+                                    correction={"method": correction, "weight": correction_weight,
+                                                "structure_weight": structure_weight}
                                     if task == "batch_correction" else None)
     return result
 
 
-def _spread_sample(train: np.ndarray, seed: int, n: int = 512) -> np.ndarray:
-    """Sorted rows (<= n,) of training cells on which the latents' spread is compared."""
-    rows = np.flatnonzero(train)
-    return np.sort(np.random.default_rng(seed).choice(rows, min(n, rows.size), replace=False))
-
-
-def _latent_spread(model: GeneToCell, adata: ad.AnnData, counts_layer: str | None) -> float:
-    """Mean over latent features of their standard deviation across the cells of ``adata``.
-
-    Leaves torch's random state as it was (a DataLoader draws a seed from it), so checking
-    changes nothing in training.
-    """
-    with torch.random.fork_rng(devices=[]):
-        z = encode_cells(model, adata, counts_layer=counts_layer)  # (n, K, D)
-    return float(z.reshape(len(z), -1).std(axis=0).mean())
-
-
-COLLAPSE_RATIO = 0.1  # latents spread less than this fraction of before: a collapsed correction
-
-
-def _check_spread(metrics: dict[str, float], before: float, after: float, weight: float) -> None:
-    """Record the latents' spread before and after a slide correction; warn when they collapsed.
-
-    A slide penalty that outweighs the reconstruction can map every cell to nearly the same
-    latents (measured: MMD weight 5 for 12 epochs on STARmap shrank the spread ~500-fold and
-    separated the slides further). Such latents mix nothing and describe no cell.
-    """
-    metrics["latent_spread_before"], metrics["latent_spread_after"] = before, after
-    if after < COLLAPSE_RATIO * before:
-        import warnings
-
-        warnings.warn(
-            f"Slide correction collapsed the cell latents: their spread (mean per-feature std over "
-            f"up to 512 training cells) fell from {before:.4g} to {after:.4g}, below {COLLAPSE_RATIO:g}x. "
-            f"The slide penalty outweighs the reconstruction: lower correction_weight (now {weight:g}) or the "
-            "epochs, or raise reconstruction_weight.", UserWarning, stacklevel=3)
-
-
 def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
            ema_decay: float | None, thinning: float | None = None,
-           correction: tuple[str, float, float] | None = None) -> Path:
+           correction: dict[str, str | float] | None = None) -> Path:
     doc = {
         "task": task, "trainable": trainable, "ema_decay": ema_decay, "thinning": thinning,
-        "correction": dict(zip(("method", "weight", "structure_weight"), correction, strict=True)) if correction else None,
+        "correction": correction,
         "trainable_fraction": result.trainable_fraction,
         "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
         "classes": list(result.head.config.classes) if result.head is not None else None, "slides": slides or None,
