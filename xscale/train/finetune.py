@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,18 +33,18 @@ from typing import TYPE_CHECKING, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import nn
 
 from xscale.data.anndata_dataset import AnnDataCellDataset
-from xscale.data.batch import CellBatch, collate_cells, thin_batch
+from xscale.data.batch import collate_cells
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
-from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator, mmd_loss, structure_loss
+from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
     calibrate_head, check_collapse, encode_cells, latent_spread, predict_labels, spread_sample,
 )
+from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
 from xscale.utils.atomic import atomic_dir
 
@@ -54,9 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Task = Literal["cell_type", "batch_correction"]
 Trainable = Literal["xpressor", "head", "all"]
-Correction = Literal["adversarial", "mmd"]
 DEFAULT_STRUCTURE_WEIGHT = 1.0  # batch_correction's default: chosen by benchmarks/peft.py on STARmap
 
 
@@ -105,101 +102,6 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
     n_total = sum(p.numel() for m in modules for p in m.parameters())
     n_train = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
     return n_train, n_total
-
-
-class FinetuneModule(L.LightningModule):
-    """Training plan for :func:`finetune`. Receives the networks; owns losses and the optimiser.
-
-    labels (n_rows,) long: class code per AnnData row, -1 = unlabelled (looked up by
-    ``CellBatch.index``). The discriminator's gradient-reversal scale ramps from 0 to
-    1 over training (DANN schedule) so the adversary starts gently. reference: a frozen
-    copy of the pretrained model whose latents :func:`structure_loss` compares against
-    (needed when ``structure_weight`` > 0).
-    """
-
-    def __init__(
-        self,
-        model: GeneToCell,
-        *,
-        task: Task,
-        head: ClassificationHead | None = None,
-        discriminator: SlideDiscriminator | None = None,
-        labels: Tensor | None = None,
-        class_weights: Tensor | None = None,
-        correction: Correction = "adversarial",
-        reconstruction_weight: float = 0.0,
-        correction_weight: float = 1.0,
-        structure_weight: float = 0.0,
-        reference: GeneToCell | None = None,
-        thinning: float | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-    ) -> None:
-        super().__init__()
-        if task == "cell_type" and (head is None or labels is None):
-            raise ValueError("task='cell_type' needs a head and labels.")
-        if task == "batch_correction" and correction == "adversarial" and discriminator is None:
-            raise ValueError("correction='adversarial' needs a discriminator.")
-        if structure_weight > 0 and reference is None:
-            raise ValueError("structure_weight > 0 needs the reference model.")
-        # frozen; in eval mode from each epoch's start (train mode until then: Lightning warns about
-        # submodules in eval mode when fitting starts)
-        self.reference = reference.requires_grad_(False).train() if reference is not None else None
-        self.structure_weight = structure_weight
-        self.model, self.head, self.discriminator = model, head, discriminator
-        self.task, self.correction = task, correction
-        self.register_buffer("labels", labels if labels is not None else torch.empty(0, dtype=torch.long))
-        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.empty(0))
-        self.reconstruction_weight, self.correction_weight = reconstruction_weight, correction_weight
-        self.thinning = thinning
-        self.lr, self.weight_decay = lr, weight_decay
-
-    def on_train_epoch_start(self) -> None:
-        # Input standardisation of head / discriminator: average over this epoch's latents only,
-        # since the Xpressor moves them while it trains.
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.reset_running_stats()
-        if self.reference is not None:
-            self.reference.eval()
-
-    def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
-        if self.thinning is not None:  # augmentation: a fresh capture efficiency per cell and step
-            batch = thin_batch(batch, self.thinning)
-        latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
-        total = latents.new_zeros(())
-        if self.task == "cell_type":
-            y = self.labels[batch.index]  # (B,)
-            keep = y >= 0
-            weight = self.class_weights if self.class_weights.numel() else None
-            ce = F.cross_entropy(self.head(latents[keep]), y[keep], weight=weight)
-            self.log("train/cross_entropy", ce, prog_bar=True, batch_size=len(batch))
-            total = total + ce
-        else:
-            if self.correction == "adversarial":
-                p = min(1.0, self.global_step / max(1, self.trainer.estimated_stepping_batches))
-                self.discriminator.scale = 2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0
-                pen = F.cross_entropy(self.discriminator(latents), batch.slide)
-            else:
-                pen = mmd_loss(latents.flatten(1), batch.slide)
-            self.log(f"train/{self.correction}", pen, prog_bar=True, batch_size=len(batch))
-            total = total + self.correction_weight * pen
-            if self.structure_weight > 0:
-                with torch.no_grad():
-                    ref = self.reference.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
-                keep = structure_loss(latents.flatten(1), ref.flatten(1), batch.slide)
-                self.log("train/structure", keep, prog_bar=True, batch_size=len(batch))
-                total = total + self.structure_weight * keep
-        if self.reconstruction_weight > 0:
-            rec = self.model.loss(batch).total
-            self.log("train/reconstruction", rec, prog_bar=True, batch_size=len(batch))
-            total = total + self.reconstruction_weight * rec
-        self.log("train/loss", total, batch_size=len(batch))
-        return total
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 def _load(model: str | os.PathLike | GeneToCell) -> GeneToCell:
