@@ -14,7 +14,8 @@ products between cells of the same slide, so cell types stay apart while the sli
 aligned. A correction that collapses the latents (every cell mapped to nearly the same
 point) is reported with a warning.
 Writes OUT/model (the fine-tuned model, usable by `xscale embed`), OUT/head (cell_type)
-and OUT/finetune.json (settings, trainable fraction, held-out metrics, latent spread).
+and OUT/finetune.json (settings, trainable fraction, held-out metrics; for a slide
+correction the latents' spread and slide mixing before and after).
 
 Examples:
   xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\

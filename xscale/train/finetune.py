@@ -42,7 +42,7 @@ from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_collapse, encode_cells, latent_spread, predict_labels, spread_sample,
+    calibrate_head, check_collapse, encode_cells, latent_summary, predict_labels, spread_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
@@ -290,8 +290,11 @@ def finetune(
         rec_w = 1.0 if reconstruction_weight is None else reconstruction_weight
     # the model as loaded, frozen: what structure_loss keeps each slide's similarities close to
     reference = copy.deepcopy(net) if structure_weight > 0 else None
-    spread_cells = spread_sample(train, seed) if task == "batch_correction" else None
-    spread_before = latent_spread(net, adata[spread_cells], counts_layer) if spread_cells is not None else None
+    summary_before = None
+    if task == "batch_correction":  # on a sample of training cells: spread (a collapse?) and slide mixing
+        sample = spread_sample(train, seed)
+        sample_slides = adata.obs[slide_key].astype(str).to_numpy()[sample]
+        summary_before = latent_summary(net, adata[sample], sample_slides, counts_layer)
     flags = {name: p.requires_grad for name, p in net.named_parameters()}
     n_train, n_total = set_trainable(net, head, trainable)
     fraction = n_train / n_total
@@ -324,8 +327,9 @@ def finetune(
     final = trainer.callback_metrics.get("train/loss")
     if final is not None:
         metrics["final_loss"] = float(final)
-    if spread_before is not None:
-        check_collapse(metrics, spread_before, latent_spread(net, adata[spread_cells], counts_layer), correction_weight)
+    if summary_before is not None:
+        check_collapse(metrics, summary_before, latent_summary(net, adata[sample], sample_slides, counts_layer),
+                       correction_weight)
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer))
