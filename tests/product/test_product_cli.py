@@ -86,3 +86,15 @@ def test_cli_embed_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "level1/" in capsys.readouterr().err
     assert not (tmp_path / "o" / "cells.zarr").exists()
+
+
+def test_cli_quiets_the_faiss_loader_unless_verbose(tmp_path, capsys):
+    import logging
+
+    missing = str(tmp_path / "missing.zarr")
+    assert main(["domains", "--store", missing, "--n-domains", "2"]) == 2
+    assert logging.getLogger("faiss.loader").level == logging.WARNING
+    logging.getLogger("faiss.loader").setLevel(logging.NOTSET)
+    assert main(["--verbose", "domains", "--store", missing, "--n-domains", "2"]) == 2
+    assert logging.getLogger("faiss.loader").level == logging.NOTSET
+    capsys.readouterr()

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     # Lightning attaches its own console handler to the "lightning" logger on import; stop
     # its records from also reaching the root handler, or every Lightning line prints twice.
     logging.getLogger("lightning").propagate = False
+    # faiss reports at INFO which CPU build it loaded, with a traceback-like line when the AVX2
+    # build is absent (the generic one then works): not news for the user unless --verbose.
+    if not args.verbose:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from xscale.errors import XscaleInputError
 
     try:
