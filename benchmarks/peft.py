@@ -520,7 +520,7 @@ CORRECTION_GRID = ([dict(correction="adversarial", weight=3.0, epochs=e, structu
 # A 0.01 allowance on STARmap (the earlier rule) became a 0.0215 drop on seqFISH (tenth session), above the
 # goal's 0.02: purity differences do not transfer between datasets, so the rule allows no drop at all.
 CORRECTION_MAX_DROP = 0.0
-# A candidate whose latents collapsed (spread < finetune_infer.COLLAPSE_RATIO of before, in any repeat) is not
+# A candidate whose latents collapsed (finetune_infer.collapsed: spread < 0.1x of before, in any repeat) is not
 # eligible: such latents no longer decode their cells (reconstruction_pearson), whatever the kNN scores say.
 
 
@@ -539,7 +539,7 @@ def _correct(model, adata, train: np.ndarray, score: np.ndarray, *, slide_key: s
              correction: str, weight: float, epochs: int, structure_weight: float = 0.0) -> dict:
     from xscale.eval.metrics import knn_purity, slide_mixing
     from xscale.train.finetune import encode_cells, finetune
-    from xscale.train.finetune_infer import COLLAPSE_RATIO
+    from xscale.train.finetune_infer import collapsed
 
     keep = score & ~adata.obs["cell_type"].astype(str).isin(drop).to_numpy()
     slides, labels = adata.obs[slide_key].astype(str).to_numpy(), adata.obs["cell_type"].astype(str).to_numpy()
@@ -560,7 +560,7 @@ def _correct(model, adata, train: np.ndarray, score: np.ndarray, *, slide_key: s
             "purity_drop": before["knn_purity"] - after["knn_purity"], "correction": correction,
             "correction_weight": weight, "structure_weight": structure_weight, "epochs": epochs,
             "latent_spread": [res.metrics["latent_spread_before"], res.metrics["latent_spread_after"]],
-            "collapsed": res.metrics["latent_spread_after"] < COLLAPSE_RATIO * res.metrics["latent_spread_before"],
+            "collapsed": collapsed(res.metrics["latent_spread_before"], res.metrics["latent_spread_after"]),
             "trainable_fraction": res.trainable_fraction,
             "seconds": time.time() - t}
 

@@ -42,7 +42,7 @@ from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_collapse, encode_cells, latent_summary, predict_labels, spread_sample,
+    calibrate_head, check_collapse, encode_cells, latent_summary, predict_labels, summary_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
@@ -292,7 +292,7 @@ def finetune(
     reference = copy.deepcopy(net) if structure_weight > 0 else None
     summary_before = None
     if task == "batch_correction":  # on a sample of training cells: spread (a collapse?) and slide mixing
-        sample = spread_sample(train, seed)
+        sample = summary_sample(train, seed)
         sample_slides = adata.obs[slide_key].astype(str).to_numpy()[sample]
         summary_before = latent_summary(net, adata[sample], sample_slides, counts_layer)
     flags = {name: p.requires_grad for name, p in net.named_parameters()}

@@ -72,15 +72,14 @@ def predict_labels(
     return pred
 
 
-__all__ = ["calibrate_head", "encode_cells", "predict_labels"]
 
 
-SPREAD_CELLS = 512  # training cells on which a slide correction's latent spread is compared
+SUMMARY_CELLS = 512  # training cells on which latent_summary compares a slide correction's before and after
 COLLAPSE_RATIO = 0.1  # latents spread less than this fraction of before: a collapsed correction
 
 
-def spread_sample(train: np.ndarray, seed: int, n: int = SPREAD_CELLS) -> np.ndarray:
-    """Sorted rows (<= n,) of the training cells (train: (n_obs,) bool) on which the spread is compared."""
+def summary_sample(train: np.ndarray, seed: int, n: int = SUMMARY_CELLS) -> np.ndarray:
+    """Sorted rows (<= n,) of the training cells (train: (n_obs,) bool) that :func:`latent_summary` reads."""
     rows = np.flatnonzero(train)
     return np.sort(np.random.default_rng(seed).choice(rows, min(n, rows.size), replace=False))
 
@@ -106,6 +105,11 @@ def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
     return out
 
 
+def collapsed(spread_before: float, spread_after: float) -> bool:
+    """True when the latents' spread fell below :data:`COLLAPSE_RATIO` of what it was."""
+    return spread_after < COLLAPSE_RATIO * spread_before
+
+
 def check_collapse(metrics: dict[str, float], before: dict[str, float], after: dict[str, float], weight: float) -> None:
     """Record :func:`latent_summary` before and after a slide correction (``<key>_before`` /
     ``<key>_after`` in ``metrics``); warn when the latents collapsed.
@@ -117,9 +121,13 @@ def check_collapse(metrics: dict[str, float], before: dict[str, float], after: d
     for key in before:
         metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
     s0, s1 = before["latent_spread"], after["latent_spread"]
-    if s1 < COLLAPSE_RATIO * s0:
+    if collapsed(s0, s1):
         warnings.warn(
             f"Slide correction collapsed the cell latents: their spread (mean per-feature std over "
-            f"up to {SPREAD_CELLS} training cells) fell from {s0:.4g} to {s1:.4g}, below {COLLAPSE_RATIO:g}x. "
+            f"up to {SUMMARY_CELLS} training cells) fell from {s0:.4g} to {s1:.4g}, below {COLLAPSE_RATIO:g}x. "
             f"The slide penalty outweighs the reconstruction: lower correction_weight (now {weight:g}) or the "
             "epochs, or raise reconstruction_weight.", UserWarning, stacklevel=3)
+
+
+__all__ = ["calibrate_head", "check_collapse", "collapsed", "encode_cells", "latent_summary", "predict_labels",
+           "summary_sample"]
