@@ -87,6 +87,13 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append(("slide correction (PEFT), STARmap / seqFISH", "slide-mixing gain",
                         f"{st['mixing_gain']:+.3f} / {sq['mixing_gain']:+.3f}",
                         f"purity drop {st['purity_drop']:+.3f} / {sq['purity_drop']:+.3f} (goal < 0.02)"))
+    step = _load("finetune_step")
+    if step and "peft_pretrain_shape" in step:
+        a, b = step["peft_pretrain_shape"], step.get("small_preset", {})
+        out.append(("slide-correction training step, encoder shared with the frozen reference",
+                    "speed-up vs the reference's own pass (CPU)",
+                    f"{a['speedup']:.2f}× (8 layers)" + (f", {b['speedup']:.2f}× (small preset)" if b else ""),
+                    f"naive {a['naive_ms_per_step']:.0f} ms/step, shared {a['shared_ms_per_step']:.0f}"))
     thr = _load("throughput")
     if thr:
         l1 = thr["level1"]

@@ -448,3 +448,110 @@ def test_finetune_batch_correction_defaults_are_the_benchmarked_setting(starmap_
                    max_steps=1, batch_size=48, progress=False, output_dir=tmp_path / "ct")
     doc = json.loads((tmp_path / "ct" / "finetune.json").read_text())
     assert doc["correction"] is None and "latent_spread_after" not in res.metrics
+
+
+@pytest.mark.parametrize(("pooling", "mix", "encoder"),
+                         [("xpressor", False, "full"), ("xpressor", True, "full"), ("xpressor", True, "criss-cross"),
+                          ("mean", False, "full")])
+def test_encoder_states_then_compress_equal_encode(pooling, mix, encoder):
+    torch.manual_seed(0)
+    genes = [f"G{i}" for i in range(30)]
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes, depth=2, encoder=encoder, pooling=pooling)).eval()
+    if mix:
+        model.add_layer_mix()
+        with torch.no_grad():
+            model.layer_mix.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    ids, values = torch.randint(0, 30, (5, 12)), torch.rand(5, 12)
+    pad = torch.zeros(5, 12, dtype=torch.bool)
+    pad[0, 7:] = True
+    with torch.no_grad():
+        states = model.encoder_states(ids, values, pad)
+        assert len(states) == (3 if mix else 1)
+        torch.testing.assert_close(model.compress(states, pad), model.encode(ids, values, pad), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"expected {3 if mix else 'the encoder'}"):
+        model.compress(states + [states[0]], pad)
+    cls = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes, pooling="cls"))
+    with pytest.raises(ValueError, match="CLS pooling reads its token out of the encoder"):
+        cls.encoder_states(ids, values, pad)
+
+
+def _correction_module(model, share: bool, reference=None):
+    import copy
+
+    from xscale.train.finetune_module import FinetuneModule
+
+    reference = copy.deepcopy(model) if reference is None else reference
+    return FinetuneModule(model, task="batch_correction", correction="mmd", reconstruction_weight=0.0,
+                          structure_weight=2.0, reference=reference, share_encoder=share)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_shared_encoder_states_equal_the_reference_pass(starmap_small, mix):
+    """With a frozen stem, the correction step computes the encoder states once for the model and
+    its frozen copy: the same loss and gradients as running the copy's own pass (naive reference)."""
+    import copy
+    import warnings
+
+    from xscale.data.batch import CellItem, collate_cells
+    from xscale.train.finetune_module import frozen_stem
+
+    genes = starmap_small.var_names
+    counts = np.asarray(starmap_small.X[:24].todense() if hasattr(starmap_small.X, "todense") else starmap_small.X[:24])
+    items = [CellItem(np.arange(len(genes)), c.astype(np.float32), i, 0, i % 3) for i, c in enumerate(counts)]
+    batch = collate_cells(items)
+    grads, losses = {}, {}
+    for share in (True, False):
+        model = _model(genes)
+        if mix:
+            model.add_layer_mix()
+        set_trainable(model, None, "xpressor")
+        reference = copy.deepcopy(model)
+        with torch.no_grad():  # the Xpressor (and its mix) moved away from the reference since the start
+            for p in model.xpressor.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            if mix:
+                model.layer_mix.add_(torch.linspace(-1, 1, len(model.layer_mix)))
+        module = _correction_module(model, share, reference)
+        assert module.share_encoder is share and frozen_stem(model)
+        module.reference.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        losses[share] = loss.detach()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert losses[True] > 0
+    torch.testing.assert_close(losses[True], losses[False])
+    from xscale.models.heads import structure_loss
+
+    with torch.no_grad():  # the model differs from its reference: the structure term is live
+        z, z0 = (m.encode(batch.gene_ids, batch.values, batch.pad_mask).flatten(1) for m in (model, module.reference))
+    assert float(structure_loss(z, z0, batch.slide)) > 1e-4
+    assert grads[True].keys() == grads[False].keys() and any(k.startswith("xpressor.") for k in grads[True])
+    for k in grads[True]:
+        torch.testing.assert_close(grads[True][k], grads[False][k])
+
+
+def test_frozen_stem_decides_whether_the_reference_shares_states(starmap_small):
+    import lightning as L
+
+    from xscale.train.finetune_module import frozen_stem
+
+    model = _model(starmap_small.var_names)
+    set_trainable(model, None, "all")
+    assert not frozen_stem(model) and not _correction_module(model, True).share_encoder
+    set_trainable(model, None, "xpressor")
+    assert frozen_stem(model) and not _correction_module(model, False).share_encoder
+    model.encoder.add_module("drop", torch.nn.Dropout(0.1))  # dropout before the bottleneck: states vary per pass
+    assert not frozen_stem(model)
+    assert not frozen_stem(_model(starmap_small.var_names, pooling="cls"))
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen.append(module.share_encoder)
+
+    for trainable in ("xpressor", "all"):
+        finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                 trainable=trainable, max_steps=1, batch_size=48, progress=False, callbacks=[Record()])
+    assert seen == [True, False]

@@ -149,20 +149,47 @@ class GeneToCell(nn.Module):
         ``gene_emb`` (B, G, D): ``self.gene_embedder(gene_ids)`` if already computed (it is otherwise).
         Returns (B, K, D) for the Xpressor, (B, 1, D) for CLS / mean pooling.
         """
-        tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
         if self.config.pooling == "cls":
+            tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
             b = tokens.shape[0]
             cls = self.cls_token.expand(b, 1, -1)  # (D,) -> (B, 1, D)
             tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + G, D)
             if pad_mask is not None:
                 pad_mask = torch.cat([pad_mask.new_zeros(b, 1), pad_mask], dim=1)
             return self.pool_norm(self.encoder(tokens, pad_mask)[:, :1])  # (B, 1, D)
+        states = self.encoder_states(gene_ids, values, pad_mask, value_mask=value_mask, gene_emb=gene_emb)
+        return self.compress(states, pad_mask)
+
+    def encoder_states(
+        self, gene_ids: Tensor, values: Tensor, pad_mask: Tensor | None = None, *, value_mask: Tensor | None = None,
+        gene_emb: Tensor | None = None,
+    ) -> list[Tensor]:
+        """What the bottleneck reads, before it: the first half of :meth:`encode` (arguments as there).
+
+        With ``layer_mix``: the input tokens and every encoder layer's output, depth + 1 × (B, G, D)
+        before the final norm; without: one (B, G, D), the encoder's output. Not for CLS pooling
+        (its token runs through the encoder). Two models with the same frozen embedders and
+        encoder give the same states, so a caller can compute them once for both
+        (:meth:`compress` each).
+        """
+        if self.config.pooling == "cls":
+            raise ValueError("encoder_states: CLS pooling reads its token out of the encoder; call encode().")
+        tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
         if self.layer_mix is not None:
-            states = self.encoder.layer_states(tokens, pad_mask)  # depth + 1 × (B, G, D)
+            return self.encoder.layer_states(tokens, pad_mask)  # depth + 1 × (B, G, D)
+        return [self.encoder(tokens, pad_mask)]  # (B, G, D)
+
+    def compress(self, states: list[Tensor], pad_mask: Tensor | None = None) -> Tensor:
+        """The second half of :meth:`encode`: :meth:`encoder_states` -> latents (B, K, D) or (B, 1, D)."""
+        if self.layer_mix is not None:
+            if len(states) != len(self.layer_mix):
+                raise ValueError(f"compress: expected {len(self.layer_mix)} encoder states (layer_mix), found {len(states)}.")
             share = torch.softmax(self.layer_mix, dim=0)  # (depth + 1,)
             hidden = self.encoder.norm(sum(w * h for w, h in zip(share, states, strict=True)))
+        elif len(states) != 1:
+            raise ValueError(f"compress: expected the encoder's output only (1 state), found {len(states)}.")
         else:
-            hidden = self.encoder(tokens, pad_mask)  # (B, G, D)
+            hidden = states[0]  # (B, G, D)
         if self.xpressor is not None:
             return self.xpressor(hidden, pad_mask)  # (B, G, D) -> (B, K, D)
         keep = (~pad_mask).to(hidden.dtype) if pad_mask is not None else hidden.new_ones(hidden.shape[:2])

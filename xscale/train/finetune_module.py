@@ -23,6 +23,19 @@ Task = Literal["cell_type", "batch_correction"]
 Correction = Literal["adversarial", "mmd"]
 
 
+def frozen_stem(model: GeneToCell) -> bool:
+    """True when ``model``'s :meth:`~GeneToCell.encoder_states` cannot differ from those of a
+    frozen copy: nothing before the bottleneck trains (gene embedder, its norm, value
+    encoder, encoder) or draws dropout, and the model has a bottleneck after the encoder
+    (not CLS pooling)."""
+    if model.config.pooling == "cls":
+        return False
+    stem = (model.gene_embedder, model.gene_norm, model.value_encoder, model.encoder)
+    trains = any(p.requires_grad for m in stem for p in m.parameters())
+    dropout = any(isinstance(x, nn.Dropout) and x.p > 0 for m in stem for x in m.modules())
+    return not trains and not dropout
+
+
 class FinetuneModule(L.LightningModule):
     """Training plan for :func:`finetune`. Receives the networks; owns losses and the optimiser.
 
@@ -48,6 +61,7 @@ class FinetuneModule(L.LightningModule):
         structure_weight: float = 0.0,
         reference: GeneToCell | None = None,
         thinning: float | None = None,
+        share_encoder: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
     ) -> None:
@@ -62,6 +76,7 @@ class FinetuneModule(L.LightningModule):
         # submodules in eval mode when fitting starts)
         self.reference = reference.requires_grad_(False).train() if reference is not None else None
         self.structure_weight = structure_weight
+        self.share_encoder = share_encoder and reference is not None and frozen_stem(model)
         self.model, self.head, self.discriminator = model, head, discriminator
         self.task, self.correction = task, correction
         self.register_buffer("labels", labels if labels is not None else torch.empty(0, dtype=torch.long))
@@ -82,7 +97,12 @@ class FinetuneModule(L.LightningModule):
     def training_step(self, batch: CellBatch, batch_idx: int) -> Tensor:
         if self.thinning is not None:  # augmentation: a fresh capture efficiency per cell and step
             batch = thin_batch(batch, self.thinning)
-        latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
+        states = None
+        if self.share_encoder and self.task == "batch_correction" and self.structure_weight > 0:
+            states = self.model.encoder_states(batch.gene_ids, batch.values, batch.pad_mask)  # [(B, G, D)]
+            latents = self.model.compress(states, batch.pad_mask)  # (B, K, D)
+        else:
+            latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
         total = latents.new_zeros(())
         if self.task == "cell_type":
             y = self.labels[batch.index]  # (B,)
@@ -101,8 +121,11 @@ class FinetuneModule(L.LightningModule):
             self.log(f"train/{self.correction}", pen, prog_bar=True, batch_size=len(batch))
             total = total + self.correction_weight * pen
             if self.structure_weight > 0:
-                with torch.no_grad():
-                    ref = self.reference.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
+                with torch.no_grad():  # the frozen model's latents; its encoder states are the model's own
+                    if states is not None:
+                        ref = self.reference.compress(states, batch.pad_mask)  # (B, K, D)
+                    else:
+                        ref = self.reference.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
                 keep = structure_loss(latents.flatten(1), ref.flatten(1), batch.slide)
                 self.log("train/structure", keep, prog_bar=True, batch_size=len(batch))
                 total = total + self.structure_weight * keep
