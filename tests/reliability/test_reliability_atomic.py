@@ -209,3 +209,22 @@ def test_zarr_writers_keep_the_old_store_when_a_write_fails(tmp_path, writer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.zarr"]  # no temporary left
     write(ad.AnnData(np.full((3, 2), 2.0, dtype=np.float32)), path)  # a later write replaces it
     assert ad.read_zarr(path).shape == (3, 2)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_gene_table_write_is_atomic(tmp_path, monkeypatch, suffix):
+    from xscale.models.plm import read_gene_table, save_gene_table
+
+    path = save_gene_table(tmp_path / f"t{suffix}", ["A", "B"], np.ones((2, 3)))
+    assert read_gene_table(path)[0] == ["A", "B"]
+    if suffix == ".npz":
+        monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    else:
+        import safetensors.numpy
+
+        monkeypatch.setattr(safetensors.numpy, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_gene_table(path, ["C", "D", "E"], np.zeros((3, 3)))
+    genes, vectors = read_gene_table(path)  # the previous table, whole
+    assert genes == ["A", "B"] and np.array_equal(vectors, np.ones((2, 3), np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left

@@ -123,19 +123,21 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def save_gene_table(path: str | os.PathLike, genes: Sequence[str], vectors: np.ndarray) -> Path:
-    """Write a table readable by :func:`read_gene_table` (.npz or .safetensors), atomically."""
-    path = Path(path)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)
-    if path.suffix == ".npz":
-        np.savez(tmp, genes=np.asarray(list(genes), dtype=str), embeddings=vectors)
-    elif path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
+    """Write a table readable by :func:`read_gene_table` (.npz or .safetensors), atomically
+    (:func:`~xscale.utils.atomic.atomic_write`: a failed write keeps the previous file, leaves no temporary)."""
+    from xscale.utils.atomic import atomic_write
 
-        save_file({"embeddings": vectors}, str(tmp), metadata={"genes": json.dumps(list(genes))})
-    else:
+    path = Path(path)
+    if path.suffix not in (".npz", ".safetensors"):
         raise XscaleInputError(f"save_gene_table writes .npz or .safetensors; got {path.suffix!r}.")
-    tmp.replace(path)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    with atomic_write(path, "wb") as handle:
+        if path.suffix == ".npz":
+            np.savez(handle, genes=np.asarray(list(genes), dtype=str), embeddings=vectors)
+        else:
+            from safetensors.numpy import save
+
+            handle.write(save({"embeddings": vectors}, metadata={"genes": json.dumps(list(genes))}))
     return path
 
 
