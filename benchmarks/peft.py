@@ -209,6 +209,13 @@ NOTES = [
     "purity drop 0.007 (repeats 0.008 / 0.006 / 0.007), no collapse, decoded-expression Pearson 0.370 -> 0.368 "
     "(STARmap 0.470 -> 0.468). The purity goal is met on both; the mixing gains are about half the adversarial "
     "ones (0.04-0.05 on STARmap), which lose 0.011-0.027 of purity there.",
+    "2026-11-25 (twelfth session), validation split only, same pretrained model, the chosen PEFT setting (lr 1e-2, "
+    "layer mix, thinning 0.5, averaged weights; /work/exp/peft_reinit.py in the session): (1) trained longer, seeds "
+    "0 / 1, 0.636 / 0.609 at 80 epochs, 0.643 / 0.611 at 120, 0.635 / 0.612 at 160, 0.632 / 0.602 at 240: a "
+    "plateau. (2) The pretrained Xpressor replaced by a freshly initialised one (same shape, same trainable "
+    "fraction), mean over 40/60/80 epochs, seeds 0-5: 0.618 (0.624/0.622/0.622/0.599/0.631/0.609) vs 0.617 with "
+    "the pretrained Xpressor (0.620/0.611/0.622/0.623/0.609/0.615). What the pretrained Xpressor learned does not "
+    "matter here: PEFT's score is set by the frozen embedders and encoder, which full fine-tuning re-learns.",
 ]
 
 
