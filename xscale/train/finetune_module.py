@@ -76,7 +76,9 @@ class FinetuneModule(L.LightningModule):
         # submodules in eval mode when fitting starts)
         self.reference = reference.requires_grad_(False).train() if reference is not None else None
         self.structure_weight = structure_weight
-        self.share_encoder = share_encoder and reference is not None and frozen_stem(model)
+        # the structure term's reference pass can reuse the model's encoder states
+        self.share_encoder = (share_encoder and task == "batch_correction" and structure_weight > 0
+                              and reference is not None and frozen_stem(model))
         self.model, self.head, self.discriminator = model, head, discriminator
         self.task, self.correction = task, correction
         self.register_buffer("labels", labels if labels is not None else torch.empty(0, dtype=torch.long))
@@ -98,8 +100,8 @@ class FinetuneModule(L.LightningModule):
         if self.thinning is not None:  # augmentation: a fresh capture efficiency per cell and step
             batch = thin_batch(batch, self.thinning)
         states = None
-        if self.share_encoder and self.task == "batch_correction" and self.structure_weight > 0:
-            states = self.model.encoder_states(batch.gene_ids, batch.values, batch.pad_mask)  # [(B, G, D)]
+        if self.share_encoder:
+            states = self.model.encoder_states(batch.gene_ids, batch.values, batch.pad_mask)  # 1 or depth + 1 × (B, G, D)
             latents = self.model.compress(states, batch.pad_mask)  # (B, K, D)
         else:
             latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)
