@@ -122,3 +122,62 @@ def test_spatialdata_round_trip(small_adata, tmp_path, write_spatialdata):
     assert (niches.obs["cell_id"].to_numpy() == table.obs["cell_id"].to_numpy()).all()
     np.testing.assert_array_equal(np.asarray(niches.X)[:, 0], -np.arange(small_adata.n_obs))
     assert niches.uns["spatialdata_attrs"]["region"] == "cells"
+
+
+def test_write_anndata_zarr_is_format_2_quiet_and_atomic(small_adata, tmp_path, monkeypatch):
+    import warnings
+
+    from xscale.data.writeback import write_anndata_zarr
+
+    path = tmp_path / "cells.zarr"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ad.settings.override(zarr_write_format=3):  # a user's setting does not change xscale's stores
+            write_anndata_zarr(small_adata, path)
+    assert not [w for w in caught if "zarr v2" in str(w.message)], [str(w.message) for w in caught]
+    assert (path / ".zgroup").is_file() and not (path / "zarr.json").exists()  # format 2
+    back = ad.read_zarr(path)
+    assert list(back.obs_names) == list(small_adata.obs_names)
+    assert ad.settings.zarr_write_format == 2  # restored (anndata's default here)
+
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ad.AnnData, "write_zarr", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_anndata_zarr(small_adata[:3].copy(), path)
+    assert ad.read_zarr(path).n_obs == small_adata.n_obs  # the earlier store, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["cells.zarr"]  # no temporary left
+
+
+def test_spatialdata_table_survives_a_failed_write_back(small_adata, tmp_path, write_spatialdata, monkeypatch):
+    import spatialdata as sd
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    store = CellStore(prepare(path, tmp_path / "st.zarr", chunk_cells=64))
+    _embed(store, "X_xscale_cell", (2, 3), lambda a, b: np.ones((b - a, 2, 3), np.float32))
+    write_to_spatialdata(path, store)  # first write-back: the table now holds latents
+    _embed(store, "X_xscale_niche", (5,), lambda a, b: np.zeros((b - a, 5), np.float32))
+    original = sd.SpatialData.write_element
+
+    def dies_midway(self, name, *a, **k):  # writes part of the element, then the disk fills up
+        import shutil
+        from pathlib import Path
+
+        original(self, name, *a, **k)
+        shutil.rmtree(Path(self.path) / "tables" / name / "obs")  # the part it never wrote
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sd.SpatialData, "write_element", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        write_to_spatialdata(path, store, niche_key="X_xscale_niche")
+    monkeypatch.undo()
+    back = sd.read_zarr(path)  # the user's table as it was: counts, obs, the first latents
+    table = back.tables["table"]
+    assert np.array_equal(table.X.toarray(), small_adata.X.toarray())
+    assert table.obsm["X_xscale_cell"].shape == (small_adata.n_obs, 6)
+    assert not [p.name for p in (path / "tables").iterdir() if "xscale_tmp" in p.name]
+    write_to_spatialdata(path, store, niche_key="X_xscale_niche")  # and a retry succeeds
+    again = sd.read_zarr(path)
+    assert set(again.tables) == {"table", "table_niches"}
+    assert again.tables["table_niches"].shape == (small_adata.n_obs, 5)

@@ -32,10 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def write_store(adata, path) -> None:
     """Write ``adata`` to ``path`` (zarr) via a temporary name, replacing any existing store
     only once the new one is complete (a failed write leaves the old store as it was)."""
-    from xscale.utils.atomic import atomic_dir
+    from xscale.data.writeback import write_anndata_zarr
 
-    with atomic_dir(path, marker=False) as tmp:  # per-process temporary: concurrent runs do not collide
-        adata.write_zarr(tmp)
+    write_anndata_zarr(adata, path)  # per-process temporary: concurrent runs do not collide
 
 
 def run(args: argparse.Namespace) -> int:

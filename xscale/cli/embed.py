@@ -122,6 +122,7 @@ def _embed_dask(args: argparse.Namespace, adata, l1_dir, out):
     from xscale.errors import XscaleInputError
 
     try:
+        from xscale.data.zarr_settings import zarr_format_2
         from xscale.tl.dask_embed import embed_store_dask
     except ImportError as err:
         raise XscaleInputError(f"--dask needs xscale.tl.dask_embed, which this install lacks ({err}).") from err
@@ -129,7 +130,8 @@ def _embed_dask(args: argparse.Namespace, adata, l1_dir, out):
         raise XscaleInputError("--dask needs a level-1 model directory (workers load it), not a .ckpt file.")
     src, dst = out / "input.tmp.zarr", out / "dask_cells.tmp.zarr"
     shutil.rmtree(src, ignore_errors=True)
-    adata.write_zarr(src)  # validated raw counts, chunked for the workers
+    with zarr_format_2():
+        adata.write_zarr(src)  # validated raw counts, chunked for the workers
     try:
         embed_store_dask(src, l1_dir, dst, client_or_address=args.dask, n_workers=args.n_workers,
                          batch_size=args.batch_size, overwrite=True)

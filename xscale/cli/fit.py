@@ -270,13 +270,16 @@ def run(args: argparse.Namespace) -> int:
         cli_args.append(f"--{item}")
     if args.print_config:
         cli_args.append("--print_config")
-    try:
-        cli = build_cli(cli_args, run=False)
-    except SystemExit as exit_:
-        if exit_.code in (0, None):
-            return 0
-        raise XscaleInputError("the configs above did not parse (see the message printed by LightningCLI).") from None
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
+    from xscale.train.quiet import quiet_fit
+
+    with quiet_fit():  # Lightning's notes that say nothing to the user (see xscale.train.quiet)
+        try:
+            cli = build_cli(cli_args, run=False)
+        except SystemExit as exit_:
+            if exit_.code in (0, None):
+                return 0
+            raise XscaleInputError("the configs above did not parse (see the message printed by LightningCLI).") from None
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
     if cli.trainer.is_global_zero:
         if hasattr(cli.model, "level2"):  # joint: both levels, in the layout xscale embed reads

@@ -94,6 +94,9 @@ class AnnDataCellDataset(Dataset):
         Fewest panel genes that must be in the vocabulary; fewer raises :class:`XscaleInputError`.
     cells
         Optional per-AnnData row selections (integer positions or boolean masks).
+    report_panel
+        Log each panel's genes used / not in the vocabulary at INFO (False: DEBUG, e.g. for a
+        second selection of the same AnnData objects).
 
     Attributes
     ----------
@@ -110,6 +113,7 @@ class AnnDataCellDataset(Dataset):
         slide_key: str | None = None,
         min_genes: int = 10,
         cells: Sequence[np.ndarray | None] | None = None,
+        report_panel: bool = True,
     ) -> None:
         adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
         if not adatas:
@@ -125,7 +129,8 @@ class AnnDataCellDataset(Dataset):
         for d, adata in enumerate(adatas):
             what = f"dataset {d} ({adata.n_obs} cells × {adata.n_vars} genes)"
             mapping = map_panel(list(map(str, adata.var_names)), vocab, min_genes=min_genes, what=what)
-            log.info(
+            log.log(
+                logging.INFO if report_panel else logging.DEBUG,
                 "%s: using %d of %d panel genes (vocabulary %d)%s",
                 what, mapping.n_used, mapping.n_panel, len(vocab),
                 f"; not in vocabulary e.g. {mapping.unknown}" if mapping.unknown else "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -122,7 +123,10 @@ def spatial_graph(
     (n, n) CSR float32 with 1.0 where column j is a neighbour of row i (no self loops).
     """
     import anndata as ad
-    import squidpy as sq
+
+    with warnings.catch_warnings():  # at import, docrep warns about squidpy's own docstrings
+        warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")
+        import squidpy as sq
 
     coords = _check_coords(coords)
     n = coords.shape[0]

@@ -153,7 +153,7 @@ def prepare(
     """
     import dask
     import zarr
-    from anndata.io import write_elem
+    from xscale.data.zarr_settings import write_unsharded
     from tqdm.auto import tqdm
 
     out = Path(out)
@@ -253,8 +253,8 @@ def prepare(
 
         obs = adata.obs.iloc[order].copy()
         obs[SOURCE_INDEX] = order
-        write_elem(root, "obs", obs)
-        write_elem(root, "var", pd.DataFrame(index=pd.Index(adata.var_names.astype(str))))
+        write_unsharded(root, "obs", obs)
+        write_unsharded(root, "var", pd.DataFrame(index=pd.Index(adata.var_names.astype(str))))
         slides_out = slides[order]
         names, first = np.unique(slides_out, return_index=True)
         first_sorted = np.sort(first)
@@ -266,10 +266,10 @@ def prepare(
             obsm["spatial"] = c
             obsp["spatial_connectivities"] = spatial_graph(c, slides=slides_out, n_neighbors=n_neighbors, radius=radius)
             nn = np.array([median_nn_distance(c[a:b]) for a, b in zip(first_sorted, stops, strict=True)])
-        write_elem(root, "obsm", obsm)
-        write_elem(root, "obsp", obsp)
+        write_unsharded(root, "obsm", obsm)
+        write_unsharded(root, "obsp", obsp)
         for key in ("layers", "varm", "varp"):
-            write_elem(root, key, {})
+            write_unsharded(root, key, {})
         meta = {
             "version": STORE_VERSION, "chunk_cells": chunk_cells, "curve": curve if coords is not None else "none",
             "n_neighbors": n_neighbors, "radius": -1.0 if radius is None else float(radius),
@@ -278,7 +278,7 @@ def prepare(
             "slide_stop": stops.astype(np.int64), "slide_median_nn": nn,
             "source": str(source) if isinstance(source, (str, Path)) else "AnnData",
         }
-        write_elem(root, "uns", {"xscale": meta})
+        write_unsharded(root, "uns", {"xscale": meta})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",
                            "xscale_store": {"version": STORE_VERSION, "complete": True}})
         _publish(tmp / "store", out, overwrite)

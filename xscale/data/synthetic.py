@@ -84,7 +84,7 @@ def tile_tissue(
     import anndata as ad_mod
     import dask
     import zarr
-    from anndata.io import write_elem
+    from xscale.data.zarr_settings import write_unsharded
     from tqdm.auto import tqdm
 
     from xscale.data.sfc import sfc_order
@@ -155,12 +155,12 @@ def tile_tissue(
                 indptr[a + 1 : b + 1] = indptr[a] + m.indptr[1:]
         xg.create_array("indptr", shape=indptr.shape, chunks=(1 << 16,), dtype="int64")[:] = indptr
         xg.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, x.shape[1]]})
-        write_elem(root, "obs", obs)
-        write_elem(root, "var", var)
-        write_elem(root, "obsm", {"spatial": xy})
+        write_unsharded(root, "obs", obs)
+        write_unsharded(root, "var", var)
+        write_unsharded(root, "obsm", {"spatial": xy})
         for key in ("layers", "obsp", "varm", "varp"):
-            write_elem(root, key, {})
-        write_elem(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
+            write_unsharded(root, key, {})
+        write_unsharded(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
                                                        "jitter": jitter, "keep_min": keep_min}})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)

@@ -14,7 +14,9 @@ Exposure:
 - :func:`latents_in_source_order` maps store rows back to the input's rows (NaN for cells
   dropped at validation), for ``adata.obsm`` of an in-memory AnnData;
 - :func:`write_to_spatialdata` puts cell latents in ``obsm`` of the SpatialData table and
-  niche latents in a second table annotating the same elements.
+  niche latents in a second table annotating the same elements;
+- :func:`write_anndata_zarr` writes a whole AnnData (a results store such as ``cells.zarr``)
+  under a temporary name, in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`).
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xscale.data.store import CellStore
+from xscale.data.zarr_settings import unsharded, zarr_format_2
 from xscale.errors import XscaleInputError
-from xscale.utils.atomic import replace_dir
+from xscale.utils.atomic import atomic_dir, replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -37,6 +40,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STATE = "xscale_writer.json"
+
+
+def write_anndata_zarr(adata: ad.AnnData, path: str | os.PathLike) -> Path:
+    """``adata.write_zarr(path)`` in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`), built under a temporary
+    name beside ``path`` and renamed when complete: an existing store is replaced only then (a
+    failed write leaves it as it was), and concurrent writers do not collide."""
+    with atomic_dir(path, marker=False) as tmp, zarr_format_2():
+        adata.write_zarr(tmp)
+    return Path(path)
 
 
 class LatentWriter:
@@ -207,8 +219,7 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     table = sdata.tables[table_key]
     if cell_key is not None:
         table.obsm[cell_key] = latents_in_source_order(store, cell_key, table.n_obs)
-        sdata.delete_element_from_disk(table_key)
-        sdata.write_element(table_key)
+        _write_table(sdata, table_key)
     if niche_key is not None:
         lat = latents_in_source_order(store, niche_key, table.n_obs)
         attrs = table.uns.get("spatialdata_attrs", {})
@@ -219,8 +230,33 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
                                   instance_key=attrs["instance_key"])
         name = niche_table or f"{table_key}_niches"
-        if name in sdata.tables:
-            sdata.delete_element_from_disk(name)
         sdata.tables[name] = nt
-        sdata.write_element(name)
+        _write_table(sdata, name)
     return table
+
+
+def _write_table(sdata: Any, name: str) -> None:
+    """Write ``sdata.tables[name]`` into its SpatialData zarr store; a table already there is
+    replaced only once the new one is complete (a failed write leaves the user's table as it was).
+
+    The table is written under a temporary element name beside it, then the two directories
+    are swapped (:func:`~xscale.utils.atomic.replace_dir`) and the store's consolidated
+    metadata, if it has any, is rewritten.
+    """
+    final = Path(sdata.path) / "tables" / name
+    if not final.exists():
+        with unsharded():
+            sdata.write_element(name)
+        return
+    tmp_name = f"{name}_xscale_tmp_{os.getpid()}"
+    tmp_dir = final.with_name(tmp_name)
+    sdata.tables[tmp_name] = sdata.tables[name]
+    try:
+        with unsharded():
+            sdata.write_element(tmp_name)
+        replace_dir(tmp_dir, final)
+    finally:  # success or not: no temporary element left, in memory, on disk or in the metadata
+        del sdata.tables[tmp_name]
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if sdata.has_consolidated_metadata():
+            sdata.write_consolidated_metadata()

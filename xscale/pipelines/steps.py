@@ -28,11 +28,9 @@ def _read_data(data: str, *, exclude_holdout: bool = False):
 
 def _write_zarr(adata, path: Path) -> Path:
     """Write ``adata`` to ``path`` (zarr); an earlier store is replaced only once this one is complete."""
-    from xscale.utils.atomic import atomic_dir
+    from xscale.data.writeback import write_anndata_zarr
 
-    with atomic_dir(path, marker=False) as tmp:
-        adata.write_zarr(tmp)
-    return path
+    return write_anndata_zarr(adata, path)
 
 
 @register_step("evaluate")

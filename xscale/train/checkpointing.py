@@ -283,6 +283,8 @@ def fit_resumable(
     """
     import lightning
 
+    from xscale.train.quiet import quiet_fit
+
     if datamodule is not None and (train_dataloaders is not None or val_dataloaders is not None):
         raise ValueError("Pass either datamodule or train/val dataloaders to fit_resumable, not both.")
     ckpt_dir = Path(ckpt_dir)
@@ -317,9 +319,10 @@ def fit_resumable(
         ckpt_path = str(last)
         del ckpt
 
-    trainer = lightning.Trainer(**kwargs)
-    trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
-                datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with quiet_fit():
+        trainer = lightning.Trainer(**kwargs)
+        trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
+                    datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return trainer
 
 

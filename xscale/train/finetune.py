@@ -46,6 +46,7 @@ from xscale.train.finetune_infer import (
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
+from xscale.train.quiet import log_interval, quiet_fit
 from xscale.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
@@ -313,13 +314,14 @@ def finetune(
     )
     net.train()
     logger = L.pytorch.loggers.CSVLogger(str(log_dir), name="finetune") if log_dir is not None else False
-    trainer = L.Trainer(
-        max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=logger,
-        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
-        gradient_clip_val=1.0, num_sanity_val_steps=0, log_every_n_steps=max(1, min(50, len(loader))),
-        callbacks=([ema] if ema is not None else []) + list(callbacks),  # the average first: others may score it
-    )
-    trainer.fit(module, train_dataloaders=loader)  # with ema: ends holding the averaged weights
+    with quiet_fit():
+        trainer = L.Trainer(
+            max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1, logger=logger,
+            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+            gradient_clip_val=1.0, num_sanity_val_steps=0, log_every_n_steps=log_interval(len(loader)),
+            callbacks=([ema] if ema is not None else []) + list(callbacks),  # the average first: others may score it
+        )
+        trainer.fit(module, train_dataloaders=loader)  # with ema: ends holding the averaged weights
     net.eval()
     for name, p in net.named_parameters():
         p.requires_grad_(flags[name])  # give back the caller's (e.g. a frozen protein LM's) settings
@@ -332,7 +334,7 @@ def finetune(
                        correction_weight)
     if head is not None:
         head.eval().requires_grad_(True)
-        calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer))
+        calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer, report_panel=False))
         # Every labelled cell outside train_mask counts, including classes the head never saw.
         held = ~_mask(adata, train_mask) & adata.obs[label_key].notna().to_numpy() if train_mask is not None else None
         if held is not None and held.any():

@@ -20,16 +20,18 @@ if TYPE_CHECKING:
 
 
 def encode_cells(
-    model: GeneToCell, adata: ad.AnnData, *, batch_size: int = 256, counts_layer: str | None = None, seed: int = 0
+    model: GeneToCell, adata: ad.AnnData, *, batch_size: int = 256, counts_layer: str | None = None, seed: int = 0,
+    report_panel: bool = True,
 ) -> np.ndarray:
     """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
 
     Panels longer than ``model.config.inference_context`` use a seeded gene context
-    (expressed genes first).
+    (expressed genes first). ``report_panel``: log the genes used at INFO (False: DEBUG,
+    for cells whose panel was already reported).
     """
     from torch.utils.data import DataLoader
 
-    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer)
+    ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer, report_panel=report_panel)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
                         collate_fn=partial(collate_cells, max_genes=model.config.inference_context,
                                            rng=np.random.default_rng(seed)))
@@ -97,7 +99,7 @@ def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
     from xscale.eval.metrics import slide_mixing
 
     with torch.random.fork_rng(devices=[]):
-        z = encode_cells(model, adata, counts_layer=counts_layer)  # (n, K, D)
+        z = encode_cells(model, adata, counts_layer=counts_layer, report_panel=False)  # (n, K, D): a sample
     flat = z.reshape(len(z), -1)  # (n, K*D)
     out = {"latent_spread": float(flat.std(axis=0).mean())}
     if len(set(slides)) > 1 and len(flat) > 15:

@@ -198,6 +198,7 @@ def fit_joint(
     """
     from xscale.train.checkpointing import fit_resumable
     from xscale.train.level2 import make_niches
+    from xscale.train.quiet import log_interval, quiet_fit
 
     if spatial_key not in adata.obsm:
         raise XscaleInputError(f"spatial_key {spatial_key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}.")
@@ -214,11 +215,12 @@ def fit_joint(
         max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1,
         logger=lightning.pytorch.loggers.CSVLogger(str(ckpt), name="logs") if ckpt else False,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0,
-        log_every_n_steps=10,
     )
     loader = data.loader(batch_size, shuffle=True, seed=seed)
+    kwargs["log_every_n_steps"] = log_interval(len(loader), 10)
     if ckpt is not None:
         fit_resumable(module, train_dataloaders=loader, ckpt_dir=ckpt, trainer_kwargs=kwargs)
     else:
-        lightning.Trainer(**kwargs, enable_checkpointing=False).fit(module, train_dataloaders=loader)
+        with quiet_fit():
+            lightning.Trainer(**kwargs, enable_checkpointing=False).fit(module, train_dataloaders=loader)
     return module.level1.cpu().eval(), module.level2.cpu().eval()

@@ -29,6 +29,7 @@ from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.models.io import save_model
+from xscale.train.quiet import loop_defaults
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class CellDataModule(lightning.LightningDataModule):
         kw = dict(counts_layer=counts_layer, slide_key=slide_key, min_genes=min_genes)
         train = AnnDataCellDataset(adatas, vocab, cells=train_sel, **kw)
         n_val = sum(len(v) for v in val_sel)
-        val = AnnDataCellDataset(adatas, vocab, cells=val_sel, **kw) if n_val > 0 else None
+        # the same panels as the training cells': their gene report was just logged
+        val = AnnDataCellDataset(adatas, vocab, cells=val_sel, report_panel=False, **kw) if n_val > 0 else None
         log.info("Level-1 data: %d training cells, %d validation cells, %d dataset(s), genes used %s",
                  len(train), n_val, len(adatas), train.genes_used)
         return cls(train, val, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -304,8 +306,8 @@ def fit_level1(
     kwargs: dict[str, Any] = dict(
         max_epochs=max_epochs, max_steps=max_steps, accelerator=accelerator, devices=1,
         logger=_make_logger(logger, Path(log_dir) if log_dir is not None else out_dir / "logs"),
-        enable_progress_bar=enable_progress_bar, enable_model_summary=False, log_every_n_steps=10,
-        num_sanity_val_steps=0, gradient_clip_val=1.0,
+        enable_progress_bar=enable_progress_bar, enable_model_summary=False,
+        num_sanity_val_steps=0, gradient_clip_val=1.0, **loop_defaults(dm, default_interval=10),
     )
     kwargs.update(trainer_kwargs or {})
     trainer = fit_resumable(module, datamodule=dm, ckpt_dir=out_dir / "checkpoints", trainer_kwargs=kwargs,

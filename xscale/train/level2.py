@@ -225,6 +225,7 @@ def train_tissue(
     Returns the trained model in eval mode.
     """
     from xscale.train.checkpointing import fit_resumable
+    from xscale.train.quiet import loop_defaults, quiet_fit
 
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
     trainer_kwargs: dict[str, Any] = dict(
@@ -237,9 +238,11 @@ def train_tissue(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=1.0,
+        **loop_defaults(data),
     )
     if ckpt_dir is not None:
         fit_resumable(module, datamodule=data, ckpt_dir=ckpt_dir, trainer_kwargs=trainer_kwargs)
     else:
-        lightning.Trainer(**trainer_kwargs, enable_checkpointing=False).fit(module, datamodule=data)
+        with quiet_fit():
+            lightning.Trainer(**trainer_kwargs, enable_checkpointing=False).fit(module, datamodule=data)
     return module.model.eval()

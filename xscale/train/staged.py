@@ -240,6 +240,7 @@ def run_staged(
     from xscale.tl.niches import domains, niche_embeddings
     from xscale.train.level1 import fit_level1
     from xscale.train.level2 import fit_level2
+    from xscale.utils.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
     ckpt = out_dir / "checkpoints"
@@ -335,29 +336,24 @@ def run_staged(
     store = out_dir / "cells.zarr"
     if write_store:
         write_cells_zarr(adata, store, slide_key=slide_key, spatial_key=spatial_key)
-    (out_dir / "stages.json").write_text(json.dumps({"skipped": skipped, "seconds": seconds}, indent=2))
+    atomic_write_text(out_dir / "stages.json", json.dumps({"skipped": skipped, "seconds": seconds}, indent=2))
     return StagedResult(adata=adata, level1=level1, level2=level2, store=store, skipped=skipped, seconds=seconds)
 
 
 def write_cells_zarr(
     adata: ad.AnnData, path: str | os.PathLike, *, slide_key: str | None = None, spatial_key: str = "spatial"
 ) -> Path:
-    """Write ``adata`` as an AnnData zarr store at ``path`` atomically (temp name, then rename).
+    """Write ``adata`` as an AnnData zarr store at ``path`` atomically (temp name, then rename;
+    :func:`~xscale.data.writeback.write_anndata_zarr`).
 
     ``uns["xscale"]`` records the slide and spatial keys for the query layer.
     """
-    from xscale.utils.atomic import atomic_dir
+    from xscale.data.writeback import write_anndata_zarr
 
-    path = Path(path)
     out = adata.copy()
     meta = dict(out.uns.get("xscale", {})) if isinstance(out.uns.get("xscale"), dict) else {}
     meta.update({"slide_key": slide_key or "", "spatial_key": spatial_key})
     out.uns["xscale"] = meta
-    with atomic_dir(path) as tmp:
-        out.write_zarr(tmp / "store.zarr")
-        # atomic_dir renames the directory; the zarr store is its content.
-        for child in (tmp / "store.zarr").iterdir():
-            child.rename(tmp / child.name)
-        (tmp / "store.zarr").rmdir()
+    write_anndata_zarr(out, path)
     log.info("Wrote %s (%d cells)", path, out.n_obs)
-    return path
+    return Path(path)

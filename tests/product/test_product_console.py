@@ -1,0 +1,90 @@
+"""What a training run prints: xscale's own progress, not third-party notes that say nothing to the user."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# Each of these printed during `xscale demo` before it was silenced or its cause removed.
+NOISE = [
+    "💡 Tip",  # Lightning's advertisement for its cloud logger
+    "isinstance(treespec, LeafSpec)",  # Lightning's pytree helper on torch 2.13
+    "You have overridden `transfer_batch_to_device`",  # the hook xscale defines on purpose
+    "Total length of `list` across ranks is zero",  # a validation loop over no data
+    "smaller than the logging interval",  # log_every_n_steps longer than an epoch
+    "Writing zarr v2 data will no longer be the default",  # anndata's notice (xscale pins format 2)
+    "is not a valid key",  # docrep, at squidpy's import
+    "zarr v3 autosharding will be the default",  # anndata's notice (xscale's stores pin no sharding)
+]
+
+SCRIPT = textwrap.dedent("""
+    import logging, sys
+    import numpy as np
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("lightning").propagate = False  # as the CLI does
+    import xscale.datasets
+    from xscale.train.staged import run_staged
+    from xscale.train.finetune import finetune
+
+    a = xscale.datasets.load("starmap_mpfc")
+    a = a[np.sort(np.random.default_rng(0).choice(a.n_obs, 300, replace=False))].copy()
+    res = run_staged(a.copy(), sys.argv[1], level1_preset="tiny", level2_preset="tiny", slide_key="slice",
+                     train_slides=["20180417_BZ5_control", "20180419_BZ9_control"], n_domains=3,
+                     level1_max_steps=3, level2_max_steps=3, batch_size=32, progress=False)
+    finetune(res.level1, a, task="batch_correction", slide_key="slice", max_steps=2, batch_size=48, progress=False)
+    from xscale.data.store import prepare
+    prepare(a, sys.argv[1] + "_store.zarr", slide_key="slice", chunk_cells=64)
+    print("DONE")
+""")
+
+
+def test_a_staged_run_a_finetune_and_prepare_print_no_third_party_noise(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "DONE" in out.stdout, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    assert [n for n in NOISE if n in printed] == [], printed[-4000:]
+    # the panel report once per operation: level 1's training slides (not again for their validation
+    # cells), then all cells for embedding and for the fine-tuning (not again for its internal samples)
+    panel = [line for line in printed.splitlines() if "using 166 of 166 panel genes" in line]
+    assert sum("(185 cells" in line for line in panel) == 1 and sum("(300 cells" in line for line in panel) == 2, panel
+    assert any("Level 1 trained for 3 steps" in line for line in printed.splitlines()), printed[-3000:]
+
+
+def test_quiet_fit_drops_only_the_listed_notes(caplog):
+    import logging
+    import warnings
+
+    from xscale.train.quiet import _rank_zero_logger, log_interval, quiet_fit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_fit():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
+            warnings.warn("something the user should see", UserWarning)
+            with caplog.at_level(logging.INFO, logger=_rank_zero_logger().name):
+                _rank_zero_logger().info("💡 Tip: install our cloud product")
+                _rank_zero_logger().info("GPU available: False")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, outside", DeprecationWarning)
+    assert [str(w.message) for w in caught] == ["something the user should see",
+                                                "`isinstance(treespec, LeafSpec)` is deprecated, outside"]
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+    assert not _rank_zero_logger().filters  # removed after the fit
+    assert (log_interval(33), log_interval(500), log_interval(0), log_interval(7, default=10)) == (33, 50, 1, 7)
+
+
+def test_loop_defaults_skip_an_empty_validation_loop():
+    from xscale.train.quiet import loop_defaults
+
+    class Data:
+        def __init__(self, val):
+            self.val = val
+
+        def train_dataloader(self):
+            return list(range(12))
+
+        def val_dataloader(self):
+            return self.val
+
+    assert loop_defaults(Data([])) == {"log_every_n_steps": 12, "limit_val_batches": 0}
+    assert loop_defaults(Data([1, 2]), default_interval=10) == {"log_every_n_steps": 10}
