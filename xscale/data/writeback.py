@@ -43,9 +43,9 @@ _STATE = "xscale_writer.json"
 
 
 def write_anndata_zarr(adata: ad.AnnData, path: str | os.PathLike) -> Path:
-    """``adata.write_zarr(path)`` in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`), built under a temporary
-    name beside ``path`` and renamed when complete: an existing store is replaced only then (a
-    failed write leaves it as it was), and concurrent writers do not collide."""
+    """``adata.write_zarr(path)`` in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`),
+    built under a temporary name beside ``path`` and renamed when complete: an existing store is
+    replaced only then (a failed write leaves it as it was), and concurrent writers do not collide."""
     with atomic_dir(path, marker=False) as tmp, zarr_format_2():
         adata.write_zarr(tmp)
     return Path(path)
@@ -237,17 +237,14 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
 
 def _write_table(sdata: Any, name: str) -> None:
     """Write ``sdata.tables[name]`` into its SpatialData zarr store; a table already there is
-    replaced only once the new one is complete (a failed write leaves the user's table as it was).
+    replaced only once the new one is complete (a failed write leaves the user's table as it was,
+    and no partial table that would stop the store from reading).
 
-    The table is written under a temporary element name beside it, then the two directories
-    are swapped (:func:`~xscale.utils.atomic.replace_dir`) and the store's consolidated
-    metadata, if it has any, is rewritten.
+    The table is written under a temporary element name beside it, then renamed into place
+    (:func:`~xscale.utils.atomic.replace_dir`, which moves an existing table aside first) and
+    the store's consolidated metadata, if it has any, is rewritten.
     """
     final = Path(sdata.path) / "tables" / name
-    if not final.exists():
-        with unsharded():
-            sdata.write_element(name)
-        return
     tmp_name = f"{name}_xscale_tmp_{os.getpid()}"
     tmp_dir = final.with_name(tmp_name)
     sdata.tables[tmp_name] = sdata.tables[name]
