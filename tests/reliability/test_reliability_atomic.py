@@ -185,15 +185,13 @@ def test_atomic_dir_without_marker(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "s.zarr"]
 
 
-@pytest.mark.parametrize("writer", ["pipeline_step", "domains"])
-def test_zarr_writers_keep_the_old_store_when_a_write_fails(tmp_path, writer):
-    """The pipeline steps' and ``xscale domains``' store writers: a failed write leaves the earlier store whole."""
+def test_zarr_writers_keep_the_old_store_when_a_write_fails(tmp_path):
+    """The store writer of the pipeline steps, ``xscale domains``, ``xscale embed`` and staged runs
+    (``write_anndata_zarr``): a failed write leaves the earlier store whole."""
     import anndata as ad
 
-    from xscale.cli.domains import write_store
-    from xscale.pipelines.steps import _write_zarr
+    from xscale.data.writeback import write_anndata_zarr as write
 
-    write = {"pipeline_step": _write_zarr, "domains": write_store}[writer]
     path = tmp_path / "cells.zarr"
     old = ad.AnnData(np.ones((4, 2), dtype=np.float32))
     write(old, path)

@@ -29,14 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the result to this new store instead of updating --store")
 
 
-def write_store(adata, path) -> None:
-    """Write ``adata`` to ``path`` (zarr) via a temporary name, replacing any existing store
-    only once the new one is complete (a failed write leaves the old store as it was)."""
-    from xscale.data.writeback import write_anndata_zarr
-
-    write_anndata_zarr(adata, path)  # per-process temporary: concurrent runs do not collide
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -44,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import xscale.tl
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
 
     store = Path(args.store)
@@ -70,6 +63,6 @@ def run(args: argparse.Namespace) -> int:
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
               f"NMI {normalized_mutual_info_score(y, d):.3f}")
-    write_store(adata, args.out or store)
+    write_anndata_zarr(adata, args.out or store)  # the old store is replaced only once this one is complete
     print(f"wrote {args.out or store}")
     return 0

@@ -119,10 +119,10 @@ def _embed_dask(args: argparse.Namespace, adata, l1_dir, out):
     import anndata as ad
     import numpy as np
 
+    from xscale.data.zarr_settings import zarr_format_2
     from xscale.errors import XscaleInputError
 
     try:
-        from xscale.data.zarr_settings import zarr_format_2
         from xscale.tl.dask_embed import embed_store_dask
     except ImportError as err:
         raise XscaleInputError(f"--dask needs xscale.tl.dask_embed, which this install lacks ({err}).") from err
@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
     import xscale.datasets as ds
     import xscale.tl
-    from xscale.cli.domains import write_store
     from xscale.data.store import is_prepared_store
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
 
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         info = ds.info(args.data)
         meta.update(name=info.name, label_key=info.label_key, domain_key=info.domain_key or "", holdout=info.holdout or "")
     adata.uns["xscale"] = meta
-    write_store(adata, out / "cells.zarr")
+    write_anndata_zarr(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")
     return 0
 

@@ -161,7 +161,7 @@ def tile_tissue(
         for key in ("layers", "obsp", "varm", "varp"):
             write_unsharded(root, key, {})
         write_unsharded(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
-                                                       "jitter": jitter, "keep_min": keep_min}})
+                                                            "jitter": jitter, "keep_min": keep_min}})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)
     return out

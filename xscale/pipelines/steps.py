@@ -26,13 +26,6 @@ def _read_data(data: str, *, exclude_holdout: bool = False):
     return read_dataset(data, spatial_key=None)
 
 
-def _write_zarr(adata, path: Path) -> Path:
-    """Write ``adata`` to ``path`` (zarr); an earlier store is replaced only once this one is complete."""
-    from xscale.data.writeback import write_anndata_zarr
-
-    return write_anndata_zarr(adata, path)
-
-
 @register_step("evaluate")
 def _step_evaluate(
     ctx: StepContext, *, store: str, dataset: str | None = None, label_key: str | None = None,
@@ -53,11 +46,12 @@ def _step_evaluate(
 @register_step("pca_embed")
 def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30) -> dict[str, Any]:
     """Baseline store: ``obsm["X_pca"]`` of log-normalised expression (fitted on all cells)."""
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.eval import metrics as M
 
     adata = _read_data(data)
     adata.obsm["X_pca"] = M.pca(M.log_normalized(adata.X), n_components=n_components)[0]
-    return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+    return {"outputs": {"store": write_anndata_zarr(adata, ctx.workdir / "cells.zarr")}}
 
 
 @register_step("fit_level1")
@@ -78,11 +72,12 @@ def _step_fit_level1(
 def _step_embed_cells(ctx: StepContext, *, checkpoint: str, data: str) -> dict[str, Any]:
     """Embed every cell of ``data`` with a level-1 model: ``cells.zarr`` with ``obsm["X_xscale_cell"]``."""
     import xscale.tl
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.models.io import load_model
 
     adata = _read_data(data)
     xscale.tl.embed_cells(adata, load_model(checkpoint))
-    return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+    return {"outputs": {"store": write_anndata_zarr(adata, ctx.workdir / "cells.zarr")}}
 
 
 @register_step("fit_level2")
@@ -120,6 +115,7 @@ def _step_embed_niches(
     import anndata as ad
 
     import xscale.tl
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.models.io import load_model
 
     adata = ad.read_zarr(store)
@@ -127,7 +123,7 @@ def _step_embed_niches(
     xscale.tl.embed_niches(adata, load_model(checkpoint), slide_key=slide_key)
     if n_domains:
         xscale.tl.domains(adata, n_domains, slide_key=slide_key)
-    return {"outputs": {"store": _write_zarr(adata, ctx.workdir / "cells.zarr")}}
+    return {"outputs": {"store": write_anndata_zarr(adata, ctx.workdir / "cells.zarr")}}
 
 
 @register_step("staged")

@@ -206,8 +206,8 @@ def finetune(
     structure_weight
         ``batch_correction`` only: weight of :func:`~xscale.models.heads.structure_loss`, the
         change of the inner products between cells of the same slide (each slide centred on
-        its mean) relative to the model as loaded (a frozen copy, one more forward pass per
-        step). Keeps each slide's own geometry, so cell types stay apart and the latents do
+        its mean) relative to the model as loaded (a frozen copy: per step one more pass of its
+        Xpressor, or of the whole model when the encoder trains too). Keeps each slide's own geometry, so cell types stay apart and the latents do
         not collapse while the slides are aligned. None = 1 for ``batch_correction`` (with the
         MMD at weight 1 for 6 epochs, the setting ``benchmarks/peft.py`` chose), 0 = off.
     reconstruction_weight
