@@ -409,16 +409,27 @@ def test_finetune_structure_weight_keeps_within_slide_similarities(starmap_small
 
 
 def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small):
-    from xscale.train.finetune_infer import check_collapse
+    import warnings
+
+    from xscale.train.finetune_infer import check_correction
 
     metrics: dict = {}
     with pytest.warns(UserWarning, match=r"collapsed the cell latents.*lower correction_weight \(now 5\)"):
-        check_collapse(metrics, {"latent_spread": 0.4, "slide_mixing": 0.5}, {"latent_spread": 0.001, "slide_mixing": 0.2}, 5.0)
+        check_correction(metrics, {"latent_spread": 0.4, "slide_mixing": 0.5},
+                         {"latent_spread": 0.001, "slide_mixing": 0.2}, 5.0)
     assert metrics == {"latent_spread_before": 0.4, "latent_spread_after": 0.001,
                        "slide_mixing_before": 0.5, "slide_mixing_after": 0.2}
+    metrics = {}
+    with pytest.warns(UserWarning, match=r"reshuffled each slide's own neighbourhoods: on average 0.30 .*below 0.5"):
+        check_correction(metrics, {"latent_spread": 0.4}, {"latent_spread": 0.3, "neighbourhood_preservation": 0.3}, 1.0)
+    assert metrics["neighbourhood_preservation"] == 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept most neighbours, no collapse: silent
+        check_correction({}, {"latent_spread": 0.4}, {"latent_spread": 0.3, "neighbourhood_preservation": 0.8}, 1.0)
     res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
                    correction="mmd", max_steps=2, batch_size=48, progress=False)
     assert 0.1 * res.metrics["latent_spread_before"] < res.metrics["latent_spread_after"]
+    assert 0.5 < res.metrics["neighbourhood_preservation"] <= 1.0  # two small steps keep most neighbourhoods
 
 
 def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, capsys):
@@ -433,6 +444,7 @@ def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, c
     summary = json.loads(capsys.readouterr().out.splitlines()[0])
     assert summary["latent_spread_before"] > 0 and summary["latent_spread_after"] > 0
     assert 0 < summary["slide_mixing_before"] <= 1 and 0 < summary["slide_mixing_after"] <= 1
+    assert 0 <= summary["neighbourhood_preservation"] <= 1
     doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
     assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": 0.5}
     assert doc["slides"] == sorted(set(starmap_small.obs["slice"].astype(str)))

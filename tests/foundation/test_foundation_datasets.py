@@ -77,3 +77,43 @@ def test_mean_cell_pearson_equals_corrcoef_per_row():
     expected = np.mean([np.corrcoef(A[i], B[i])[0, 1] for i in ok])
     assert mean_cell_pearson(A, B) == pytest.approx(expected, rel=1e-12)
     assert mean_cell_pearson(A[ok], 2 * A[ok] + 1) == pytest.approx(1.0)
+
+
+def _naive_preservation(before, after, groups, k):
+    """Per group, brute-force neighbour lists (Python sorting of all distances), then set overlaps."""
+    kept = []
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        if rows.size <= k:
+            continue
+
+        def neighbours(X, i):
+            d = [(float(((X[i] - X[j]) ** 2).sum()), j) for j in rows if j != i]
+            return {j for _, j in sorted(d)[:k]}
+
+        kept += [len(neighbours(before, i) & neighbours(after, i)) / k for i in rows]
+    return float(np.mean(kept))
+
+
+def test_neighbourhood_preservation_equals_naive_reference_and_ignores_moving_whole_groups():
+    from xscale.eval.metrics import neighbourhood_preservation
+
+    rng = np.random.default_rng(0)
+    groups = np.array(["a"] * 40 + ["b"] * 30 + ["c"] * 5)  # c has no more cells than k: left out
+    before = rng.normal(size=(75, 6))
+    after = before + 0.6 * rng.normal(size=(75, 6))
+    k = 7
+    assert neighbourhood_preservation(before, after, groups, k=k) == pytest.approx(
+        _naive_preservation(before, after, groups, k))
+    # each group shifted and rotated on its own: every within-group neighbourhood kept
+    moved = before.copy()
+    for g, shift in (("a", 5.0), ("b", -3.0)):
+        q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+        moved[groups == g] = before[groups == g] @ q + shift
+    assert neighbourhood_preservation(before, moved, groups, k=k) == pytest.approx(1.0)
+    shuffled = before[rng.permutation(75)]
+    assert neighbourhood_preservation(before, shuffled, k=k) < 0.3  # reshuffled: about k / n
+    with pytest.raises(ValueError, match="same cells; found 75 and 3"):
+        neighbourhood_preservation(before, after[:3])
+    with pytest.raises(ValueError, match="more than k=15 cells"):
+        neighbourhood_preservation(before[:10], after[:10])

@@ -11,13 +11,13 @@ from xscale.errors import XscaleInputError
 
 @pytest.fixture(scope="module")
 def store_and_model(tmp_path_factory):
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
     from xscale.models.io import save_model
 
     tmp = tmp_path_factory.mktemp("dask_embed")
     adata = xscale.datasets.load("starmap_mpfc")[:700].copy()
-    store = tmp / "cells.zarr"
-    adata.write_zarr(store)
+    store = write_anndata_zarr(adata, tmp / "cells.zarr")
     torch.manual_seed(0)
     genes = [str(g) for g in adata.var_names][5:]  # the model knows all but 5 panel genes
     model = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes, max_genes=128))  # 161 genes > 128: sampling

@@ -44,8 +44,9 @@ def starmap_store(tmp_path_factory):
     adata.obsm["X_xscale_cell"] = pcs.reshape(-1, 4, 8)
     adata.obsm["X_xscale_niche"] = niche.reshape(-1, 2, 16)
     adata.uns["xscale"] = {"slide_key": "slice"}
-    path = tmp_path_factory.mktemp("store") / "cells.zarr"
-    adata.write_zarr(path)
+    from xscale.data.writeback import write_anndata_zarr
+
+    path = write_anndata_zarr(adata, tmp_path_factory.mktemp("store") / "cells.zarr")
     return path, adata
 
 

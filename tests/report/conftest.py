@@ -91,8 +91,9 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 logger.log_metrics({"val/loss": val, "epoch": step // 20}, step=step)
         logger.finalize("success")
 
-    store = root / "cells.zarr"
-    a.write_zarr(store)
+    from xscale.data.writeback import write_anndata_zarr
+
+    store = write_anndata_zarr(a, root / "cells.zarr")
     return {"adata": a, "store": store, "metrics": metrics, "logs": logs, "root": root}
 
 

@@ -12,10 +12,12 @@ latents (an MMD between slides by default, or an adversarial slide classifier) w
 keeping the reconstruction loss and, with --structure-weight (default 1), the inner
 products between cells of the same slide, so cell types stay apart while the slides are
 aligned. A correction that collapses the latents (every cell mapped to nearly the same
-point) is reported with a warning.
+point), or that keeps less than half of each cell's nearest neighbours within its slide
+(cell types may be mixed), is reported with a warning.
 Writes OUT/model (the fine-tuned model, usable by `xscale embed`), OUT/head (cell_type)
 and OUT/finetune.json (settings, trainable fraction, held-out metrics; for a slide
-correction the latents' spread and slide mixing before and after).
+correction the latents' spread and slide mixing before and after, and the share of
+within-slide neighbours kept).
 
 Examples:
   xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\

@@ -104,6 +104,33 @@ def slide_mixing(X: np.ndarray, slides: Sequence, *, k: int = 15) -> float:
     return float(ent.mean() / np.log(len(cats)))
 
 
+def neighbourhood_preservation(before: np.ndarray, after: np.ndarray, groups: Sequence | None = None, *,
+                               k: int = 15) -> float:
+    """Mean fraction of each cell's k nearest neighbours in ``before`` that are still among its k nearest in ``after``.
+
+    before (n, F) and after (n, F') embed the same cells (e.g. latents before and after a slide
+    correction). With ``groups`` (n,) (slides), neighbours are searched among the cells of the
+    same group only, so aligning whole groups costs nothing and what counts is whether each
+    group's own neighbourhoods survived. Needs no labels: 1 = every neighbourhood kept, ~k/n =
+    reshuffled at random. Groups of k cells or fewer are left out.
+    """
+    b, a = np.asarray(before), np.asarray(after)
+    if len(b) != len(a):
+        raise ValueError(f"before and after must embed the same cells; found {len(b)} and {len(a)} rows.")
+    g = np.zeros(len(b), dtype=int) if groups is None else np.asarray(groups)
+    kept = []
+    for name in np.unique(g):
+        rows = np.flatnonzero(g == name)
+        if rows.size <= k:
+            continue
+        nb = knn_indices(b[rows], k + 1)[:, 1:]  # self excluded
+        na = knn_indices(a[rows], k + 1)[:, 1:]
+        kept.append((np.sort(nb, axis=1)[:, :, None] == np.sort(na, axis=1)[:, None, :]).any(axis=2).sum(axis=1) / k)
+    if not kept:
+        raise ValueError(f"neighbourhood_preservation needs a group with more than k={k} cells.")
+    return float(np.concatenate(kept).mean())
+
+
 def mean_cell_pearson(A: np.ndarray, B: np.ndarray) -> float:
     """Mean over cells (rows) of the Pearson correlation between ``A[i]`` and ``B[i]``. (n, G), (n, G).
 

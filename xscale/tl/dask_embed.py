@@ -183,6 +183,8 @@ def _write_skeleton(src: Path, tmp: Path, n: int, width: int, chunk_rows: int, m
     import zarr
     from anndata.io import read_elem
 
+    from xscale.data.zarr_settings import zarr_format_2
+
     root = zarr.open_group(src, mode="r")
     obs = read_elem(root["obs"])
     obsm = {}
@@ -190,7 +192,8 @@ def _write_skeleton(src: Path, tmp: Path, n: int, width: int, chunk_rows: int, m
         obsm["spatial"] = np.asarray(read_elem(root["obsm"]["spatial"]))
     slide_key = meta.get("slide_key")
     adata = ad.AnnData(obs=obs, obsm=obsm, uns={"xscale": meta})
-    adata.write_zarr(tmp)
+    with zarr_format_2():  # an AnnData result: format 2, whatever anndata's default (zarr_settings)
+        adata.write_zarr(tmp)
     group = zarr.open_group(tmp, mode="r+")
     arr = group["obsm"].create_array(LATENT_KEY, shape=(n, width), chunks=(chunk_rows, width), dtype="float32",
                                      fill_value=np.nan)

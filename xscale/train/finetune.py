@@ -38,11 +38,12 @@ from torch import nn
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import collate_cells
 from xscale.errors import XscaleInputError
+from xscale.eval.metrics import neighbourhood_preservation
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_collapse, encode_cells, latent_summary, predict_labels, summary_sample,
+    calibrate_head, check_correction, encode_cells, latent_summary, predict_labels, summary_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
@@ -65,7 +66,10 @@ class FinetuneResult:
     model: the fine-tuned GeneToCell (eval mode). head: the classification head
     (``task="cell_type"``) or None. trainable_fraction = n_trainable / n_parameters
     over model + head. metrics: held-out ``macro_f1`` / ``accuracy`` (cell_type, when
-    labelled cells outside ``train_mask`` exist) and ``final_loss``.
+    labelled cells outside ``train_mask`` exist) and ``final_loss``; for batch_correction,
+    on up to 512 training cells, ``latent_spread_before`` / ``_after``, ``slide_mixing_before`` /
+    ``_after`` and ``neighbourhood_preservation`` (the share of each cell's 15 nearest
+    neighbours within its slide that are still among them after the correction).
     """
 
     model: GeneToCell
@@ -295,7 +299,7 @@ def finetune(
     if task == "batch_correction":  # on a sample of training cells: spread (a collapse?) and slide mixing
         sample = summary_sample(train, seed)
         sample_slides = adata.obs[slide_key].astype(str).to_numpy()[sample]
-        summary_before = latent_summary(net, adata[sample], sample_slides, counts_layer)
+        summary_before, z_before = latent_summary(net, adata[sample], sample_slides, counts_layer)
     flags = {name: p.requires_grad for name, p in net.named_parameters()}
     n_train, n_total = set_trainable(net, head, trainable)
     fraction = n_train / n_total
@@ -330,8 +334,10 @@ def finetune(
     if final is not None:
         metrics["final_loss"] = float(final)
     if summary_before is not None:
-        check_collapse(metrics, summary_before, latent_summary(net, adata[sample], sample_slides, counts_layer),
-                       correction_weight)
+        summary_after, z_after = latent_summary(net, adata[sample], sample_slides, counts_layer)
+        if np.unique(sample_slides, return_counts=True)[1].max() > 15:  # a slide with more cells than neighbours
+            summary_after["neighbourhood_preservation"] = neighbourhood_preservation(z_before, z_after, sample_slides)
+        check_correction(metrics, summary_before, summary_after, correction_weight)
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer, report_panel=False))

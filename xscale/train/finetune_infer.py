@@ -78,6 +78,10 @@ def predict_labels(
 
 SUMMARY_CELLS = 512  # training cells on which latent_summary compares a slide correction's before and after
 COLLAPSE_RATIO = 0.1  # latents spread less than this fraction of before: a collapsed correction
+# Fewer of each cell's within-slide neighbours kept than this: a correction that reshuffled the slides' own
+# neighbourhoods. In benchmarks/peft.py's tuning runs (NOTES) every correction below it lost 0.012-0.22 of kNN
+# cell-type purity, on STARmap and on seqFISH; above it is no guarantee (seqFISH: 0.51-0.68 kept, 0.07-0.12 lost).
+PRESERVATION_WARN = 0.5
 
 
 def summary_sample(train: np.ndarray, seed: int, n: int = SUMMARY_CELLS) -> np.ndarray:
@@ -87,14 +91,15 @@ def summary_sample(train: np.ndarray, seed: int, n: int = SUMMARY_CELLS) -> np.n
 
 
 def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
-                   counts_layer: str | None = None) -> dict[str, float]:
+                   counts_layer: str | None = None) -> tuple[dict[str, float], np.ndarray]:
     """What a slide correction changes, over the cells of ``adata`` (slides: (n_obs,) their slides).
 
-    ``latent_spread``: mean over latent features of their standard deviation across cells
-    (near 0 = collapsed). ``slide_mixing``: :func:`~xscale.eval.metrics.slide_mixing` of the
-    flattened latents among 15 nearest neighbours (1 = slides fully mixed; left out when the
-    cells come from one slide). Leaves torch's random state as it was (a DataLoader draws a
-    seed from it), so measuring during fine-tuning changes nothing in training.
+    Returns the summary and the flattened latents (n_obs, K·D). ``latent_spread``: mean over
+    latent features of their standard deviation across cells (near 0 = collapsed).
+    ``slide_mixing``: :func:`~xscale.eval.metrics.slide_mixing` of the flattened latents among
+    15 nearest neighbours (1 = slides fully mixed; left out when the cells come from one
+    slide). Leaves torch's random state as it was (a DataLoader draws a seed from it), so
+    measuring during fine-tuning changes nothing in training.
     """
     from xscale.eval.metrics import slide_mixing
 
@@ -104,7 +109,7 @@ def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
     out = {"latent_spread": float(flat.std(axis=0).mean())}
     if len(set(slides)) > 1 and len(flat) > 15:
         out["slide_mixing"] = slide_mixing(flat, slides, k=15)
-    return out
+    return out, flat
 
 
 def collapsed(spread_before: float, spread_after: float) -> bool:
@@ -112,13 +117,21 @@ def collapsed(spread_before: float, spread_after: float) -> bool:
     return spread_after < COLLAPSE_RATIO * spread_before
 
 
-def check_collapse(metrics: dict[str, float], before: dict[str, float], after: dict[str, float], weight: float) -> None:
+def check_correction(metrics: dict[str, float], before: dict[str, float], after: dict[str, float],
+                     weight: float) -> None:
     """Record :func:`latent_summary` before and after a slide correction (``<key>_before`` /
-    ``<key>_after`` in ``metrics``); warn when the latents collapsed.
+    ``<key>_after`` in ``metrics``, and ``neighbourhood_preservation`` if ``after`` has it); warn
+    when the latents collapsed or each slide's own neighbourhoods were reshuffled.
 
     A slide penalty that outweighs the reconstruction can map every cell to nearly the same
     latents (measured: MMD weight 5 for 12 epochs on STARmap shrank the spread ~500-fold and
-    separated the slides further). Such latents mix nothing and describe no cell.
+    separated the slides further). Such latents mix nothing and describe no cell. A penalty
+    can also keep the spread but move cells among each other's neighbours within a slide
+    (:func:`~xscale.eval.metrics.neighbourhood_preservation`, needing no labels): in
+    ``benchmarks/peft.py``'s tuning runs every correction that kept less than
+    :data:`PRESERVATION_WARN` of the neighbours lost 0.012-0.22 of cell-type kNN purity (STARmap
+    and seqFISH). The warning is one-sided: on seqFISH, corrections keeping 0.51-0.68 lost
+    0.07-0.12, so a silent run is no proof that cell types stayed apart.
     """
     for key in before:
         metrics[f"{key}_before"], metrics[f"{key}_after"] = before[key], after[key]
@@ -129,7 +142,16 @@ def check_collapse(metrics: dict[str, float], before: dict[str, float], after: d
             f"up to {SUMMARY_CELLS} training cells) fell from {s0:.4g} to {s1:.4g}, below {COLLAPSE_RATIO:g}x. "
             f"The slide penalty outweighs the reconstruction: lower correction_weight (now {weight:g}) or the "
             "epochs, or raise reconstruction_weight.", UserWarning, stacklevel=3)
+    kept = after.get("neighbourhood_preservation")
+    if kept is not None:
+        metrics["neighbourhood_preservation"] = kept
+        if kept < PRESERVATION_WARN and not collapsed(s0, s1):
+            warnings.warn(
+                f"Slide correction reshuffled each slide's own neighbourhoods: on average {kept:.2f} of a cell's 15 "
+                f"nearest neighbours within its slide (up to {SUMMARY_CELLS} training cells) are still among them, "
+                f"below {PRESERVATION_WARN:g}. Cell types may now be mixed: lower correction_weight (now {weight:g}) "
+                "or the epochs, or raise structure_weight.", UserWarning, stacklevel=3)
 
 
-__all__ = ["calibrate_head", "check_collapse", "collapsed", "encode_cells", "latent_summary", "predict_labels",
+__all__ = ["calibrate_head", "check_correction", "collapsed", "encode_cells", "latent_summary", "predict_labels",
            "summary_sample"]
