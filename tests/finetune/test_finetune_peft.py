@@ -411,7 +411,7 @@ def test_finetune_structure_weight_keeps_within_slide_similarities(starmap_small
 def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small):
     import warnings
 
-    from xscale.train.finetune_infer import check_correction
+    from xscale.train.finetune_infer import check_correction, kept_neighbours
 
     metrics: dict = {}
     with pytest.warns(UserWarning, match=r"collapsed the cell latents.*lower correction_weight \(now 5\)"):
@@ -426,6 +426,9 @@ def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # kept most neighbours, no collapse: silent
         check_correction({}, {"latent_spread": 0.4}, {"latent_spread": 0.3, "neighbourhood_preservation": 0.8}, 1.0)
+    z = np.random.default_rng(0).normal(size=(40, 8))
+    assert kept_neighbours(z, z, np.array(["a"] * 15 + ["b"] * 15 + ["c"] * 10)) == {}  # no slide above k=15 cells
+    assert kept_neighbours(z, 2 * z + 1, np.array(["a"] * 16 + ["b"] * 24)) == {"neighbourhood_preservation": 1.0}
     res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
                    correction="mmd", max_steps=2, batch_size=48, progress=False)
     assert 0.1 * res.metrics["latent_spread_before"] < res.metrics["latent_spread_after"]

@@ -125,7 +125,7 @@ def neighbourhood_preservation(before: np.ndarray, after: np.ndarray, groups: Se
             continue
         nb = knn_indices(b[rows], k + 1)[:, 1:]  # self excluded
         na = knn_indices(a[rows], k + 1)[:, 1:]
-        kept.append((np.sort(nb, axis=1)[:, :, None] == np.sort(na, axis=1)[:, None, :]).any(axis=2).sum(axis=1) / k)
+        kept.append((nb[:, :, None] == na[:, None, :]).any(axis=2).sum(axis=1) / k)  # (n_group,)
     if not kept:
         raise ValueError(f"neighbourhood_preservation needs a group with more than k={k} cells.")
     return float(np.concatenate(kept).mean())

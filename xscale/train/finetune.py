@@ -38,12 +38,11 @@ from torch import nn
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import collate_cells
 from xscale.errors import XscaleInputError
-from xscale.eval.metrics import neighbourhood_preservation
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_correction, encode_cells, latent_summary, predict_labels, summary_sample,
+    calibrate_head, check_correction, encode_cells, kept_neighbours, latent_summary, predict_labels, summary_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
@@ -335,8 +334,7 @@ def finetune(
         metrics["final_loss"] = float(final)
     if summary_before is not None:
         summary_after, z_after = latent_summary(net, adata[sample], sample_slides, counts_layer)
-        if np.unique(sample_slides, return_counts=True)[1].max() > 15:  # a slide with more cells than neighbours
-            summary_after["neighbourhood_preservation"] = neighbourhood_preservation(z_before, z_after, sample_slides)
+        summary_after.update(kept_neighbours(z_before, z_after, sample_slides))
         check_correction(metrics, summary_before, summary_after, correction_weight)
     if head is not None:
         head.eval().requires_grad_(True)

@@ -77,6 +77,7 @@ def predict_labels(
 
 
 SUMMARY_CELLS = 512  # training cells on which latent_summary compares a slide correction's before and after
+SUMMARY_NEIGHBOURS = 15  # k of the slide mixing and the neighbourhood preservation in those summaries
 COLLAPSE_RATIO = 0.1  # latents spread less than this fraction of before: a collapsed correction
 # Fewer of each cell's within-slide neighbours kept than this: a correction that reshuffled the slides' own
 # neighbourhoods. In benchmarks/peft.py's tuning runs (NOTES) every correction below it lost 0.012-0.22 of kNN
@@ -107,9 +108,20 @@ def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
         z = encode_cells(model, adata, counts_layer=counts_layer, report_panel=False)  # (n, K, D): a sample
     flat = z.reshape(len(z), -1)  # (n, K*D)
     out = {"latent_spread": float(flat.std(axis=0).mean())}
-    if len(set(slides)) > 1 and len(flat) > 15:
-        out["slide_mixing"] = slide_mixing(flat, slides, k=15)
+    if len(set(slides)) > 1 and len(flat) > SUMMARY_NEIGHBOURS:
+        out["slide_mixing"] = slide_mixing(flat, slides, k=SUMMARY_NEIGHBOURS)
     return out, flat
+
+
+def kept_neighbours(before: np.ndarray, after: np.ndarray, slides: np.ndarray) -> dict[str, float]:
+    """``{"neighbourhood_preservation": ...}`` of the same cells' flattened latents before and after a
+    correction (:func:`~xscale.eval.metrics.neighbourhood_preservation` within each slide), or ``{}``
+    when no slide of the sample has more cells than :data:`SUMMARY_NEIGHBOURS`."""
+    from xscale.eval.metrics import neighbourhood_preservation
+
+    if np.unique(slides, return_counts=True)[1].max() <= SUMMARY_NEIGHBOURS:
+        return {}
+    return {"neighbourhood_preservation": neighbourhood_preservation(before, after, slides, k=SUMMARY_NEIGHBOURS)}
 
 
 def collapsed(spread_before: float, spread_after: float) -> bool:
@@ -147,11 +159,12 @@ def check_correction(metrics: dict[str, float], before: dict[str, float], after:
         metrics["neighbourhood_preservation"] = kept
         if kept < PRESERVATION_WARN and not collapsed(s0, s1):
             warnings.warn(
-                f"Slide correction reshuffled each slide's own neighbourhoods: on average {kept:.2f} of a cell's 15 "
-                f"nearest neighbours within its slide (up to {SUMMARY_CELLS} training cells) are still among them, "
+                f"Slide correction reshuffled each slide's own neighbourhoods: on average {kept:.2f} of a cell's "
+                f"{SUMMARY_NEIGHBOURS} nearest neighbours within its slide (up to {SUMMARY_CELLS} training cells) "
+                "are still among them, "
                 f"below {PRESERVATION_WARN:g}. Cell types may now be mixed: lower correction_weight (now {weight:g}) "
                 "or the epochs, or raise structure_weight.", UserWarning, stacklevel=3)
 
 
-__all__ = ["calibrate_head", "check_correction", "collapsed", "encode_cells", "latent_summary", "predict_labels",
-           "summary_sample"]
+__all__ = ["calibrate_head", "check_correction", "collapsed", "encode_cells", "kept_neighbours", "latent_summary",
+           "predict_labels", "summary_sample"]
