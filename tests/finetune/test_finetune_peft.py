@@ -450,6 +450,8 @@ def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, c
     assert 0 <= summary["neighbourhood_preservation"] <= 1
     doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
     assert doc["correction"] == {"method": "mmd", "weight": 1.0, "structure_weight": 0.5}
+    png = (tmp_path / "bc" / "correction.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # before / after, by slide
     assert doc["slides"] == sorted(set(starmap_small.obs["slice"].astype(str)))
 
 
@@ -570,3 +572,19 @@ def test_frozen_stem_decides_whether_the_reference_shares_states(starmap_small):
         finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
                  trainable=trainable, max_steps=1, batch_size=48, progress=False, callbacks=[Record()])
     assert seen == [True, False]
+
+
+def test_correction_figure_shows_before_and_after_by_slide():
+    from xscale.train.finetune_infer import correction_figure
+
+    rng = np.random.default_rng(0)
+    slides = np.repeat(["s1", "s2", "s3"], 40)
+    before = rng.normal(size=(120, 16)) + np.repeat(np.eye(3, 16) * 6, 40, axis=0)  # slides apart
+    after = rng.normal(size=(120, 16))  # slides mixed
+    metrics = {"slide_mixing_before": 0.1, "slide_mixing_after": 0.9, "neighbourhood_preservation": 0.42}
+    fig = correction_figure(before, after, slides, metrics)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["before: slide mixing 0.10", "after: slide mixing 0.90, kept neighbours 0.42"]
+    legend = fig.axes[1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["s1", "s2", "s3"]
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 120

@@ -17,7 +17,8 @@ point), or that keeps less than half of each cell's nearest neighbours within it
 Writes OUT/model (the fine-tuned model, usable by `xscale embed`), OUT/head (cell_type)
 and OUT/finetune.json (settings, trainable fraction, held-out metrics; for a slide
 correction the latents' spread and slide mixing before and after, and the share of
-within-slide neighbours kept).
+within-slide neighbours kept) and, for a slide correction, OUT/correction.png: up to 512
+training cells before and after (UMAP of their latents), coloured by slide.
 
 Examples:
   xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\

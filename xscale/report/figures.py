@@ -241,6 +241,30 @@ def plot_embedding(
 
 
 @styled
+def plot_correction(
+    before_xy: np.ndarray, after_xy: np.ndarray, slides: np.ndarray, *, axis_label: str, titles: tuple[str, str]
+) -> Figure:
+    """The same cells before and after a slide correction, coloured by slide: two panels.
+
+    before_xy, after_xy (n, 2) coordinates of each embedding (laid out separately); slides (n,).
+    """
+    names = sorted(set(map(str, slides)))
+    colors = dict(zip(names, palette(len(names)), strict=True))
+    labels = np.asarray(slides).astype(str)
+    fig = new_figure(9.6, 4.4)
+    axes = fig.subplots(1, 2)
+    for ax, xy, title in zip(axes, (before_xy, after_xy), titles, strict=True):
+        _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 2.0)
+        ax.set_title(title)
+        ax.set_xlabel(f"{axis_label} 1")
+        ax.set_ylabel(f"{axis_label} 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _legend(fig, axes[1], colors, "slide")
+    return fig
+
+
+@styled
 def plot_training_curves(histories: Mapping[str, pd.DataFrame]) -> Figure:
     """Loss per training step, one panel per level (per-step values light, smoothed line dark).
 

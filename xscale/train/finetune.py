@@ -42,7 +42,8 @@ from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_correction, encode_cells, kept_neighbours, latent_summary, predict_labels, summary_sample,
+    calibrate_head, check_correction, correction_figure, encode_cells, kept_neighbours, latent_summary, predict_labels,
+    summary_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
@@ -51,6 +52,7 @@ from xscale.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
     import anndata as ad
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +297,7 @@ def finetune(
     # the model as loaded, frozen: what structure_loss keeps each slide's similarities close to
     reference = copy.deepcopy(net) if structure_weight > 0 else None
     summary_before = None
+    figure = None  # batch_correction with output_dir: the sample of cells before / after, by slide
     if task == "batch_correction":  # on a sample of training cells: spread (a collapse?) and slide mixing
         sample = summary_sample(train, seed)
         sample_slides = adata.obs[slide_key].astype(str).to_numpy()[sample]
@@ -336,6 +339,8 @@ def finetune(
         summary_after, z_after = latent_summary(net, adata[sample], sample_slides, counts_layer)
         summary_after.update(kept_neighbours(z_before, z_after, sample_slides))
         check_correction(metrics, summary_before, summary_after, correction_weight)
+        if output_dir is not None:
+            figure = correction_figure(z_before, z_after, sample_slides, metrics, seed=seed)
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer, report_panel=False))
@@ -355,13 +360,13 @@ def finetune(
                                     ema_decay=ema_decay, thinning=thinning,
                                     correction={"method": correction, "weight": correction_weight,
                                                 "structure_weight": structure_weight}
-                                    if task == "batch_correction" else None)
+                                    if task == "batch_correction" else None, figure=figure)
     return result
 
 
 def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
            ema_decay: float | None, thinning: float | None = None,
-           correction: dict[str, str | float] | None = None) -> Path:
+           correction: dict[str, str | float] | None = None, figure: Figure | None = None) -> Path:
     doc = {
         "task": task, "trainable": trainable, "ema_decay": ema_decay, "thinning": thinning,
         "correction": correction,
@@ -374,5 +379,7 @@ def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slid
         if result.head is not None:
             save_model(result.head, tmp / "head")
         (tmp / "finetune.json").write_text(json.dumps(doc, indent=2))
+        if figure is not None:
+            figure.savefig(tmp / "correction.png", dpi=120)
     log.info("Wrote the fine-tuned model to %s", out)
     return out

@@ -17,6 +17,7 @@ from xscale.models.heads import ClassificationHead
 
 if TYPE_CHECKING:
     import anndata as ad
+    from matplotlib.figure import Figure
 
 
 def encode_cells(
@@ -124,6 +125,27 @@ def kept_neighbours(before: np.ndarray, after: np.ndarray, slides: np.ndarray) -
     return {"neighbourhood_preservation": neighbourhood_preservation(before, after, slides, k=SUMMARY_NEIGHBOURS)}
 
 
+def correction_figure(before: np.ndarray, after: np.ndarray, slides: np.ndarray, metrics: dict[str, float], *,
+                      seed: int = 0) -> Figure:
+    """Two-panel figure of the summary sample (flattened latents before / after, each laid out by
+    :func:`~xscale.report.embedding.embed_2d`: UMAP, or PCA without umap-learn), coloured by slide; the
+    titles give :func:`check_correction`'s slide mixing and kept neighbours."""
+    from xscale.report.embedding import embed_2d
+    from xscale.report.figures import plot_correction
+
+    (xy0, axis), (xy1, _) = (embed_2d(z, seed=seed) for z in (before, after))  # the same method for both
+    def mixing(key: str) -> str:
+        return f": slide mixing {metrics[key]:.2f}" if key in metrics else ""
+
+    after_t = "after" + mixing("slide_mixing_after")
+    if "neighbourhood_preservation" in metrics:
+        after_t += f", kept neighbours {metrics['neighbourhood_preservation']:.2f}"
+    before_t = "before" + mixing("slide_mixing_before")
+    fig = plot_correction(xy0, xy1, slides, axis_label=axis, titles=(before_t, after_t))
+    fig.suptitle(f"Cell latents of {len(slides)} training cells, before and after the slide correction")
+    return fig
+
+
 def collapsed(spread_before: float, spread_after: float) -> bool:
     """True when the latents' spread fell below :data:`COLLAPSE_RATIO` of what it was."""
     return spread_after < COLLAPSE_RATIO * spread_before
@@ -166,5 +188,5 @@ def check_correction(metrics: dict[str, float], before: dict[str, float], after:
                 "or the epochs, or raise structure_weight.", UserWarning, stacklevel=3)
 
 
-__all__ = ["calibrate_head", "check_correction", "collapsed", "encode_cells", "kept_neighbours", "latent_summary",
+__all__ = ["calibrate_head", "check_correction", "collapsed", "correction_figure", "encode_cells", "kept_neighbours", "latent_summary",
            "predict_labels", "summary_sample"]
