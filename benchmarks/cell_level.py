@@ -156,6 +156,13 @@ NOTES = {
         "adopted: the tuning-split gain did not carry to the held-out slide (probe within seed noise, as for "
         "read-out weight 10 above) while decoding got worse and training slower; the committed STARmap entry "
         "stays the depth-1 run.",
+        "2026-11-25 (thirteenth session), tuning splits, 3200 steps (/work/exp/l1.py in the session). A larger "
+        "share of masked genes in the masked-gene objective (mask_fraction, 0.25 in the small preset; masked "
+        "auto-encoders learn better linear-probe features at high mask ratios): STARmap 0.5 -> 0.712 / 0.681 "
+        "(seeds 0 / 1, mean 0.697), 0.75 -> 0.713 / 0.697 / 0.674 (seeds 0-2, mean 0.695), vs 0.703 / 0.685 / "
+        "0.708 (mean 0.699) without, all on this session's machine; seqFISH (8 latents) 0.75 -> 0.558 / 0.554 "
+        "(mean 0.556) vs 0.546 / 0.578 (0.562, tenth session; that session's STARmap references were reproduced "
+        "exactly here). Not adopted: no gain beyond seed noise.",
     ],
 }
 
