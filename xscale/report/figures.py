@@ -195,6 +195,15 @@ def plot_spatial_domains(
     return fig
 
 
+def _embedding_axes(ax: Axes, title: str, axis_label: str) -> None:
+    """Title and ``UMAP 1`` / ``UMAP 2`` (or ``PC``) axis names; no ticks (embedding units mean nothing)."""
+    ax.set_title(title)
+    ax.set_xlabel(f"{axis_label} 1")
+    ax.set_ylabel(f"{axis_label} 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 @styled
 def plot_embedding(
     xy: np.ndarray,
@@ -218,11 +227,7 @@ def plot_embedding(
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (title, labels, colors) in zip(axes, panels, strict=True):
         _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 0.6)
-        ax.set_title(title)
-        ax.set_xlabel(f"{axis_label} 1")
-        ax.set_ylabel(f"{axis_label} 2")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _embedding_axes(ax, title, axis_label)
         from matplotlib.lines import Line2D
 
         handles = [
@@ -255,11 +260,7 @@ def plot_correction(
     axes = fig.subplots(1, 2)
     for ax, xy, title in zip(axes, (before_xy, after_xy), titles, strict=True):
         _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 2.0)
-        ax.set_title(title)
-        ax.set_xlabel(f"{axis_label} 1")
-        ax.set_ylabel(f"{axis_label} 2")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _embedding_axes(ax, title, axis_label)
     _legend(fig, axes[1], colors, "slide")
     return fig
 

@@ -99,7 +99,7 @@ def latent_summary(model: GeneToCell, adata: ad.AnnData, slides: np.ndarray,
     Returns the summary and the flattened latents (n_obs, K·D). ``latent_spread``: mean over
     latent features of their standard deviation across cells (near 0 = collapsed).
     ``slide_mixing``: :func:`~xscale.eval.metrics.slide_mixing` of the flattened latents among
-    15 nearest neighbours (1 = slides fully mixed; left out when the cells come from one
+    :data:`SUMMARY_NEIGHBOURS` (15) nearest neighbours (1 = slides fully mixed; left out when the cells come from one
     slide). Leaves torch's random state as it was (a DataLoader draws a seed from it), so
     measuring during fine-tuning changes nothing in training.
     """
@@ -134,13 +134,14 @@ def correction_figure(before: np.ndarray, after: np.ndarray, slides: np.ndarray,
     from xscale.report.figures import plot_correction
 
     (xy0, axis), (xy1, _) = (embed_2d(z, seed=seed) for z in (before, after))  # the same method for both
+
     def mixing(key: str) -> str:
         return f": slide mixing {metrics[key]:.2f}" if key in metrics else ""
 
+    before_t = "before" + mixing("slide_mixing_before")
     after_t = "after" + mixing("slide_mixing_after")
     if "neighbourhood_preservation" in metrics:
         after_t += f", kept neighbours {metrics['neighbourhood_preservation']:.2f}"
-    before_t = "before" + mixing("slide_mixing_before")
     fig = plot_correction(xy0, xy1, slides, axis_label=axis, titles=(before_t, after_t))
     fig.suptitle(f"Cell latents of {len(slides)} training cells, before and after the slide correction")
     return fig
