@@ -91,7 +91,8 @@ NOTES = [
     "2026-11-24 (third session): the small preset gained the linear read-out term (w_readout=1) and the cell-level "
     "budget grew to 3200 steps. The committed pair above stays pinned to w_readout=0 / 1600 steps; the pair on the "
     "current preset ('--quality-model small_readout --quality-steps 3200', 5 seeds each, raw runs in "
-    "attention_quality_readout_runs_default_init.jsonl): full 0.686 / 0.675 / 0.678 / 0.677 / 0.667 (mean 0.677; seed 0 "
+    "attention_quality_readout_runs_default_init.jsonl): full 0.686 / 0.675 / 0.678 / 0.677 / 0.667 (mean 0.677; "
+    "seed 0 "
     "reproduces cell_level.json's 0.686), criss-cross 0.666 / 0.670 / 0.669 / 0.667 / 0.676 (mean 0.670): gap "
     "0.007, within the 0.01 goal, criss-cross lower on 4 of 5 seeds. Padding leak on those criss-cross weights: "
     "0.154 / 0.558 / 0.648 / 0.416 / 0.503 with 166 padding tokens (masked: unchanged). Those runs used the "
@@ -100,7 +101,8 @@ NOTES = [
     "preset with read-out weight 1 (the preset's weight then; 3 since later that session, not re-run) with "
     "the same command (raw runs in attention_quality_readout_runs.jsonl): full 0.664 / 0.649 / 0.690 / "
     "0.659 / 0.678 (mean 0.668; seed 0 reproduced cell_level.json's 0.664 of that run), criss-cross 0.684 / "
-    "0.663 / 0.684 / 0.674 / 0.661 (mean 0.673): criss-cross 0.005 higher, higher on 3 of 5 seeds. Padding leak: 0.627 / 0.588 / "
+    "0.663 / 0.684 / 0.674 / 0.661 (mean 0.673): criss-cross 0.005 higher, higher on 3 of 5 seeds. Padding leak: "
+    "0.627 / 0.588 / "
     "0.651 / 0.598 / 0.555.",
 ]
 

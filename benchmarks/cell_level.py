@@ -77,7 +77,8 @@ NOTES = {
         "2026-11-24 (later), same split, wider latents for the linear probe (random features did better with "
         "more dimensions): small preset with K=64 0.587 (2048 dims), with D=64 / 4 heads / K=16 0.553 (1024 "
         "dims), vs 0.571 (K=16, D=32). Not adopted.",
-        "2026-11-24 (third session), same split, a linear read-out term (GeneToCellConfig.w_readout): a bilinear head predicts "
+        "2026-11-24 (third session), same split, a linear read-out term (GeneToCellConfig.w_readout): a bilinear "
+        "head predicts "
         "each gene's standardised log-normalised value from the flattened latents, linearly, MSE on the clean "
         "values, added to the NB objectives. STARmap at 1600 steps: weight 0.3 0.616, weight 1 0.687, weight 3 "
         "0.679, weight 1 with K=32 0.691 (1.7x the time), vs 0.571 without; weight 1 at 3200 steps 0.720 "

@@ -80,7 +80,7 @@ def measure(preset: str, overrides: dict, adata, *, steps: int, repeats: int, ba
     base = GeneToCell(GeneToCellConfig.preset(preset, genes=list(vocab.genes), **overrides))
     batches = _batches(adata, vocab, steps, batch_size, base.config.max_genes, seed=0)
     runs = {True: _module(base, True), False: _module(base, False)}
-    for share, (module, opt) in runs.items():  # warm-up: allocator, first-call costs
+    for module, opt in runs.values():  # warm-up: allocator, first-call costs
         _round(module, opt, batches[:2])
     cpu = {True: [], False: []}
     wall = {True: [], False: []}
@@ -113,6 +113,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # FinetuneModule.log outside a Trainer
     torch.set_num_threads(1)
     import xscale.datasets
+
     from peft import PRETRAIN_CONFIG
 
     adata = xscale.datasets.load("starmap_mpfc")
@@ -123,7 +124,8 @@ def main() -> None:
                "task": "batch_correction: MMD weight 1, structure weight as finetune's default, NB reconstruction "
                        "weight 1, trainable='xpressor' with the layer mix"}
     for name, (preset, overrides) in shapes.items():
-        results[name] = measure(preset, overrides, adata, steps=args.steps, repeats=args.repeats, batch_size=args.batch_size)
+        results[name] = measure(preset, overrides, adata, steps=args.steps, repeats=args.repeats,
+                                batch_size=args.batch_size)
         r = results[name]
         print(f"{name}: shared {r['shared_ms_per_step']} ms/step, naive {r['naive_ms_per_step']} ms/step, "
               f"speedup {r['speedup']}x", flush=True)

@@ -152,7 +152,8 @@ NOTES = [
     "0.627), from scratch 0.641, probe 0.450: both rose by about 0.01, the gap is unchanged (0.031). "
     "Cross-platform PEFT 0.440 (was 0.445). Afterwards, longer PEFT with the average (lr 1e-2, layer mix, "
     "seeds 0 / 1, validation split): 0.638 / 0.605 at 80 epochs, 0.634 / 0.600 at 100, 0.629 / 0.619 at 120, "
-    "0.630 / 0.613 at 160 (means 0.622, 0.617, 0.624, 0.622): flat after 80, so the grid's cap stays 80. Also not adopted (same "
+    "0.630 / 0.613 at 160 (means 0.622, 0.617, 0.624, 0.622): flat after 80, so the grid's cap stays 80. Also not "
+    "adopted (same "
     "setting, averaged weights at 40/60/80, seeds 0 / 1): label smoothing 0.1 on the weighted cross-entropy "
     "0.365/0.367/0.372 and 0.346/0.350/0.380 (collapses); dropout 0.2 on the linear head's input "
     "0.590/0.617/0.605 and 0.610/0.601/0.604 (no gain); unweighted cross-entropy (balance_classes=False) "
@@ -272,7 +273,8 @@ PRETRAIN_CONFIG = dict(dim=32, heads=2, depth=8, n_latents=8, xpressor_depth=1, 
 
 
 def pretrain(adatas, workdir: Path, *, steps: int, seed: int):
-    """Self-supervised level-1 pretraining into ``workdir`` (model in workdir/model, seconds in workdir/pretrain.json)."""
+    """Self-supervised level-1 pretraining into ``workdir`` (model in workdir/model, seconds in
+    workdir/pretrain.json)."""
     from xscale.data.anndata_dataset import vocab_from_adatas
     from xscale.models.gene_to_cell import GeneToCellConfig
     from xscale.train.level1 import fit_level1
@@ -451,7 +453,8 @@ def diagnostics(model, merfish, train: np.ndarray) -> dict:
     y = sub.obs["cell_type"].astype(str).to_numpy()
     in_vocab = model.vocab.index(list(sub.var_names)) >= 0
     loader = DataLoader(AnnDataCellDataset(sub, model.vocab), batch_size=256,
-                        collate_fn=partial(collate_cells, max_genes=model.config.max_genes, rng=np.random.default_rng(0)))
+                        collate_fn=partial(collate_cells, max_genes=model.config.max_genes,
+                                           rng=np.random.default_rng(0)))
     inputs, hidden = [], []
     model.eval()
     with torch.no_grad():
@@ -471,12 +474,12 @@ def diagnostics(model, merfish, train: np.ndarray) -> dict:
     Z = flat(encode_cells(model, sub))
     torch.manual_seed(0)
     R = flat(encode_cells(scratch_like(model), sub))  # same architecture and input statistics, random weights
-    I, H = np.concatenate(inputs), np.concatenate(hidden)
+    Inp, H = np.concatenate(inputs), np.concatenate(hidden)
     nnz = (sub.X > 0)
     return {
         "split": "validation split of the training half (never the test half)",
         "val_probe_macro_f1": {
-            "input_token_mean": probe(I[fit], I[~fit]), "encoder_token_mean": probe(H[fit], H[~fit]),
+            "input_token_mean": probe(Inp[fit], Inp[~fit]), "encoder_token_mean": probe(H[fit], H[~fit]),
             "pretrained_latents": probe(Z[fit], Z[~fit]), "random_init_latents": probe(R[fit], R[~fit]),
             "expression_pca30_all_genes": probe(P_fit, P_val),
             "expression_pca30_vocabulary_genes": probe(V_fit, V_val)},
@@ -701,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         merge(args.merge, Path(args.out))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     for noisy in ("lightning", "lightning.pytorch", "xscale.data.anndata_dataset"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -403,23 +403,25 @@ def _before_after(n: int, raw: float, b: dict) -> str:
 
 def _notes(results: dict) -> list[str]:
     """What the numbers of this run say, in words (with the numbers)."""
-    s, l = results["small"], results["large"]
-    ds, dl = s["diagnostics"], l["diagnostics"]
+    s, lg = results["small"], results["large"]
+    ds, dl = s["diagnostics"], lg["diagnostics"]
 
     def ratio(r: dict, key: str = "stream_cells_per_s") -> float:
         return (r["diagnostics"].get(key) or r[key]) / r["raw_read_cells_per_s"]
 
     each_pass = ", ".join(f"{r / s['raw_read_cells_per_s']:.2f}" for r in ds.get("stream_cells_per_s_each_pass", []))
     notes = [
-        f"stream / raw read: small {ratio(s):.2f}, large {ratio(l):.2f} (2 DataLoader workers, median of "
+        f"stream / raw read: small {ratio(s):.2f}, large {ratio(lg):.2f} (2 DataLoader workers, median of "
         f"{ds.get('passes', 1)} full passes, each in a fresh process with worker start-up included; "
         f"raw read also a median); single passes at small: "
         f"{each_pass}; the same stream in one process without workers: small "
-        f"{ratio(s, 'stream_in_process_cells_per_s'):.2f}, large {ratio(l, 'stream_in_process_cells_per_s'):.2f}; a "
+        f"{ratio(s, 'stream_in_process_cells_per_s'):.2f}, large {ratio(lg, 'stream_in_process_cells_per_s'):.2f}; a "
         f"second pass with persistent (already started) workers, diagnostic only: small "
-        f"{ratio(s, 'stream_warm_second_pass_cells_per_s'):.2f}, large {ratio(l, 'stream_warm_second_pass_cells_per_s'):.2f}.",
+        f"{ratio(s, 'stream_warm_second_pass_cells_per_s'):.2f}, large "
+        f"{ratio(lg, 'stream_warm_second_pass_cells_per_s'):.2f}.",
         f"CPU of the 2-worker pass: small main {ds['main_cpu_s']:.3f} s + workers {ds['workers_cpu_s']:.3f} s (wall "
-        f"{ds['stream_seconds']:.3f} s) vs raw read {ds['raw_read_seconds']:.3f} s; large main {dl['main_cpu_s']:.2f} s "
+        f"{ds['stream_seconds']:.3f} s) vs raw read {ds['raw_read_seconds']:.3f} s; large main "
+        f"{dl['main_cpu_s']:.2f} s "
         f"+ workers {dl['workers_cpu_s']:.2f} s (wall {dl['stream_seconds']:.2f} s) vs raw read "
         f"{dl['raw_read_seconds']:.2f} s; 1-min load average {ds['load_average_1min']} / {dl['load_average_1min']} "
         f"(2 cores: with main + 2 workers busy, wall time ~ total CPU / 2 at best).",
@@ -428,7 +430,7 @@ def _notes(results: dict) -> list[str]:
         f"{ds['loader_floor_seconds']:.3f} s, against a whole raw read of {ds['raw_read_seconds']:.3f} s: that fixed "
         f"cost is {ds['loader_floor_seconds'] / (2 * ds['raw_read_seconds']):.0%} of the time a 0.5 ratio allows "
         f"at {s['n_cells']:,} cells ({dl['loader_floor_seconds'] / (2 * dl['raw_read_seconds']):.0%} at "
-        f"{l['n_cells']:,}).",
+        f"{lg['n_cells']:,}).",
     ]
     cpu_floor = (ds["main_cpu_s"] + ds["workers_cpu_s"]) / 2
     if ratio(s) < 0.5:
@@ -442,23 +444,26 @@ def _notes(results: dict) -> list[str]:
             f"{ds['loader_floor_seconds']:.3f} s of wall time with no data at all, and the workers' reads are the raw "
             f"read's own work ({ds['raw_read_seconds']:.3f} s: zarr + zstd per block), in fresh processes. A faster "
             "store read cuts the raw read's time by the same per-block amount and so lowers the ratio (as CellStore's "
-            "array handles opened once per process did: see the before/after); what is left on the stream side is the main process's unpacking "
+            "array handles opened once per process did: see the before/after); what is left on the stream side is "
+            "the main process's unpacking "
             "(~0.35 ms per batch) and the workers' gathers (~1.6 ms per 8192-cell block).")
     if "before_after" in ds:
-        ba = [(r["n_cells"], r["raw_read_cells_per_s"], r["diagnostics"]["before_after"]) for r in (s, l)]
+        ba = [(r["n_cells"], r["raw_read_cells_per_s"], r["diagnostics"]["before_after"]) for r in (s, lg)]
         notes.append(
             f"Before/after ({ba[0][2]['baseline']} vs now, {ba[0][2]['passes_each']} alternating "
             "fresh-process passes each on the same store in this run, medians): "
             + "; ".join(_before_after(n, raw, b) for n, raw, b in ba) + ".")
-    user = [(r["n_cells"], r["raw_read_cells_per_s"], r["diagnostics"].get("user_script")) for r in (s, l)]
+    user = [(r["n_cells"], r["raw_read_cells_per_s"], r["diagnostics"].get("user_script")) for r in (s, lg)]
     if all(u is not None for _, _, u in user):
         def line(n: int, raw: float, u: dict) -> str:
             c = u["current"]
-            text = (f"{n:,} cells {c['median_cells_per_s']:,} cells/s (stream / raw {c['median_cells_per_s'] / raw:.2f}, "
+            text = (f"{n:,} cells {c['median_cells_per_s']:,} cells/s "
+                    f"(stream / raw {c['median_cells_per_s'] / raw:.2f}, "
                     f"first batch after {c['median_first_batch_s']} s)")
             if "baseline" in u:
                 b = u["baseline"]
-                text += (f" vs {u['baseline_label']} {b['median_cells_per_s']:,} cells/s ({b['median_cells_per_s'] / raw:.2f}, "
+                text += (f" vs {u['baseline_label']} {b['median_cells_per_s']:,} cells/s "
+                         f"({b['median_cells_per_s'] / raw:.2f}, "
                          f"{b['median_first_batch_s']} s)")
             return text
         notes.append(
@@ -490,11 +495,11 @@ def _notes(results: dict) -> list[str]:
         "process scan took 0.8 ms per sample, charged to the measured main process).",
         f"NicheStream reads per block of centres only its slice of the stored graph and the coordinates / counts "
         f"of the cells its niches touch (block caches): peak RSS of {N_NICHES} niches {s['niche_peak_rss_mb']:.0f} "
-        f"MB at {s['n_cells']:,} cells vs {l['niche_peak_rss_mb']:.0f} MB at {l['n_cells']:,} "
-        f"({l['niche_peak_rss_mb'] / s['niche_peak_rss_mb']:.2f}x"
+        f"MB at {s['n_cells']:,} cells vs {lg['niche_peak_rss_mb']:.0f} MB at {lg['n_cells']:,} "
+        f"({lg['niche_peak_rss_mb'] / s['niche_peak_rss_mb']:.2f}x"
         + ("; above 1.3x: a transient fork inside the sampled window counts the parent's pages twice, as h5py's "
            "`uname -p` did before it was imported ahead of sampling (_import_outside_window)"
-           if l['niche_peak_rss_mb'] > 1.3 * s['niche_peak_rss_mb'] else "")
+           if lg['niche_peak_rss_mb'] > 1.3 * s['niche_peak_rss_mb'] else "")
         + "). The previous NicheStream loaded the whole graph and "
         "coordinates (the same 20k-niche pass measured the same way during development: 700 MB at 100k, 814 MB "
         "at 1M cells, growing with n; now ~450 MB at both).",
@@ -544,12 +549,12 @@ def main() -> None:
             results[name] = measure(n, root, seed=0, baseline=baseline)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    s, l = results["small"], results["large"]
+    s, lg = results["small"], results["large"]
     logger.info("RSS large/small = %.2f (goal <= 1.3); stream/raw small = %.2f, large = %.2f (goal >= 0.5); "
                 "chunks per niche spatial/shuffled large = %.3f / %.3f",
-                l["peak_rss_mb"] / s["peak_rss_mb"], s["stream_cells_per_s"] / s["raw_read_cells_per_s"],
-                l["stream_cells_per_s"] / l["raw_read_cells_per_s"],
-                l["niche_chunks_per_niche"]["spatial"], l["niche_chunks_per_niche"]["shuffled"])
+                lg["peak_rss_mb"] / s["peak_rss_mb"], s["stream_cells_per_s"] / s["raw_read_cells_per_s"],
+                lg["stream_cells_per_s"] / lg["raw_read_cells_per_s"],
+                lg["niche_chunks_per_niche"]["spatial"], lg["niche_chunks_per_niche"]["shuffled"])
     results["notes"] = _notes(results)
     _write(args.out, results)
     print(json.dumps(results, indent=2))

@@ -66,15 +66,15 @@ def rows() -> list[tuple[str, str, str, str]]:
                         _f(q["criss_cross_macro_f1"]), f"full {_f(q['full_macro_f1'])} (goal gap ≤ 0.01)"))
     stream = _load("streaming")
     if stream:
-        s, l = stream["small"], stream["large"]
+        s, lg = stream["small"], stream["large"]
         out.append(("streaming, 100k vs 1M cells", "peak RSS MB",
-                    f"{_f(l['peak_rss_mb'], 0)} at 1M", f"{_f(s['peak_rss_mb'], 0)} at 100k (goal ≤ 1.3×)"))
+                    f"{_f(lg['peak_rss_mb'], 0)} at 1M", f"{_f(s['peak_rss_mb'], 0)} at 100k (goal ≤ 1.3×)"))
         out.append(("streaming, 1M / 100k cells", "stream / raw read throughput",
-                    f"{_f(l['stream_cells_per_s'] / l['raw_read_cells_per_s'], 2)} / "
+                    f"{_f(lg['stream_cells_per_s'] / lg['raw_read_cells_per_s'], 2)} / "
                     f"{_f(s['stream_cells_per_s'] / s['raw_read_cells_per_s'], 2)}", "goal ≥ 0.5"))
         out.append(("streaming, 1M cells", "chunks per niche",
-                    f"spatial order {_f(l['niche_chunks_per_niche']['spatial'], 2)}",
-                    f"shuffled order {_f(l['niche_chunks_per_niche']['shuffled'], 2)}"))
+                    f"spatial order {_f(lg['niche_chunks_per_niche']['spatial'], 2)}",
+                    f"shuffled order {_f(lg['niche_chunks_per_niche']['shuffled'], 2)}"))
     peft = _load("peft")
     if peft:
         m = peft["macro_f1"]

@@ -232,7 +232,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-dask", action="store_true")
-    p.add_argument("--repeats", type=int, default=TIMING["repeats"], help="timed passes per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=TIMING["repeats"],
+                   help="timed passes per measurement (median reported)")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     TIMING["repeats"] = args.repeats
@@ -243,7 +244,8 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
         "method": "per_s_cpu = items / CPU seconds of the measured loop (torch on 1 thread; the 2 cores are shared "
                   "with other jobs, so wall-clock rates are noisier); per_s_wall beside it. Random-weight models of "
-                  "the demo presets. Median of `repeats` passes per measurement (one pass for the niche pipeline with its "
+                  "the demo presets. Median of `repeats` passes per measurement (one pass for the niche pipeline "
+                  "with its "
                   "graph, the PCA reference (timed over `passes` passes) and the Dask runs), batch size as listed.",
         "repeats": TIMING["repeats"],
     }

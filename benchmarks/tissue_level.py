@@ -92,7 +92,8 @@ def _joint_child(work: str, settings: dict, threads: int, queue: mp.Queue) -> No
     t0 = time.perf_counter()
     level1, level2 = fit_joint(
         adata, level1, level2, train_cells=np.flatnonzero(slides != info.holdout), slide_key=info.slide_key,
-        max_epochs=settings["joint_epochs"], max_steps=settings["joint_max_steps"], batch_size=settings["joint_batch_size"], seed=settings["seed"],
+        max_epochs=settings["joint_epochs"], max_steps=settings["joint_max_steps"],
+        batch_size=settings["joint_batch_size"], seed=settings["seed"],
         progress=False,
     )
     train_seconds = time.perf_counter() - t0
@@ -128,7 +129,8 @@ def _level2_seeds_child(work: str, settings: dict, seeds: list[int], threads: in
                            slides=slides, max_epochs=settings["level2_epochs"],
                            batch_size=min(settings["batch_size"], LEVEL2_MAX_BATCH), seed=seed, progress=False)
         seconds[seed] = time.perf_counter() - t0
-        np.save(Path(work) / f"staged_niche_level2_seed{seed}.npy", niche_embeddings(model, cells, coords, slides=slides))
+        np.save(Path(work) / f"staged_niche_level2_seed{seed}.npy",
+                niche_embeddings(model, cells, coords, slides=slides))
     queue.put({"seconds": seconds})
 
 
@@ -195,7 +197,8 @@ def main() -> None:
 
     settings = {
         "level1_preset": args.level1_preset, "level1_epochs": args.level1_epochs, "level2_epochs": args.level2_epochs,
-        "batch_size": 128, "seed": args.seed, "joint_epochs": args.joint_epochs, "joint_max_steps": args.joint_max_steps, "joint_batch_size": 4,
+        "batch_size": 128, "seed": args.seed, "joint_epochs": args.joint_epochs,
+        "joint_max_steps": args.joint_max_steps, "joint_batch_size": 4,
         "level2": {"preset": "small", "overrides": LEVEL2_OVERRIDES},
     }
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="xscale-tissue-"))

@@ -1,8 +1,6 @@
 """Readers: formats detected from content, lazy reads, and clear errors for bad files."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 

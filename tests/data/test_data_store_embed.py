@@ -51,7 +51,8 @@ def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypa
     assert "X_xscale_cell" not in ad.read_zarr(store.path).obsm
     monkeypatch.setattr(LatentWriter, "write_chunk", real_write)
     resumed_calls = []
-    monkeypatch.setattr(LatentWriter, "write_chunk", lambda self, i, v: (resumed_calls.append(i), real_write(self, i, v)))
+    monkeypatch.setattr(LatentWriter, "write_chunk",
+                        lambda self, i, v: (resumed_calls.append(i), real_write(self, i, v)))
     embed_store_cells(store, l1, progress=False)
     assert sorted(resumed_calls) == list(range(2, store.n_chunks))  # only the missing blocks
 

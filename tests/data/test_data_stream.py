@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader
 
 import xscale
 from xscale.data.batch import collate_cells
+from xscale.data.niche_stream import NicheStream, chunks_per_niche, collate_niches
 from xscale.data.niches import build_niches
 from xscale.data.store import CellStore, prepare
-from xscale.data.niche_stream import NicheStream, chunks_per_niche, collate_niches
 from xscale.data.stream import CellStream, shard_plan
 
 

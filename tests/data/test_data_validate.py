@@ -23,7 +23,8 @@ def test_normalised_counts_point_to_counts_layer(small_adata):
     with pytest.raises(XscaleInputError, match=r"non-integer.*counts_layer.*--counts-layer.*'counts'"):
         validate_adata(a)
     out = validate_adata(a, counts_layer="counts")
-    assert np.array_equal(out.X.toarray(), a.layers["counts"].toarray()[np.asarray(a.layers["counts"].sum(1)).ravel() > 0])
+    kept = np.asarray(a.layers["counts"].sum(1)).ravel() > 0
+    assert np.array_equal(out.X.toarray(), a.layers["counts"].toarray()[kept])
     assert "counts" not in out.layers
 
 
@@ -51,7 +52,8 @@ def test_nan_inf_counts(small_adata, bad):
 
 def test_missing_spatial_key_lists_obsm_keys(small_adata):
     small_adata.obsm["X_umap"] = np.zeros((small_adata.n_obs, 2))
-    with pytest.raises(XscaleInputError, match=r"obsm\['coords'\].*obsm keys present: \['spatial', 'X_umap'\].*spatial_key="):
+    with pytest.raises(XscaleInputError,
+                       match=r"obsm\['coords'\].*obsm keys present: \['spatial', 'X_umap'\].*spatial_key="):
         validate_adata(small_adata, spatial_key="coords")
     assert validate_adata(small_adata, spatial_key=None).n_obs == small_adata.n_obs
 
@@ -66,7 +68,8 @@ def test_duplicate_gene_names(small_adata):
     names = list(small_adata.var_names)
     names[1] = names[0]
     small_adata.var_names = names
-    with pytest.raises(XscaleInputError, match=rf"unique gene names, found 1 duplicated.*{names[0]}.*var_names_make_unique"):
+    with pytest.raises(XscaleInputError,
+                       match=rf"unique gene names, found 1 duplicated.*{names[0]}.*var_names_make_unique"):
         validate_adata(small_adata)
 
 
@@ -99,7 +102,8 @@ def test_empty_dataset(small_adata):
     with pytest.raises(XscaleInputError, match=r"Empty dataset: expected at least 1 cell.*found 0 cells x 166 genes"):
         validate_adata(small_adata[:0].copy())
     small_adata.X = sp.csr_matrix(small_adata.shape, dtype=np.float32)
-    with pytest.warns(UserWarning), pytest.raises(XscaleInputError, match=r"found 0 cells.*after dropping 300 zero-count"):
+    with pytest.warns(UserWarning), pytest.raises(XscaleInputError,
+                                                  match=r"found 0 cells.*after dropping 300 zero-count"):
         validate_adata(small_adata)
 
 

@@ -13,7 +13,10 @@ import pytest
 
 from xscale.data.store import CellStore, prepare
 from xscale.data.writeback import (
-    LatentWriter, latents_in_source_order, store_latent_writer, write_to_spatialdata,
+    LatentWriter,
+    latents_in_source_order,
+    store_latent_writer,
+    write_to_spatialdata,
 )
 
 # a deterministic "embedding" of a block of store rows: (b, 2, 3) from the counts
@@ -76,7 +79,8 @@ def test_resume_after_sigkill_is_identical(store, tmp_path, monkeypatch):
 def test_other_fingerprint_restarts(tmp_path):
     w = LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4, fingerprint="a")
     w.write_chunk(0, np.ones((4, 2)))
-    assert LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4, fingerprint="a").pending_chunks() == [1, 2]
+    assert LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4,
+                        fingerprint="a").pending_chunks() == [1, 2]
     w2 = LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4, fingerprint="b")
     assert w2.pending_chunks() == [0, 1, 2]
     with pytest.raises(RuntimeError, match="3 block"):

@@ -88,7 +88,8 @@ def test_set_trainable_freezes_all_but_the_xpressor(starmap_small):
     assert trainable and all(n.startswith("xpressor.") for n in trainable)
     assert trainable == {n for n, _ in model.named_parameters() if n.startswith("xpressor.")}
     n_x = sum(p.numel() for p in model.xpressor.parameters()) + sum(p.numel() for p in head.parameters())
-    assert n_train == n_x and n_total == sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())
+    assert n_train == n_x
+    assert n_total == sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in head.parameters())
     assert set_trainable(model, head, "head")[0] == sum(p.numel() for p in head.parameters())
     with pytest.raises(XscaleInputError, match="needs a model with an Xpressor"):
         set_trainable(_model(starmap_small.var_names, pooling="mean"), None, "xpressor")
@@ -421,7 +422,8 @@ def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small)
                        "slide_mixing_before": 0.5, "slide_mixing_after": 0.2}
     metrics = {}
     with pytest.warns(UserWarning, match=r"reshuffled each slide's own neighbourhoods: on average 0.30 .*below 0.5"):
-        check_correction(metrics, {"latent_spread": 0.4}, {"latent_spread": 0.3, "neighbourhood_preservation": 0.3}, 1.0)
+        check_correction(metrics, {"latent_spread": 0.4},
+                         {"latent_spread": 0.3, "neighbourhood_preservation": 0.3}, 1.0)
     assert metrics["neighbourhood_preservation"] == 0.3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # kept most neighbours, no collapse: silent

@@ -20,7 +20,7 @@ def test_table_embedder_reads_each_format_with_fallback(tmp_path, suffix, caplog
     path = tmp_path / f"table{suffix}"
     if suffix == ".tsv":
         rows = ["symbol\t" + "\t".join(f"d{i}" for i in range(7))]
-        rows += [g + "\t" + "\t".join(f"{x:.7f}" for x in v) for g, v in zip(table_genes, vectors)]
+        rows += [g + "\t" + "\t".join(f"{x:.7f}" for x in v) for g, v in zip(table_genes, vectors, strict=True)]
         path.write_text("\n".join(rows) + "\n")
     else:
         save_gene_table(path, table_genes, vectors)
@@ -127,7 +127,8 @@ def test_plm_missing_sequences_error_and_learned(tiny_esm_dir, tmp_path, fasta_w
         ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tiny_esm_dir), fasta=str(fasta))
     msg = str(err.value)
     assert "VIP" in msg and "OLIG2" in msg and "missing_sequences='learned'" in msg and "GAD1" not in msg
-    emb = ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tiny_esm_dir), fasta=str(fasta), missing_sequences="learned")
+    emb = ProteinLMGeneEmbedder(6, 10, GENES, model_dir=str(tiny_esm_dir), fasta=str(fasta),
+                                missing_sequences="learned")
     assert emb.n_proteins == 4 and emb.fallback.shape == (2, 16)
     out = emb(torch.tensor([[0, 4, 5]]))
     out.sum().backward()

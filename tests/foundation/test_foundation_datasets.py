@@ -82,16 +82,16 @@ def test_mean_cell_pearson_equals_corrcoef_per_row():
 def _naive_preservation(before, after, groups, k):
     """Per group, brute-force neighbour lists (Python sorting of all distances), then set overlaps."""
     kept = []
+
+    def neighbours(X, i, rows):
+        d = [(float(((X[i] - X[j]) ** 2).sum()), j) for j in rows if j != i]
+        return {j for _, j in sorted(d)[:k]}
+
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
         if rows.size <= k:
             continue
-
-        def neighbours(X, i):
-            d = [(float(((X[i] - X[j]) ** 2).sum()), j) for j in rows if j != i]
-            return {j for _, j in sorted(d)[:k]}
-
-        kept += [len(neighbours(before, i) & neighbours(after, i)) / k for i in rows]
+        kept += [len(neighbours(before, i, rows) & neighbours(after, i, rows)) / k for i in rows]
     return float(np.mean(kept))
 
 

@@ -37,7 +37,8 @@ def test_level1_config_checks_and_presets():
 
 @pytest.mark.parametrize(
     "pooling,encoder,likelihood",
-    [("xpressor", "full", "nb"), ("cls", "full", "zinb"), ("mean", "criss-cross", "nb"), ("xpressor", "criss-cross", "zinb")],
+    [("xpressor", "full", "nb"), ("cls", "full", "zinb"), ("mean", "criss-cross", "nb"),
+     ("xpressor", "criss-cross", "zinb")],
 )
 def test_level1_pooling_variants_shapes_and_loss(starmap_small, pooling, encoder, likelihood):
     vocab, batch = _batch(starmap_small, n=8)
@@ -138,7 +139,8 @@ def test_level1_gene_offset_and_standardised_inputs_round_trip(starmap_small, tm
     model.init_gene_bias(ids, share)
     # the statistics change what the encoder sees, and the offset is log share, centred
     assert not torch.allclose(before, model.encode(batch.gene_ids, batch.values, batch.pad_mask))
-    torch.testing.assert_close(model.gene_bias[ids], (share.clamp_min(1e-8).log() - share.clamp_min(1e-8).log().mean()).float())
+    log_share = share.clamp_min(1e-8).log()
+    torch.testing.assert_close(model.gene_bias[ids], (log_share - log_share.mean()).float())
     # with zero decoder output the mean share follows the offset: softmax(gene_bias) over the panel
     with torch.no_grad():
         model.head.weight.zero_()
@@ -169,7 +171,8 @@ def test_level1_linear_readout_is_linear_in_latents_and_trains(starmap_small, tm
     with torch.no_grad():
         bias = model.readout_values(torch.zeros_like(z1), batch.gene_ids)
         lin = model.readout_values(2.0 * z1 - 3.0 * z2, batch.gene_ids) - bias
-        ref = 2.0 * (model.readout_values(z1, batch.gene_ids) - bias) - 3.0 * (model.readout_values(z2, batch.gene_ids) - bias)
+        ref = (2.0 * (model.readout_values(z1, batch.gene_ids) - bias)
+               - 3.0 * (model.readout_values(z2, batch.gene_ids) - bias))
     torch.testing.assert_close(lin, ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # the factored fast path equals the naive one that builds every gene direction
         torch.testing.assert_close(model.readout_values(z1, batch.gene_ids),
@@ -217,8 +220,8 @@ def test_level1_linear_readout_is_linear_in_latents_and_trains(starmap_small, tm
     save_model(model, tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     with torch.no_grad():
-        torch.testing.assert_close(loaded.readout_values(lat, batch.gene_ids), model.readout_values(lat, batch.gene_ids),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(loaded.readout_values(lat, batch.gene_ids),
+                                   model.readout_values(lat, batch.gene_ids), rtol=0, atol=0)
 
 
 def test_level1_loss_runs_the_gene_embedder_once(starmap_small):

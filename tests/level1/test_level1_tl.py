@@ -8,7 +8,6 @@ import scipy.sparse as sp
 import torch
 
 import xscale.tl as tl
-from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 

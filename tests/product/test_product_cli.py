@@ -67,7 +67,8 @@ def test_cli_embed_then_query_then_decode(tiny_models, starmap_subset_h5ad, tmp_
     assert len(hits) == 3 and all({"id", "distance", "slide", "x", "y", "xscale_domain"} <= set(h) for h in hits)
     expected = decode_hit(index, hits[0]["id"], tiny_models / "level1" / "model", library=1000.0)
     assert len(expected) == 166 and np.isclose(expected.sum(), 1000.0, rtol=1e-3) and (expected >= 0).all()
-    assert main(["query", "--store", str(store), "--cell", cid, "--k", "2", "--decode", str(tiny_models / "level1" / "model"),
+    assert main(["query", "--store", str(store), "--cell", cid, "--k", "2",
+                 "--decode", str(tiny_models / "level1" / "model"),
                  "--genes", "Gad1,Slc17a7", "--library", "100"]) == 0
     decoded = json.loads(capsys.readouterr().out)
     assert set(decoded[0]["expected"]) == {"Gad1", "Slc17a7"} and 0 < sum(decoded[0]["expected"].values()) < 100

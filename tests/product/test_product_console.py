@@ -60,12 +60,12 @@ def test_quiet_fit_drops_only_the_listed_notes(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_fit():
-            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
-            warnings.warn("something the user should see", UserWarning)
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1)
+            warnings.warn("something the user should see", UserWarning, stacklevel=1)
             with caplog.at_level(logging.INFO, logger=_rank_zero_logger().name):
                 _rank_zero_logger().info("💡 Tip: install our cloud product")
                 _rank_zero_logger().info("GPU available: False")
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, outside", DeprecationWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, outside", DeprecationWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something the user should see",
                                                 "`isinstance(treespec, LeafSpec)` is deprecated, outside"]
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]

@@ -88,8 +88,9 @@ def test_region_modes(starmap_store):
 
 
 def test_transfer_labels_on_held_out_slice(starmap_store):
-    import xscale.tl
     from sklearn.metrics import accuracy_score
+
+    import xscale.tl
 
     _, adata = starmap_store
     test = (adata.obs["slice"] == HOLDOUT).to_numpy()

@@ -12,10 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from reliability_tiny_module import TinyModule, tiny_loader  # noqa: E402
-
 from xscale.train.checkpointing import fit_resumable  # noqa: E402
 from xscale.utils.seed import seed_everything  # noqa: E402
+
+from reliability_tiny_module import TinyModule, tiny_loader  # noqa: E402
 
 if __name__ == "__main__":
     ckpt_dir, max_steps, every, sleep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from xscale.utils import atomic
 from xscale.utils.atomic import (
-    atomic_dir, atomic_write_text, is_complete, remove_stale_temps, replace_dir,
+    atomic_dir,
+    atomic_write_text,
+    is_complete,
+    remove_stale_temps,
+    replace_dir,
 )
 
 

@@ -36,7 +36,7 @@ def test_same_seed_same_weights_and_embeddings(cells, tmp_path):
     seed_everything(0)
     m1 = _train(cells, 0, tmp_path / "a")
     m2 = _train(cells, 0, tmp_path / "b")
-    for (k, v1), (_, v2) in zip(m1.state_dict().items(), m2.state_dict().items()):
+    for (k, v1), (_, v2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         assert torch.equal(v1, v2), k
     e1, e2 = _embed(cells, m1), _embed(cells, m2)
     assert e1.shape[0] == cells.n_obs and np.isfinite(e1).all()

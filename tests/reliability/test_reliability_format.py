@@ -9,7 +9,11 @@ import torch
 from xscale.errors import CheckpointError
 from xscale.models import io as mio
 from xscale.models.io import (
-    FORMAT_VERSION, load_model, read_checkpoint_config, save_model, upgrade_checkpoint_config,
+    FORMAT_VERSION,
+    load_model,
+    read_checkpoint_config,
+    save_model,
+    upgrade_checkpoint_config,
 )
 
 from conftest import TinyConfig, TinyLinear

@@ -14,7 +14,10 @@ import torch
 
 from xscale.errors import CheckpointError
 from xscale.train.checkpointing import (
-    checkpoint_state_dict, fit_resumable, last_checkpoint, load_lightning_checkpoint,
+    checkpoint_state_dict,
+    fit_resumable,
+    last_checkpoint,
+    load_lightning_checkpoint,
 )
 
 from reliability_tiny_module import TinyModule, tiny_loader
@@ -40,7 +43,7 @@ def test_resume_continues_global_step_and_matches_uninterrupted(tmp_path):
                        trainer_kwargs=dict(max_steps=16, **KW), every_n_train_steps=4)
     assert second.start_step == 8 and t2.global_step == 16
     # 8 steps = one full epoch of 8 batches, so the resumed run sees the same data order:
-    for (k, a), (_, b) in zip(straight.state_dict().items(), second.state_dict().items()):
+    for (k, a), (_, b) in zip(straight.state_dict().items(), second.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=k)
 
 

@@ -39,7 +39,8 @@ LEVEL2_EPOCHS = 80
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="xscale-demo", help="output directory (default xscale-demo)")
-    p.add_argument("--preset", choices=("tiny", "small"), default="small", help="model size of both levels (default small)")
+    p.add_argument("--preset", choices=("tiny", "small"), default="small",
+                   help="model size of both levels (default small)")
     p.add_argument("--max-epochs", type=int, help="epochs of both levels (overrides the two options below)")
     p.add_argument("--level1-epochs", type=int, default=LEVEL1_EPOCHS, help=f"default {LEVEL1_EPOCHS}")
     p.add_argument("--level2-epochs", type=int, default=LEVEL2_EPOCHS, help=f"default {LEVEL2_EPOCHS}")
@@ -55,7 +56,8 @@ def _link_logs(out) -> dict[str, str]:
     import os
     from pathlib import Path
 
-    sources = {"level1": out / "checkpoints" / "level1" / "logs", "level2": out / "checkpoints" / "level2" / "lightning" / "logs"}
+    sources = {"level1": out / "checkpoints" / "level1" / "logs",
+               "level2": out / "checkpoints" / "level2" / "lightning" / "logs"}
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     found = {}

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
         if args.label_key not in adata.obs:
-            raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. Available: {list(adata.obs.columns)}.")
+            raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
+                                   f"Available: {list(adata.obs.columns)}.")
         m = adata.obs[args.label_key].notna().to_numpy()
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "

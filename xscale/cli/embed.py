@@ -62,7 +62,8 @@ def load_level_models(checkpoint: str, level2: str | None = None):
 
     path = Path(checkpoint)
     if not path.exists():
-        raise XscaleInputError(f"--checkpoint {checkpoint!r} does not exist; pass a model directory, DIR/checkpoints or a .ckpt.")
+        raise XscaleInputError(f"--checkpoint {checkpoint!r} does not exist; pass a model directory, "
+                               "DIR/checkpoints or a .ckpt.")
     l1_dir = None
     if path.is_file():
         l1 = _from_lightning_ckpt(path)
@@ -80,7 +81,8 @@ def load_level_models(checkpoint: str, level2: str | None = None):
     if l1_dir is not None:
         l1 = load_model(l1_dir)
     if not hasattr(l1, "decode") or not hasattr(l1, "encode"):
-        raise CheckpointError(f"{checkpoint} holds a {type(l1).__name__}; embedding needs the level-1 (GeneToCell) model.")
+        raise CheckpointError(f"{checkpoint} holds a {type(l1).__name__}; "
+                              "embedding needs the level-1 (GeneToCell) model.")
     l2 = None
     if level2:
         l2_dir = _model_dir(Path(level2))
@@ -108,7 +110,8 @@ def _from_lightning_ckpt(path):
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise CheckpointError(f"{path} does not match its model config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}.")
     return model
 
 
@@ -191,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
     if args.data in ds.available():
         info = ds.info(args.data)
-        meta.update(name=info.name, label_key=info.label_key, domain_key=info.domain_key or "", holdout=info.holdout or "")
+        meta.update(name=info.name, label_key=info.label_key, domain_key=info.domain_key or "",
+                    holdout=info.holdout or "")
     adata.uns["xscale"] = meta
     write_anndata_zarr(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")

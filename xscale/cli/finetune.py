@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("cell_type", "batch_correction"), default="cell_type")
     p.add_argument("--label-key", help="obs column with cell-type labels (task cell_type)")
     p.add_argument("--slide-key", help="obs column with the slide / batch of each cell (task batch_correction)")
-    p.add_argument("--train-key", help="obs column choosing training cells: booleans, or values given by --train-values "
-                   "(default: all cells train)")
+    p.add_argument("--train-key", help="obs column choosing training cells: booleans, or values given by "
+                   "--train-values (default: all cells train)")
     p.add_argument("--train-values", nargs="+", help="values of --train-key that mark training cells")
     p.add_argument("--trainable", choices=("xpressor", "head", "all"), default="xpressor",
                    help="what trains besides the head (default: xpressor)")
@@ -105,7 +105,8 @@ def _train_mask(adata, key: str | None, values: list[str] | None):
             )
         return mask
     if col.dtype != bool:
-        raise XscaleInputError(f"obs[{key!r}] is {col.dtype}, not boolean; pass --train-values V [V ...] to pick training cells.")
+        raise XscaleInputError(f"obs[{key!r}] is {col.dtype}, not boolean; "
+                               "pass --train-values V [V ...] to pick training cells.")
     return np.asarray(col, dtype=bool)
 
 
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, counts_layer=args.counts_layer, seed=args.seed, output_dir=args.out, log_dir=args.log_dir,
         accelerator=args.accelerator, progress=not args.no_progress,
     )
-    summary = {"trainable_fraction": round(result.trainable_fraction, 4), **result.metrics, "out": str(result.output_dir)}
+    summary = {"trainable_fraction": round(result.trainable_fraction, 4), **result.metrics,
+               "out": str(result.output_dir)}
     print(json.dumps(summary))
     if args.write_h5ad:
         from pathlib import Path
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         if result.head is not None:
             predict_labels(result.model, result.head, adata, key_added=f"xscale_pred_{args.label_key}",
                            counts_layer=args.counts_layer)
-        adata.obsm["X_xscale_cell"] = encode_cells(result.model, adata, counts_layer=args.counts_layer).reshape(adata.n_obs, -1)
+        adata.obsm["X_xscale_cell"] = encode_cells(result.model, adata,
+                                                   counts_layer=args.counts_layer).reshape(adata.n_obs, -1)
         target = Path(args.write_h5ad)
         tmp = target.with_name(target.name + ".tmp.h5ad")
         adata.write_h5ad(tmp)

@@ -86,8 +86,8 @@ def _define() -> None:
 
     from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
     from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
-    from xscale.train.level1 import CellDataModule, GeneCellModule
     from xscale.train.joint import HierarchyModule, JointNicheDataset
+    from xscale.train.level1 import CellDataModule, GeneCellModule
     from xscale.train.level2 import NicheDataModule, NicheDataset, TissueModule, make_niches
 
     Preset = Literal["tiny", "small", "base"]
@@ -100,9 +100,11 @@ def _define() -> None:
         """
 
         def __init__(self, genes: list[str], preset: Preset = "small", overrides: dict[str, Any] | None = None,
-                     lr: float = 2e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05, seed: int = 0) -> None:
+                     lr: float = 2e-3, weight_decay: float = 0.01, warmup_fraction: float = 0.05,
+                     seed: int = 0) -> None:
             cfg = GeneToCellConfig.preset(preset, genes=list(genes), **(overrides or {}))
-            super().__init__(GeneToCell(cfg), lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
+            super().__init__(GeneToCell(cfg), lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
+                             seed=seed)
 
     class Level2(TissueModule):
         """Level 2 (cells -> niches): ``CellToTissueConfig.preset(preset, in_dim=in_dim, **overrides)``.
@@ -127,7 +129,8 @@ def _define() -> None:
                      counts_layer: str | None = None, slide_key: str | None = None, min_genes: int = 10) -> None:
             from xscale.data.anndata_dataset import vocab_from_adatas
 
-            adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer, slide_key=slide_key)
+            adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer,
+                                slide_key=slide_key)
             self.vocab = vocab_from_adatas(adatas)
             built = CellDataModule.from_adatas(
                 adatas, self.vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
@@ -173,8 +176,8 @@ def _define() -> None:
         """
 
         def __init__(self, genes: list[str], max_cells: int, level1_preset: Preset = "small",
-                     level2_preset: Preset = "small", level1: str | None = None, level2: str | None = None, lr: float = 5e-4,
-                     weight_decay: float = 1e-2, w_level1: float = 1.0, w_level2: float = 1.0,
+                     level2_preset: Preset = "small", level1: str | None = None, level2: str | None = None,
+                     lr: float = 5e-4, weight_decay: float = 1e-2, w_level1: float = 1.0, w_level2: float = 1.0,
                      w_counts: float = 1.0) -> None:
             from xscale.models.io import load_model
 
@@ -278,7 +281,9 @@ def run(args: argparse.Namespace) -> int:
         except SystemExit as exit_:
             if exit_.code in (0, None):
                 return 0
-            raise XscaleInputError("the configs above did not parse (see the message printed by LightningCLI).") from None
+            raise XscaleInputError(
+                "the configs above did not parse (see the message printed by LightningCLI)."
+            ) from None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
     if cli.trainer.is_global_zero:

@@ -32,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
         variables[name] = yaml.safe_load(value)
     done = run_pipeline(args.pipeline, args.out, force=args.force, only=args.only, variables=variables)
     for step, man in done.items():
-        print(f"{step}: {'skipped (complete)' if man['skipped'] else 'ran in %.1fs' % man['seconds']}")
+        status = "skipped (complete)" if man["skipped"] else f"ran in {man['seconds']:.1f}s"
+        print(f"{step}: {status}")
     return 0

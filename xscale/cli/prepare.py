@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--counts-layer", default=None, help="layer holding raw counts when X is normalised")
     parser.add_argument("--slide-key", default=None, help="obs column naming each cell's slide")
     parser.add_argument("--chunk-cells", type=int, default=8192, help="cells per block (default: 8192)")
-    parser.add_argument("--curve", choices=("hilbert", "morton", "random"), default="hilbert", help="cell order within a slide (random: a shuffled baseline)")
+    parser.add_argument("--curve", choices=("hilbert", "morton", "random"), default="hilbert",
+                        help="cell order within a slide (random: a shuffled baseline)")
     parser.add_argument("--n-neighbors", type=int, default=10, help="k of the spatial kNN graph (default: 10)")
     parser.add_argument("--radius", type=float, default=None,
                         help="radius graph instead of kNN, in median nearest-neighbour distances")

@@ -89,7 +89,8 @@ def _add_decoded(index, hits: list, args: argparse.Namespace) -> None:
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     unknown = [g for g in genes or [] if g not in model.vocab]
     if unknown:
-        raise XscaleInputError(f"--genes {unknown} are not in the level-1 model's vocabulary of {len(model.vocab)} genes.")
+        raise XscaleInputError(f"--genes {unknown} are not in the level-1 model's vocabulary of "
+                               f"{len(model.vocab)} genes.")
     for hit in hits:
         expected = decode_hit(index, hit, model, library=args.library)  # the whole panel shares the library
         shown = expected.reindex([g.upper() for g in genes]) if genes else expected.nlargest(10)

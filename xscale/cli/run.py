@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--counts-layer", default=None, help="layer holding raw counts when X is normalised")
     parser.add_argument("--table-key", default=None, help="SpatialData table to use (if several)")
     parser.add_argument("--n-domains", type=int, default=None,
-                        help=f"number of spatial domains (default: categories of --domain-key, else {DEFAULT_N_DOMAINS})")
+                        help="number of spatial domains (default: categories of --domain-key, "
+                             f"else {DEFAULT_N_DOMAINS})")
     parser.add_argument("--no-slide-center", action="store_true",
                         help="cluster domains on the niche latents as they are; by default, with "
                              "--slide-key, each slide's latents are centred first so a slide-wide "

@@ -42,7 +42,8 @@ class PanelMapping:
         return int(self.columns.size)
 
 
-def map_panel(var_names: Sequence[str], vocab: GeneVocab, *, min_genes: int = 10, what: str = "dataset") -> PanelMapping:
+def map_panel(var_names: Sequence[str], vocab: GeneVocab, *, min_genes: int = 10,
+              what: str = "dataset") -> PanelMapping:
     """Map a panel into ``vocab``; raise :class:`XscaleInputError` if fewer than ``min_genes`` are known."""
     idx = vocab.panel_overlap(list(var_names), min_genes=min(min_genes, len(vocab)), what=what)
     columns = np.flatnonzero(idx >= 0)

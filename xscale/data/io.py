@@ -92,7 +92,9 @@ def _read_lazy_anndata(group, chunk_rows: int) -> ad.AnnData:
     from anndata.io import read_elem
 
     def lazy(elem):
-        return read_elem_lazy(elem, chunks=(chunk_rows, elem.attrs["shape"][1] if "shape" in elem.attrs else elem.shape[1]))
+        return read_elem_lazy(
+            elem, chunks=(chunk_rows, elem.attrs["shape"][1] if "shape" in elem.attrs else elem.shape[1])
+        )
 
     x = lazy(group["X"]) if "X" in group else None
     obsm = {k: np.asarray(read_elem(group["obsm"][k])) for k in group["obsm"].keys()} if "obsm" in group else {}

@@ -77,7 +77,8 @@ def collate_niches(items: list[NicheItem]) -> NicheBatch:
 class _RowCache:
     """Reads rows of a per-cell array (store counts or latents) block by block, keeping a few blocks."""
 
-    def __init__(self, read_block: Callable[[int, int], np.ndarray], chunk_cells: int, n_cells: int, capacity: int) -> None:
+    def __init__(self, read_block: Callable[[int, int], np.ndarray], chunk_cells: int, n_cells: int,
+                 capacity: int) -> None:
         self.read_block, self.chunk, self.n, self.capacity = read_block, chunk_cells, n_cells, capacity
         self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
         self.reads = 0
@@ -111,7 +112,9 @@ def open_latents(latents: np.ndarray | str | Path | Any) -> Any:
         try:
             return zarr.open_array(Path(latents), mode="r")
         except Exception as err:
-            raise XscaleInputError(f"{latents}: expected a zarr array of latents (n_cells, ...), could not open it ({err}).") from err
+            raise XscaleInputError(
+                f"{latents}: expected a zarr array of latents (n_cells, ...), could not open it ({err})."
+            ) from err
     return latents
 
 

@@ -32,7 +32,12 @@ import scipy.sparse as sp
 from xscale.data.niches import median_nn_distance, spatial_graph
 from xscale.data.sfc import CURVES, Curve, sfc_order
 from xscale.data.validate import (
-    _empty_error, check_counts, check_names, check_slides, check_spatial, iter_row_blocks,
+    _empty_error,
+    check_counts,
+    check_names,
+    check_slides,
+    check_spatial,
+    iter_row_blocks,
 )
 from xscale.errors import XscaleInputError
 from xscale.utils.atomic import replace_dir
@@ -153,14 +158,16 @@ def prepare(
     """
     import dask
     import zarr
-    from xscale.data.zarr_settings import write_unsharded
     from tqdm.auto import tqdm
+
+    from xscale.data.zarr_settings import write_unsharded
 
     out = Path(out)
     if chunk_cells < 1:
         raise XscaleInputError(f"chunk_cells: expected >= 1, found {chunk_cells}.")
     if out.exists() and not overwrite:
-        raise XscaleInputError(f"{out}: a store already exists here. Pass overwrite=True (CLI: --overwrite) or another path.")
+        raise XscaleInputError(f"{out}: a store already exists here. "
+                               "Pass overwrite=True (CLI: --overwrite) or another path.")
     adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells)
     n, g = adata.shape
     if n == 0 or g == 0:
@@ -220,7 +227,8 @@ def prepare(
         if n_zero:
             import warnings
 
-            msg = f"Dropped {n_zero} of {n} cells with zero total counts in {where} (they carry no expression to learn from)."
+            msg = (f"Dropped {n_zero} of {n} cells with zero total counts in {where} "
+                   "(they carry no expression to learn from).")
             warnings.warn(msg, UserWarning, stacklevel=2)
             logger.warning(msg)
         order = order_all[keep[order_all]]  # (n',) source rows in store order
@@ -284,7 +292,8 @@ def prepare(
         _publish(tmp / "store", out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("prepared %s: %d cells x %d genes, %d slides, %d blocks", out, n_out, g, len(names), -(-n_out // chunk_cells))
+    logger.info("prepared %s: %d cells x %d genes, %d slides, %d blocks", out, n_out, g, len(names),
+                -(-n_out // chunk_cells))
     return out
 
 
@@ -352,7 +361,9 @@ class CellStore:
             try:
                 self._root = zarr.open_group(self.path, mode="r")
             except Exception as err:
-                raise XscaleInputError(f"{self.path}: expected an xscale zarr store, could not open it ({err}). Run xscale prepare.") from err
+                raise XscaleInputError(
+                    f"{self.path}: expected an xscale zarr store, could not open it ({err}). Run xscale prepare."
+                ) from err
         return self._root
 
     def array(self, key: str) -> Any:

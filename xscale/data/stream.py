@@ -13,8 +13,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,8 @@ def shard_info(rank: int | None = None, world_size: int | None = None) -> tuple[
     return rank * nw + wid, world_size * nw
 
 
-def shard_plan(rows_per_chunk: Sequence[np.ndarray], order: np.ndarray, shard: int, n_shards: int) -> list[tuple[int, np.ndarray]]:
+def shard_plan(rows_per_chunk: Sequence[np.ndarray], order: np.ndarray, shard: int,
+               n_shards: int) -> list[tuple[int, np.ndarray]]:
     """This shard's (chunk, rows) pieces: a contiguous 1/n_shards of the chunks' rows in ``order``."""
     sizes = np.array([len(rows_per_chunk[c]) for c in order], dtype=np.int64)
     total = int(sizes.sum())
@@ -249,7 +250,8 @@ class CellStream(_StoreStream):
                                 indices[p0:p1], ptr[i : j + 1] - p0)
             yield batch if packed else batch.unpack()
 
-    def _batches(self, plan: list[tuple[int, np.ndarray]], rng: np.random.Generator) -> Iterator[CellBatch | PackedCells]:
+    def _batches(self, plan: list[tuple[int, np.ndarray]],
+                 rng: np.random.Generator) -> Iterator[CellBatch | PackedCells]:
         bs = self.batch_size
         keep = self.buffer_size if self.shuffle else 0
         packed = get_worker_info() is not None  # in a worker: batches leave compact, unpack in the main process
@@ -323,7 +325,8 @@ class EpochLoader(DataLoader):
 
     def __init__(self, dataset: IterableDataset, *, epoch: Callable[[], int], **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
-            raise ValueError("EpochLoader: persistent workers would keep the first epoch's order; pass persistent_workers=False.")
+            raise ValueError("EpochLoader: persistent workers would keep the first epoch's order; "
+                             "pass persistent_workers=False.")
         self._epoch = epoch
         super().__init__(dataset, **kwargs)
 

@@ -84,10 +84,10 @@ def tile_tissue(
     import anndata as ad_mod
     import dask
     import zarr
-    from xscale.data.zarr_settings import write_unsharded
     from tqdm.auto import tqdm
 
     from xscale.data.sfc import sfc_order
+    from xscale.data.zarr_settings import write_unsharded
 
     if n_cells < 1:
         raise XscaleInputError(f"n_cells: expected >= 1, found {n_cells}.")
@@ -149,7 +149,8 @@ def tile_tissue(
         indices = xg.create_array("indices", shape=(0,), chunks=(chunk_nnz,), dtype="int32")
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
         for i in tqdm(range(0, len(tasks), 2), desc="tile_tissue", unit="2 blocks", leave=False):
-            for (a, b), m in zip(blocks[i : i + 2], dask.compute(*tasks[i : i + 2], scheduler="threads", num_workers=2), strict=True):
+            for (a, b), m in zip(blocks[i : i + 2],
+                                 dask.compute(*tasks[i : i + 2], scheduler="threads", num_workers=2), strict=True):
                 data.append(m.data)
                 indices.append(m.indices.astype(np.int32))
                 indptr[a + 1 : b + 1] = indptr[a] + m.indptr[1:]
@@ -160,7 +161,8 @@ def tile_tissue(
         write_unsharded(root, "obsm", {"spatial": xy})
         for key in ("layers", "obsp", "varm", "varp"):
             write_unsharded(root, key, {})
-        write_unsharded(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide,
+        write_unsharded(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t,
+                                                            "tiles_per_slide": tiles_per_slide,
                                                             "jitter": jitter, "keep_min": keep_min}})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)

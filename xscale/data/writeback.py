@@ -81,8 +81,10 @@ class LatentWriter:
         self.target = Path(target)
         self.partial = Path(partial) if partial is not None else self.target.with_name(f".{self.target.name}.partial")
         if self.target.exists() and not overwrite:
-            raise XscaleInputError(f"{self.target}: results already exist here. Pass overwrite=True (CLI: --overwrite) or another key.")
-        self.n_cells, self.cell_shape, self.chunk_cells = int(n_cells), tuple(int(s) for s in cell_shape), int(chunk_cells)
+            raise XscaleInputError(f"{self.target}: results already exist here. "
+                                   "Pass overwrite=True (CLI: --overwrite) or another key.")
+        self.n_cells, self.cell_shape, self.chunk_cells = (int(n_cells), tuple(int(s) for s in cell_shape),
+                                                           int(chunk_cells))
         self.n_chunks = -(-self.n_cells // self.chunk_cells)
         self.attrs, self.overwrite = dict(attrs or {}), overwrite
         state = {"n_cells": self.n_cells, "cell_shape": list(self.cell_shape), "chunk_cells": self.chunk_cells,
@@ -108,7 +110,8 @@ class LatentWriter:
                                            chunks=(self.chunk_cells, *self.cell_shape), dtype="float32",
                                            zarr_format=3)
         else:
-            logger.info("resuming %s: %d of %d blocks already written", self.target, int(self.done.sum()), self.n_chunks)
+            logger.info("resuming %s: %d of %d blocks already written", self.target, int(self.done.sum()),
+                        self.n_chunks)
         self._state = state
         self._save_state()
 

@@ -46,7 +46,8 @@ def register_gene_embedder(name: str):
     return wrap
 
 
-def build_gene_embedder(name: str, *, n_genes: int, dim: int, genes: list[str], options: dict | None = None) -> GeneEmbedder:
+def build_gene_embedder(name: str, *, n_genes: int, dim: int, genes: list[str],
+                        options: dict | None = None) -> GeneEmbedder:
     """Build the embedder registered as ``name``. Options are passed as keyword arguments."""
     if name not in GENE_EMBEDDERS:
         import importlib

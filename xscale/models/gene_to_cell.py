@@ -183,7 +183,8 @@ class GeneToCell(nn.Module):
         """The second half of :meth:`encode`: :meth:`encoder_states` -> latents (B, K, D) or (B, 1, D)."""
         if self.layer_mix is not None:
             if len(states) != len(self.layer_mix):
-                raise ValueError(f"compress: expected {len(self.layer_mix)} encoder states (layer_mix), found {len(states)}.")
+                raise ValueError(f"compress: expected {len(self.layer_mix)} encoder states (layer_mix), "
+                                 f"found {len(states)}.")
             share = torch.softmax(self.layer_mix, dim=0)  # (depth + 1,)
             hidden = self.encoder.norm(sum(w * h for w, h in zip(share, states, strict=True)))
         elif len(states) != 1:

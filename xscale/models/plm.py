@@ -72,7 +72,8 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """
     path = Path(path)
     if not path.exists():
-        raise XscaleInputError(f"Gene table {str(path)!r} does not exist. Pass path= to an existing .npz/.tsv/.safetensors file.")
+        raise XscaleInputError(f"Gene table {str(path)!r} does not exist. "
+                               "Pass path= to an existing .npz/.tsv/.safetensors file.")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
@@ -98,7 +99,8 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             rows.append(row)
         widths = {len(r) for r in rows}
         if len(widths) != 1:
-            raise XscaleInputError(f"Gene table {path}: rows have different widths {sorted(widths)}; expected one width.")
+            raise XscaleInputError(f"Gene table {path}: rows have different widths {sorted(widths)}; "
+                                   "expected one width.")
         vectors = np.asarray(rows, dtype=np.float32)
     elif suffix == ".safetensors":
         from safetensors import safe_open
@@ -115,7 +117,8 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         raise XscaleInputError(f"Gene table {path}: unknown suffix {suffix!r}; expected .npz, .tsv or .safetensors.")
     if vectors.ndim != 2 or vectors.shape[0] != len(symbols) or vectors.shape[0] == 0:
         raise XscaleInputError(
-            f"Gene table {path}: expected (n_genes, width) vectors for {len(symbols)} genes, found shape {vectors.shape}."
+            f"Gene table {path}: expected (n_genes, width) vectors for {len(symbols)} genes, "
+            f"found shape {vectors.shape}."
         )
     if not np.isfinite(vectors).all():
         raise XscaleInputError(f"Gene table {path} holds NaN or infinite values; fix the file.")
@@ -149,7 +152,8 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     if not path.exists():
-        raise XscaleInputError(f"FASTA file {str(path)!r} does not exist. Pass fasta= to a protein FASTA (e.g. from UniProt).")
+        raise XscaleInputError(f"FASTA file {str(path)!r} does not exist. "
+                               "Pass fasta= to a protein FASTA (e.g. from UniProt).")
     seqs: dict[str, str] = {}
     name: str | None = None
     chunks: list[str] = []
@@ -170,7 +174,8 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
             chunks.append(line)
     flush()
     if not seqs:
-        raise XscaleInputError(f"No sequences found in FASTA file {path}; expected '>' header lines followed by sequence lines.")
+        raise XscaleInputError(f"No sequences found in FASTA file {path}; "
+                               "expected '>' header lines followed by sequence lines.")
     return seqs
 
 
@@ -207,7 +212,8 @@ class TableGeneEmbedder(GeneEmbedder):
     """
 
     def __init__(
-        self, n_genes: int, dim: int, genes: Sequence[str], *, path: str, freeze: bool = True, adapter: Adapter = "linear"
+        self, n_genes: int, dim: int, genes: Sequence[str], *, path: str, freeze: bool = True,
+        adapter: Adapter = "linear",
     ) -> None:
         super().__init__()
         if len(genes) != n_genes:
@@ -306,7 +312,9 @@ class ProteinLMGeneEmbedder(GeneEmbedder):
         try:
             from transformers import EsmModel, EsmTokenizer
         except ImportError as err:  # pragma: no cover - depends on the install
-            raise XscaleInputError("The protein-lm gene embedder needs transformers: pip install 'xscale[plm]'.") from err
+            raise XscaleInputError(
+                "The protein-lm gene embedder needs transformers: pip install 'xscale[plm]'."
+            ) from err
         if len(genes) != n_genes:
             raise ValueError(f"genes has {len(genes)} symbols but n_genes={n_genes}.")
         if missing_sequences not in ("error", "learned"):
@@ -323,7 +331,8 @@ class ProteinLMGeneEmbedder(GeneEmbedder):
         tokenizer = EsmTokenizer.from_pretrained(str(mdir), local_files_only=True)
         layers = self.plm.encoder.layer
         if not 0 <= n_trainable_layers <= len(layers):
-            raise XscaleInputError(f"n_trainable_layers must be in [0, {len(layers)}] for this model; got {n_trainable_layers}.")
+            raise XscaleInputError(f"n_trainable_layers must be in [0, {len(layers)}] for this model; "
+                                   f"got {n_trainable_layers}.")
         self.n_trainable_layers = n_trainable_layers
         self.plm.requires_grad_(False)
         if n_trainable_layers:
@@ -342,7 +351,8 @@ class ProteinLMGeneEmbedder(GeneEmbedder):
                 "learned vectors."
             )
         if missing:
-            log.info("%d of %d genes have no protein sequence; using learned vectors (e.g. %s)", len(missing), n_genes, missing[:5])
+            log.info("%d of %d genes have no protein sequence; using learned vectors (e.g. %s)", len(missing),
+                     n_genes, missing[:5])
         has_seq = [normalize_symbol(g) in seqs for g in genes]
         protein_genes = [normalize_symbol(g) for g, h in zip(genes, has_seq, strict=True) if h]
         long = sum(len(seqs[g]) > max_residues for g in protein_genes)

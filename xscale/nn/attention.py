@@ -22,7 +22,8 @@ def _key_mask(pad_mask: Tensor | None, n_keys: int) -> tuple[Tensor | None, Tens
     if pad_mask.dtype != torch.bool or pad_mask.dim() != 2 or pad_mask.shape[-1] != n_keys:
         raise ValueError(
             f"pad_mask must be a bool tensor (B, Nk={n_keys}) with True = padding; "
-            f"found dtype={pad_mask.dtype}, shape={tuple(pad_mask.shape)}. Build it as `lengths[:, None] <= arange(Nk)`."
+            f"found dtype={pad_mask.dtype}, shape={tuple(pad_mask.shape)}. "
+            "Build it as `lengths[:, None] <= arange(Nk)`."
         )
     empty = pad_mask.all(dim=-1)  # (B,)
     # Rows with no real key would give NaN from softmax; let them read everything and zero them after.

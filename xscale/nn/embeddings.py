@@ -15,7 +15,8 @@ class FourierFeatures(nn.Module):
     reload identically; ``scale`` is in the caller's units (e.g. cell spacings).
     """
 
-    def __init__(self, dim: int, *, n_frequencies: int = 32, scale: float = 1.0, in_dim: int = 2, seed: int = 0) -> None:
+    def __init__(self, dim: int, *, n_frequencies: int = 32, scale: float = 1.0, in_dim: int = 2,
+                 seed: int = 0) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         freqs = torch.randn(in_dim, n_frequencies, generator=g) / scale  # (2, F)

@@ -41,7 +41,8 @@ def evaluate_adata(
         if "X_xscale_cell" in adata.obsm:
             reps = {"xscale_cell": np.asarray(adata.obsm["X_xscale_cell"]).reshape(adata.n_obs, -1), **reps}
         out["cell_type"] = {
-            name: M.probe_scores(X[tr], y[tr].astype(str), X[te], y[te].astype(str), seed=seed) for name, X in reps.items()
+            name: M.probe_scores(X[tr], y[tr].astype(str), X[te], y[te].astype(str), seed=seed)
+            for name, X in reps.items()
         }
     if domain_key and domain_key in adata.obs and "spatial" in adata.obsm:
         m = test & adata.obs[domain_key].notna().to_numpy()
@@ -65,7 +66,8 @@ def evaluate_adata(
 
 def dataset_keys(dataset: str | None) -> dict[str, Any]:
     """Label/slide/holdout/domain keys of a bundled dataset (all None for None)."""
-    keys: dict[str, Any] = {"label_key": None, "slide_key": None, "holdout": None, "domain_key": None, "drop_labels": ()}
+    keys: dict[str, Any] = {"label_key": None, "slide_key": None, "holdout": None, "domain_key": None,
+                            "drop_labels": ()}
     if dataset is not None:
         import xscale.datasets as ds
 

@@ -13,7 +13,8 @@ A pipeline file (see ``pipelines/*.yaml``)::
 
 ``${out}`` is the pipeline's output directory, ``${STEP.KEY}`` an output of an earlier
 step and ``${vars.NAME}`` a value from the file's ``vars:`` mapping (override with
-``--var NAME=VALUE``); a value that is exactly one ``${vars.NAME}`` keeps its YAML type. Each step writes into ``OUT/STEP/`` and, when it finishes, ``OUT/manifests/STEP.json``:
+``--var NAME=VALUE``); a value that is exactly one ``${vars.NAME}`` keeps its YAML type. Each step
+writes into ``OUT/STEP/`` and, when it finishes, ``OUT/manifests/STEP.json``:
 its kind, parameters (and their hash), the outputs it produced (paths and sizes), results
 (e.g. metrics) and timing. A re-run skips a step whose manifest matches its parameters and
 whose outputs are all still there with the recorded sizes; ``force=True`` re-runs everything.
@@ -175,11 +176,14 @@ def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str, 
                 raise XscaleInputError(f"Step {step!r} refers to {m.group(0)}; vars defines {sorted(variables)}.")
             return str(variables[key])
         if ref not in done:
-            raise XscaleInputError(f"Step {step!r} refers to ${{{m.group(0)[2:-1]}}}, but no earlier step is named {ref!r}.")
+            raise XscaleInputError(f"Step {step!r} refers to ${{{m.group(0)[2:-1]}}}, "
+                                   f"but no earlier step is named {ref!r}.")
         produced = {**done[ref].get("outputs", {}), **done[ref].get("results", {})}
         if key not in produced:
             raise XscaleInputError(f"Step {step!r} refers to {m.group(0)}; step {ref!r} produced {sorted(produced)}.")
-        return str(produced[key]["path"] if isinstance(produced[key], dict) and "path" in produced[key] else produced[key])
+        return str(
+            produced[key]["path"] if isinstance(produced[key], dict) and "path" in produced[key] else produced[key]
+        )
 
     return _REF.sub(sub, value)
 
@@ -262,7 +266,8 @@ def run_pipeline(
             if man is None:
                 man = is_complete(out, spec, params)
             if man is None:
-                raise XscaleInputError(f"Step {spec.name!r} is needed by later steps but has not completed; run it first.")
+                raise XscaleInputError(f"Step {spec.name!r} is needed by later steps but has not completed; "
+                                       "run it first.")
         if man is not None:
             log.info("[%s] step %s (%s): complete, skipped", name, spec.name, spec.uses)
             done[spec.name] = {**man, "skipped": True}

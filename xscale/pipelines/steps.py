@@ -5,12 +5,13 @@ Each ``fn(ctx, *, param=..., ...)`` writes under ``ctx.workdir`` and returns
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from xscale.pipelines.evaluate import dataset_keys as _dataset_keys
 from xscale.pipelines.evaluate import evaluate_adata
-from xscale.pipelines.runner import StepContext, register_step, write_json as _write_json
+from xscale.pipelines.runner import StepContext, register_step
+from xscale.pipelines.runner import write_json as _write_json
+
 
 def _read_data(data: str, *, exclude_holdout: bool = False):
     """A bundled dataset name (optionally without its held-out slide) or a path read by the data layer."""

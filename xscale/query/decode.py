@@ -77,7 +77,7 @@ def decode_latent(
     names = list(vocab.genes) if genes is None else list(genes)
     ids = vocab.index(names)
     if (ids < 0).any():
-        missing = [g for g, i in zip(names, ids) if i < 0][:10]
+        missing = [g for g, i in zip(names, ids, strict=True) if i < 0][:10]
         raise XscaleInputError(
             f"Genes {missing} are not in the level-1 model's vocabulary of {len(vocab)} genes; "
             "pass genes the model was trained on."

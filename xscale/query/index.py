@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from xscale.errors import XscaleInputError
-from xscale.query.store import Level, LatentStore, open_store
+from xscale.query.store import LatentStore, Level, open_store
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ class LatentIndex:
 
     @classmethod
     def open(
-        cls, path, *, level: Level = "cell", slide_key: str | None = None, kind: IndexKind = "auto", exact_max: int = 100_000
+        cls, path, *, level: Level = "cell", slide_key: str | None = None, kind: IndexKind = "auto",
+        exact_max: int = 100_000,
     ) -> LatentIndex:
         """Read ``path`` (a ``cells.zarr``) and index its ``level`` latents."""
         return cls(open_store(path, level=level, slide_key=slide_key), kind=kind, exact_max=exact_max)
@@ -164,7 +165,9 @@ class LatentIndex:
         if slide not in set(self._slides):
             raise XscaleInputError(f"Slide {slide!r} not in the store. Available slides: {self.slide_names()}.")
 
-    def _allowed(self, slide: str | None, exclude_slide: str | None, exclude_rows: np.ndarray | None) -> np.ndarray | None:
+    def _allowed(
+        self, slide: str | None, exclude_slide: str | None, exclude_rows: np.ndarray | None
+    ) -> np.ndarray | None:
         """Boolean mask (n,) of rows a hit may come from, or None for all."""
         if slide is None and exclude_slide is None and (exclude_rows is None or len(exclude_rows) == 0):
             return None
@@ -192,22 +195,22 @@ class LatentIndex:
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k_eff))
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        D, I = self._index.search(q, k_eff, params=params)
-        if self.kind != "flat" and (I < 0).any():
+        D, idx = self._index.search(q, k_eff, params=params)
+        if self.kind != "flat" and (idx < 0).any():
             # An approximate index under a narrow filter can come back short: redo exactly.
             rows = np.flatnonzero(allowed) if allowed is not None else np.arange(self.store.n)
             exact = faiss.IndexFlatL2(self.dim)
             exact.add(self.store.latents[rows])
-            D, I_sub = exact.search(q, k_eff)
-            I = rows[I_sub]
-        return D, I
+            D, idx_sub = exact.search(q, k_eff)
+            idx = rows[idx_sub]
+        return D, idx
 
-    def _hits(self, D: np.ndarray, I: np.ndarray, columns: list[str] | None) -> list[Hit]:
+    def _hits(self, D: np.ndarray, idx: np.ndarray, columns: list[str] | None) -> list[Hit]:
         obs = self.store.obs
         cols = list(obs.columns) if columns is None else columns
         coords = self.store.coords
         hits = []
-        for d, r in zip(D, I):
+        for d, r in zip(D, idx, strict=True):
             if r < 0:
                 continue
             r = int(r)
@@ -243,8 +246,8 @@ class LatentIndex:
         """The ``k`` nearest cells to a latent vector, (F,) or (K, D)."""
         self._check_slide(slide)
         q = self._as_query(vector)
-        D, I = self._search(q, k, self._allowed(slide, exclude_slide, None))
-        return self._hits(D[0], I[0], columns)
+        D, idx = self._search(q, k, self._allowed(slide, exclude_slide, None))
+        return self._hits(D[0], idx[0], columns)
 
     def query_cell(
         self, cell_id: str, k: int = 10, *, slide: str | None = None, cross_slide: bool = False,
@@ -258,8 +261,8 @@ class LatentIndex:
         r = self.row(cell_id)
         exclude = self._query_slide(r) if cross_slide else None
         allowed = self._allowed(slide, exclude, np.array([r]))
-        D, I = self._search(self.store.latents[r : r + 1], k, allowed)
-        return self._hits(D[0], I[0], columns)
+        D, idx = self._search(self.store.latents[r : r + 1], k, allowed)
+        return self._hits(D[0], idx[0], columns)
 
     def query_niche(self, cell_id: str, k: int = 10, **options: Any) -> list[Hit]:
         """Niche search: the niches most like the one centred on ``cell_id`` (niche-level index only)."""
@@ -318,5 +321,5 @@ class LatentIndex:
             raise XscaleInputError(f"Unknown region mode {mode!r}; expected 'mean' or 'cells'.")
         self._check_slide(slide)
         exclude = (region_slide or (self.slide_names() or [None])[0]) if cross_slide else None
-        D, I = self._search(q, k, self._allowed(slide, exclude, rows))
-        return self._hits(D[0], I[0], columns)
+        D, idx = self._search(q, k, self._allowed(slide, exclude, rows))
+        return self._hits(D[0], idx[0], columns)

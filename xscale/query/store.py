@@ -140,7 +140,8 @@ def open_store(path: str | Path, *, level: Level = "cell", slide_key: str | None
 
     path = Path(path)
     if not path.exists():
-        raise XscaleInputError(f"Store {str(path)!r} does not exist. Pass the cells.zarr written by xscale demo/run/embed.")
+        raise XscaleInputError(f"Store {str(path)!r} does not exist. "
+                               "Pass the cells.zarr written by xscale demo/run/embed.")
     if level not in LATENT_KEYS:
         raise XscaleInputError(f"Unknown level {level!r}; expected one of {list(LATENT_KEYS)}.")
     try:
@@ -156,7 +157,8 @@ def open_store(path: str | Path, *, level: Level = "cell", slide_key: str | None
     if key not in obsm_keys:
         raise XscaleInputError(
             f"Store {str(path)!r} has no obsm[{key!r}] for level {level!r}. Available obsm: {obsm_keys}. "
-            + ("Niche latents come from level 2 (xscale run / demo)." if level == "niche" else "Run xscale embed first.")
+            + ("Niche latents come from level 2 (xscale run / demo)." if level == "niche"
+               else "Run xscale embed first.")
         )
     lat = read_elem(root["obsm"][key])
     coords = None
@@ -166,5 +168,6 @@ def open_store(path: str | Path, *, level: Level = "cell", slide_key: str | None
     if "uns" in root and "xscale" in root["uns"]:
         uns = {"xscale": read_elem(root["uns"]["xscale"])}
     store = LatentStore._build(lat, obs, coords, _resolve_slide_key(obs, slide_key, uns), level, path)
-    log.info("opened %s: %d cells, level %s, latent %s, slide key %s", path, store.n, level, store.latent_shape, store.slide_key)
+    log.info("opened %s: %d cells, level %s, latent %s, slide key %s", path, store.n, level, store.latent_shape,
+             store.slide_key)
     return store

@@ -193,7 +193,8 @@ def latents_section(
         how = (
             "UMAP (a 2-D map that keeps each cell's nearest neighbours close)"
             if axis == "UMAP"
-            else "the first two principal components (PCA; UMAP was not used, so clusters may overlap more than they truly do)"
+            else "the first two principal components (PCA; UMAP was not used, so clusters may overlap more than "
+            "they truly do)"
         )
         key = cell_key if what == "cell" else niche_key
         subject = (
@@ -276,7 +277,8 @@ def training_section(histories: Mapping[str, pd.DataFrame]) -> str:
         "<b>Training curves.</b> Loss against optimisation step, one panel per level (level 1: genes → cells, "
         "negative-binomial negative log-likelihood of the counts; level 2: cells → niches, error in "
         "reconstructing the cells' latents). Light lines are per-step values, dark lines their running "
-        "mean; validation losses (on cells held aside from training), when logged, are dashed. A curve that flattens means training "
+        "mean; validation losses (on cells held aside from training), when logged, are dashed. A curve that "
+        "flattens means training "
         "has converged; a validation loss rising while training loss falls would mean over-fitting."
     )
     return figure_html(fig, cap, alt="training curves") + missing

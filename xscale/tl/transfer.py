@@ -87,8 +87,8 @@ def transfer_labels(
     index = faiss.IndexFlatL2(Xr.shape[1])
     index.add(Xr[known])
     k_eff = min(k, int(known.sum()))
-    D, I = index.search(Xq, k_eff)  # (n_query, k) squared distances, rows of the known reference
-    votes = codes[I]  # (n_query, k)
+    D, idx = index.search(Xq, k_eff)  # (n_query, k) squared distances, rows of the known reference
+    votes = codes[idx]  # (n_query, k)
     w = np.ones_like(D) if weighting == "uniform" else 1.0 / (np.sqrt(np.maximum(D, 0)) + 1e-6)
     tally = np.zeros((Xq.shape[0], len(classes)), dtype=np.float64)
     np.add.at(tally, (np.repeat(np.arange(Xq.shape[0]), k_eff), votes.ravel()), w.ravel())

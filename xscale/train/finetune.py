@@ -42,7 +42,13 @@ from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
 from xscale.models.io import load_model, save_model
 from xscale.train.finetune_infer import (
-    calibrate_head, check_correction, correction_figure, encode_cells, kept_neighbours, latent_summary, predict_labels,
+    calibrate_head,
+    check_correction,
+    correction_figure,
+    encode_cells,
+    kept_neighbours,
+    latent_summary,
+    predict_labels,
     summary_sample,
 )
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
@@ -212,9 +218,10 @@ def finetune(
         ``batch_correction`` only: weight of :func:`~xscale.models.heads.structure_loss`, the
         change of the inner products between cells of the same slide (each slide centred on
         its mean) relative to the model as loaded (a frozen copy: per step one more pass of its
-        Xpressor, or of the whole model when the encoder trains too). Keeps each slide's own geometry, so cell types stay apart and the latents do
-        not collapse while the slides are aligned. None = 1 for ``batch_correction`` (with the
-        MMD at weight 1 for 6 epochs, the setting ``benchmarks/peft.py`` chose), 0 = off.
+        Xpressor, or of the whole model when the encoder trains too). Keeps each slide's own
+        geometry, so cell types stay apart and the latents do not collapse while the slides are
+        aligned. None = 1 for ``batch_correction`` (with the MMD at weight 1 for 6 epochs, the
+        setting ``benchmarks/peft.py`` chose), 0 = off.
     reconstruction_weight
         Weight of the model's NB reconstruction loss; default 0 for cell_type, 1 for batch_correction.
     balance_classes
@@ -275,7 +282,8 @@ def finetune(
         codes, classes = _labels(adata, label_key, train)
         train = train & (codes >= 0)
         labels = torch.from_numpy(codes)
-        head = ClassificationHead(HeadConfig(dim=cfg.dim, n_latents=cfg.latents_per_cell, classes=classes, hidden=head_hidden))
+        head = ClassificationHead(HeadConfig(dim=cfg.dim, n_latents=cfg.latents_per_cell, classes=classes,
+                                             hidden=head_hidden))
         if balance_classes:
             freq = np.bincount(codes[train], minlength=len(classes)).astype(np.float64)
             class_weights = torch.tensor(freq.sum() / (len(classes) * np.maximum(freq, 1.0)), dtype=torch.float32)
@@ -290,9 +298,11 @@ def finetune(
             )
         slide_names = sorted(set(adata.obs[slide_key].astype(str)[train]))
         if len(slide_names) < 2:
-            raise XscaleInputError(f"adata.obs[{slide_key!r}] has {len(slide_names)} slide(s) among the training cells; need >= 2.")
+            raise XscaleInputError(f"adata.obs[{slide_key!r}] has {len(slide_names)} slide(s) among the training "
+                                   "cells; need >= 2.")
         if correction == "adversarial":
-            discriminator = SlideDiscriminator(cfg.dim, cfg.latents_per_cell, len(set(adata.obs[slide_key].astype(str))))
+            discriminator = SlideDiscriminator(cfg.dim, cfg.latents_per_cell,
+                                               len(set(adata.obs[slide_key].astype(str))))
         rec_w = 1.0 if reconstruction_weight is None else reconstruction_weight
     # the model as loaded, frozen: what structure_loss keeps each slide's similarities close to
     reference = copy.deepcopy(net) if structure_weight > 0 else None
@@ -305,12 +315,13 @@ def finetune(
     flags = {name: p.requires_grad for name, p in net.named_parameters()}
     n_train, n_total = set_trainable(net, head, trainable)
     fraction = n_train / n_total
-    log.info("Fine-tuning %s (%s): %d of %d parameters trainable (%.2f%%)", task, trainable, n_train, n_total, 100 * fraction)
+    log.info("Fine-tuning %s (%s): %d of %d parameters trainable (%.2f%%)", task, trainable, n_train, n_total,
+             100 * fraction)
 
     from torch.utils.data import DataLoader
 
-    ds = AnnDataCellDataset(adata, net.vocab, counts_layer=counts_layer, slide_key=slide_key if task == "batch_correction" else None,
-                            cells=[train])
+    ds = AnnDataCellDataset(adata, net.vocab, counts_layer=counts_layer,
+                            slide_key=slide_key if task == "batch_correction" else None, cells=[train])
     loader = DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, drop_last=len(ds) > batch_size,
                         collate_fn=partial(collate_cells, max_genes=cfg.max_genes, rng=np.random.default_rng(seed)))
     module = FinetuneModule(
@@ -353,7 +364,8 @@ def finetune(
             pred = predict_labels(net.cpu(), head.cpu(), adata[held], batch_size=256, counts_layer=counts_layer)
             metrics["macro_f1"] = float(f1_score(truth, pred, average="macro"))
             metrics["accuracy"] = float(accuracy_score(truth, pred))
-            log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"], metrics["accuracy"])
+            log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"],
+                     metrics["accuracy"])
     result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
     if output_dir is not None:
         result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,

@@ -189,5 +189,5 @@ def check_correction(metrics: dict[str, float], before: dict[str, float], after:
                 "or the epochs, or raise structure_weight.", UserWarning, stacklevel=3)
 
 
-__all__ = ["calibrate_head", "check_correction", "collapsed", "correction_figure", "encode_cells", "kept_neighbours", "latent_summary",
-           "predict_labels", "summary_sample"]
+__all__ = ["calibrate_head", "check_correction", "collapsed", "correction_figure", "encode_cells", "kept_neighbours",
+           "latent_summary", "predict_labels", "summary_sample"]

@@ -101,7 +101,8 @@ class FinetuneModule(L.LightningModule):
             batch = thin_batch(batch, self.thinning)
         states = None
         if self.share_encoder:
-            states = self.model.encoder_states(batch.gene_ids, batch.values, batch.pad_mask)  # 1 or depth + 1 × (B, G, D)
+            # 1 or depth + 1 × (B, G, D)
+            states = self.model.encoder_states(batch.gene_ids, batch.values, batch.pad_mask)
             latents = self.model.compress(states, batch.pad_mask)  # (B, K, D)
         else:
             latents = self.model.encode(batch.gene_ids, batch.values, batch.pad_mask)  # (B, K, D)

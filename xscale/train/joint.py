@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from xscale.train.optim import adamw_one_cycle
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import CellBatch, collate_cells
 from xscale.data.niches import Niches
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue
 from xscale.models.gene_to_cell import GeneToCell
+from xscale.train.optim import adamw_one_cycle
 
 log = logging.getLogger(__name__)
 

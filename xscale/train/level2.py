@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from xscale.train.optim import adamw_one_cycle
 from xscale.data.niches import Niches, build_niches, slide_scales, spatial_graph
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+from xscale.train.optim import adamw_one_cycle
 
 log = logging.getLogger(__name__)
 

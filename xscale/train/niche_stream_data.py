@@ -76,7 +76,8 @@ class NicheStreamDataModule(lightning.LightningDataModule):
                  num_workers: int = 0, seed: int = 0, buffer_size: int = 1024, cache_chunks: int = 8) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
-            raise XscaleInputError(f"batch_size >= 1 and num_workers >= 0 expected, found {batch_size} and {num_workers}.")
+            raise XscaleInputError(f"batch_size >= 1 and num_workers >= 0 expected, "
+                                   f"found {batch_size} and {num_workers}.")
         self.store = store if isinstance(store, CellStore) else CellStore(store)
         self.latents = open_latents(latents)
         self.max_cells, self.batch_size, self.num_workers, self.seed = max_cells, batch_size, num_workers, seed
