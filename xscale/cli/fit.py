@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 HELP = "train one level (or more) from YAML configs with LightningCLI"
@@ -30,9 +31,11 @@ data:  xscale.cli.fit.CellData (bundled names or .h5ad/.zarr paths; held-out sli
 The genes (level 1) and latent size (level 2) come from the data. The trained network is
 saved with save_model (safetensors + config.json) to --save-dir (default
 <trainer.default_root_dir>/model; Joint saves model/level1 and model/level2).
---print-config shows the merged config.
+--print-config shows the merged config. The global seed is 0 unless a config or an
+override sets seed_everything (e.g. seed_everything=1).
 """
 
+DEFAULT_SEED = 0
 _ADAPTERS = ("Level1", "Level2", "Joint", "CellData", "NicheData", "JointData")
 
 
@@ -251,13 +254,20 @@ def build_cli(cli_args: list[str], *, run: bool = False):
             parser.link_arguments("data.in_dim", "model.init_args.in_dim", apply_on="instantiate")
             parser.link_arguments("data.max_cells", "model.init_args.max_cells", apply_on="instantiate")
 
-    return XscaleCLI(
-        lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
-        subclass_mode_data=True, run=run, args=cli_args, save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        # checkpoints hold plain data only and are read back with torch.load(weights_only=True)
-        trainer_defaults={"plugins": [SafeCheckpointIO()]},
-    )
+    with warnings.catch_warnings():
+        # xscale fit parses its own command line and hands LightningCLI the translated list;
+        # Lightning warns whenever args= is given while sys.argv holds arguments too.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+        return XscaleCLI(
+            lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True, run=run, args=cli_args, save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            # a fixed default seed (override: seed_everything=N); without one, Lightning warns and picks 0
+            seed_everything_default=DEFAULT_SEED,
+            # checkpoints hold plain data only and are read back with torch.load(weights_only=True);
+            # given by class path so that the saved config.yaml can record it
+            trainer_defaults={"plugins": [{"class_path": f"{SafeCheckpointIO.__module__}.SafeCheckpointIO"}]},
+        )
 
 
 def run(args: argparse.Namespace) -> int:

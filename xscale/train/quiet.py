@@ -33,26 +33,39 @@ class _DropTips(logging.Filter):
         return not str(record.getMessage()).startswith(TIP_PREFIX)
 
 
-def _rank_zero_logger() -> logging.Logger:
-    """The logger Lightning's ``rank_zero_info`` writes to (set by whichever Lightning package loaded last)."""
-    from lightning_utilities.core import rank_zero
+RANK_ZERO_LOGGERS = (
+    "lightning_utilities.core.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+)
 
-    return getattr(rank_zero, "log", logging.getLogger("lightning.pytorch.utilities.rank_zero"))
+
+def _rank_zero_loggers() -> list[logging.Logger]:
+    """The loggers Lightning's ``rank_zero_info`` may write to.
+
+    ``lightning_utilities`` writes to its module's ``log``, which each Lightning package
+    replaces with its own logger when it is imported; a fit that imports
+    ``lightning.pytorch`` inside :func:`quiet_fit` (as ``xscale fit`` does) switches it
+    after the filter is in place, so every candidate gets the filter.
+    """
+    return [logging.getLogger(name) for name in RANK_ZERO_LOGGERS]
 
 
 @contextlib.contextmanager
 def quiet_fit() -> Iterator[None]:
     """Inside: Lightning's advertisement record and the warnings in :data:`NOISE_WARNINGS` are dropped."""
     drop = _DropTips()
-    logger = _rank_zero_logger()
+    loggers = _rank_zero_loggers()
     with warnings.catch_warnings():
         for message in NOISE_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        logger.addFilter(drop)
+        for logger in loggers:
+            logger.addFilter(drop)
         try:
             yield
         finally:
-            logger.removeFilter(drop)
+            for logger in loggers:
+                logger.removeFilter(drop)
 
 
 def log_interval(n_batches: int, default: int = 50) -> int:
