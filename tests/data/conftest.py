@@ -31,6 +31,8 @@ def _write_spatialdata(adata, path, *, with_table: bool = True, coords_in_table:
     import spatialdata as sd
     from spatialdata.models import ShapesModel, TableModel
 
+    from xscale.data.zarr_settings import unsharded
+
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     circles = ShapesModel.parse(xy, geometry=0, radius=np.ones(adata.n_obs), index=np.arange(adata.n_obs))
     tables = {}
@@ -42,5 +44,6 @@ def _write_spatialdata(adata, path, *, with_table: bool = True, coords_in_table:
         t.obs["region"] = t.obs["region"].astype("category")
         t.obs["cell_id"] = np.arange(adata.n_obs)
         tables["table"] = TableModel.parse(t, region="cells", region_key="region", instance_key="cell_id")
-    sd.SpatialData(shapes={"cells": circles}, tables=tables).write(path)
+    with unsharded():  # anndata's setting made explicit, as xscale's own writes do (no notice)
+        sd.SpatialData(shapes={"cells": circles}, tables=tables).write(path)
     return path

@@ -6,6 +6,7 @@ import pytest
 
 import xscale
 from xscale.data.io import detect_format, read_dataset
+from xscale.data.zarr_settings import unsharded, zarr_format_2
 from xscale.errors import XscaleInputError
 
 
@@ -19,7 +20,8 @@ def test_h5ad_eager_and_lazy_agree():
 
 
 def test_anndata_zarr(small_adata, tmp_path):
-    small_adata.write_zarr(tmp_path / "a.zarr")
+    with zarr_format_2():  # anndata's current default, made explicit (no notice)
+        small_adata.write_zarr(tmp_path / "a.zarr")
     assert detect_format(tmp_path / "a.zarr") == "anndata-zarr"
     a = read_dataset(tmp_path / "a.zarr", backed=True)
     assert np.array_equal(a.X.compute().toarray(), small_adata.X.toarray())
@@ -53,7 +55,8 @@ def test_spatialdata_without_table(small_adata, tmp_path, write_spatialdata):
 
 def test_corrupted_zarr(small_adata, tmp_path):
     store = tmp_path / "a.zarr"
-    small_adata.write_zarr(store)
+    with zarr_format_2():
+        small_adata.write_zarr(store)
     meta = store / "zarr.json" if (store / "zarr.json").exists() else store / ".zattrs"
     meta.write_text(meta.read_text()[:25])  # truncated metadata
     with pytest.raises(XscaleInputError, match=r"a.zarr: expected a readable zarr store, found a corrupted"):
@@ -62,7 +65,8 @@ def test_corrupted_zarr(small_adata, tmp_path):
 
 def test_corrupted_zarr_chunk(small_adata, tmp_path):
     store = tmp_path / "b.zarr"
-    small_adata.write_zarr(store)
+    with zarr_format_2():
+        small_adata.write_zarr(store)
     chunks = [p for p in (store / "X" / "data").rglob("*") if p.is_file() and not p.name.startswith((".", "zarr"))]
     assert chunks
     chunks[0].write_bytes(b"garbage-bytes")
@@ -95,7 +99,8 @@ def test_spatialdata_points_and_table_key(small_adata, tmp_path):
     t.obs["pid"] = np.arange(t.n_obs)[::-1]  # table rows in another order than the points
     t.X = t.X[::-1]
     tables = {k: TableModel.parse(t.copy(), region="spots", region_key="region", instance_key="pid") for k in "ab"}
-    sd.SpatialData(points={"spots": points}, tables=tables).write(tmp_path / "p.zarr")
+    with unsharded():
+        sd.SpatialData(points={"spots": points}, tables=tables).write(tmp_path / "p.zarr")
     with pytest.raises(XscaleInputError, match=r"found 2 tables: \['a', 'b'\]\. Pass table_key="):
         read_dataset(tmp_path / "p.zarr")
     a = read_dataset(tmp_path / "p.zarr", table_key="b")

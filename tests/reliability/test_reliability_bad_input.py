@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from xscale.cli.main import main
+from xscale.data.zarr_settings import unsharded
 from xscale.errors import XscaleInputError
 
 
@@ -208,7 +209,8 @@ def test_spatialdata_without_table(cells, tmp_path, capsys):
 
     xy = np.asarray(cells.obsm["spatial"], dtype=np.float64)
     circles = ShapesModel.parse(xy, geometry=0, radius=np.ones(cells.n_obs), index=np.arange(cells.n_obs))
-    sd.SpatialData(shapes={"cells": circles}).write(tmp_path / "s.zarr")
+    with unsharded():
+        sd.SpatialData(shapes={"cells": circles}).write(tmp_path / "s.zarr")
     rc, err = _cli(["prepare", str(tmp_path / "s.zarr"), str(tmp_path / "out.zarr")], capsys)
     assert rc == 2
     line = _assert_one_clean_line(err, "prepare")
@@ -220,7 +222,7 @@ def test_corrupted_zarr(cells, tmp_path, capsys, damage):
     import anndata
 
     store = tmp_path / "in.zarr"
-    with anndata.settings.override(zarr_write_format=3):
+    with anndata.settings.override(zarr_write_format=3), unsharded():
         cells.write_zarr(store)
     if damage == "root-metadata":
         (store / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
