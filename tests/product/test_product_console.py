@@ -70,6 +70,7 @@ def test_quiet_fit_drops_only_the_listed_notes(caplog):
         warnings.simplefilter("always")
         with quiet_fit():
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1)
+            warnings.warn("Your `IterableDataset` has `__len__` defined. In combination with ...", stacklevel=1)
             warnings.warn("something the user should see", UserWarning, stacklevel=1)
             for logger in loggers:  # whichever of them Lightning's rank_zero_info writes to
                 with caplog.at_level(logging.INFO, logger=logger.name):

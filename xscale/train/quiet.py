@@ -8,7 +8,11 @@ own progress:
   torch API that torch 2.13 deprecates, nothing the user can change;
 - ``You have overridden transfer_batch_to_device in LightningModule but have passed in a
   LightningDataModule``: the xscale modules define that hook on purpose (their batches are
-  dataclasses that move themselves), and Lightning says it will use it, as intended.
+  dataclasses that move themselves), and Lightning says it will use it, as intended;
+- ``Your IterableDataset has __len__ defined ... could be inaccurate if each worker is not
+  configured independently``: said of every sized stream; xscale's streams (``CellStream``,
+  ``NicheStream``) shard their blocks over DataLoader workers and ranks so that each item is
+  read exactly once per epoch (tested), and their length counts the items of all shards together.
 
 :func:`quiet_fit` drops exactly these, for the duration of the fit; every other warning and
 record passes. :func:`log_interval` is Trainer's ``log_every_n_steps`` capped at the epoch's
@@ -24,6 +28,7 @@ from collections.abc import Iterator
 NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
+    r"Your `IterableDataset` has `__len__` defined",
 )
 TIP_PREFIX = "💡 Tip"
 
