@@ -84,3 +84,21 @@ def test_level1_fit_sets_gene_statistics_from_training_cells(starmap_small, tmp_
     # the offset started at the centred log share and moved by at most one Adam step (lr 2e-3)
     start = np.log(np.maximum(share, 1e-8)) - np.log(np.maximum(share, 1e-8)).mean()
     np.testing.assert_allclose(model.gene_bias[ids].detach().numpy(), start, atol=5e-3)
+
+
+def test_level1_fit_passes_weight_decay_to_the_optimiser(starmap_small, tmp_path):
+    import lightning
+
+    seen = []
+
+    class Groups(lightning.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.extend(g["weight_decay"] for g in trainer.optimizers[0].param_groups)
+
+    fit_level1(starmap_small[:64].copy(), "tiny", out_dir=tmp_path / "run", max_steps=1, batch_size=32, seed=0,
+               weight_decay=0.3, val_fraction=0.0, logger="none", enable_progress_bar=False,
+               trainer_kwargs={"callbacks": [Groups()]})
+    assert seen == [0.3, 0.0]  # weight matrices and embedding tables; biases and norms are not decayed
+    with pytest.raises(ValueError, match="weight_decay=-1"):
+        fit_level1(starmap_small[:64].copy(), "tiny", out_dir=tmp_path / "bad", max_steps=1, weight_decay=-1.0,
+                   val_fraction=0.0, logger="none", enable_progress_bar=False)

@@ -237,6 +237,7 @@ def fit_level1(
     max_steps: int = -1,
     batch_size: int = 128,
     lr: float = 2e-3,
+    weight_decay: float = 0.01,
     seed: int = 0,
     val_fraction: float = 0.1,
     counts_layer: str | None = None,
@@ -264,8 +265,9 @@ def fit_level1(
         logs to ``log_dir`` (default ``out_dir/"logs"``).
     max_epochs, max_steps
         Training length (Lightning semantics); if neither is given, 20 epochs.
-    batch_size, lr, seed, val_fraction
-        Cells per batch, peak AdamW learning rate, global seed, held-out validation fraction.
+    batch_size, lr, weight_decay, seed, val_fraction
+        Cells per batch, peak AdamW learning rate, AdamW weight decay (on weight matrices and
+        embedding tables; not on biases or norms), global seed, held-out validation fraction.
     counts_layer, slide_key, min_genes
         Where the raw counts are, which obs column names the slide, and how many of a
         panel's genes must be in the vocabulary.
@@ -300,7 +302,7 @@ def fit_level1(
     elif needs_stats:
         log.warning("The training data gives no per-gene statistics: standardize_values / decoder_gene_bias "
                     "start from mean 0, sd 1, offset 0.")
-    module = GeneCellModule(model, lr=lr, seed=seed)
+    module = GeneCellModule(model, lr=lr, weight_decay=weight_decay, seed=seed)
     if max_epochs is None and max_steps == -1:
         max_epochs = 20
     kwargs: dict[str, Any] = dict(
