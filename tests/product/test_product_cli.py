@@ -89,6 +89,24 @@ def test_cli_embed_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert not (tmp_path / "o" / "cells.zarr").exists()
 
 
+def test_cli_embed_names_missing_data_before_anything_else(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()  # not a model either: the data is checked first, without loading anything
+    assert main(["embed", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path / "typo.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "typo.zarr" in err and "found nothing at this path" in err and "starmap_mpfc" in err
+    assert "--out" not in err
+
+
+def test_cli_prepare_takes_a_bundled_dataset_name(tmp_path, capsys):
+    from xscale.data.store import CellStore
+
+    assert main(["prepare", "starmap_mpfc", str(tmp_path / "st.zarr"), "--chunk-cells", "1024"]) == 0
+    store = CellStore(tmp_path / "st.zarr")
+    assert store.n_cells == 3190 and store.n_genes == 166
+    assert list(store.slide_names) == ["20180417_BZ5_control", "20180419_BZ9_control", "20180424_BZ14_control"]
+    assert "3 slide(s)" in capsys.readouterr().out
+
+
 def test_cli_quiets_the_faiss_loader_unless_verbose(tmp_path, capsys):
     import logging
 

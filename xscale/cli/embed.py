@@ -156,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
 
+    if args.data not in ds.available() and not Path(args.data).exists():
+        raise XscaleInputError(f"--data {args.data!r}: expected a bundled dataset name ({', '.join(ds.available())}), "
+                               "an .h5ad file or a .zarr store; found nothing at this path.")
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
     if is_prepared_store(args.data):
         return _embed_prepared_store(args, l1, l2)

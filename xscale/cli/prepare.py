@@ -14,7 +14,8 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="input .h5ad file, AnnData .zarr or SpatialData .zarr store")
+    parser.add_argument("input", help="input .h5ad file, AnnData .zarr or SpatialData .zarr store, or a bundled "
+                        "dataset name (e.g. starmap_mpfc; its slide key is the default --slide-key)")
     parser.add_argument("output", help="store to create, e.g. data.xscale.zarr")
     parser.add_argument("--table-key", default=None, help="SpatialData table to use (if several)")
     parser.add_argument("--spatial-key", default="spatial",
@@ -31,13 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output store")
 
 
+def resolve_input(name: str, slide_key: str | None) -> tuple[str, str | None]:
+    """A bundled dataset name (when no file of that name exists) -> its .h5ad and slide key."""
+    from pathlib import Path
+
+    import xscale.datasets as ds
+
+    if Path(name).exists() or name not in ds.available():
+        return name, slide_key
+    return str(ds.path(name)), slide_key or ds.info(name).slide_key
+
+
 def run(args: argparse.Namespace) -> int:
     from xscale.data.store import CellStore, prepare
 
     spatial_key = None if str(args.spatial_key).lower() == "none" else args.spatial_key
+    source, slide_key = resolve_input(args.input, args.slide_key)
     out = prepare(
-        args.input, args.output, table_key=args.table_key, spatial_key=spatial_key,
-        counts_layer=args.counts_layer, slide_key=args.slide_key, chunk_cells=args.chunk_cells,
+        source, args.output, table_key=args.table_key, spatial_key=spatial_key,
+        counts_layer=args.counts_layer, slide_key=slide_key, chunk_cells=args.chunk_cells,
         curve=args.curve, n_neighbors=args.n_neighbors, radius=args.radius, n_workers=args.workers,
         overwrite=args.overwrite,
     )
