@@ -266,7 +266,7 @@ def _use_tree(tree: str) -> None:
 
 def measure(n_cells: int, root: Path, seed: int, baseline: tuple[Path, str] | None = None) -> dict:
     import xscale
-    from xscale.data.store import prepare
+    from xscale.data.prepare import prepare
     from xscale.data.synthetic import tile_tissue
 
     t0 = time.perf_counter()

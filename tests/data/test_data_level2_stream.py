@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import xscale
-from xscale.data.store import CellStore, prepare
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
 
 MAX_CELLS = 11  # the tiny preset's C; the store's graph has C - 1 neighbours
 

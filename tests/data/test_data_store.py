@@ -10,8 +10,9 @@ import scipy.sparse as sp
 
 import xscale
 from xscale.cli.main import main as cli_main
+from xscale.data.prepare import prepare
 from xscale.data.sfc import hilbert_key, sfc_order
-from xscale.data.store import CellStore, prepare
+from xscale.data.store import CellStore
 from xscale.errors import XscaleInputError
 
 
@@ -103,7 +104,7 @@ def test_cli_prepare_and_user_error(tmp_path, capsys):
 def test_prepare_memory_stays_below_matrix(tmp_path, monkeypatch):
     """A 36k-cell x 960-gene input read lazily, converted in 1,500-cell blocks: the whole
     matrix (even as CSR) is never in memory, and no block larger than the cap is ever read."""
-    import xscale.data.store as store_mod
+    import xscale.data.prepare as prepare_mod
     from xscale.data.synthetic import tile_tissue
 
     src = xscale.datasets.load("cosmx_nsclc_profast")
@@ -113,7 +114,7 @@ def test_prepare_memory_stays_below_matrix(tmp_path, monkeypatch):
     del whole
     prepare(src[:200].copy(), tmp_path / "warm.zarr")  # imports (squidpy...) outside the measure
     seen = []
-    scatter, gather = store_mod._scatter_block, store_mod._gather_block
+    scatter, gather = prepare_mod._scatter_block, prepare_mod._gather_block
 
     def spy_scatter(block, *args):
         seen.append(block.shape[0])
@@ -125,7 +126,7 @@ def test_prepare_memory_stays_below_matrix(tmp_path, monkeypatch):
         return out
 
     peaks = {}
-    graph = store_mod.spatial_graph
+    graph = prepare_mod.spatial_graph
 
     def spy_graph(*args, **kwargs):
         # the O(n k) neighbour graph is not the count matrix: measure it apart
@@ -136,9 +137,9 @@ def test_prepare_memory_stays_below_matrix(tmp_path, monkeypatch):
         tracemalloc.reset_peak()
         return out
 
-    monkeypatch.setattr(store_mod, "_scatter_block", spy_scatter)
-    monkeypatch.setattr(store_mod, "_gather_block", spy_gather)
-    monkeypatch.setattr(store_mod, "spatial_graph", spy_graph)
+    monkeypatch.setattr(prepare_mod, "_scatter_block", spy_scatter)
+    monkeypatch.setattr(prepare_mod, "_gather_block", spy_gather)
+    monkeypatch.setattr(prepare_mod, "spatial_graph", spy_graph)
     tracemalloc.start()
     prepare(big, tmp_path / "big_store.zarr", chunk_cells=1500, n_neighbors=6, slide_key="slide")
     peaks["after"] = tracemalloc.get_traced_memory()[1]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import xscale
-from xscale.data.store import CellStore, prepare
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.tl.store_embed import embed_store_cells, embed_store_niches

@@ -12,7 +12,8 @@ import xscale
 from xscale.data.batch import collate_cells
 from xscale.data.niche_stream import NicheStream, chunks_per_niche, collate_niches
 from xscale.data.niches import build_niches
-from xscale.data.store import CellStore, prepare
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
 from xscale.data.stream import CellStream, shard_plan
 
 

@@ -11,7 +11,8 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from xscale.data.store import CellStore, prepare
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
 from xscale.data.writeback import (
     LatentWriter,
     latents_in_source_order,

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent("""
                      train_slides=["20180417_BZ5_control", "20180419_BZ9_control"], n_domains=3,
                      level1_max_steps=3, level2_max_steps=3, batch_size=32, progress=False)
     finetune(res.level1, a, task="batch_correction", slide_key="slice", max_steps=2, batch_size=48, progress=False)
-    from xscale.data.store import prepare
+    from xscale.data.prepare import prepare
     prepare(a, sys.argv[1] + "_store.zarr", slide_key="slice", chunk_cells=64)
     print("DONE")
 """)

@@ -138,7 +138,7 @@ def test_run_cli_bad_input(case, damage, extra, pattern, cells, tmp_path, capsys
 
 @pytest.mark.parametrize("case,damage,extra,pattern", CASES[:4], ids=[c[0] for c in CASES[:4]])
 def test_prepare_api_bad_input(case, damage, extra, pattern, cells, tmp_path):
-    from xscale.data.store import prepare
+    from xscale.data.prepare import prepare
 
     with pytest.raises(XscaleInputError, match=pattern):
         prepare(damage(cells.copy()), tmp_path / "out.zarr")
@@ -160,7 +160,8 @@ def test_counts_layer_fixes_normalised_input(cells, tmp_path, capsys):
 
 
 def test_zero_count_cells_dropped_with_count(cells, tmp_path, capsys):
-    from xscale.data.store import CellStore, prepare
+    from xscale.data.prepare import prepare
+    from xscale.data.store import CellStore
 
     a = cells.copy()
     x = a.X.toarray()

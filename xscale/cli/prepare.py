@@ -44,7 +44,8 @@ def resolve_input(name: str, slide_key: str | None) -> tuple[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xscale.data.store import CellStore, prepare
+    from xscale.data.prepare import prepare
+    from xscale.data.store import CellStore
 
     spatial_key = None if str(args.spatial_key).lower() == "none" else args.spatial_key
     source, slide_key = resolve_input(args.input, args.slide_key)
