@@ -33,12 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_input(name: str, slide_key: str | None) -> tuple[str, str | None]:
-    """A bundled dataset name (when no file of that name exists) -> its .h5ad and slide key."""
-    from pathlib import Path
-
+    """A bundled dataset name -> its .h5ad and slide key (a name wins over a file of that name, as in
+    ``xscale embed`` and ``finetune``); any other input as given."""
     import xscale.datasets as ds
 
-    if Path(name).exists() or name not in ds.available():
+    if name not in ds.available():
         return name, slide_key
     return str(ds.path(name)), slide_key or ds.info(name).slide_key
 
