@@ -43,6 +43,14 @@ def test_load_returns_raw_counts_coords_and_labels(name):
     assert "Wang" in xscale.datasets.source("starmap_mpfc")
 
 
+def test_resolve_maps_a_bundled_name_to_its_file_and_slide_key(tmp_path):
+    path, key = xscale.datasets.resolve("starmap_mpfc")
+    assert path == str(xscale.datasets.path("starmap_mpfc")) and key == "slice"
+    assert xscale.datasets.resolve("starmap_mpfc", "my_key") == (path, "my_key")  # a given key wins
+    other = str(tmp_path / "mine.h5ad")
+    assert xscale.datasets.resolve(other) == (other, None) and xscale.datasets.resolve(other, "s") == (other, "s")
+
+
 def test_unknown_dataset_lists_available():
     with pytest.raises(XscaleInputError, match="Available: .*starmap_mpfc"):
         xscale.datasets.load("nope")

@@ -139,6 +139,26 @@ def test_level2_cli_run_writes_store_and_metrics(starmap_small, tmp_path, capsys
     assert main(["run", "--data", str(data), "--out", str(out), "--slide-key", "nope", "--preset", "tiny"]) == 2
 
 
+def test_level2_cli_run_takes_a_bundled_dataset_name(tmp_path, monkeypatch):
+    """``xscale run --data starmap_mpfc`` reads the bundled file with its slide key (training stubbed)."""
+    import xscale.train.staged
+    from xscale.cli.main import main
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def stop(adata, out, **kw):
+        seen.update(n_obs=adata.n_obs, slide_key=kw["slide_key"], slides=adata.obs[kw["slide_key"]].nunique())
+        raise Stop  # before training
+
+    monkeypatch.setattr(xscale.train.staged, "run_staged", stop)
+    with pytest.raises(Stop):
+        main(["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "o"), "--preset", "tiny"])
+    assert seen == {"n_obs": 3190, "slide_key": "slice", "slides": 3}
+
+
 def test_level2_niche_embeddings_unit_invariant_and_padded(starmap_small):
     from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
     from xscale.tl.niches import niche_embeddings

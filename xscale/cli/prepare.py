@@ -32,22 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output store")
 
 
-def resolve_input(name: str, slide_key: str | None) -> tuple[str, str | None]:
-    """A bundled dataset name -> its .h5ad and slide key (a name wins over a file of that name, as in
-    ``xscale embed`` and ``finetune``); any other input as given."""
-    import xscale.datasets as ds
-
-    if name not in ds.available():
-        return name, slide_key
-    return str(ds.path(name)), slide_key or ds.info(name).slide_key
-
-
 def run(args: argparse.Namespace) -> int:
+    import xscale.datasets as ds
     from xscale.data.prepare import prepare
     from xscale.data.store import CellStore
 
     spatial_key = None if str(args.spatial_key).lower() == "none" else args.spatial_key
-    source, slide_key = resolve_input(args.input, args.slide_key)
+    source, slide_key = ds.resolve(args.input, args.slide_key)
     out = prepare(
         source, args.output, table_key=args.table_key, spatial_key=spatial_key,
         counts_layer=args.counts_layer, slide_key=slide_key, chunk_cells=args.chunk_cells,

@@ -16,7 +16,8 @@ DEFAULT_N_DOMAINS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="input .h5ad file, AnnData .zarr or SpatialData .zarr store")
+    parser.add_argument("--data", required=True, help="input .h5ad file, AnnData .zarr or SpatialData .zarr store, "
+                        "or a bundled dataset name (e.g. starmap_mpfc; its slide key is the default --slide-key)")
     parser.add_argument("--out", required=True, help="output directory (created; re-running resumes)")
     parser.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
     parser.add_argument("--slide-key", default=None, help="obs column naming each cell's slide (niches never cross)")
@@ -76,14 +77,16 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import xscale.datasets as ds
     from xscale.data.io import read_dataset
     from xscale.errors import XscaleInputError
     from xscale.train.staged import run_staged
 
     out = Path(args.out)
+    source, slide_key = ds.resolve(args.data, args.slide_key)
     adata = read_dataset(
-        args.data, table_key=args.table_key, spatial_key=args.spatial_key, counts_layer=args.counts_layer,
-        slide_key=args.slide_key,
+        source, table_key=args.table_key, spatial_key=args.spatial_key, counts_layer=args.counts_layer,
+        slide_key=slide_key,
     )
     domains = _label_column(adata, args.domain_key, "--domain-key")
     cell_types = _label_column(adata, args.cell_type_key, "--cell-type-key")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"--n-domains: expected 1..{adata.n_obs} (the number of cells), found {n_domains}.")
     epochs = {} if args.max_epochs is None else {"level1_epochs": args.max_epochs, "level2_epochs": args.max_epochs}
     result = run_staged(
-        adata, out, level1_preset=args.preset, level2_preset=args.preset, slide_key=args.slide_key,
+        adata, out, level1_preset=args.preset, level2_preset=args.preset, slide_key=slide_key,
         spatial_key=args.spatial_key, n_domains=n_domains, radius=args.radius, seed=args.seed,
         level1_max_steps=args.max_steps, level2_max_steps=args.max_steps, accelerator=args.accelerator,
         progress=not args.no_progress, domain_slide_center=not args.no_slide_center, **epochs,
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"skipped finished stages: {', '.join(result.skipped)}")
     if domains is not None or cell_types is not None:
-        metrics = _evaluate(result.adata, domains, cell_types, slide_key=args.slide_key,
+        metrics = _evaluate(result.adata, domains, cell_types, slide_key=slide_key,
                             spatial_key=args.spatial_key, seed=args.seed)
         from xscale.utils.atomic import atomic_write_text
 

@@ -65,6 +65,15 @@ def path(name: str) -> Path:
     return _HERE / info(name).name / info(name).file
 
 
+def resolve(source: str, slide_key: str | None = None) -> tuple[str, str | None]:
+    """``source`` as a path: a bundled dataset's name becomes its ``.h5ad`` file and, unless
+    ``slide_key`` is given, its slide key; anything else is returned as given (the name wins over a
+    file of that name). Lets the command line take a bundled name where it reads a file."""
+    if source not in DATASETS:
+        return source, slide_key
+    return str(path(source)), slide_key or info(source).slide_key
+
+
 def info(name: str) -> DatasetInfo:
     """Metadata (label key, slide key, held-out slide) of a bundled dataset."""
     if name not in DATASETS:
