@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 import xscale
 from xscale.cli.main import main as cli_main
-from xscale.data.prepare import prepare
+from xscale.data.prepare import DEFAULT_NEIGHBORS, prepare
 from xscale.data.sfc import hilbert_key, sfc_order
 from xscale.data.store import CellStore
 from xscale.errors import XscaleInputError
@@ -32,7 +32,8 @@ def test_h5ad_store_anndata_round_trip(starmap_store, starmap):
     np.testing.assert_allclose(back.obsm["spatial"], starmap.obsm["spatial"][src])
     assert list(back.var_names) == list(starmap.var_names)
     g = back.obsp["spatial_connectivities"]
-    assert g.shape == (starmap.n_obs, starmap.n_obs) and np.all(np.diff(g.indptr) == 10)
+    assert DEFAULT_NEIGHBORS == 15  # the niche size of the small level-2 preset, minus its centre
+    assert g.shape == (starmap.n_obs, starmap.n_obs) and np.all(np.diff(g.indptr) == DEFAULT_NEIGHBORS)
 
 
 def test_block_reads_open_each_array_once_and_match_the_store(starmap_store, monkeypatch):
@@ -150,3 +151,18 @@ def test_prepare_memory_stays_below_matrix(tmp_path, monkeypatch):
     assert max(peaks["counts"], peaks["after"]) < 0.85 * csr_bytes, (peaks, csr_bytes)
     back = CellStore(tmp_path / "big_store.zarr")
     assert back.n_cells == 36_000 and back.read_rows(0, 10).shape == (10, 960)
+
+
+def test_default_graph_fills_the_niches_of_the_default_level2_presets(starmap_store, caplog):
+    import logging
+
+    from xscale.models.cell_to_tissue import CellToTissueConfig
+    from xscale.train.niche_stream_data import warn_if_short_niches
+
+    store = CellStore(starmap_store)  # prepared with the defaults
+    with caplog.at_level(logging.WARNING, logger="xscale.train.niche_stream_data"):
+        for preset in ("tiny", "small"):
+            warn_if_short_niches(store, CellToTissueConfig.preset(preset, in_dim=8).max_cells)
+        assert caplog.records == []
+        warn_if_short_niches(store, CellToTissueConfig.preset("base", in_dim=8).max_cells)
+    assert "Prepare with n_neighbors=31" in caplog.text

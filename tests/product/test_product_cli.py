@@ -107,6 +107,21 @@ def test_cli_prepare_takes_a_bundled_dataset_name(tmp_path, capsys):
     assert "3 slide(s)" in capsys.readouterr().out
 
 
+def test_cli_prepare_defaults_are_the_function_defaults():
+    import argparse
+    import inspect
+
+    from xscale.cli import prepare as cli
+    from xscale.data.prepare import prepare
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["in.h5ad", "out.zarr"])
+    defaults = {k: v.default for k, v in inspect.signature(prepare).parameters.items()}
+    for name in ("chunk_cells", "curve", "n_neighbors", "radius", "table_key", "counts_layer", "slide_key"):
+        assert getattr(args, name) == defaults[name], name
+
+
 def test_cli_quiets_the_faiss_loader_unless_verbose(tmp_path, capsys):
     import logging
 

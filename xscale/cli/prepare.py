@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-cells", type=int, default=8192, help="cells per block (default: 8192)")
     parser.add_argument("--curve", choices=("hilbert", "morton", "random"), default="hilbert",
                         help="cell order within a slide (random: a shuffled baseline)")
-    parser.add_argument("--n-neighbors", type=int, default=10, help="k of the spatial kNN graph (default: 10)")
+    parser.add_argument("--n-neighbors", type=int, default=15,
+                        help="k of the spatial kNN graph (default: 15, the niche size of the small level-2 preset "
+                             "minus its centre; the base preset needs 31)")
     parser.add_argument("--radius", type=float, default=None,
                         help="radius graph instead of kNN, in median nearest-neighbour distances")
     parser.add_argument("--workers", type=int, default=2, help="dask threads reading blocks (default: 2)")

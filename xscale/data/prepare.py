@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_NEIGHBORS = 15  # k of the stored graph: max_cells - 1 of the default (small) level-2 preset
+
 
 class _Opaque:
     """Hides a (dask) matrix from dask's argument traversal."""
@@ -112,7 +114,7 @@ def prepare(
     slide_key: str | None = None,
     chunk_cells: int = 8192,
     curve: Curve | Literal["random"] = "hilbert",
-    n_neighbors: int = 10,
+    n_neighbors: int = DEFAULT_NEIGHBORS,
     radius: float | None = None,
     n_workers: int = 2,
     overwrite: bool = False,
@@ -135,7 +137,9 @@ def prepare(
         Space-filling curve of the cell order; ``"random"`` shuffles cells within each slide
         (a baseline for benchmarks: niches then spread over many blocks).
     n_neighbors, radius
-        Spatial graph (see :func:`xscale.data.niches.spatial_graph`).
+        Spatial graph (see :func:`xscale.data.niches.spatial_graph`). The default 15 fills the
+        niches of the level-2 presets ``tiny`` (11 cells) and ``small`` (16; each niche takes its
+        centre's nearest ``max_cells - 1`` neighbours); ``base`` (32 cells) needs 31.
     n_workers
         Dask threads for pass 1.
     overwrite
