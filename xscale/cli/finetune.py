@@ -68,18 +68,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read(data: str):
+    """A bundled dataset by name (the name wins over a file of that name, as in embed, run and
+    prepare), else an .h5ad file."""
     from pathlib import Path
 
+    import xscale.datasets
     from xscale.errors import XscaleInputError
 
+    if data in xscale.datasets.available():
+        return xscale.datasets.load(data)
     if Path(data).exists():
         import anndata as ad
 
         return ad.read_h5ad(data)
-    import xscale.datasets
-
-    if data in xscale.datasets.available():
-        return xscale.datasets.load(data)
     raise XscaleInputError(
         f"Data {data!r} is neither an existing .h5ad file nor a bundled dataset ({xscale.datasets.available()})."
     )
