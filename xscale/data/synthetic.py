@@ -148,12 +148,14 @@ def tile_tissue(
         data = xg.create_array("data", shape=(0,), chunks=(chunk_nnz,), dtype="float32")
         indices = xg.create_array("indices", shape=(0,), chunks=(chunk_nnz,), dtype="int32")
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
-        for i in tqdm(range(0, len(tasks), 2), desc="tile_tissue", unit="2 blocks", leave=False):
-            for (a, b), m in zip(blocks[i : i + 2],
-                                 dask.compute(*tasks[i : i + 2], scheduler="threads", num_workers=2), strict=True):
-                data.append(m.data)
-                indices.append(m.indices.astype(np.int32))
-                indptr[a + 1 : b + 1] = indptr[a] + m.indptr[1:]
+        with tqdm(total=len(tasks), desc="tile_tissue", unit="block", leave=False) as bar:
+            for i in range(0, len(tasks), 2):  # two blocks at a time, built in parallel, appended in order
+                for (a, b), m in zip(blocks[i : i + 2],
+                                     dask.compute(*tasks[i : i + 2], scheduler="threads", num_workers=2), strict=True):
+                    data.append(m.data)
+                    indices.append(m.indices.astype(np.int32))
+                    indptr[a + 1 : b + 1] = indptr[a] + m.indptr[1:]
+                    bar.update(1)
         xg.create_array("indptr", shape=indptr.shape, chunks=(1 << 16,), dtype="int64")[:] = indptr
         xg.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [n_cells, x.shape[1]]})
         write_unsharded(root, "obs", obs)
