@@ -176,6 +176,16 @@ NOTES = {
         "/ 0.534 (0.539 vs 0.562). Not adopted: no setting gains on both datasets beyond seed noise, and none "
         "would close the held-out gaps (seqFISH needs +0.025 over the committed 0.599 for the baseline goal and "
         "+0.044 for the pooling goal).",
+        "2026-11-25 (fifteenth session), tuning splits, 3200 steps (/work/exp/l1_drop.py in the session: "
+        "l1.py with dropout patched into every attention output and MLP output of the encoder, Xpressor and "
+        "decoder; the model has no dropout). Dropout 0.1: STARmap 0.702 / 0.722 / 0.705 (seeds 0-2, mean "
+        "0.710 vs 0.699 without, the fourteenth session's references), seqFISH 0.558 / 0.547 (seeds 0-1, mean "
+        "0.552 vs 0.562). CLS pooling on the same STARmap split: 0.701 without dropout (seed 0), 0.692 / "
+        "0.682 with it (seeds 0-1): CLS scores as the Xpressor does here, so dropout would not reach the "
+        "1.05x pooling goal. Not adopted (within seed noise on STARmap, lower on seqFISH). Also checked, as a "
+        "proxy for per-slide input standardisation: log-normalised expression z-scored per slide instead of "
+        "over all cells lowers the lognorm probe on both tuning splits (STARmap 0.697 -> 0.653, seqFISH 0.461 "
+        "-> 0.440; centring per slide 0.658 / 0.440), so that was not tried in the model.",
     ],
 }
 
