@@ -135,6 +135,12 @@ def test_level2_cli_run_writes_store_and_metrics(starmap_small, tmp_path, capsys
     assert set(metrics["domains"]["per_slide"]) == set(starmap_small.obs["slice"].astype(str))
     assert -1.0 <= metrics["domains"]["xscale_domain"]["ari"] <= 1.0
     assert 0.0 <= metrics["cell_types"]["knn_purity_xscale_cell"] <= 1.0
+    # the printed summary puts each score beside its baseline
+    summary = metrics["summary"]
+    assert {"knn_purity_xscale_cell", "knn_purity_pca", "domain_ari_xscale_niche", "domain_ari_pca_spatial_mean",
+            "domain_ari_xscale_domain"} <= set(summary)
+    assert summary["domain_ari_xscale_domain"] == metrics["domains"]["xscale_domain"]["ari"]
+    assert '"knn_purity_pca"' in capsys.readouterr().out
     # a missing key is a user error (exit 2), not a traceback
     assert main(["run", "--data", str(data), "--out", str(out), "--slide-key", "nope", "--preset", "tiny"]) == 2
 

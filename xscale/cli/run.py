@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         from xscale.utils.atomic import atomic_write_text
 
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        print(f"{out / 'metrics.json'}: " + json.dumps(metrics.get("summary", {})))
+        summary = {k: round(v, 3) for k, v in metrics.get("summary", {}).items()}  # full precision in the file
+        print(f"{out / 'metrics.json'}: " + json.dumps(summary))
     return 0
 
 
@@ -161,10 +162,13 @@ def _evaluate(adata, domains, cell_types, *, slide_key: str | None, spatial_key:
         methods = ("xscale_niche", "xscale_cell_spatial_mean", "pca", "pca_spatial_mean")
         out["summary"] = {f"domain_ari_{m}": float(np.mean([v[m]["ari"] for v in per_slide.values()]))
                           for m in methods} if per_slide else {}
+        out["summary"]["domain_ari_xscale_domain"] = out["domains"]["xscale_domain"]["ari"]
     if cell_types is not None:
         typed = cell_types != ""
         out["cell_types"] = {"knn_purity_xscale_cell": knn_purity(cell[typed], cell_types[typed]),
                              "knn_purity_pca": knn_purity(pcs[typed], cell_types[typed]),
                              "n_labelled": int(typed.sum())}
-        out.setdefault("summary", {})["knn_purity_xscale_cell"] = out["cell_types"]["knn_purity_xscale_cell"]
+        summary = out.setdefault("summary", {})  # each score beside its baseline
+        summary["knn_purity_xscale_cell"] = out["cell_types"]["knn_purity_xscale_cell"]
+        summary["knn_purity_pca"] = out["cell_types"]["knn_purity_pca"]
     return out
