@@ -107,6 +107,23 @@ def test_cli_prepare_takes_a_bundled_dataset_name(tmp_path, capsys):
     assert "3 slide(s)" in capsys.readouterr().out
 
 
+def test_cli_no_progress_hides_every_bar(tiny_models, starmap_subset_h5ad, tmp_path, capsys):
+    """``--no-progress`` on embed and prepare hides the bars they show otherwise (on stderr)."""
+    embed = ["embed", "--checkpoint", str(tiny_models), "--data", str(starmap_subset_h5ad),
+             "--slide-key", "slice", "--batch-size", "16"]  # 600 cells: 38 batches, enough for a bar
+    assert main([*embed, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "cells:" in err and "niches:" in err
+    assert main([*embed, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "cells:" not in err and "niches:" not in err
+    assert main(["prepare", str(starmap_subset_h5ad), str(tmp_path / "p.zarr"), "--slide-key", "slice"]) == 0
+    assert "prepare: write" in capsys.readouterr().err
+    assert main(["prepare", str(starmap_subset_h5ad), str(tmp_path / "q.zarr"), "--slide-key", "slice",
+                 "--no-progress"]) == 0
+    assert "prepare:" not in capsys.readouterr().err
+
+
 def test_cli_prepare_defaults_are_the_function_defaults():
     import argparse
     import inspect

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         )}
     held = np.flatnonzero(adata.obs[info.slide_key].astype(str).to_numpy() == info.holdout)
     sub = adata[held].copy()
-    xscale.tl.reconstruct(sub, result.level1)  # held-out cells decoded from their latents
+    # held-out cells decoded from their latents
+    xscale.tl.reconstruct(sub, result.level1, progress=not args.no_progress)
     expected = np.full(adata.shape, np.nan, dtype=np.float32)
     expected[held] = sub.layers["xscale_expected"]
     adata.layers["xscale_expected"] = expected

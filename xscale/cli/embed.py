@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask", metavar="local|ADDRESS", help="embed level 1 on a Dask cluster")
     p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
     p.add_argument("--overwrite", action="store_true", help="prepared store: replace latents already in it")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _model_dir(path):
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dask:
         adata.obsm["X_xscale_cell"] = _embed_dask(args, adata, l1_dir, out)
     else:
-        xscale.tl.embed_cells(adata, l1, batch_size=args.batch_size)
+        xscale.tl.embed_cells(adata, l1, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"cell latents: obsm['X_xscale_cell'] {np.asarray(adata.obsm['X_xscale_cell']).shape}")
     if l2 is not None:
         if args.spatial_key not in adata.obsm:
@@ -187,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
                 f"Niche embedding needs coordinates in obsm[{args.spatial_key!r}]; available: {sorted(adata.obsm)}. "
                 "Pass --spatial-key, or embed level 1 only (a model directory without level2/)."
             )
-        xscale.tl.embed_niches(adata, l2, slide_key=slide_key, spatial_key=args.spatial_key)
+        xscale.tl.embed_niches(adata, l2, slide_key=slide_key, spatial_key=args.spatial_key,
+                               progress=not args.no_progress)
         print(f"niche latents: obsm['X_xscale_niche'] {np.asarray(adata.obsm['X_xscale_niche']).shape}")
         if args.n_domains:
             xscale.tl.domains(adata, args.n_domains)
@@ -217,9 +219,11 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
         )
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
-    path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite)
+    progress = not args.no_progress
+    path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
     print(f"cell latents: {path}")
     if l2 is not None:
-        path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite)
+        path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite,
+                                  progress=progress)
         print(f"niche latents: {path}")
     return 0

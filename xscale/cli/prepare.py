@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="radius graph instead of kNN, in median nearest-neighbour distances")
     parser.add_argument("--workers", type=int, default=2, help="dask threads reading blocks (default: 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         source, args.output, table_key=args.table_key, spatial_key=spatial_key,
         counts_layer=args.counts_layer, slide_key=slide_key, chunk_cells=args.chunk_cells,
         curve=args.curve, n_neighbors=args.n_neighbors, radius=args.radius, n_workers=args.workers,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
     store = CellStore(out)
     print(f"{out}: {store.n_cells} cells x {store.n_genes} genes, {len(store.slide_names)} slide(s), "

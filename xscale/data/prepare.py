@@ -118,6 +118,7 @@ def prepare(
     radius: float | None = None,
     n_workers: int = 2,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Convert a dataset to an xscale zarr store (see the module docstring for the layout).
 
@@ -144,6 +145,8 @@ def prepare(
         Dask threads for pass 1.
     overwrite
         Replace an existing store at ``out``.
+    progress
+        Show progress bars for the read and write passes.
 
     Returns
     -------
@@ -211,7 +214,8 @@ def prepare(
         totals = np.zeros(n)
         nnz_src = np.zeros(n, dtype=np.int64)
         batch = max(1, n_workers) * 2  # bounded number of blocks in flight
-        for i in tqdm(range(0, len(tasks), batch), desc="prepare: read", unit="block-batch", leave=False):
+        for i in tqdm(range(0, len(tasks), batch), desc="prepare: read", unit="block-batch", leave=False,
+                      disable=not progress):
             for start, tot, nnz in dask.compute(*tasks[i : i + batch], scheduler="threads", num_workers=n_workers):
                 totals[start : start + tot.shape[0]] = tot
                 nnz_src[start : start + tot.shape[0]] = nnz
@@ -243,7 +247,8 @@ def prepare(
         # pass 2: assemble each destination block in store order and write it
         keep_by_rank = keep[order_all]
         pos = 0
-        for d in tqdm(range(-(-n // chunk_cells)), desc="prepare: write", unit="block", leave=False):
+        for d in tqdm(range(-(-n // chunk_cells)), desc="prepare: write", unit="block", leave=False,
+                      disable=not progress):
             block = _gather_block(d, piece_dir, keep_by_rank)
             p0, p1 = indptr[pos], indptr[pos + block.shape[0]]
             data[p0:p1] = block.data

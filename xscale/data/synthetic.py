@@ -54,6 +54,7 @@ def tile_tissue(
     keep_min: float = 0.7,
     chunk_cells: int = 8192,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path | ad.AnnData:
     """Build an ``n_cells`` tissue from the real cells of ``adata`` (raw counts in X, coordinates in obsm).
 
@@ -75,6 +76,10 @@ def tile_tissue(
         Lowest per-cell binomial thinning probability.
     chunk_cells
         Rows per generated block.
+    overwrite
+        Replace an existing store at ``out``.
+    progress
+        Show a progress bar while blocks are written (``out`` given).
 
     Returns
     -------
@@ -148,7 +153,7 @@ def tile_tissue(
         data = xg.create_array("data", shape=(0,), chunks=(chunk_nnz,), dtype="float32")
         indices = xg.create_array("indices", shape=(0,), chunks=(chunk_nnz,), dtype="int32")
         indptr = np.zeros(n_cells + 1, dtype=np.int64)
-        with tqdm(total=len(tasks), desc="tile_tissue", unit="block", leave=False) as bar:
+        with tqdm(total=len(tasks), desc="tile_tissue", unit="block", leave=False, disable=not progress) as bar:
             for i in range(0, len(tasks), 2):  # two blocks at a time, built in parallel, appended in order
                 for (a, b), m in zip(blocks[i : i + 2],
                                      dask.compute(*tasks[i : i + 2], scheduler="threads", num_workers=2), strict=True):

@@ -31,14 +31,17 @@ def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_ge
     return ds
 
 
-def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: int) -> Iterator[tuple[int, CellBatch]]:
-    """Batches in cell order; each batch's gene context is drawn with its own seeded generator."""
+def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: int,
+             progress: bool = True) -> Iterator[tuple[int, CellBatch]]:
+    """Batches in cell order; each batch's gene context is drawn with its own seeded generator.
+    A progress bar when ``progress`` and there are 20 batches or more."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     from tqdm.auto import tqdm
 
     starts = range(0, len(ds), batch_size)
-    for start in tqdm(starts, desc="cells", unit="batch", disable=len(starts) < 20, leave=False):
+    for start in tqdm(starts, desc="cells", unit="batch", disable=not progress or len(starts) < 20,
+                      leave=False):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         rng = np.random.default_rng([seed, start])
         yield start, collate_cells(items, max_genes=model.config.inference_context, rng=rng)
@@ -59,6 +62,7 @@ def embed_cells(
     seed: int = 0,
     copy: bool = False,
     compile: bool = False,
+    progress: bool = True,
 ) -> AnnData | None:
     """Embed every cell with a level-1 model.
 
@@ -87,6 +91,8 @@ def embed_cells(
         (4-20 s on a CPU, measured) for faster batches: worth it for large datasets only
         (benchmarks/throughput.py: 1.58x cells/s on one CPU thread, median of 5 passes). Needs a
         C compiler.
+    progress
+        Show a progress bar (from 20 batches on).
 
     Returns
     -------
@@ -102,7 +108,7 @@ def embed_cells(
     device = _device(model)
     embed = torch.compile(model.embed, dynamic=True) if compile else model.embed
     with torch.inference_mode():
-        for start, batch in _batches(ds, model, batch_size, seed):
+        for start, batch in _batches(ds, model, batch_size, seed, progress):
             b = batch.to(device)
             out[start : start + len(b)] = embed(b.gene_ids, b.values, b.pad_mask).float().cpu().numpy()
     model.train(was_training)
@@ -125,6 +131,7 @@ def reconstruct(
     min_genes: int = 10,
     seed: int = 0,
     copy: bool = False,
+    progress: bool = True,
 ) -> AnnData | None:
     """Decode each cell's latents back to expected counts.
 
@@ -134,7 +141,7 @@ def reconstruct(
 
     Parameters
     ----------
-    adata, model, batch_size, counts_layer, min_genes, seed, copy
+    adata, model, batch_size, counts_layer, min_genes, seed, copy, progress
         As for :func:`embed_cells`.
     layer_added
         ``layers`` key written.
@@ -154,7 +161,7 @@ def reconstruct(
     device = _device(model)
     all_ids = torch.as_tensor(mapping.gene_ids, device=device)  # (G_known,)
     with torch.inference_mode():
-        for start, batch in _batches(ds, model, batch_size, seed):
+        for start, batch in _batches(ds, model, batch_size, seed, progress):
             b = batch.to(device)
             latents = model.encode(b.gene_ids, b.values, b.pad_mask)  # (B, K, D)
             n = len(b)

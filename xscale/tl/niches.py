@@ -68,7 +68,8 @@ def niche_embeddings(
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode():
-        for batch in tqdm(data.loader(batch_size, shuffle=False), disable=not progress, desc="embed niches"):
+        for batch in tqdm(data.loader(batch_size, shuffle=False), disable=not progress, desc="niches",
+                          unit="batch", leave=False):
             batch = batch.to(device)
             out.append(model.embed(batch.cell_latents, batch.rel_xy, batch.pad_mask).float().cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0, model.config.n_tissue_latents * model.config.dim))
@@ -85,6 +86,7 @@ def embed_niches(
     radius: float | None = None,
     batch_size: int = 256,
     copy: bool = False,
+    progress: bool = True,
 ) -> ad.AnnData | None:
     """One niche embedding per cell: the T tissue latents of the niche centred on it.
 
@@ -104,6 +106,8 @@ def embed_niches(
         Optional neighbour radius in median nearest-neighbour distances.
     copy
         Return a modified copy instead of writing into ``adata``.
+    progress
+        Show a progress bar over the niche batches.
 
     Returns
     -------
@@ -118,7 +122,8 @@ def embed_niches(
             f"{model.config.in_dim}; embed the cells with the level-1 model this level 2 was trained on."
         )
     adata.obsm[key_added] = niche_embeddings(
-        model, latents, coords, slides=_slides(adata, slide_key), radius=radius, batch_size=batch_size
+        model, latents, coords, slides=_slides(adata, slide_key), radius=radius, batch_size=batch_size,
+        progress=progress,
     )
     return adata if copy else None
 

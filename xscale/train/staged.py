@@ -303,7 +303,7 @@ def run_staged(
 
     def make_cells() -> np.ndarray:
         tmp = adata.copy()
-        embed_cells(tmp, level1, key_added=CELL_KEY)
+        embed_cells(tmp, level1, key_added=CELL_KEY, progress=progress)
         return np.asarray(tmp.obsm[CELL_KEY], dtype=np.float32).reshape(n, -1)
 
     def make_level2() -> CellToTissue:
