@@ -125,6 +125,7 @@ def test_finetune_learns_labels_from_the_xpressor(starmap_small):
     # Encoder and gene tokens are random and frozen: the Xpressor + head alone must fit the labels.
     assert f1_score(truth, pred, average="macro") > 0.6
     assert list(adata.obs["pred"]) == list(pred)
+    assert list(adata.obs["pred"].cat.categories) == list(res.head.config.classes)  # categorical, head's order
 
 
 @pytest.mark.parametrize("correction", ["adversarial", "mmd"])

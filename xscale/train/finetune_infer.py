@@ -8,6 +8,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
 
 from xscale.data.anndata_dataset import AnnDataCellDataset
@@ -70,11 +71,9 @@ def predict_labels(
     with torch.no_grad():
         idx = torch.cat([head(chunk).argmax(-1) for chunk in latents.split(4096)]).numpy()
     pred = np.asarray(head.config.classes, dtype=object)[idx].astype(str)
-    if key_added is not None:
-        adata.obs[key_added] = pred
+    if key_added is not None:  # categorical, in the head's class order (as anndata would store it anyway)
+        adata.obs[key_added] = pd.Categorical(pred, categories=list(head.config.classes))
     return pred
-
-
 
 
 SUMMARY_CELLS = 512  # training cells on which latent_summary compares a slide correction's before and after
