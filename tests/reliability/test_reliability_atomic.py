@@ -58,6 +58,7 @@ def test_replace_dir_swaps_and_keeps_the_old_directory_when_the_rename_fails(tmp
     target, new = tmp_path / "model", tmp_path / "model.tmp"
     target.mkdir()
     (target / "v").write_text("old")
+    atomic.mark_complete(target)  # an earlier xscale output: replaceable
     new.mkdir()
     (new / "v").write_text("new")
     real_replace = os.replace
@@ -107,6 +108,77 @@ def test_finetune_output_is_replaced_through_replace_dir(tmp_path, monkeypatch):
     assert [d for _, d in calls][-2:] == [os.fspath(out), os.fspath(out)]  # the swap was tried, then undone
     left = sorted(p.name for p in tmp_path.iterdir())  # the old result and the new one's temporary
     assert len(left) == 2 and left[0] == "ft" and left[1].startswith("ft.tmp-"), left
+
+
+def _user_files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_outputs_never_replace_what_xscale_did_not_write(tmp_path):
+    """A file, or a folder of other things, is refused before any work and left as it was; empty
+    folders, earlier xscale outputs, saved models and zarr stores are replaceable."""
+    from xscale.errors import XscaleInputError
+    from xscale.utils.atomic import check_replaceable
+
+    mine = tmp_path / "project"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "analysis.ipynb").write_text("my work")
+    (mine / "notes" / "a.txt").write_text("more")
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("x,y")
+    before = _user_files(tmp_path)
+    for target, found in ((mine, "analysis.ipynb, notes"), (a_file, "found a file")):
+        with pytest.raises(XscaleInputError, match=found):
+            with atomic_dir(target) as tmp:
+                (tmp / "x").write_text("new")
+        with pytest.raises(XscaleInputError):
+            replace_dir(tmp_path / "new", target)
+    assert _user_files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "results.csv"]  # no temporaries left
+    for name, files in (("empty", []), ("earlier", [".xscale-complete", "v"]), ("copied_model",
+                        ["config.json", "model.safetensors"]), ("v3.zarr", ["zarr.json"]), ("v2.zarr", [".zgroup"])):
+        d = tmp_path / name
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("")
+        check_replaceable(d)
+    check_replaceable(tmp_path / "missing")
+
+
+def test_cli_outputs_refuse_a_file_or_a_foreign_folder(tmp_path, capsys):
+    """finetune --out, prepare --overwrite, run / embed / demo --out: one clear line (exit 2), nothing lost."""
+    import xscale
+    from xscale.cli.main import main
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    model = tmp_path / "m"
+    save_model(GeneToCell(GeneToCellConfig.preset("tiny", genes=list(xscale.datasets.load("starmap_mpfc").var_names))),
+               model)
+    user = tmp_path / "user"
+    mine = user / "project"
+    mine.mkdir(parents=True)
+    (mine / "analysis.ipynb").write_text("my work")
+    a_file = user / "results.csv"
+    a_file.write_text("x,y")
+    before = _user_files(user)
+    for argv in (
+        ["finetune", str(model), "starmap_mpfc", "--task", "cell_type", "--label-key", "cell_type", "--out", str(mine)],
+        ["finetune", str(model), "starmap_mpfc", "--task", "cell_type", "--label-key", "cell_type",
+         "--out", str(a_file)],
+        ["prepare", "starmap_mpfc", str(mine), "--overwrite"],
+        ["prepare", "starmap_mpfc", str(a_file), "--overwrite"],
+        ["run", "--data", "starmap_mpfc", "--out", str(a_file), "--preset", "tiny", "--max-steps", "1"],
+        ["embed", "--checkpoint", str(model), "--data", "starmap_mpfc", "--out", str(a_file)],
+        ["demo", "--out", str(a_file)],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert str(a_file if str(a_file) in argv else mine) in err and "Traceback" not in err, (argv, err)
+    assert _user_files(user) == before
+    assert sorted(p.name for p in user.iterdir()) == ["project", "results.csv"]  # no temporaries left
+    assert main(["prepare", "starmap_mpfc", str(a_file)]) == 2  # without --overwrite: says what is there
+    assert "found a file already there" in capsys.readouterr().err
 
 
 def test_atomic_dir_no_overwrite(tmp_path):

@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     import json
     import logging
     import time
-    from pathlib import Path
 
     import numpy as np
     import scipy.sparse as sp
@@ -90,14 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
     from xscale.pipelines import evaluate_adata
     from xscale.train.staged import run_staged
-    from xscale.utils.atomic import atomic_write_text
+    from xscale.utils.atomic import atomic_write_text, make_output_dir
 
     log = logging.getLogger("xscale.demo")
     if args.n_domains < 2:
         raise XscaleInputError(f"--n-domains must be >= 2; got {args.n_domains}.")
     t_start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.out)
     info = ds.info(DATASET)
     adata = ds.load(DATASET)
     slides = sorted(set(adata.obs[info.slide_key].astype(str)))

@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.store import is_prepared_store
     from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
+    from xscale.utils.atomic import make_output_dir
 
     if args.data not in ds.available() and not Path(args.data).exists():
         raise XscaleInputError(f"--data {args.data!r}: expected a bundled dataset name ({', '.join(ds.available())}), "
@@ -175,8 +176,7 @@ def run(args: argparse.Namespace) -> int:
         adata = read_dataset(args.data, table_key=args.table_key, spatial_key=spatial,
                              counts_layer=args.counts_layer, slide_key=args.slide_key)
         slide_key = args.slide_key
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(args.out)
     if args.dask:
         adata.obsm["X_xscale_cell"] = _embed_dask(args, adata, l1_dir, out)
     else:

@@ -31,7 +31,8 @@ Examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="directory of a saved level-1 model (model.safetensors + config.json)")
     p.add_argument("data", help="an .h5ad file with raw counts, or a bundled dataset name (e.g. starmap_mpfc)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", required=True,
+                   help="output directory: new, empty or an earlier finetune output (replaced whole, atomically)")
     p.add_argument("--task", choices=("cell_type", "batch_correction"), default="cell_type")
     p.add_argument("--label-key", help="obs column with cell-type labels (task cell_type)")
     p.add_argument("--slide-key", help="obs column with the slide / batch of each cell (task batch_correction)")

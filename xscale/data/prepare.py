@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from xscale.data.niches import median_nn_distance, spatial_graph
 from xscale.data.sfc import CURVES, Curve, sfc_order
-from xscale.data.store import SOURCE_INDEX, STORE_VERSION
+from xscale.data.store import SOURCE_INDEX, STORE_VERSION, is_prepared_store
 from xscale.data.validate import (
     _empty_error,
     check_counts,
@@ -32,7 +32,7 @@ from xscale.data.validate import (
     check_spatial,
 )
 from xscale.errors import XscaleInputError
-from xscale.utils.atomic import replace_dir
+from xscale.utils.atomic import check_replaceable, replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -162,8 +162,10 @@ def prepare(
     if chunk_cells < 1:
         raise XscaleInputError(f"chunk_cells: expected >= 1, found {chunk_cells}.")
     if out.exists() and not overwrite:
-        raise XscaleInputError(f"{out}: a store already exists here. "
-                               "Pass overwrite=True (CLI: --overwrite) or another path.")
+        what = "a store" if is_prepared_store(out) else "a file" if out.is_file() else "something"
+        raise XscaleInputError(f"{out}: expected a path for a new store, found {what} already there. "
+                               "Pass overwrite=True (CLI: --overwrite) to replace a store, or another path.")
+    check_replaceable(out)  # --overwrite replaces an earlier store, never a file or a folder of other things
     adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells)
     n, g = adata.shape
     if n == 0 or g == 0:

@@ -54,7 +54,7 @@ from xscale.train.finetune_infer import (
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
 from xscale.train.quiet import log_interval, quiet_fit
-from xscale.utils.atomic import atomic_dir
+from xscale.utils.atomic import atomic_dir, check_replaceable
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -244,7 +244,8 @@ def finetune(
         On ``benchmarks/peft.py``'s validation split it raised PEFT's macro-F1 by ~0.03 (NOTES).
     output_dir
         If given, writes ``model/`` (GeneToCell), ``head/`` (cell_type) and ``finetune.json``
-        (task, classes, trainable_fraction, metrics) there, atomically.
+        (task, classes, trainable_fraction, metrics) there, atomically. It must be new, empty or an
+        earlier fine-tuning output (:func:`~xscale.utils.atomic.check_replaceable`): it is replaced whole.
     log_dir
         Lightning CSV logs go here (none if None).
     callbacks
@@ -270,6 +271,8 @@ def finetune(
     if thinning is not None and not 0.0 < thinning <= 1.0:
         raise XscaleInputError(f"thinning: expected the lowest keep fraction in (0, 1] such as 0.5, found {thinning}. "
                                "Pass None to train on the cells as measured.")
+    if output_dir is not None:
+        check_replaceable(output_dir)  # before training: the result replaces output_dir as a whole
     L.seed_everything(seed, verbose=False)
     net = _load(model)
     if layer_mix:

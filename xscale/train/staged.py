@@ -240,11 +240,11 @@ def run_staged(
     from xscale.tl.niches import domains, niche_embeddings
     from xscale.train.level1 import fit_level1
     from xscale.train.level2 import fit_level2
-    from xscale.utils.atomic import atomic_write_text
+    from xscale.utils.atomic import atomic_write_text, make_output_dir
 
-    out_dir = Path(out_dir)
+    out_dir = make_output_dir(out_dir)
     ckpt = out_dir / "checkpoints"
-    ckpt.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(exist_ok=True)
     if spatial_key not in adata.obsm:
         raise XscaleInputError(
             f"spatial_key {spatial_key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}. "

@@ -13,6 +13,10 @@ Three primitives:
   build their temporary directory themselves: the old target is moved aside, not deleted,
   until the new one is in place.
 
+Both replace only what xscale could have written there (:func:`check_replaceable`): nothing, an
+empty directory, a directory with the completion marker, or a zarr store. A file, or a directory
+of anything else (``--out .`` by mistake), is refused before any work and again before the swap.
+
 Temporaries live beside their target (same file system), so the final rename is a
 single atomic ``rename(2)``. Temporaries left by a killed process (SIGKILL, power loss)
 are recognised by the dead process id in their name and removed by
@@ -122,6 +126,50 @@ def mark_complete(path: str | os.PathLike) -> None:
     marker.write_text("complete\n")
 
 
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output directory ``path`` (and parents) if needed; a file there is a clear
+    :class:`~xscale.errors.XscaleInputError`, not a traceback. Returns the path."""
+    from xscale.errors import XscaleInputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise XscaleInputError(f"{path}: expected an output directory, found a file. Pass another path.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+#: Files whose presence marks a zarr store (v3, v2 group, v2 array).
+_ZARR_FILES = ("zarr.json", ".zgroup", ".zarray")
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Raise :class:`~xscale.errors.XscaleInputError` unless ``path`` may be replaced by an xscale output.
+
+    Replaceable: a path that does not exist, an empty directory, a directory holding the
+    completion marker (an earlier xscale output), a saved model or a zarr store. Anything else, a file or a
+    directory of other things, may be the user's own work and is never moved or deleted.
+    """
+    from xscale.errors import XscaleInputError
+
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise XscaleInputError(f"{path}: expected a new or earlier xscale output directory, found a file. "
+                               "Pass another path; xscale does not replace it.")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or COMPLETE_MARKER in entries or any(name in entries for name in _ZARR_FILES):
+        return
+    if {"config.json", "model.safetensors"} <= set(entries):  # a saved model copied without its marker
+        return
+    shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+    raise XscaleInputError(
+        f"{path}: expected a new, empty or earlier xscale output directory, found one that holds other "
+        f"things ({shown}). xscale replaces its output directory as a whole, so it would delete them: "
+        "pass a new path (e.g. a subdirectory) instead."
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool = True) -> Iterator[Path]:
     """Build a directory under a temporary name; rename it to ``path`` on success.
@@ -141,6 +189,12 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool 
     ------
     The temporary directory (``<path>.tmp-<pid>-<hex>``, same parent) to write into.
 
+    Raises
+    ------
+    XscaleInputError
+        Before any work, when ``path`` holds something that is not an xscale output
+        (:func:`check_replaceable`).
+
     Notes
     -----
     On success the marker :data:`COMPLETE_MARKER` is written inside (unless ``marker=False``), then the directory
@@ -153,6 +207,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = _temp_name(path)
@@ -176,8 +231,10 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     ``dst`` is briefly absent. If the rename fails, the old directory is moved back before the error
     propagates, so a failed replacement loses nothing already written. ``src`` and ``dst`` must
     be on one file system (temporaries live beside their target). Returns ``dst``.
+    ``dst`` must be replaceable (:func:`check_replaceable`); if not, nothing moves.
     """
     src, dst = Path(src), Path(dst)
+    check_replaceable(dst)
     old: Path | None = None
     if dst.exists() or dst.is_symlink():
         old = dst.with_name(f"{dst.name}{_TMP_TAG}{os.getpid()}-old{secrets.token_hex(4)}")
