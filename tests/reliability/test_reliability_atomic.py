@@ -179,6 +179,16 @@ def test_cli_outputs_refuse_a_file_or_a_foreign_folder(tmp_path, capsys):
     assert sorted(p.name for p in user.iterdir()) == ["project", "results.csv"]  # no temporaries left
     assert main(["prepare", "starmap_mpfc", str(a_file)]) == 2  # without --overwrite: says what is there
     assert "found a file already there" in capsys.readouterr().err
+    # an AnnData zarr is replaceable as a store, but never by its own prepared store
+    source = tmp_path / "data.zarr"
+    from xscale.data.zarr_settings import zarr_format_2
+
+    with zarr_format_2():
+        xscale.datasets.load("starmap_mpfc")[:50].copy().write_zarr(source)
+    listing = sorted(p.name for p in source.iterdir())
+    assert main(["prepare", str(source), str(source), "--overwrite", "--spatial-key", "none"]) == 2
+    assert "the input would be replaced" in capsys.readouterr().err
+    assert sorted(p.name for p in source.iterdir()) == listing
 
 
 def test_atomic_dir_no_overwrite(tmp_path):

@@ -166,6 +166,12 @@ def prepare(
         raise XscaleInputError(f"{out}: expected a path for a new store, found {what} already there. "
                                "Pass overwrite=True (CLI: --overwrite) to replace a store, or another path.")
     check_replaceable(out)  # --overwrite replaces an earlier store, never a file or a folder of other things
+    if isinstance(source, (str, os.PathLike)):
+        src = Path(source).resolve()
+        if src == out.resolve() or out.resolve() in src.parents or src in out.resolve().parents:
+            raise XscaleInputError(f"{out}: expected an output path apart from the input {source}, found the "
+                                   "same path (or one inside the other): the input would be replaced. "
+                                   "Pass another output path.")
     adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells)
     n, g = adata.shape
     if n == 0 or g == 0:
