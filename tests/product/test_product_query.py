@@ -151,3 +151,8 @@ def test_cli_domains_reclusters_niche_latents(starmap_store, tmp_path, capsys):
     assert ad.read_zarr(out).obs["xscale_domain"].nunique() == 4
     assert main(["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "nope"]) == 2
     assert "slide_key 'nope' not found" in capsys.readouterr().err
+    assert main(["domains", "--store", str(path), "--n-domains", "4", "--label-key", "typo", "--out",
+                 str(tmp_path / "never.zarr")]) == 2
+    captured = capsys.readouterr()
+    assert "--label-key 'typo'" in captured.err and "domains in obs" not in captured.out  # before clustering
+    assert not (tmp_path / "never.zarr").exists()

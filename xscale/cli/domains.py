@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         adata = ad.read_zarr(store)
     except Exception as err:  # a damaged zarr raises many types
         raise XscaleInputError(f"Could not read {str(store)!r} as an AnnData zarr store: {err}") from err
+    if args.label_key and args.label_key not in adata.obs:  # checked before any work
+        raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
+                               f"Available: {list(adata.obs.columns)}.")
     if args.use_rep in adata.obsm and np.asarray(adata.obsm[args.use_rep]).ndim > 2:
         adata.obsm[args.use_rep] = np.asarray(adata.obsm[args.use_rep]).reshape(adata.n_obs, -1)
     xscale.tl.domains(adata, args.n_domains, key_added=args.key_added, use_rep=args.use_rep,
@@ -57,9 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if args.label_key:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-        if args.label_key not in adata.obs:
-            raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
-                                   f"Available: {list(adata.obs.columns)}.")
         m = adata.obs[args.label_key].notna().to_numpy()
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
