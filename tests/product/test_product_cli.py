@@ -89,6 +89,14 @@ def test_cli_embed_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert not (tmp_path / "o" / "cells.zarr").exists()
 
 
+def test_cli_embed_checks_the_slide_key_before_embedding(tiny_models, tmp_path, capsys):
+    assert main(["embed", "--checkpoint", str(tiny_models), "--data", "starmap_mpfc", "--slide-key", "typo",
+                 "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "--slide-key 'typo'" in captured.err and "'slice'" in captured.err
+    assert "cell latents" not in captured.out and not (tmp_path / "o").exists()
+
+
 def test_cli_embed_names_missing_data_before_anything_else(tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # not a model either: the data is checked first, without loading anything
     assert main(["embed", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path / "typo.zarr")]) == 2

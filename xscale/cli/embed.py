@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         adata = read_dataset(args.data, table_key=args.table_key, spatial_key=spatial,
                              counts_layer=args.counts_layer, slide_key=args.slide_key)
         slide_key = args.slide_key
+    if slide_key and slide_key not in adata.obs:  # before any embedding
+        raise XscaleInputError(f"--slide-key {slide_key!r}: expected an obs column of {args.data}, found none by that "
+                               f"name. Available: {list(adata.obs.columns)}. Omit --slide-key for a single slide.")
     out = make_output_dir(args.out)
     if args.dask:
         adata.obsm["X_xscale_cell"] = _embed_dask(args, adata, l1_dir, out)
