@@ -95,3 +95,42 @@ def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 2
     assert "already exist" in capsys.readouterr().err
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), "--overwrite"]) == 0
+
+
+def test_cli_embed_write_back_puts_latents_into_the_spatialdata_table(models, small_adata, write_spatialdata,
+                                                                       tmp_path, capsys):
+    """``xscale embed --data x.sdata.zarr --write-back``: cell latents in the table's obsm (by cell, NaN for a
+    cell dropped at validation), niche latents in a second table annotating the same shapes; the same values
+    as DIR/cells.zarr; counts untouched."""
+    import spatialdata as sd
+
+    from xscale.cli.main import main
+    from xscale.models.io import save_model
+
+    _, l1, l2 = models
+    save_model(l1, tmp_path / "ckpt" / "level1" / "model")
+    save_model(l2, tmp_path / "ckpt" / "level2" / "model")
+    x = small_adata.X.tolil()
+    x[5] = 0  # a zero-count cell: dropped at validation, NaN in the table
+    small_adata.X = x.tocsr()
+    path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
+    args = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(path), "--out", str(tmp_path / "o")]
+    with pytest.warns(UserWarning, match="Dropped 1 of 300 cells with zero total counts"):
+        assert main([*args, "--write-back"]) == 0
+    assert "into the table of" in capsys.readouterr().out
+    back = sd.read_zarr(path)
+    table, niches = back.tables["table"], back.tables["table_niches"]
+    cells = ad.read_zarr(tmp_path / "o" / "cells.zarr")
+    assert cells.n_obs == small_adata.n_obs - 1 and small_adata.obs_names[5] not in cells.obs_names
+    lat = np.asarray(table.obsm["X_xscale_cell"])
+    assert lat.shape == (small_adata.n_obs, l1.config.embedding_dim) and np.isnan(lat[5]).all()
+    keep = np.arange(small_adata.n_obs) != 5
+    np.testing.assert_array_equal(lat[keep], cells.obsm["X_xscale_cell"])
+    np.testing.assert_array_equal(np.asarray(niches.X)[keep], cells.obsm["X_xscale_niche"])
+    assert (niches.obs["cell_id"].to_numpy() == table.obs["cell_id"].to_numpy()).all()
+    assert np.array_equal(table.X.toarray(), small_adata.X.toarray())  # counts untouched
+    # not SpatialData: refused before any work
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", "starmap_mpfc", "--out",
+                 str(tmp_path / "p"), "--write-back"]) == 2
+    assert "expected --data to be a SpatialData zarr store, found a bundled dataset" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
     p.add_argument("--overwrite", action="store_true", help="prepared store: replace latents already in it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--write-back", action="store_true",
+                   help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
 
 
 def _model_dir(path):
@@ -162,6 +164,16 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"--data {args.data!r}: expected a bundled dataset name ({', '.join(ds.available())}), "
                                "an .h5ad file or a .zarr store; found nothing at this path.")
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
+    if args.write_back:  # before any work
+        from xscale.data.io import detect_format
+
+        found = "a bundled dataset" if args.data in ds.available() else (
+            "a prepared store" if is_prepared_store(args.data) else detect_format(args.data))
+        if found != "spatialdata-zarr":
+            raise XscaleInputError(
+                f"--write-back: expected --data to be a SpatialData zarr store, found {found}. Omit --write-back "
+                "(DIR/cells.zarr holds the results); for a store prepared from SpatialData, call "
+                "xscale.data.writeback.write_to_spatialdata(sdata_path, store) after embedding it.")
     if is_prepared_store(args.data):
         return _embed_prepared_store(args, l1, l2)
     if args.out is None:
@@ -207,6 +219,13 @@ def run(args: argparse.Namespace) -> int:
     adata.uns["xscale"] = meta
     write_anndata_zarr(adata, out / "cells.zarr")
     print(f"wrote {out / 'cells.zarr'}")
+    if args.write_back:
+        from xscale.data.writeback import write_adata_to_spatialdata
+
+        niche_key = "X_xscale_niche" if "X_xscale_niche" in adata.obsm else None
+        table = write_adata_to_spatialdata(args.data, adata, table_key=args.table_key, niche_key=niche_key)
+        print(f"wrote obsm['X_xscale_cell'] {table.obsm['X_xscale_cell'].shape} into the table of {args.data}"
+              + (" and the niche latents into its niche table" if niche_key else ""))
     return 0
 
 

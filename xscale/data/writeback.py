@@ -14,7 +14,8 @@ Exposure:
 - :func:`latents_in_source_order` maps store rows back to the input's rows (NaN for cells
   dropped at validation), for ``adata.obsm`` of an in-memory AnnData;
 - :func:`write_to_spatialdata` puts cell latents in ``obsm`` of the SpatialData table and
-  niche latents in a second table annotating the same elements;
+  niche latents in a second table annotating the same elements; :func:`write_adata_to_spatialdata`
+  does the same from an in-memory AnnData read from that table (``xscale embed --write-back``);
 - :func:`write_anndata_zarr` writes a whole AnnData (a results store such as ``cells.zarr``)
   under a temporary name, in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`).
 """
@@ -36,6 +37,7 @@ from xscale.utils.atomic import atomic_dir, replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +209,48 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     annotating the same elements, with the latents as X (n, T·D). Cells dropped at
     validation get NaN. Returns the updated cell table.
     """
+    store = store if isinstance(store, CellStore) else CellStore(store)
+
+    def in_table_order(key: str, n_rows: int) -> np.ndarray:
+        return latents_in_source_order(store, key, n_rows)
+
+    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table)
+
+
+def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, table_key: str | None = None,
+                               cell_key: str | None = "X_xscale_cell", niche_key: str | None = None,
+                               niche_table: str | None = None) -> ad.AnnData:
+    """Put latents held in ``adata.obsm`` back into the table of the SpatialData store it was read from.
+
+    Rows are matched by ``obs_names`` (those of the table, as :func:`~xscale.data.io.read_dataset`
+    keeps them); table rows missing from ``adata`` (cells dropped at validation) get NaN. Cell
+    latents go to ``obsm[cell_key]`` of the table, niche latents to a second table, as in
+    :func:`write_to_spatialdata`. Returns the updated cell table.
+    """
+    def in_table_order(key: str, n_rows: int, names: pd.Index) -> np.ndarray:
+        if key not in adata.obsm:
+            raise XscaleInputError(f"obsm[{key!r}]: expected the latents to write back, found obsm keys "
+                                   f"{list(adata.obsm)}.")
+        lat = np.asarray(adata.obsm[key], dtype=np.float32)
+        rows = names.get_indexer(adata.obs_names)  # (n_adata,) table row of each cell, -1 = not in the table
+        if (rows < 0).any():
+            missing = list(adata.obs_names[rows < 0][:3])
+            raise XscaleInputError(f"{sdata_path}: expected every cell of the embedding in the table, found "
+                                   f"{int((rows < 0).sum())} that are not (e.g. {missing}).")
+        out = np.full((n_rows, *lat.shape[1:]), np.nan, dtype=np.float32)
+        out[rows] = lat
+        return out
+
+    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table, by_name=True)
+
+
+def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: Any, cell_key: str | None,
+                 niche_key: str | None, niche_table: str | None, by_name: bool = False) -> ad.AnnData:
+    """Write ``in_table_order(key, n_rows[, obs_names])`` latents into the table (cells) and a second table (niches)."""
     import anndata as ad_mod
     import spatialdata as sd
     from spatialdata.models import TableModel
 
-    store = store if isinstance(store, CellStore) else CellStore(store)
     sdata = sd.read_zarr(sdata_path)
     if table_key is None:
         if len(sdata.tables) != 1:
@@ -220,11 +259,15 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     if table_key not in sdata.tables:
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(sdata.tables)}.")
     table = sdata.tables[table_key]
+    extra = (table.obs_names,) if by_name else ()
+    if by_name and not table.obs_names.is_unique:
+        raise XscaleInputError(f"{sdata_path}: table {table_key!r} has duplicate obs_names, so rows cannot be matched "
+                               "by name. Make them unique (table.obs_names_make_unique()) and embed again.")
     if cell_key is not None:
-        table.obsm[cell_key] = latents_in_source_order(store, cell_key, table.n_obs)
+        table.obsm[cell_key] = in_table_order(cell_key, table.n_obs, *extra)
         _write_table(sdata, table_key)
     if niche_key is not None:
-        lat = latents_in_source_order(store, niche_key, table.n_obs)
+        lat = in_table_order(niche_key, table.n_obs, *extra)
         attrs = table.uns.get("spatialdata_attrs", {})
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
         nt = ad_mod.AnnData(X=lat, obs=obs)
