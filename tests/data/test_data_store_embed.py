@@ -116,7 +116,7 @@ def test_cli_embed_write_back_puts_latents_into_the_spatialdata_table(models, sm
     path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
     args = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(path), "--out", str(tmp_path / "o")]
     with pytest.warns(UserWarning, match="Dropped 1 of 300 cells with zero total counts"):
-        assert main([*args, "--write-back"]) == 0
+        assert main([*args, "--write-back", "--n-domains", "3"]) == 0
     assert "into the table of" in capsys.readouterr().out
     back = sd.read_zarr(path)
     table, niches = back.tables["table"], back.tables["table_niches"]
@@ -129,8 +129,29 @@ def test_cli_embed_write_back_puts_latents_into_the_spatialdata_table(models, sm
     np.testing.assert_array_equal(np.asarray(niches.X)[keep], cells.obsm["X_xscale_niche"])
     assert (niches.obs["cell_id"].to_numpy() == table.obs["cell_id"].to_numpy()).all()
     assert np.array_equal(table.X.toarray(), small_adata.X.toarray())  # counts untouched
+    domain = table.obs["xscale_domain"]
+    assert domain.isna().to_numpy()[5] and (domain[keep].astype(str).to_numpy()
+                                            == cells.obs["xscale_domain"].astype(str).to_numpy()).all()
     # not SpatialData: refused before any work
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", "starmap_mpfc", "--out",
                  str(tmp_path / "p"), "--write-back"]) == 2
     assert "expected --data to be a SpatialData zarr store, found a bundled dataset" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_cli_run_write_back_into_the_spatialdata_table(small_adata, write_spatialdata, tmp_path, capsys):
+    import spatialdata as sd
+
+    from xscale.cli.main import main
+
+    path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
+    assert main(["run", "--data", str(path), "--out", str(tmp_path / "r"), "--preset", "tiny", "--max-steps", "2",
+                 "--n-domains", "3", "--no-progress", "--write-back"]) == 0
+    assert "into the table of" in capsys.readouterr().out
+    table = sd.read_zarr(path).tables["table"]
+    cells = ad.read_zarr(tmp_path / "r" / "cells.zarr")
+    np.testing.assert_array_equal(np.asarray(table.obsm["X_xscale_cell"]), cells.obsm["X_xscale_cell"])
+    assert list(table.obs["xscale_domain"].astype(str)) == list(cells.obs["xscale_domain"].astype(str))
+    assert sd.read_zarr(path).tables["table_niches"].shape == cells.obsm["X_xscale_niche"].shape
+    assert main(["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "q"), "--write-back"]) == 2
+    assert "found a bundled dataset" in capsys.readouterr().err and not (tmp_path / "q").exists()

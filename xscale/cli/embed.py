@@ -44,6 +44,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
 
 
+def check_write_back_source(data: str) -> None:
+    """``--write-back`` needs ``--data`` to be a SpatialData zarr store: XscaleInputError otherwise."""
+    import xscale.datasets as ds
+    from xscale.data.io import detect_format
+    from xscale.data.store import is_prepared_store
+    from xscale.errors import XscaleInputError
+
+    found = "a bundled dataset" if data in ds.available() else (
+        "a prepared store" if is_prepared_store(data) else detect_format(data))
+    if found != "spatialdata-zarr":
+        raise XscaleInputError(
+            f"--write-back: expected --data to be a SpatialData zarr store, found {found}. Omit --write-back "
+            "(DIR/cells.zarr holds the results); for a store prepared from SpatialData, call "
+            "xscale.data.writeback.write_to_spatialdata(sdata_path, store) after embedding it.")
+
+
 def _model_dir(path):
     """``path`` itself or ``path/model`` when it holds a saved model, else None."""
     from xscale.models.io import CONFIG
@@ -165,15 +181,7 @@ def run(args: argparse.Namespace) -> int:
                                "an .h5ad file or a .zarr store; found nothing at this path.")
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
     if args.write_back:  # before any work
-        from xscale.data.io import detect_format
-
-        found = "a bundled dataset" if args.data in ds.available() else (
-            "a prepared store" if is_prepared_store(args.data) else detect_format(args.data))
-        if found != "spatialdata-zarr":
-            raise XscaleInputError(
-                f"--write-back: expected --data to be a SpatialData zarr store, found {found}. Omit --write-back "
-                "(DIR/cells.zarr holds the results); for a store prepared from SpatialData, call "
-                "xscale.data.writeback.write_to_spatialdata(sdata_path, store) after embedding it.")
+        check_write_back_source(args.data)
     if is_prepared_store(args.data):
         return _embed_prepared_store(args, l1, l2)
     if args.out is None:
@@ -223,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         from xscale.data.writeback import write_adata_to_spatialdata
 
         niche_key = "X_xscale_niche" if "X_xscale_niche" in adata.obsm else None
-        table = write_adata_to_spatialdata(args.data, adata, table_key=args.table_key, niche_key=niche_key)
+        table = write_adata_to_spatialdata(args.data, adata, table_key=args.table_key, niche_key=niche_key,
+                                           obs_keys=("xscale_domain",))
         print(f"wrote obsm['X_xscale_cell'] {table.obsm['X_xscale_cell'].shape} into the table of {args.data}"
               + (" and the niche latents into its niche table" if niche_key else ""))
     return 0

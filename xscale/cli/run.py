@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--write-back", action="store_true",
+                        help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
 
 
 def _label_column(adata, key: str | None, option: str):
@@ -84,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     source, slide_key = ds.resolve(args.data, args.slide_key)
+    if args.write_back:  # before any work
+        from xscale.cli.embed import check_write_back_source
+
+        check_write_back_source(args.data)
     adata = read_dataset(
         source, table_key=args.table_key, spatial_key=args.spatial_key, counts_layer=args.counts_layer,
         slide_key=slide_key,
@@ -106,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
           f"obsm['X_xscale_niche'] {result.adata.obsm['X_xscale_niche'].shape}, obs['xscale_domain'] ({n_domains})")
     if result.skipped:
         print(f"skipped finished stages: {', '.join(result.skipped)}")
+    if args.write_back:
+        from xscale.data.writeback import write_adata_to_spatialdata
+
+        write_adata_to_spatialdata(source, result.adata, table_key=args.table_key, niche_key="X_xscale_niche",
+                                   obs_keys=("xscale_domain",))
+        print(f"wrote obsm['X_xscale_cell'] and obs['xscale_domain'] into the table of {source}, "
+              "and the niche latents into its niche table")
     if domains is not None or cell_types is not None:
         metrics = _evaluate(result.adata, domains, cell_types, slide_key=slide_key,
                             spatial_key=args.spatial_key, seed=args.seed)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from xscale.data.store import CellStore
 from xscale.data.zarr_settings import unsharded, zarr_format_2
@@ -37,7 +38,6 @@ from xscale.utils.atomic import atomic_dir, replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
-    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +219,18 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
 
 def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, table_key: str | None = None,
                                cell_key: str | None = "X_xscale_cell", niche_key: str | None = None,
-                               niche_table: str | None = None) -> ad.AnnData:
+                               niche_table: str | None = None, obs_keys: tuple[str, ...] = ()) -> ad.AnnData:
     """Put latents held in ``adata.obsm`` back into the table of the SpatialData store it was read from.
 
     Rows are matched by ``obs_names`` (those of the table, as :func:`~xscale.data.io.read_dataset`
     keeps them); table rows missing from ``adata`` (cells dropped at validation) get NaN. Cell
     latents go to ``obsm[cell_key]`` of the table, niche latents to a second table, as in
-    :func:`write_to_spatialdata`. Returns the updated cell table.
+    :func:`write_to_spatialdata`; the ``obs_keys`` columns of ``adata`` that exist (e.g.
+    ``xscale_domain``) go to the table's obs. Returns the updated cell table.
     """
+    def obs_columns(names: pd.Index) -> dict[str, pd.Series]:
+        return {k: adata.obs[k].reindex(names) for k in obs_keys if k in adata.obs}
+
     def in_table_order(key: str, n_rows: int, names: pd.Index) -> np.ndarray:
         if key not in adata.obsm:
             raise XscaleInputError(f"obsm[{key!r}]: expected the latents to write back, found obsm keys "
@@ -241,12 +245,15 @@ def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, tab
         out[rows] = lat
         return out
 
-    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table, by_name=True)
+    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table, by_name=True,
+                        obs_columns=obs_columns)
 
 
 def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: Any, cell_key: str | None,
-                 niche_key: str | None, niche_table: str | None, by_name: bool = False) -> ad.AnnData:
-    """Write ``in_table_order(key, n_rows[, obs_names])`` latents into the table (cells) and a second table (niches)."""
+                 niche_key: str | None, niche_table: str | None, by_name: bool = False,
+                 obs_columns: Any = None) -> ad.AnnData:
+    """Write ``in_table_order(key, n_rows[, obs_names])`` latents into the table (cells) and a second table
+    (niches), and ``obs_columns(obs_names)`` (name -> column aligned to the table) into the table's obs."""
     import anndata as ad_mod
     import spatialdata as sd
     from spatialdata.models import TableModel
@@ -263,8 +270,12 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     if by_name and not table.obs_names.is_unique:
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} has duplicate obs_names, so rows cannot be matched "
                                "by name. Make them unique (table.obs_names_make_unique()) and embed again.")
+    columns = obs_columns(table.obs_names) if obs_columns is not None else {}
+    for name, col in columns.items():
+        table.obs[name] = col.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) else col.values
     if cell_key is not None:
         table.obsm[cell_key] = in_table_order(cell_key, table.n_obs, *extra)
+    if cell_key is not None or columns:
         _write_table(sdata, table_key)
     if niche_key is not None:
         lat = in_table_order(niche_key, table.n_obs, *extra)
