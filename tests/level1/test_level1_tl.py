@@ -34,6 +34,24 @@ def test_level1_embed_other_panel_uses_overlap(starmap_small, model_first_panel,
         tl.embed_cells(far, model_first_panel)
 
 
+def test_level1_normalised_data_is_an_error_naming_the_counts_layer(starmap_small, model_first_panel):
+    """scanpy's normalize_total + log1p done in place on X: a clear error from embed_cells, reconstruct and
+    finetune (not a log line a notebook never shows); the raw counts kept in a layer work."""
+    from xscale.train.finetune import finetune
+
+    adata = starmap_small[:40].copy()
+    adata.layers["counts"] = adata.X.copy()
+    x = adata.X.toarray()
+    adata.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    for call in (lambda: tl.embed_cells(adata, model_first_panel), lambda: tl.reconstruct(adata, model_first_panel),
+                 lambda: finetune(model_first_panel, adata, task="cell_type", label_key="cell_type", max_epochs=1,
+                                  progress=False)):
+        with pytest.raises(XscaleInputError, match=r"adata\.X: expected .*counts.*counts_layer"):
+            call()
+    tl.embed_cells(adata, model_first_panel, counts_layer="counts")
+    assert np.isfinite(adata.obsm["X_xscale_cell"]).all()
+
+
 def test_level1_embedding_deterministic_under_seed(starmap_small, model_first_panel):
     a = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
     b = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)

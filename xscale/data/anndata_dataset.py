@@ -57,7 +57,14 @@ def vocab_from_adatas(adatas: Sequence) -> GeneVocab:
 
 
 def counts_matrix(adata, counts_layer: str | None = None) -> sp.csr_matrix:
-    """Raw counts as CSR float32 from ``adata.X`` or ``adata.layers[counts_layer]``; warns if not integer."""
+    """Raw counts as CSR float32 from ``adata.X`` or ``adata.layers[counts_layer]``.
+
+    Raises :class:`XscaleInputError` (naming ``counts_layer``) for values that are not finite,
+    non-negative integers: normalised or scaled data (``sc.pp.normalize_total`` / ``log1p`` in
+    place) would otherwise be read as counts.
+    """
+    from xscale.data.validate import check_counts
+
     if counts_layer is None:
         X = adata.X
     else:
@@ -67,14 +74,9 @@ def counts_matrix(adata, counts_layer: str | None = None) -> sp.csr_matrix:
                 "Pass counts_layer=None to read raw counts from adata.X."
             )
         X = adata.layers[counts_layer]
+    where = "adata.X" if counts_layer is None else f"adata.layers[{counts_layer!r}]"
     X = sp.csr_matrix(X, dtype=np.float32)
-    sample = X.data[:10_000]
-    if sample.size and (np.any(sample < 0) or not np.allclose(sample, np.round(sample))):
-        log.warning(
-            "%s does not look like raw counts (non-integer or negative values); the NB likelihood expects "
-            "raw counts. Pass counts_layer=... naming the raw-count layer.",
-            "adata.X" if counts_layer is None else f"adata.layers[{counts_layer!r}]",
-        )
+    check_counts(X, where=where, layers=list(adata.layers))
     return X
 
 
