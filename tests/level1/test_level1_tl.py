@@ -52,6 +52,19 @@ def test_level1_normalised_data_is_an_error_naming_the_counts_layer(starmap_smal
     assert np.isfinite(adata.obsm["X_xscale_cell"]).all()
 
 
+def test_level1_backed_anndata_embeds_as_in_memory(starmap_small, model_first_panel, tmp_path):
+    """An AnnData opened with read_h5ad(backed="r") (sparse X on disk) embeds like the same data in memory."""
+    import anndata as ad
+
+    path = tmp_path / "cells.h5ad"
+    starmap_small[:50].copy().write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    tl.embed_cells(backed, model_first_panel)
+    memory = tl.embed_cells(ad.read_h5ad(path), model_first_panel, copy=True)
+    np.testing.assert_array_equal(backed.obsm["X_xscale_cell"], memory.obsm["X_xscale_cell"])
+    backed.file.close()
+
+
 def test_level1_embedding_deterministic_under_seed(starmap_small, model_first_panel):
     a = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
     b = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)

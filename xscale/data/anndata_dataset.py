@@ -75,8 +75,21 @@ def counts_matrix(adata, counts_layer: str | None = None) -> sp.csr_matrix:
             )
         X = adata.layers[counts_layer]
     where = "adata.X" if counts_layer is None else f"adata.layers[{counts_layer!r}]"
-    X = sp.csr_matrix(X, dtype=np.float32)
+    X = sp.csr_matrix(_in_memory(X), dtype=np.float32)
     check_counts(X, where=where, layers=list(adata.layers))
+    return X
+
+
+def _in_memory(X):
+    """``X`` of a backed AnnData (``read_h5ad(backed="r")``: anndata's sparse dataset or an h5py
+    dataset) or a dask array, read into memory; anything else as it is. For data larger than
+    memory use a prepared store (``xscale prepare``, :func:`xscale.tl.store_embed.embed_store_cells`)."""
+    if hasattr(X, "to_memory"):  # anndata's backed CSR / CSC dataset
+        return X.to_memory()
+    if hasattr(X, "compute"):  # dask
+        return X.compute()
+    if type(X).__module__.startswith("h5py"):  # a dense backed matrix
+        return X[()]
     return X
 
 
