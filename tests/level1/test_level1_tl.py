@@ -65,6 +65,15 @@ def test_level1_backed_anndata_embeds_as_in_memory(starmap_small, model_first_pa
     backed.file.close()
 
 
+def test_level1_duplicated_gene_names_are_an_error(starmap_small, model_first_panel):
+    adata = starmap_small[:20].copy()
+    names = list(adata.var_names)
+    names[1] = names[0]
+    adata.var_names = names  # anndata warns about non-unique names; embedding must refuse them
+    with pytest.raises(XscaleInputError, match=r"adata\.var_names: expected unique gene names, found 1 duplicated"):
+        tl.embed_cells(adata, model_first_panel)
+
+
 def test_level1_embedding_deterministic_under_seed(starmap_small, model_first_panel):
     a = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
     b = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
