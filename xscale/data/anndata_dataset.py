@@ -46,16 +46,9 @@ def map_panel(var_names: Sequence[str], vocab: GeneVocab, *, min_genes: int = 10
               what: str = "dataset") -> PanelMapping:
     """Map a panel into ``vocab``; raise :class:`XscaleInputError` for duplicated gene names (a gene
     would enter a cell twice) or if fewer than ``min_genes`` are known."""
-    import pandas as pd
+    from xscale.data.validate import check_gene_names
 
-    names = pd.Index([str(v) for v in var_names])
-    if names.has_duplicates:
-        dup = list(names[names.duplicated()].unique()[:5])
-        raise XscaleInputError(
-            f"adata.var_names: expected unique gene names, found {int(names.duplicated().sum())} duplicated "
-            f"(e.g. {dup}). Sum or drop the duplicated genes, or call adata.var_names_make_unique() if they "
-            "are distinct features."
-        )
+    check_gene_names([str(v) for v in var_names])
     idx = vocab.panel_overlap(list(var_names), min_genes=min(min_genes, len(vocab)), what=what)
     columns = np.flatnonzero(idx >= 0)
     unknown = [str(var_names[i]) for i in np.flatnonzero(idx < 0)[:10]]

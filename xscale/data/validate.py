@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -145,9 +145,9 @@ def _examples(values: pd.Index | np.ndarray, k: int = 5) -> list[str]:
     return [str(v) for v in list(values)[:k]]
 
 
-def check_names(adata: ad.AnnData) -> None:
-    """Duplicate gene names or cell ids -> :class:`XscaleInputError`."""
-    var = pd.Index(adata.var_names)
+def check_gene_names(var_names: Sequence[str]) -> None:
+    """Duplicate gene names -> :class:`XscaleInputError` (a gene would enter each cell twice)."""
+    var = pd.Index(var_names)
     if var.has_duplicates:
         dup = var[var.duplicated()].unique()
         raise XscaleInputError(
@@ -155,6 +155,11 @@ def check_names(adata: ad.AnnData) -> None:
             f"(e.g. {_examples(dup)}). Sum or drop the duplicated genes, or call "
             "adata.var_names_make_unique() if they are distinct features."
         )
+
+
+def check_names(adata: ad.AnnData) -> None:
+    """Duplicate gene names or cell ids -> :class:`XscaleInputError`."""
+    check_gene_names(adata.var_names)
     obs = pd.Index(adata.obs_names)
     if obs.has_duplicates:
         dup = obs[obs.duplicated()].unique()
