@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from xscale.data.store import CellStore
 from xscale.data.zarr_settings import unsharded, zarr_format_2
@@ -38,6 +37,7 @@ from xscale.utils.atomic import atomic_dir, replace_dir
 
 if TYPE_CHECKING:
     import anndata as ad
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +210,8 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     validation get NaN. Returns the updated cell table.
     """
     store = store if isinstance(store, CellStore) else CellStore(store)
-
-    def in_table_order(key: str, n_rows: int) -> np.ndarray:
-        return latents_in_source_order(store, key, n_rows)
-
-    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table)
+    return _put_latents(sdata_path, table_key, lambda key, table: latents_in_source_order(store, key, table.n_obs),
+                        cell_key, niche_key, niche_table)
 
 
 def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, table_key: str | None = None,
@@ -228,32 +225,38 @@ def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, tab
     :func:`write_to_spatialdata`; the ``obs_keys`` columns of ``adata`` that exist (e.g.
     ``xscale_domain``) go to the table's obs. Returns the updated cell table.
     """
-    def obs_columns(names: pd.Index) -> dict[str, pd.Series]:
-        return {k: adata.obs[k].reindex(names) for k in obs_keys if k in adata.obs}
-
-    def in_table_order(key: str, n_rows: int, names: pd.Index) -> np.ndarray:
-        if key not in adata.obsm:
-            raise XscaleInputError(f"obsm[{key!r}]: expected the latents to write back, found obsm keys "
-                                   f"{list(adata.obsm)}.")
-        lat = np.asarray(adata.obsm[key], dtype=np.float32)
-        rows = names.get_indexer(adata.obs_names)  # (n_adata,) table row of each cell, -1 = not in the table
+    def rows_in(table: ad.AnnData) -> np.ndarray:
+        """(n_adata,) the table row of each cell of ``adata``."""
+        if not table.obs_names.is_unique:
+            raise XscaleInputError(f"{sdata_path}: the table has duplicate obs_names, so rows cannot be matched "
+                                   "by name. Make them unique (table.obs_names_make_unique()) and embed again.")
+        rows = table.obs_names.get_indexer(adata.obs_names)  # -1 = not in the table
         if (rows < 0).any():
             missing = list(adata.obs_names[rows < 0][:3])
             raise XscaleInputError(f"{sdata_path}: expected every cell of the embedding in the table, found "
                                    f"{int((rows < 0).sum())} that are not (e.g. {missing}).")
-        out = np.full((n_rows, *lat.shape[1:]), np.nan, dtype=np.float32)
-        out[rows] = lat
+        return rows
+
+    def in_table_order(key: str, table: ad.AnnData) -> np.ndarray:
+        if key not in adata.obsm:
+            raise XscaleInputError(f"obsm[{key!r}]: expected the latents to write back, found obsm keys "
+                                   f"{list(adata.obsm)}.")
+        lat = np.asarray(adata.obsm[key], dtype=np.float32)
+        out = np.full((table.n_obs, *lat.shape[1:]), np.nan, dtype=np.float32)
+        out[rows_in(table)] = lat
         return out
 
-    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table, by_name=True,
-                        obs_columns=obs_columns)
+    def obs_columns(table: ad.AnnData) -> dict[str, pd.Series]:
+        rows_in(table)  # the same checks before any column moves
+        return {k: adata.obs[k].reindex(table.obs_names) for k in obs_keys if k in adata.obs}
+
+    return _put_latents(sdata_path, table_key, in_table_order, cell_key, niche_key, niche_table, obs_columns)
 
 
 def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: Any, cell_key: str | None,
-                 niche_key: str | None, niche_table: str | None, by_name: bool = False,
-                 obs_columns: Any = None) -> ad.AnnData:
-    """Write ``in_table_order(key, n_rows[, obs_names])`` latents into the table (cells) and a second table
-    (niches), and ``obs_columns(obs_names)`` (name -> column aligned to the table) into the table's obs."""
+                 niche_key: str | None, niche_table: str | None, obs_columns: Any = None) -> ad.AnnData:
+    """Write ``in_table_order(key, table)`` latents (n_table, ...) into the table (cells) and a second table
+    (niches), and the columns ``obs_columns(table)`` (indexed like the table) into the table's obs."""
     import anndata as ad_mod
     import spatialdata as sd
     from spatialdata.models import TableModel
@@ -266,19 +269,15 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     if table_key not in sdata.tables:
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(sdata.tables)}.")
     table = sdata.tables[table_key]
-    extra = (table.obs_names,) if by_name else ()
-    if by_name and not table.obs_names.is_unique:
-        raise XscaleInputError(f"{sdata_path}: table {table_key!r} has duplicate obs_names, so rows cannot be matched "
-                               "by name. Make them unique (table.obs_names_make_unique()) and embed again.")
-    columns = obs_columns(table.obs_names) if obs_columns is not None else {}
+    columns = obs_columns(table) if obs_columns is not None else {}
     for name, col in columns.items():
-        table.obs[name] = col.to_numpy() if not isinstance(col.dtype, pd.CategoricalDtype) else col.values
+        table.obs[name] = col
     if cell_key is not None:
-        table.obsm[cell_key] = in_table_order(cell_key, table.n_obs, *extra)
+        table.obsm[cell_key] = in_table_order(cell_key, table)
     if cell_key is not None or columns:
         _write_table(sdata, table_key)
     if niche_key is not None:
-        lat = in_table_order(niche_key, table.n_obs, *extra)
+        lat = in_table_order(niche_key, table)
         attrs = table.uns.get("spatialdata_attrs", {})
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
         nt = ad_mod.AnnData(X=lat, obs=obs)
