@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -169,6 +170,33 @@ def test_cli_finetune(starmap_small, tmp_path, capsys):
     rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "x"),
                "--label-key", "cell_type", "--train-key", "split", "--train-values", "nope"])
     assert rc == 2 and "No cell has obs['split']" in capsys.readouterr().err
+
+
+def test_cli_finetune_reads_anndata_and_spatialdata_zarr(starmap_small, tmp_path, capsys):
+    """The data argument takes an AnnData zarr and a SpatialData zarr (its table), as embed and run do."""
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+
+    from xscale.cli.main import main
+    from xscale.data.zarr_settings import unsharded, zarr_format_2
+
+    save_model(_model(starmap_small.var_names), tmp_path / "pre")
+    adata = starmap_small[:120].copy()
+    with zarr_format_2():
+        adata.write_zarr(tmp_path / "d.zarr")
+    table = adata.copy()
+    table.obs["region"] = pd.Categorical(["cells"] * table.n_obs)
+    table.obs["cell_id"] = np.arange(table.n_obs)
+    circles = ShapesModel.parse(np.asarray(adata.obsm["spatial"], dtype=np.float64), geometry=0,
+                                radius=np.ones(adata.n_obs), index=np.arange(adata.n_obs))
+    tables = {"cells_table": TableModel.parse(table, region="cells", region_key="region", instance_key="cell_id")}
+    with unsharded():
+        sd.SpatialData(shapes={"cells": circles}, tables=tables).write(tmp_path / "s.zarr")
+    for data in ("d.zarr", "s.zarr"):
+        out = tmp_path / f"ft_{data}"
+        assert main(["finetune", str(tmp_path / "pre"), str(tmp_path / data), "--out", str(out),
+                     "--label-key", "cell_type", "--epochs", "1", "--no-progress"]) == 0, capsys.readouterr().err
+        assert json.loads((out / "finetune.json").read_text())["classes"] == sorted(adata.obs["cell_type"].unique())
 
 
 def test_finetune_callbacks_see_the_training_plan(starmap_small):

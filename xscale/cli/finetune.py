@@ -30,7 +30,8 @@ Examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="directory of a saved level-1 model (model.safetensors + config.json)")
-    p.add_argument("data", help="an .h5ad file with raw counts, or a bundled dataset name (e.g. starmap_mpfc)")
+    p.add_argument("data", help="an .h5ad file, AnnData zarr or SpatialData zarr with raw counts (--table-key "
+                   "to pick a table), or a bundled dataset name (e.g. starmap_mpfc)")
     p.add_argument("--out", required=True,
                    help="output directory: new, empty or an earlier finetune output (replaced whole, atomically)")
     p.add_argument("--task", choices=("cell_type", "batch_correction"), default="cell_type")
@@ -60,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--counts-layer", help="layer with raw counts (default: X)")
+    p.add_argument("--table-key", help="SpatialData table to read (if several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", help="directory for Lightning CSV logs")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
@@ -68,22 +70,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _read(data: str):
+def _read(data: str, table_key: str | None = None):
     """A bundled dataset by name (the name wins over a file of that name, as in embed, run and
-    prepare), else an .h5ad file."""
+    prepare), else an .h5ad file, AnnData zarr or SpatialData zarr (its table). Not validated
+    here: ``finetune`` checks the counts (``counts_layer``) and the keys it uses."""
     from pathlib import Path
 
     import xscale.datasets
+    from xscale.data.io import read_dataset
     from xscale.errors import XscaleInputError
 
     if data in xscale.datasets.available():
         return xscale.datasets.load(data)
     if Path(data).exists():
-        import anndata as ad
-
-        return ad.read_h5ad(data)
+        return read_dataset(data, table_key=table_key, spatial_key=None, validate=False)
     raise XscaleInputError(
-        f"Data {data!r} is neither an existing .h5ad file nor a bundled dataset ({xscale.datasets.available()})."
+        f"Data {data!r} is neither an existing .h5ad file or zarr store nor a bundled dataset "
+        f"({xscale.datasets.available()})."
     )
 
 
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     from xscale.train.finetune import encode_cells, finetune, predict_labels
 
-    adata = _read(args.data)
+    adata = _read(args.data, args.table_key)
     result = finetune(
         args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
         train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,
