@@ -103,7 +103,7 @@ def _l1_presets():
     return gene_to_cell._PRESETS
 
 
-def test_xscale_fit_trains_and_saves_a_model(tmp_path, monkeypatch):
+def test_xscale_fit_trains_and_saves_a_model(tmp_path, monkeypatch, capsys):
     from xscale.cli.main import main
     from xscale.models.io import load_model
 
@@ -115,6 +115,10 @@ def test_xscale_fit_trains_and_saves_a_model(tmp_path, monkeypatch):
     model = load_model(tmp_path / "m")
     assert type(model).__name__ == "GeneToCell" and model.config.dim == _l1_presets()["tiny"]["dim"]
     assert main(["fit", "--config", str(TINY_L1), "nonsense"]) == 2
+    capsys.readouterr()
+    assert main(["fit", "--config", str(TINY_L1), "--config", str(TINY_DATA), "trainer.max_stepz=2"]) == 2
+    err = capsys.readouterr().err
+    assert "xscale fit --help" in err and "max_stepz" in err and "--print-config" in err
 
 
 @pytest.mark.slow

@@ -262,6 +262,7 @@ def build_cli(cli_args: list[str], *, run: bool = False):
             lightning.LightningModule, lightning.LightningDataModule, subclass_mode_model=True,
             subclass_mode_data=True, run=run, args=cli_args, save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": "xscale fit"},  # its messages name the command to run, not "xscale"
             # a fixed default seed (override: seed_everything=N); without one, Lightning warns and picks 0
             seed_everything_default=DEFAULT_SEED,
             # checkpoints hold plain data only and are read back with torch.load(weights_only=True);
@@ -292,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
             if exit_.code in (0, None):
                 return 0
             raise XscaleInputError(
-                "the configs above did not parse (see the message printed by LightningCLI)."
+                "the configs above did not parse (see the message printed by LightningCLI). The same --config "
+                "files with --print-config show every key they accept, with its current value."
             ) from None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
