@@ -60,16 +60,6 @@ def check_write_back_source(data: str) -> None:
             "xscale.data.writeback.write_to_spatialdata(sdata_path, store) after embedding it.")
 
 
-def _model_dir(path):
-    """``path`` itself or ``path/model`` when it holds a saved model, else None."""
-    from xscale.models.io import CONFIG
-
-    for cand in (path, path / "model"):
-        if (cand / CONFIG).is_file():
-            return cand
-    return None
-
-
 def load_level_models(checkpoint: str, level2: str | None = None):
     """(level-1 model, its directory or None for a .ckpt, level-2 model or None) from --checkpoint."""
     from pathlib import Path
@@ -78,6 +68,7 @@ def load_level_models(checkpoint: str, level2: str | None = None):
     import xscale.models.gene_to_cell  # noqa: F401
     from xscale.errors import CheckpointError, XscaleInputError
     from xscale.models.io import CONFIG, load_model
+    from xscale.models.levels import as_level_model, find_model_dir
 
     path = Path(checkpoint)
     if not path.exists():
@@ -88,10 +79,10 @@ def load_level_models(checkpoint: str, level2: str | None = None):
         l1 = _from_lightning_ckpt(path)
     elif (path / CONFIG).exists():
         l1_dir = path
-    elif _model_dir(path / "level1") is not None:
-        l1_dir = _model_dir(path / "level1")
-        if level2 is None and _model_dir(path / "level2") is not None:
-            level2 = str(_model_dir(path / "level2"))
+    elif find_model_dir(path / "level1") is not None:
+        l1_dir = find_model_dir(path / "level1")
+        if level2 is None and find_model_dir(path / "level2") is not None:
+            level2 = str(find_model_dir(path / "level2"))
     else:
         raise CheckpointError(
             f"{checkpoint}: expected a model directory ({CONFIG} + model.safetensors), a directory holding "
@@ -104,10 +95,10 @@ def load_level_models(checkpoint: str, level2: str | None = None):
                               "embedding needs the level-1 (GeneToCell) model.")
     l2 = None
     if level2:
-        l2_dir = _model_dir(Path(level2))
+        l2_dir = find_model_dir(Path(level2))
         if l2_dir is None:
             raise CheckpointError(f"--level2 {level2}: no saved model ({CONFIG}) there or in its model/ folder.")
-        l2 = load_model(l2_dir).eval()
+        l2 = as_level_model(load_model(l2_dir), 2, f"--level2 {level2}").eval()
     return l1.eval(), l1_dir, l2
 
 

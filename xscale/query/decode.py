@@ -26,17 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def load_level1(checkpoint: str | Path) -> nn.Module:
-    """Load a level-1 model (``GeneToCell``) saved with :func:`xscale.models.io.save_model`."""
-    import xscale.models.gene_to_cell  # noqa: F401  (registers the model class)
-    from xscale.models.io import load_model
+    """Load a level-1 model (``GeneToCell``) saved with :func:`xscale.models.io.save_model`
+    (its directory, the folder holding it as ``model/``, or a run's ``checkpoints`` folder)."""
+    from xscale.models.levels import as_level_model
 
-    model = load_model(checkpoint)
-    if not hasattr(model, "decode"):
-        raise XscaleInputError(
-            f"Checkpoint {str(checkpoint)!r} holds a {type(model).__name__}, which has no decode(); "
-            "pass the level-1 (gene -> cell) checkpoint, e.g. DIR/checkpoints/level1."
-        )
-    return model.eval()
+    return as_level_model(checkpoint, 1, "--decode").eval()
 
 
 def _model_genes(model: nn.Module) -> list[str]:

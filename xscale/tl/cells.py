@@ -8,6 +8,7 @@ it uses is logged and recorded in ``adata.uns``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,13 +18,12 @@ from anndata import AnnData
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import CellBatch, collate_cells
 from xscale.models.gene_to_cell import GeneToCell
+from xscale.models.levels import as_level_model
 
 log = logging.getLogger(__name__)
 
 
 def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_genes: int) -> AnnDataCellDataset:
-    if not isinstance(model, GeneToCell):
-        raise TypeError(f"model must be a GeneToCell (level-1 model); got {type(model).__name__}.")
     ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer, min_genes=min_genes)
     used, panel = ds.mappings[0].n_used, ds.mappings[0].n_panel
     log.info("The model uses %d of the %d genes of this panel (model vocabulary: %d genes).",
@@ -53,7 +53,7 @@ def _device(model: GeneToCell) -> torch.device:
 
 def embed_cells(
     adata: AnnData,
-    model: GeneToCell,
+    model: GeneToCell | str | os.PathLike,
     *,
     key_added: str = "X_xscale_cell",
     batch_size: int = 256,
@@ -71,7 +71,8 @@ def embed_cells(
     adata
         Cells × genes with raw counts in ``X`` (or ``counts_layer``); var_names are gene symbols.
     model
-        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`.
+        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`, or the directory it was saved
+        to (e.g. ``RUN/checkpoints/level1/model``; ``RUN/checkpoints`` also works).
     key_added
         ``obsm`` key written.
     batch_size
@@ -100,6 +101,7 @@ def embed_cells(
     float32 cell latents, and ``adata.uns[key_added + "_params"]`` with ``genes_used``,
     ``panel_genes`` and ``latent_shape``.
     """
+    model = as_level_model(model, 1, "embed_cells")
     adata = adata.copy() if copy else adata
     ds = _dataset(adata, model, counts_layer, min_genes)
     was_training = model.training
@@ -123,7 +125,7 @@ def embed_cells(
 
 def reconstruct(
     adata: AnnData,
-    model: GeneToCell,
+    model: GeneToCell | str | os.PathLike,
     *,
     layer_added: str = "xscale_expected",
     batch_size: int = 256,
@@ -152,6 +154,7 @@ def reconstruct(
     float32 expected counts (NaN for genes the model does not know), and
     ``adata.var[layer_added + "_modelled"]`` (bool).
     """
+    model = as_level_model(model, 1, "reconstruct")
     adata = adata.copy() if copy else adata
     ds = _dataset(adata, model, counts_layer, min_genes)
     mapping = ds.mappings[0]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -77,7 +78,7 @@ def niche_embeddings(
 
 def embed_niches(
     adata: ad.AnnData,
-    model: CellToTissue,
+    model: CellToTissue | str | os.PathLike,
     *,
     key_added: str = "X_xscale_niche",
     cell_key: str = "X_xscale_cell",
@@ -96,8 +97,9 @@ def embed_niches(
         Cells with level-1 latents in ``obsm[cell_key]`` (see ``xscale.tl.embed_cells``)
         and coordinates in ``obsm[spatial_key]``.
     model
-        A trained :class:`~xscale.models.cell_to_tissue.CellToTissue`; its
-        ``config.max_cells`` sets the niche size (centre + nearest neighbours).
+        A trained :class:`~xscale.models.cell_to_tissue.CellToTissue`, or the directory it was
+        saved to (``RUN/checkpoints/level2/model``); its ``config.max_cells`` sets the niche
+        size (centre + nearest neighbours).
     key_added
         ``obsm`` key written: (n_cells, T·D) float32.
     slide_key
@@ -113,6 +115,9 @@ def embed_niches(
     -------
     The AnnData with ``obsm[key_added]`` when ``copy``, else None.
     """
+    from xscale.models.levels import as_level_model
+
+    model = as_level_model(model, 2, "embed_niches")
     adata = adata.copy() if copy else adata
     latents = _obsm(adata, cell_key, "cell_key", "Run xscale.tl.embed_cells(adata, level1_model) first.")
     coords = _obsm(adata, spatial_key, "spatial_key", "Pass spatial_key= naming the (n, 2) coordinates.")[:, :2]

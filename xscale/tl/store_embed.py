@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from xscale.data.store import CellStore
 from xscale.data.writeback import read_store_latents, store_latent_writer
 from xscale.errors import XscaleInputError
+from xscale.models.levels import as_level_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str =
     store
         A store written by ``xscale prepare`` (path or :class:`~xscale.data.store.CellStore`).
     model
-        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`.
+        A trained :class:`~xscale.models.gene_to_cell.GeneToCell`, or the directory it was saved to.
     key
         ``obsm`` key written (n_cells, K·D), rows in store order.
     batch_size, seed
@@ -74,6 +75,7 @@ def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str =
     from xscale.data.anndata_dataset import map_panel
     from xscale.tl.dask_embed import embed_rows
 
+    model = as_level_model(model, 1, "embed_store_cells")
     store = store if isinstance(store, CellStore) else CellStore(store)
     mapping = map_panel(store.genes, model.vocab, what=str(store.path))
     log.info("Embedding %d cells of %s with %d of %d panel genes", store.n_cells, store.path, mapping.n_used,
@@ -100,11 +102,13 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
     Niches come from the store's graph (``xscale prepare --n-neighbors``; prepare with
     ``max_cells - 1`` neighbours for full niches) and the cell latents in ``obsm[cell_key]``
     (:func:`embed_store_cells`). ``model`` is a trained
-    :class:`~xscale.models.cell_to_tissue.CellToTissue`. Returns the written array's path.
+    :class:`~xscale.models.cell_to_tissue.CellToTissue` or the directory it was saved to.
+    Returns the written array's path.
     """
     from xscale.data.niche_stream import NicheStream
     from xscale.train.niche_stream_data import collate_level2, warn_if_short_niches
 
+    model = as_level_model(model, 2, "embed_store_niches")
     store = store if isinstance(store, CellStore) else CellStore(store)
     try:
         latents = read_store_latents(store, cell_key)

@@ -40,7 +40,8 @@ from xscale.data.batch import collate_cells
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
-from xscale.models.io import load_model, save_model
+from xscale.models.io import save_model
+from xscale.models.levels import as_level_model
 from xscale.train.finetune_infer import (
     calibrate_head,
     check_correction,
@@ -117,14 +118,7 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
 
 
 def _load(model: str | os.PathLike | GeneToCell) -> GeneToCell:
-    if isinstance(model, GeneToCell):
-        return model
-    if isinstance(model, nn.Module):
-        raise XscaleInputError(f"finetune needs a GeneToCell model; got {type(model).__name__}.")
-    loaded = load_model(model)
-    if not isinstance(loaded, GeneToCell):
-        raise XscaleInputError(f"{model} holds a {type(loaded).__name__}, not a level-1 GeneToCell model.")
-    return loaded
+    return as_level_model(model, 1, "finetune")  # type: ignore[return-value]
 
 
 def _mask(adata: ad.AnnData, train_mask: np.ndarray | str | None) -> np.ndarray:
