@@ -105,8 +105,45 @@ def test_transfer_labels_on_held_out_slice(starmap_store):
     # confident calls are more often right
     right = (pred == query.obs["cell_type"].astype(str)).to_numpy()
     assert right[conf >= 0.8].mean() > right[conf < 0.5].mean()
+    ratio = query.uns["cell_type_transferred_params"]["nn_distance_ratio"]
+    assert 0.7 < ratio < 1.5, ratio  # slices of one dataset share one latent space
     with pytest.raises(XscaleInputError, match="not found in reference.obs"):
         xscale.tl.transfer_labels(query, ref, key="nope")
+
+
+def test_transfer_labels_warns_when_panels_put_cells_in_different_spaces(tmp_path, caplog):
+    """CosMx -> MERFISH (real cells) embedded from each panel's own genes lie apart in latent space;
+    from the genes the panels share they do not. The warning says which case and what to do."""
+    import logging
+
+    import xscale
+    from xscale.train.level1 import fit_level1
+
+    rng = np.random.default_rng(0)
+    ref, query = (a[np.sort(rng.choice(a.n_obs, 400, replace=False))].copy() for a in
+                  (xscale.datasets.load("cosmx_nsclc_profast"), xscale.datasets.load("merfish_lung_tessera")))
+    model = fit_level1([ref, query], "tiny", out_dir=tmp_path / "l1", max_steps=60, batch_size=64, logger="none",
+                       enable_progress_bar=False)
+    for a in (ref, query):
+        xscale.tl.embed_cells(a, model, progress=False)
+    with caplog.at_level(logging.WARNING, logger="xscale.tl.transfer"):
+        xscale.tl.transfer_labels(query, ref, key="cell_type")
+    far = query.uns["cell_type_transferred_params"]["nn_distance_ratio"]
+    assert far > 2, far
+    msg = caplog.text
+    assert "not in one latent space" in msg and "cell_type_transferred_params" in msg
+    assert "Their panels differ (283 genes shared of the query's 479 and the reference's 960)" in msg
+
+    shared = [g for g in ref.var_names if g in set(query.var_names)]
+    ref2, query2 = ref[:, shared].copy(), query[:, shared].copy()
+    for a in (ref2, query2):
+        xscale.tl.embed_cells(a, model, progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xscale.tl.transfer"):
+        xscale.tl.transfer_labels(query2, ref2, key="cell_type")
+    near = query2.uns["cell_type_transferred_params"]["nn_distance_ratio"]
+    assert near < 2 and near < far / 2, (near, far)
+    assert "not in one latent space" not in caplog.text
 
 
 def test_cli_query_json_and_tsv(starmap_store, capsys, tmp_path):

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FAR_RATIO = 2.0  # nn_distance_ratio above which transfer_labels warns
+
 
 def _rep(adata: ad.AnnData, use_rep: str, what: str) -> np.ndarray:
     if use_rep not in adata.obsm:
@@ -57,7 +59,11 @@ def transfer_labels(
     Writes
     ------
     ``query.obs[key_added]``: predicted label (categorical);
-    ``query.obs[f"{key_added}_confidence"]``: share of the (weighted) votes the winner got, in (0, 1].
+    ``query.obs[f"{key_added}_confidence"]``: share of the (weighted) votes the winner got, in (0, 1];
+    ``query.uns[f"{key_added}_params"]``: the settings and ``nn_distance_ratio``, the median distance
+    from a query cell to its nearest reference cell over that between reference cells (about 1 when
+    both share one latent space; above 2 logs a warning, e.g. for two panels embedded from all
+    their genes: embed both from the genes they share instead).
     """
     import faiss
     import pandas as pd
@@ -97,4 +103,39 @@ def transfer_labels(
     out = key_added or f"{key}_transferred"
     query.obs[out] = pd.Categorical(np.asarray(classes)[best], categories=list(classes))
     query.obs[f"{out}_confidence"] = confidence.astype(np.float32)
+    ratio = _distance_ratio(index, Xr[known], D)
+    query.uns[f"{out}_params"] = {"key": key, "k": k_eff, "use_rep": use_rep, "weighting": weighting,
+                                  "nn_distance_ratio": ratio}
     log.info("transferred %r to %d cells (k=%d); mean confidence %.3f", key, Xq.shape[0], k_eff, confidence.mean())
+    if ratio > FAR_RATIO:
+        log.warning("transfer_labels: %s", _far_message(ratio, out, query, reference))
+
+
+def _distance_ratio(index, Xr: np.ndarray, D: np.ndarray, *, n_sample: int = 2000, seed: int = 0) -> float:
+    """Median distance from a query cell to its nearest reference cell, over the median distance
+    from a reference cell to its nearest other reference cell (up to ``n_sample`` of them).
+
+    About 1 when query and reference share one latent space (measured 0.98-1.0 between slides of
+    one dataset); far above when they do not (6-16 between CosMx and MERFISH panels embedded
+    from all of their genes). NaN when the reference has a single cell or all its cells coincide.
+    """
+    if Xr.shape[0] < 2:
+        return float("nan")
+    rows = np.random.default_rng(seed).choice(Xr.shape[0], min(n_sample, Xr.shape[0]), replace=False)
+    Dr, _ = index.search(Xr[rows], 2)  # (s, 2): itself (0) and its nearest other cell
+    ref = float(np.median(np.sqrt(np.maximum(Dr[:, 1], 0))))
+    qry = float(np.median(np.sqrt(np.maximum(D[:, 0], 0))))
+    return qry / ref if ref > 0 else float("nan")
+
+
+def _far_message(ratio: float, out: str, query: ad.AnnData, reference: ad.AnnData) -> str:
+    q, r = set(map(str, query.var_names)), set(map(str, reference.var_names))
+    head = (f"query cells lie {ratio:.1f}x further from their nearest reference cell than reference cells "
+            f"lie from each other (query.uns[{out + '_params'!r}]['nn_distance_ratio']; about 1 for slides of "
+            "one dataset): the two "
+            "are not in one latent space and the transferred labels are unreliable.")
+    if q != r:
+        return (f"{head} Their panels differ ({len(q & r)} genes shared of the query's {len(q)} and the "
+                f"reference's {len(r)}): embed both from the shared genes (adata[:, shared]) with the same model.")
+    return (f"{head} Check that both were embedded with the same model, or align the slides first "
+            "(xscale finetune --task batch_correction).")
