@@ -34,6 +34,27 @@ def test_level1_embed_other_panel_uses_overlap(starmap_small, model_first_panel,
         tl.embed_cells(far, model_first_panel)
 
 
+def test_level1_cells_empty_over_the_model_genes_are_named(starmap_small, model_first_panel, caplog):
+    """Cells with counts on genes the model does not know (panel columns 120..) but none on the 40 it
+    shares are embedded as empty cells: a warning names them and uns counts them."""
+    other = starmap_small[:60, 80:].copy()  # columns 0..39 are the model's genes 80..119
+    X = other.X.toarray()
+    X[:2, :40] = 0
+    X[:2, 50] = 5  # still counts over the whole panel: a whole-panel filter would keep them
+    other.X = sp.csr_matrix(X)
+    empty = np.flatnonzero(X[:, :40].sum(1) == 0)  # the two above, and any real cell of that kind
+    assert 2 <= len(empty) < 10
+    with caplog.at_level(logging.WARNING, logger="xscale.tl.cells"):
+        tl.embed_cells(other, model_first_panel, progress=False)
+    named = list(other.obs_names[empty[:3]])
+    assert f"{len(empty)} of 60 cells (e.g. {named}) have no counts over the 40 genes" in caplog.text
+    assert other.uns["X_xscale_cell_params"]["empty_cells"] == len(empty)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xscale.tl.cells"):
+        tl.embed_cells(other[np.setdiff1d(np.arange(60), empty)].copy(), model_first_panel, progress=False)
+    assert "have no counts" not in caplog.text
+
+
 def test_level1_normalised_data_is_an_error_naming_the_counts_layer(starmap_small, model_first_panel):
     """scanpy's normalize_total + log1p done in place on X: a clear error from embed_cells, reconstruct and
     finetune (not a log line a notebook never shows); the raw counts kept in a layer work."""

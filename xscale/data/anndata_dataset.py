@@ -217,6 +217,13 @@ class AnnDataCellDataset(Dataset):
         std = np.sqrt(np.maximum(v_sq[ids] / seen[ids] - mean**2, 0.0))
         return ids, share_sum[ids] / seen[ids], mean, std
 
+    def empty_cells(self, d: int = 0) -> np.ndarray:
+        """Rows of AnnData ``d`` (among the selected ones) with no counts over the genes the
+        vocabulary knows: their latents encode an empty cell. (n_empty,) int64 positions."""
+        rows = self._rows[d]
+        totals = np.asarray(self._X[d][rows].sum(1)).ravel()
+        return rows[totals == 0]
+
     @property
     def genes_used(self) -> list[int]:
         """Number of panel genes in the vocabulary, per AnnData."""

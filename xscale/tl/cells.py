@@ -28,6 +28,14 @@ def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_ge
     used, panel = ds.mappings[0].n_used, ds.mappings[0].n_panel
     log.info("The model uses %d of the %d genes of this panel (model vocabulary: %d genes).",
              used, panel, len(model.config.genes))
+    empty = ds.empty_cells()
+    if len(empty):
+        log.warning(
+            "%d of %d cells (e.g. %s) have no counts over the %d genes the model uses: their latents are "
+            "those of an empty cell and carry no information. Filter them first "
+            "(sc.pp.filter_cells(adata, min_counts=1), or on adata[:, genes the model knows]).",
+            len(empty), adata.n_obs, list(map(str, adata.obs_names[empty[:3]])), used,
+        )
     return ds
 
 
@@ -99,7 +107,8 @@ def embed_cells(
     -------
     None (or the copy if ``copy=True``). Writes ``adata.obsm[key_added]``: (n_cells, K·D)
     float32 cell latents, and ``adata.uns[key_added + "_params"]`` with ``genes_used``,
-    ``panel_genes`` and ``latent_shape``.
+    ``panel_genes``, ``empty_cells`` (cells without counts over the genes used, embedded as
+    empty cells; a warning names them) and ``latent_shape``.
     """
     model = as_level_model(model, 1, "embed_cells")
     adata = adata.copy() if copy else adata
@@ -118,6 +127,7 @@ def embed_cells(
     adata.uns[f"{key_added}_params"] = {
         "genes_used": int(ds.mappings[0].n_used),
         "panel_genes": int(ds.mappings[0].n_panel),
+        "empty_cells": int(len(ds.empty_cells())),
         "latent_shape": [int(model.config.latents_per_cell), int(model.config.dim)],
     }
     return adata if copy else None
