@@ -30,6 +30,22 @@ def test_help_answers_fast_and_lists_commands():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
+def test_help_examples_keep_their_lines(capsys):
+    """Sub-commands whose description ends with an "Examples:" block print it line by line
+    (argparse's default formatter re-wrapped finetune's two examples into one paragraph)."""
+    from xscale.cli.main import COMMANDS, _load, main
+
+    with_examples = [c for c in COMMANDS if "\nExamples:\n" in (getattr(_load(c), "DESCRIPTION", "") or "")]
+    assert "finetune" in with_examples
+    for cmd in with_examples:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = capsys.readouterr().out
+        block = _load(cmd).DESCRIPTION.split("\nExamples:\n", 1)[1].strip("\n")
+        for line in block.splitlines():
+            assert line in out, (cmd, line)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny level-1 and level-2 models (random weights) saved in the layout of a demo run."""

@@ -23,13 +23,15 @@ training cells before and after (UMAP of their latents), coloured by slide.
 Examples:
   xscale finetune runs/pretrain/model data.h5ad --task cell_type --label-key cell_type \\
       --train-key split --train-values train --out runs/ft
-  xscale finetune runs/pretrain/model starmap_mpfc --task batch_correction --slide-key slice \
-      --epochs 6 --out runs/bc      # MMD + structure weight 1: the benchmarked setting
+  xscale finetune runs/pretrain/model starmap_mpfc --task batch_correction --slide-key slice \\
+      --epochs 12 --out runs/bc     # MMD + structure weight 1 (the defaults)
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="directory of a saved level-1 model (model.safetensors + config.json)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("model", help="a saved level-1 model: its directory (model.safetensors + config.json), "
+                   "or the run folder of `xscale run` / `demo` (RUN or RUN/checkpoints)")
     p.add_argument("data", help="an .h5ad file, AnnData zarr or SpatialData zarr with raw counts (--table-key "
                    "to pick a table), or a bundled dataset name (e.g. starmap_mpfc)")
     p.add_argument("--out", required=True,
