@@ -95,6 +95,9 @@ def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 2
     assert "already exist" in capsys.readouterr().err
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), "--overwrite"]) == 0
+    for extra, says in ((["--dask", "local"], "embed_store_dask(store"), (["--n-domains", "3"], "xscale domains")):
+        assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), *extra]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_cli_embed_write_back_puts_latents_into_the_spatialdata_table(models, small_adata, write_spatialdata,

@@ -75,6 +75,13 @@ def test_cli_embed_then_query_then_decode(tiny_models, starmap_subset_h5ad, tmp_
     store = out / "cells.zarr"
     assert store.exists() and not (out / "cells.zarr.tmp").exists()
     capsys.readouterr()
+    import anndata as ad
+
+    import xscale.tl
+
+    written = ad.read_zarr(store)  # domains of slide-centred niche latents, as xscale run clusters them
+    centred = xscale.tl.domains(written, 4, slide_key="slice", copy=True).obs["xscale_domain"]
+    np.testing.assert_array_equal(written.obs["xscale_domain"].astype(str), centred.astype(str))
     index = LatentIndex.open(store, level="cell")
     assert index.store.slide_key == "slice"
     cid = str(index.store.ids[0])
@@ -91,8 +98,6 @@ def test_cli_embed_then_query_then_decode(tiny_models, starmap_subset_h5ad, tmp_
     # level 1 only: a model directory without level2/
     assert main(["embed", "--checkpoint", str(tiny_models / "level1" / "model"), "--data", str(starmap_subset_h5ad),
                  "--out", str(tmp_path / "l1only")]) == 0
-    import anndata as ad
-
     only = ad.read_zarr(tmp_path / "l1only" / "cells.zarr")
     assert "X_xscale_cell" in only.obsm and "X_xscale_niche" not in only.obsm
 

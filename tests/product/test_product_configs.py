@@ -121,6 +121,27 @@ def test_xscale_fit_trains_and_saves_a_model(tmp_path, monkeypatch, capsys):
     assert "xscale fit --help" in err and "max_stepz" in err and "--print-config" in err
 
 
+def test_xscale_fit_resumes_from_last(tmp_path, monkeypatch, capsys):
+    """--ckpt-path last resumes from the newest checkpoint of the run (Lightning's own 'last'
+    finds none with default checkpointing and silently starts again); none is a clear error."""
+    import torch
+
+    from xscale.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(TINY_L1), "--config", str(TINY_DATA), f"trainer.default_root_dir={tmp_path / 'run'}",
+              "trainer.enable_progress_bar=false", "data.init_args.batch_size=16", "trainer.limit_val_batches=0"]
+    assert main(["fit", "--ckpt-path", "last", *common, "trainer.max_steps=2"]) == 2
+    assert "--ckpt-path last: expected a Lightning checkpoint (*.ckpt) under" in capsys.readouterr().err
+    assert main(["fit", *common, "trainer.max_steps=2"]) == 0
+    first = sorted((tmp_path / "run").rglob("*.ckpt"))
+    assert len(first) == 1 and "step=2" in first[0].name
+    assert main(["fit", "--ckpt-path", "last", *common, "trainer.max_steps=4"]) == 0
+    newest = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert "step=4" in newest.name
+    assert torch.load(newest, weights_only=True)["global_step"] == 4  # 2 resumed + 2 new, not 4 from scratch
+
+
 @pytest.mark.slow
 def test_xscale_fit_level2_and_joint(level1_dir, starmap_subset_h5ad, tmp_path, monkeypatch):
     from xscale.cli.main import main

@@ -81,10 +81,21 @@ def test_region_modes(starmap_store):
     assert {h.row for h in inside} <= set(rows)
     cross = index.query_region(box, k=5, region_slide=HOLDOUT, cross_slide=True)
     assert all(h.slide != HOLDOUT for h in cross)
-    with pytest.raises(XscaleInputError, match="slides"):
+    with pytest.raises(XscaleInputError, match="slides.*--region-slide S / region_slide=S"):
         index.region_rows(box)  # three slides: the region's slide must be named
     with pytest.raises(XscaleInputError, match="No cells"):
         index.region_rows((-10, -10, -5, -5), region_slide=HOLDOUT)
+    for filters in ({"cross_slide": True}, {"slide": HOLDOUT}):  # nothing to filter: an error, not ignored
+        with pytest.raises(XscaleInputError, match="mode 'cells' lists the region's own cells"):
+            index.query_region(box, k=5, region_slide=HOLDOUT, mode="cells", **filters)
+
+
+def test_cli_cross_slide_with_a_vector_is_an_error(starmap_store, tmp_path, capsys):
+    path, adata = starmap_store
+    vec = tmp_path / "v.npy"
+    np.save(vec, adata.obsm["X_xscale_cell"][7])
+    assert main(["query", "--store", str(path), "--vector", str(vec), "--cross-slide"]) == 2
+    assert "--cross-slide: a --vector has no slide of its own" in capsys.readouterr().err
 
 
 def test_transfer_labels_on_held_out_slice(starmap_store):
@@ -186,8 +197,23 @@ def test_cli_domains_reclusters_niche_latents(starmap_store, tmp_path, capsys):
     args = ["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "slice"]
     assert main([*args, "--out", str(out)]) == 0
     assert ad.read_zarr(out).obs["xscale_domain"].nunique() == 4
+    explicit = ad.read_zarr(out).obs["xscale_domain"].astype(str).to_numpy()
+    assert "centred per slide of obs['slice'] (3 slides)" in capsys.readouterr().out
+    # by default the slide key the store records (uns["xscale"]["slide_key"], as xscale run writes it)
+    assert main(["domains", "--store", str(path), "--n-domains", "4", "--out", str(out)]) == 0
+    assert "centred per slide of obs['slice']" in capsys.readouterr().out
+    np.testing.assert_array_equal(ad.read_zarr(out).obs["xscale_domain"].astype(str).to_numpy(), explicit)
+    assert main(["domains", "--store", str(path), "--n-domains", "4", "--no-slide-center", "--out", str(out)]) == 0
+    assert "centred" not in capsys.readouterr().out
+    import xscale.tl
+
+    plain = adata.copy()
+    plain.obsm["X_xscale_niche"] = plain.obsm["X_xscale_niche"].reshape(plain.n_obs, -1)
+    xscale.tl.domains(plain, 4)
+    np.testing.assert_array_equal(ad.read_zarr(out).obs["xscale_domain"].astype(str).to_numpy(),
+                                  plain.obs["xscale_domain"].astype(str).to_numpy())
     assert main(["domains", "--store", str(path), "--n-domains", "4", "--slide-key", "nope"]) == 2
-    assert "slide_key 'nope' not found" in capsys.readouterr().err
+    assert "--slide-key 'nope' not in the store's obs" in capsys.readouterr().err
     assert main(["domains", "--store", str(path), "--n-domains", "4", "--label-key", "typo", "--out",
                  str(tmp_path / "never.zarr")]) == 2
     captured = capsys.readouterr()

@@ -9,7 +9,9 @@ Cluster obsm["X_xscale_niche"] of a latent store (all slides together, so domain
 comparable across slides) and write the labels to obs[--key-added] (default
 "xscale_domain"). The store is rewritten under a temporary name and swapped in when
 complete; --out writes a new store instead. With --label-key, prints the ARI/NMI of the
-domains against that annotation. With --slide-key, each slide's latents are centred first.
+domains against that annotation. Each slide's latents are centred first (so a slide-wide
+shift is not a domain, as in xscale run / demo): the slides of --slide-key, by default the
+slide key the store records (uns["xscale"]["slide_key"]); --no-slide-center turns that off.
 
 example: xscale domains --store xscale-demo/cells.zarr --n-domains 6 --key-added xscale_domain_6
 """
@@ -23,10 +25,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use-rep", default="X_xscale_niche", help="obsm key to cluster (default X_xscale_niche)")
     p.add_argument("--key-added", default="xscale_domain", help="obs column written (default xscale_domain)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slide-key", help="obs column of slides: centre each slide's latents before "
-                   "clustering, so a slide-wide shift is not a domain (as xscale demo/run do)")
+    p.add_argument("--slide-key", help="obs column of slides whose latents are centred before clustering "
+                   "(default: the slide key the store records, if any)")
+    p.add_argument("--no-slide-center", action="store_true",
+                   help="cluster the latents as they are (e.g. for slides of different regions)")
     p.add_argument("--label-key", help="obs column of annotated domains: print ARI/NMI against it")
     p.add_argument("--out", help="write the result to this new store instead of updating --store")
+
+
+def _slide_key(adata, given: str | None) -> str | None:
+    """--slide-key, checked; else the slide key the store records (xscale run / demo / embed), if in obs."""
+    from xscale.errors import XscaleInputError
+
+    if given is not None:
+        if given not in adata.obs:
+            raise XscaleInputError(f"--slide-key {given!r} not in the store's obs. Available: "
+                                   f"{list(adata.obs.columns)}. Omit it for a single slide.")
+        return given
+    recorded = str((adata.uns.get("xscale") or {}).get("slide_key") or "")
+    return recorded if recorded and recorded in adata.obs else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
                                f"Available: {list(adata.obs.columns)}.")
     if args.use_rep in adata.obsm and np.asarray(adata.obsm[args.use_rep]).ndim > 2:
         adata.obsm[args.use_rep] = np.asarray(adata.obsm[args.use_rep]).reshape(adata.n_obs, -1)
+    slide_key = None if args.no_slide_center else _slide_key(adata, args.slide_key)
     xscale.tl.domains(adata, args.n_domains, key_added=args.key_added, use_rep=args.use_rep,
-                      method=args.method, seed=args.seed, slide_key=args.slide_key)
+                      method=args.method, seed=args.seed, slide_key=slide_key)
+    if slide_key is not None:
+        print(f"latents centred per slide of obs[{slide_key!r}] ({adata.obs[slide_key].nunique()} slides)")
     counts = adata.obs[args.key_added].value_counts().sort_index()
     print(f"{args.n_domains} domains in obs[{args.key_added!r}]: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     if args.label_key:

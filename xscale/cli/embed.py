@@ -18,7 +18,9 @@ when a level-2 model is found, obsm["X_xscale_niche"] (and obs["xscale_domain"] 
   A store written by `xscale prepare` is embedded out of core, block by block, into the store
   itself (obsm/X_xscale_cell, obsm/X_xscale_niche; read with anndata.read_zarr): an
   interrupted run resumes where it stopped when re-run. --out is not used then.
---dask local|ADDRESS embeds level 1 on a Dask cluster (chunks of cells per worker).
+--dask local|ADDRESS embeds level 1 of an .h5ad / AnnData zarr on a Dask cluster (chunks of
+cells per worker): the validated input is held in memory and copied to a zarr the workers
+read. A prepared store on a cluster: xscale.tl.dask_embed.embed_store_dask from Python.
 
 example: xscale embed --checkpoint xscale-demo/checkpoints --data my.h5ad --out my-embedding --n-domains 6
 """
@@ -31,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (DIR/cells.zarr is written); not used for a prepared store")
     p.add_argument("--level2", help="level-2 model directory (default: CHECKPOINT/level2 when present)")
     p.add_argument("--n-domains", type=int, help="also cluster niche latents into this many domains")
+    p.add_argument("--no-slide-center", action="store_true",
+                   help="with --n-domains: cluster the niche latents as they are; by default each slide's "
+                   "(--slide-key) latents are centred first, as in xscale run")
     p.add_argument("--spatial-key", default="spatial", help="obsm key of coordinates (default spatial)")
     p.add_argument("--slide-key", help="obs column naming each cell's slide")
     p.add_argument("--counts-layer", help="layer holding raw counts when X is normalised")
@@ -206,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                                progress=not args.no_progress)
         print(f"niche latents: obsm['X_xscale_niche'] {np.asarray(adata.obsm['X_xscale_niche']).shape}")
         if args.n_domains:
-            xscale.tl.domains(adata, args.n_domains)
+            xscale.tl.domains(adata, args.n_domains, slide_key=None if args.no_slide_center else slide_key)
             print(f"domains: obs['xscale_domain'] ({args.n_domains})")
     if args.spatial_key != "spatial" and args.spatial_key in adata.obsm:
         adata.obsm["spatial"] = np.asarray(adata.obsm[args.spatial_key])  # where the query layer looks
@@ -234,10 +239,16 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
     from xscale.errors import XscaleInputError
     from xscale.tl.store_embed import embed_store_cells, embed_store_niches
 
-    if args.n_domains or args.dask:
+    if args.dask:
         raise XscaleInputError(
-            f"--data {args.data} is a prepared store (embedded out of core): expected no --n-domains / --dask, "
-            "found them. Embed first, then cluster the niche latents (e.g. xscale domains on the store)."
+            f"--data {args.data} is a prepared store, embedded out of core in this process: expected no --dask, "
+            "found it. To embed a store on a Dask cluster, call xscale.tl.dask_embed.embed_store_dask(store, "
+            "model_dir, out_path, client_or_address=...) from Python."
+        )
+    if args.n_domains:
+        raise XscaleInputError(
+            f"--data {args.data} is a prepared store (embedded out of core): expected no --n-domains, found it. "
+            "Embed first, then cluster the niche latents (e.g. xscale domains on the store)."
         )
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")

@@ -42,7 +42,8 @@ _ADAPTERS = ("Level1", "Level2", "Joint", "CellData", "NicheData", "JointData")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--save-dir", help="where the trained network is saved (default <default_root_dir>/model)")
-    p.add_argument("--ckpt-path", help="Lightning checkpoint to resume from ('last' = the newest in the run)")
+    p.add_argument("--ckpt-path", help="Lightning checkpoint to resume from ('last' = the newest .ckpt under "
+                   "trainer.default_root_dir)")
     p.add_argument("--config", action="append", required=True, metavar="FILE",
                    help="YAML config (repeatable; later files override earlier ones)")
     p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
@@ -271,6 +272,25 @@ def build_cli(cli_args: list[str], *, run: bool = False):
         )
 
 
+def newest_checkpoint(root: str | os.PathLike) -> str:
+    """The most recently written ``*.ckpt`` under ``root`` (a run's ``default_root_dir``).
+
+    Lightning's own ``ckpt_path="last"`` looks only for ``last*.ckpt`` files, which its
+    default checkpointing does not write, and then starts from scratch with a warning.
+    """
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+
+    found = sorted(Path(root).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime) if Path(root).is_dir() else []
+    if not found:
+        raise XscaleInputError(
+            f"--ckpt-path last: expected a Lightning checkpoint (*.ckpt) under trainer.default_root_dir "
+            f"{str(root)!r}, found none. Run without --ckpt-path to start afresh, or name a .ckpt file."
+        )
+    return str(found[-1])
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -296,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
                 "the configs above did not parse (see the message printed by LightningCLI). The same --config "
                 "files with --print-config show every key they accept, with its current value."
             ) from None
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path)
+        ckpt = newest_checkpoint(cli.trainer.default_root_dir) if args.ckpt_path == "last" else args.ckpt_path
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
     if cli.trainer.is_global_zero:
         if hasattr(cli.model, "level2"):  # joint: both levels, in the layout xscale embed reads

@@ -18,7 +18,8 @@ index: exact for small stores, approximate (IVF) above --exact-max cells.
                    leaves those cells out (similar regions elsewhere); cells lists the box's
                    own cells, nearest to their mean first
 
---slide S keeps hits on slide S only; --cross-slide drops hits on the query's own slide.
+--slide S keeps hits on slide S only; --cross-slide drops hits on the query's own slide (a --cell
+or --region query; with --region-mode cells neither applies).
 Output: JSON list of hits (id, distance = L2 in latent space, slide, x, y, then the store's
 obs columns), or TSV with the same columns. --decode CHECKPOINT (level-1 model directory;
 cell level) adds each hit's decoded expression: "expected", {gene: expected counts at
@@ -107,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise XscaleInputError(f"--k must be >= 1; got {args.k}.")
+    if args.vector is not None and args.cross_slide:  # before the store is opened
+        raise XscaleInputError("--cross-slide: a --vector has no slide of its own to leave out; use --slide S to "
+                               "keep the hits of one slide, or query with --cell / --region.")
     index = LatentIndex.open(
         args.store, level=args.level, slide_key=args.slide_key, kind=args.index, exact_max=args.exact_max
     )

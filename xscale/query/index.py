@@ -287,7 +287,7 @@ class LatentIndex:
         if region_slide is None and len(names) > 1:
             raise XscaleInputError(
                 f"The store holds {len(names)} slides {names}; coordinates overlap between slides. "
-                "Name the slide the region is drawn on (--slide S / region_slide=S)."
+                "Name the slide the region is drawn on (--region-slide S / region_slide=S)."
             )
         self._check_slide(region_slide)
         inside = (coords[:, 0] >= x0) & (coords[:, 0] <= x1) & (coords[:, 1] >= y0) & (coords[:, 1] <= y1)
@@ -311,6 +311,11 @@ class LatentIndex:
 
         See the module docstring for the exact semantics.
         """
+        if mode == "cells" and (slide is not None or cross_slide):
+            raise XscaleInputError(
+                "Region mode 'cells' lists the region's own cells (all on its slide), so slide= / cross_slide= "
+                "(--slide / --cross-slide) have nothing to filter; drop them, or search with mode 'mean'."
+            )
         rows = self.region_rows(box, region_slide=region_slide)
         q = self.store.latents[rows].mean(0, keepdims=True)  # (1, F)
         if mode == "cells":
