@@ -171,6 +171,9 @@ class AnnDataCellDataset(Dataset):
                         f"slide_key={slide_key!r} not found in adata.obs of {what}. "
                         f"Available: {list(adata.obs.columns)}. Pass slide_key=None if there is one slide."
                     )
+                from xscale.data.validate import check_slides
+
+                check_slides(adata, slide_key)  # a missing label is not a slide named "nan"
                 codes, names = _codes(adata.obs[slide_key])
                 self._slides.append(codes)
                 self.slide_names.append(names)

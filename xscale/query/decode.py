@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_level1(checkpoint: str | Path) -> nn.Module:
+def load_level1(checkpoint: str | Path | nn.Module) -> nn.Module:
     """Load a level-1 model (``GeneToCell``) saved with :func:`xscale.models.io.save_model`
-    (its directory, the folder holding it as ``model/``, or a run's ``checkpoints`` folder)."""
+    (its directory, the folder holding it as ``model/``, or a run's ``checkpoints`` folder);
+    a loaded model is checked and returned."""
     from xscale.models.levels import as_level_model
 
     return as_level_model(checkpoint, 1, "--decode").eval()
@@ -111,6 +112,6 @@ def decode_hit(
     """
     if index.store.level != "cell":
         raise XscaleInputError("decode_hit decodes cell latents; open the index with level='cell'.")
-    row = index.row(hit if isinstance(hit, str) else hit.id)
-    model = load_level1(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    row = index.row(hit) if isinstance(hit, str) else hit.row
+    model = load_level1(checkpoint)
     return decode_latent(model, index.store.latents[row], genes=genes, library=library)

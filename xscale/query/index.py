@@ -61,6 +61,11 @@ class Hit:
         return out
 
 
+def _name(slide: Any) -> str | None:
+    """A slide given as any value (e.g. 1 for an integer slide column) as the store's string name."""
+    return None if slide is None else str(slide)
+
+
 def _json_value(v: Any) -> Any:
     if isinstance(v, np.generic):
         v = v.item()
@@ -184,8 +189,10 @@ class LatentIndex:
         """(Q, F) queries -> (Q, k') squared distances and rows, k' <= k; -1 rows dropped later."""
         import faiss
 
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise XscaleInputError(f"k: expected a whole number of hits >= 1, found {k!r}.")
         n_allowed = self.store.n if allowed is None else int(allowed.sum())
-        k_eff = min(k, n_allowed)
+        k_eff = min(int(k), n_allowed)
         if k_eff == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
         sel = None if allowed is None else faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
@@ -244,6 +251,7 @@ class LatentIndex:
         columns: list[str] | None = None,
     ) -> list[Hit]:
         """The ``k`` nearest cells to a latent vector, (F,) or (K, D)."""
+        slide, exclude_slide = _name(slide), _name(exclude_slide)
         self._check_slide(slide)
         q = self._as_query(vector)
         D, idx = self._search(q, k, self._allowed(slide, exclude_slide, None))
@@ -257,6 +265,7 @@ class LatentIndex:
 
         ``cross_slide=True`` keeps only hits from slides other than the cell's own.
         """
+        slide = _name(slide)
         self._check_slide(slide)
         r = self.row(cell_id)
         exclude = self._query_slide(r) if cross_slide else None
@@ -277,6 +286,7 @@ class LatentIndex:
 
     def region_rows(self, box: tuple[float, float, float, float], *, region_slide: str | None = None) -> np.ndarray:
         """Rows of the cells inside the inclusive box ``(x0, y0, x1, y1)`` on ``region_slide``."""
+        region_slide = _name(region_slide)
         coords = self.store.coords
         if coords is None:
             raise XscaleInputError("The store has no obsm['spatial']; region queries need coordinates.")
@@ -311,6 +321,7 @@ class LatentIndex:
 
         See the module docstring for the exact semantics.
         """
+        region_slide, slide = _name(region_slide), _name(slide)
         if mode == "cells" and (slide is not None or cross_slide):
             raise XscaleInputError(
                 "Region mode 'cells' lists the region's own cells (all on its slide), so slide= / cross_slide= "

@@ -102,6 +102,13 @@ class LatentStore:
                 f"Latents of level {level!r} contain NaN or inf values ({int((~np.isfinite(flat)).any(1).sum())} "
                 "cells). Re-run the embedding step that wrote the store."
             )
+        if not obs.index.is_unique:
+            dup = obs.index[obs.index.duplicated()].unique()
+            raise XscaleInputError(
+                f"Cell ids (obs_names) must be unique to query cells by id; found {len(dup)} repeated, e.g. "
+                f"{list(map(str, dup[:5]))} (e.g. anndata.concat of slides numbered alike). Make them unique "
+                "first: adata.obs_names_make_unique(), or anndata.concat(..., index_unique='-')."
+            )
         return cls(flat, shape, obs, coords, slide_key, level, path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -27,10 +28,12 @@ def _obsm(adata: ad.AnnData, key: str, what: str, hint: str) -> np.ndarray:
         raise XscaleInputError(
             f"{what} {key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}. {hint}"
         )
-    return np.asarray(adata.obsm[key])
+    value = adata.obsm[key]
+    return np.asarray(value.toarray() if hasattr(value, "toarray") else value)  # sparse -> dense
 
 
 def _slides(adata: ad.AnnData, slide_key: str | None) -> np.ndarray | None:
+    """(n,) slide names of ``obs[slide_key]``, or None; a missing column or label is an error."""
     if slide_key is None:
         return None
     if slide_key not in adata.obs:
@@ -38,7 +41,44 @@ def _slides(adata: ad.AnnData, slide_key: str | None) -> np.ndarray | None:
             f"slide_key {slide_key!r} not found in adata.obs. Available: {list(adata.obs.columns)}. "
             "Pass slide_key=None for a single slide."
         )
+    from xscale.data.validate import check_slides
+
+    check_slides(adata, slide_key)  # a missing label is not a slide named "nan"
     return adata.obs[slide_key].astype(str).to_numpy()
+
+
+def recorded_slide_key(adata: ad.AnnData) -> str | None:
+    """The slide column xscale recorded for ``adata`` (``uns["xscale"]`` of a latent store,
+    ``uns["xscale_dataset"]`` of a bundled dataset), when it is in ``obs``; else None."""
+    for key in ("xscale", "xscale_dataset"):
+        meta = adata.uns.get(key)
+        recorded = meta.get("slide_key") if hasattr(meta, "get") else None
+        if isinstance(recorded, str) and recorded and recorded in adata.obs:
+            return recorded
+    return None
+
+
+def _niche_slide_key(adata: ad.AnnData, slide_key: str | None) -> str | None:
+    """embed_niches' slide column: the one given, else the recorded one; warns when neither is
+    known but a column named like a slide has several values (their niches would mix slides)."""
+    if slide_key is not None:
+        return slide_key
+    recorded = recorded_slide_key(adata)
+    if recorded is not None:
+        log.info("embed_niches: niches stay within the slides of obs[%r] (the slide key recorded in uns); "
+                 "pass slide_key= to choose another column", recorded)
+        return recorded
+    from xscale.query.store import SLIDE_KEY_CANDIDATES
+
+    for cand in SLIDE_KEY_CANDIDATES:
+        if cand in adata.obs and adata.obs[cand].nunique() > 1:
+            log.warning(
+                "embed_niches: slide_key=None treats all cells as one slide, but obs[%r] has %d values. If those "
+                "are separate slides (their coordinates overlap), niches will mix cells of different slides: "
+                "pass slide_key=%r.", cand, adata.obs[cand].nunique(), cand,
+            )
+            break
+    return None
 
 
 def niche_embeddings(
@@ -103,7 +143,10 @@ def embed_niches(
     key_added
         ``obsm`` key written: (n_cells, T·D) float32.
     slide_key
-        ``obs`` column of slides; niches never cross slides. None = one slide.
+        ``obs`` column of slides; niches never cross slides. None: the slide column xscale
+        recorded in ``uns`` (a bundled dataset, a store written by ``xscale run``), else one
+        slide, with a warning when a column named like a slide (``slide``, ``sample``, ...)
+        has several values.
     radius
         Optional neighbour radius in median nearest-neighbour distances.
     copy
@@ -127,7 +170,8 @@ def embed_niches(
             f"{model.config.in_dim}; embed the cells with the level-1 model this level 2 was trained on."
         )
     adata.obsm[key_added] = niche_embeddings(
-        model, latents, coords, slides=_slides(adata, slide_key), radius=radius, batch_size=batch_size,
+        model, latents, coords, slides=_slides(adata, _niche_slide_key(adata, slide_key)), radius=radius,
+        batch_size=batch_size,
         progress=progress,
     )
     return adata if copy else None
@@ -155,6 +199,14 @@ def cluster_domains(
     slide does not become a domain of its own.
     """
     X = np.asarray(X, dtype=np.float64)
+    if isinstance(n_domains, bool) or int(n_domains) != n_domains:
+        raise XscaleInputError(f"n_domains: expected a whole number of domains, found {n_domains!r}.")
+    n_domains = int(n_domains)
+    if not np.isfinite(X).all():
+        raise XscaleInputError(
+            f"the latents to cluster have NaN or inf values in {int((~np.isfinite(X)).any(1).sum())} cells; "
+            "drop those cells (e.g. cells without latents after a write-back) or re-embed them."
+        )
     if groups is not None:
         if len(groups) != X.shape[0]:
             raise XscaleInputError(
@@ -218,8 +270,10 @@ def domains(
 
     adata = adata.copy() if copy else adata
     X = _obsm(adata, use_rep, "use_rep", "Run xscale.tl.embed_niches(adata, level2_model) first.")
+    X = X.reshape(X.shape[0], -1)  # (n, T, D) latents as stored by some writers -> (n, T·D)
     groups = _slides(adata, slide_key)
     labels = cluster_domains(X, n_domains, method=method, seed=seed, groups=groups)
+    n_domains = int(n_domains)  # cluster_domains checked it is whole
     cats = [str(i) for i in range(n_domains)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     centred = f", latents centred per obs[{slide_key!r}]" if slide_key is not None else ""
@@ -246,19 +300,17 @@ def plot_domains(
     slide_key
         ``obs`` column of slides: one panel each (None = one panel).
     ax
-        A matplotlib Axes (single slide) or sequence of Axes (one per slide); made if None.
+        A matplotlib Axes (single slide), or a sequence or array of Axes (one per slide, in
+        sorted slide order; e.g. ``plt.subplots(2, 2)[1]``); made if None.
     save
-        Path to save the figure (png/pdf/svg); the figure is closed afterwards.
+        Path to save the figure (png/pdf/svg; missing folders are made); the figure is
+        closed afterwards.
 
     Returns
     -------
     The matplotlib Figure.
     """
-    import matplotlib
-
-    if save is not None and ax is None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the backend is the user's: a notebook keeps showing its plots
 
     if key not in adata.obs:
         raise XscaleInputError(
@@ -272,7 +324,7 @@ def plot_domains(
         fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4.5), squeeze=False)
         axes = list(axes[0])
     else:
-        axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+        axes = list(np.ravel(np.asarray(ax, dtype=object))) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
         if len(axes) != len(names):
             raise XscaleInputError(f"ax: expected {len(names)} axes (one per slide), found {len(axes)}.")
         fig = axes[0].figure
@@ -291,6 +343,9 @@ def plot_domains(
     axes[-1].legend(title=key, markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     if save is not None:
-        fig.savefig(save, dpi=120)
-        plt.close(fig)
+        try:
+            Path(save).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(save, dpi=120)
+        finally:
+            plt.close(fig)
     return fig

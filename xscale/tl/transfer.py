@@ -22,8 +22,20 @@ def _rep(adata: ad.AnnData, use_rep: str, what: str) -> np.ndarray:
             f"{what}: {use_rep!r} not found in adata.obsm. Available: {sorted(adata.obsm)}. "
             "Embed the cells first (xscale.tl.embed_cells) or pass use_rep=."
         )
-    X = np.asarray(adata.obsm[use_rep], dtype=np.float32)
-    return np.ascontiguousarray(X.reshape(X.shape[0], -1))
+    X = adata.obsm[use_rep]
+    X = X.toarray() if hasattr(X, "toarray") else X  # a sparse representation
+    X = np.asarray(X, dtype=np.float32)
+    if X.shape[0] == 0:
+        raise XscaleInputError(f"{what}: expected at least one cell, found none.")
+    X = np.ascontiguousarray(X.reshape(X.shape[0], -1))
+    bad = ~np.isfinite(X).all(1)
+    if bad.any():
+        raise XscaleInputError(
+            f"{what}: obsm[{use_rep!r}] has NaN or inf values in {int(bad.sum())} cells (e.g. "
+            f"{list(map(str, adata.obs_names[np.flatnonzero(bad)[:3]]))}); their neighbours are undefined. "
+            "Drop those cells (e.g. cells dropped at validation get NaN latents in a write-back) or re-embed them."
+        )
+    return X
 
 
 def transfer_labels(
@@ -74,8 +86,9 @@ def transfer_labels(
         )
     if weighting not in ("uniform", "distance"):
         raise XscaleInputError(f"Unknown weighting {weighting!r}; expected 'uniform' or 'distance'.")
-    if k < 1:
-        raise XscaleInputError(f"k must be >= 1; got {k}.")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise XscaleInputError(f"k: expected a whole number >= 1, found {k!r}.")
+    k = int(k)
     Xr = _rep(reference, use_rep, "reference")
     Xq = _rep(query, use_rep, "query")
     if Xr.shape[1] != Xq.shape[1]:

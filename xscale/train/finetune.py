@@ -37,6 +37,7 @@ from torch import nn
 
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import collate_cells
+from xscale.data.validate import check_slides
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
@@ -217,8 +218,9 @@ def finetune(
         its mean) relative to the model as loaded (a frozen copy: per step one more pass of its
         Xpressor, or of the whole model when the encoder trains too). Keeps each slide's own
         geometry, so cell types stay apart and the latents do not collapse while the slides are
-        aligned. None = 1 for ``batch_correction`` (with the MMD at weight 1 for 6 epochs, the
-        setting ``benchmarks/peft.py`` chose), 0 = off.
+        aligned. None = 1 for ``batch_correction`` (a guard against collapse: on
+        ``benchmarks/peft.py``'s STARmap tuning runs it scored level with the run's choice,
+        MMD 1 for 12 epochs without it), 0 = off.
     reconstruction_weight
         Weight of the model's NB reconstruction loss; default 0 for cell_type, 1 for batch_correction.
     balance_classes
@@ -296,6 +298,7 @@ def finetune(
                 f"task='batch_correction' needs slide_key naming an obs column; got {slide_key!r}. "
                 f"Available: {list(adata.obs.columns)}."
             )
+        check_slides(adata, slide_key)  # a missing label is not a slide named "nan"
         slide_names = sorted(set(adata.obs[slide_key].astype(str)[train]))
         if len(slide_names) < 2:
             raise XscaleInputError(f"adata.obs[{slide_key!r}] has {len(slide_names)} slide(s) among the training "

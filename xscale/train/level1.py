@@ -285,8 +285,9 @@ def fit_level1(
     adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
     if isinstance(config, str):
         config = GeneToCellConfig.preset(config, genes=vocab_from_adatas(adatas).genes)  # type: ignore[arg-type]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from xscale.utils.atomic import make_output_dir
+
+    out_dir = make_output_dir(out_dir)  # a file there: a clear error before any work
     lightning.seed_everything(seed, workers=True, verbose=False)
     model = GeneToCell(config)
     vocab = model.vocab
