@@ -486,7 +486,7 @@ def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, c
     assert doc["slides"] == sorted(set(starmap_small.obs["slice"].astype(str)))
 
 
-def test_finetune_batch_correction_defaults_are_the_benchmarked_setting(starmap_small, tmp_path):
+def test_finetune_batch_correction_defaults_mmd_with_structure_term(starmap_small, tmp_path):
     res = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
                    max_steps=1, batch_size=48, progress=False, output_dir=tmp_path / "bc")
     doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())

@@ -121,6 +121,27 @@ def test_xscale_fit_trains_and_saves_a_model(tmp_path, monkeypatch, capsys):
     assert "xscale fit --help" in err and "max_stepz" in err and "--print-config" in err
 
 
+def test_xscale_fit_data_configs_train_with_the_models_gene_context(tmp_path, monkeypatch):
+    """The shipped data configs say max_genes: model: each cell's context is the level-1 model's
+    max_genes, as in xscale run (they fixed 256 while the small preset trains with 192)."""
+    from xscale.cli.fit import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    assert yaml.safe_load(TINY_DATA.read_text())["data"]["init_args"]["max_genes"] == "model"
+    cli = build_cli(["--config", str(TINY_L1), "--config", str(TINY_DATA),
+                     "--model.init_args.overrides={max_genes: 40}", "--trainer.max_steps=1", "--trainer.logger=false",
+                     "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                     "--trainer.limit_val_batches=0", "--data.init_args.batch_size=8"])
+    assert cli.model.model.config.max_genes == 40
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.datamodule.max_genes == 40
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch.gene_ids.shape[1] == 40  # STARmap's 166 genes, 40 of them per cell
+    cli = build_cli(["--config", str(TINY_L1), "--config", str(TINY_DATA), "--data.init_args.max_genes=24",
+                     "--trainer.logger=false"])
+    assert cli.datamodule.max_genes == 24 and not cli.datamodule.max_genes_from_model
+
+
 def test_xscale_fit_resumes_from_last(tmp_path, monkeypatch, capsys):
     """--ckpt-path last resumes from the newest checkpoint of the run (Lightning's own 'last'
     finds none with default checkpointing and silently starts again); none is a clear error."""

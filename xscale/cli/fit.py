@@ -110,6 +110,13 @@ def _define() -> None:
             super().__init__(GeneToCell(cfg), lr=lr, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
                              seed=seed)
 
+        def setup(self, stage: str) -> None:
+            """A CellData with ``max_genes: model`` trains with this model's context, as xscale run does."""
+            super().setup(stage)
+            dm = getattr(self.trainer, "datamodule", None)
+            if getattr(dm, "max_genes_from_model", False):
+                dm.max_genes = self.model.config.max_genes
+
     class Level2(TissueModule):
         """Level 2 (cells -> niches): ``CellToTissueConfig.preset(preset, in_dim=in_dim, **overrides)``.
 
@@ -126,12 +133,19 @@ def _define() -> None:
         """Cells of one or several datasets (bundled names or .h5ad/.zarr paths), panels may differ.
 
         ``exclude_holdout`` drops each bundled dataset's held-out slide (never trained on).
+        ``max_genes``: the gene context of each training cell; ``"model"`` (the default) takes
+        the level-1 model's own ``max_genes`` (its preset's: 192 for ``small``), as ``xscale run``
+        and ``fit_level1`` do; an int sets it; None reads whole panels.
         """
 
         def __init__(self, datasets: list[str], exclude_holdout: bool = True, val_fraction: float = 0.1,
-                     max_genes: int | None = 256, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                     counts_layer: str | None = None, slide_key: str | None = None, min_genes: int = 10) -> None:
+                     max_genes: int | Literal["model"] | None = "model", batch_size: int = 64, num_workers: int = 0,
+                     seed: int = 0, counts_layer: str | None = None, slide_key: str | None = None,
+                     min_genes: int = 10) -> None:
             from xscale.data.anndata_dataset import vocab_from_adatas
+
+            self.max_genes_from_model = max_genes == "model"  # set by Level1.setup, once the model exists
+            max_genes = None if max_genes == "model" else max_genes
 
             adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer,
                                 slide_key=slide_key)
