@@ -56,6 +56,12 @@ def test_embed_niches_keeps_slides_apart_by_default(embedded, models, caplog):
     mixed = xscale.tl.embed_niches(a, models[1], slide_key=None, copy=True, progress=False)  # the default
     np.testing.assert_array_equal(mixed.obsm["X_xscale_niche"], ref)
 
+    a.obsm["xyz"] = np.column_stack([a.obsm["spatial"][:, :2], np.full(a.n_obs, 7.0)])
+    with caplog.at_level(logging.WARNING, logger="xscale.tl.niches"):
+        z = xscale.tl.embed_niches(a, models[1], spatial_key="xyz", copy=True, progress=False)
+    assert "obsm['xyz'] has 3 columns; niches use the first two" in caplog.text
+    np.testing.assert_array_equal(z.obsm["X_xscale_niche"], ref)
+    caplog.clear()
     del a.uns["xscale_dataset"]  # nothing recorded: one slide, with a warning naming the column
     with caplog.at_level(logging.WARNING, logger="xscale.tl.niches"):
         one = xscale.tl.embed_niches(a, models[1], copy=True, progress=False).obsm["X_xscale_niche"]
@@ -132,6 +138,12 @@ def test_transfer_labels_inputs(embedded):
         a.obsm["sparse"] = sp.csr_matrix(a.obsm["X_xscale_cell"])
     xscale.tl.transfer_labels(query, ref, key="cell_type", use_rep="sparse", key_added="from_sparse")
     np.testing.assert_array_equal(query.obs["from_sparse"].astype(str).to_numpy(), dense)
+    ref.obs["type_id"] = ref.obs["cell_type"].cat.codes.astype(int)  # integer labels, e.g. cluster ids
+    xscale.tl.transfer_labels(query, ref, key="type_id")
+    ids = query.obs["type_id_transferred"]
+    assert list(ids.cat.categories) == sorted(set(ref.obs["type_id"]))  # integers in numeric order, not '0','1','10'
+    lookup = dict(zip(ref.obs["type_id"], ref.obs["cell_type"].astype(str), strict=False))
+    np.testing.assert_array_equal([lookup[i] for i in ids], dense)
     with pytest.raises(XscaleInputError, match="k: expected a whole number >= 1, found 2.5"):
         xscale.tl.transfer_labels(query, ref, key="cell_type", k=2.5)
     holes = query.copy()

@@ -163,7 +163,11 @@ def embed_niches(
     model = as_level_model(model, 2, "embed_niches")
     adata = adata.copy() if copy else adata
     latents = _obsm(adata, cell_key, "cell_key", "Run xscale.tl.embed_cells(adata, level1_model) first.")
-    coords = _obsm(adata, spatial_key, "spatial_key", "Pass spatial_key= naming the (n, 2) coordinates.")[:, :2]
+    coords = _obsm(adata, spatial_key, "spatial_key", "Pass spatial_key= naming the (n, 2) coordinates.")
+    if coords.ndim == 2 and coords.shape[1] > 2:
+        log.warning("embed_niches: obsm[%r] has %d columns; niches use the first two (x, y) and ignore the rest "
+                    "(e.g. z): neighbours are found in the plane.", spatial_key, coords.shape[1])
+    coords = coords[:, :2]
     if latents.shape[1] != model.config.in_dim:
         raise XscaleInputError(
             f"obsm[{cell_key!r}] has width {latents.shape[1]} but the level-2 model expects in_dim="

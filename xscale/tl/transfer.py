@@ -102,7 +102,12 @@ def transfer_labels(
         raise XscaleInputError(f"reference.obs[{key!r}] has no non-missing labels to transfer.")
     if (~known).any():
         log.warning("transfer_labels: %d reference cells without a %r label do not vote", int((~known).sum()), key)
-    codes, classes = pd.factorize(labels[known].astype(str), sort=True)
+    values = labels[known]
+    try:  # labels keep their type (integer cluster ids stay integers), sorted
+        codes, classes = pd.factorize(values.astype(values.cat.categories.dtype) if hasattr(values, "cat")
+                                      else values, sort=True)
+    except TypeError:  # mixed types that do not sort together
+        codes, classes = pd.factorize(values.astype(str), sort=True)
     index = faiss.IndexFlatL2(Xr.shape[1])
     index.add(Xr[known])
     k_eff = min(k, int(known.sum()))
