@@ -42,8 +42,9 @@ def _slide_key(adata, given: str | None) -> str | None:
             raise XscaleInputError(f"--slide-key {given!r} not in the store's obs. Available: "
                                    f"{list(adata.obs.columns)}. Omit it for a single slide.")
         return given
-    recorded = str((adata.uns.get("xscale") or {}).get("slide_key") or "")
-    return recorded if recorded and recorded in adata.obs else None
+    from xscale.tl.niches import recorded_slide_key
+
+    return recorded_slide_key(adata)
 
 
 def run(args: argparse.Namespace) -> int:
