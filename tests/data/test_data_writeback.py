@@ -88,6 +88,26 @@ def test_other_fingerprint_restarts(tmp_path):
         w2.finalize()
 
 
+def test_damaged_partial_restarts_every_block(tmp_path, caplog):
+    """A partial whose saved state lists block 0 as done but whose array no longer opens (killed
+    while zarr wrote its metadata, a full disk) is discarded whole: block 0 was left as zeros."""
+    import logging
+
+    import zarr
+
+    w = LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4, fingerprint="a")
+    w.write_chunk(0, np.ones((4, 2)))
+    (tmp_path / ".z.partial" / "zarr.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="xscale.data.writeback"):
+        w = LatentWriter(tmp_path / "z", n_cells=10, cell_shape=(2,), chunk_cells=4, fingerprint="a")
+    assert "they are unreadable" in caplog.text and "another computation" not in caplog.text
+    assert w.pending_chunks() == [0, 1, 2]
+    for c in w.pending_chunks():
+        a, b = w.chunk_range(c)
+        w.write_chunk(c, np.full((b - a, 2), 7.0))
+    np.testing.assert_array_equal(zarr.open_array(w.finalize())[:], np.full((10, 2), 7.0))
+
+
 def _embed(store, key, shape, fn):
     w = store_latent_writer(store, key, shape)
     for c in w.pending_chunks():

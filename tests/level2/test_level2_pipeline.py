@@ -83,6 +83,40 @@ def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
                                   third.adata.obsm["X_xscale_niche"])  # nothing written was touched
 
 
+def test_staged_interrupted_stage_does_not_resume_with_other_settings(starmap_small, tmp_path, monkeypatch):
+    """A level-1 stage killed after its last checkpoint (model not saved yet) and re-run with other
+    training cells stops with a clear error: it would resume the interrupted run's weights (trained on
+    the other cells) and record the new settings. Re-run with the same settings, it resumes and finishes."""
+    import shutil
+    from pathlib import Path
+
+    import xscale.train.level1 as level1
+    import xscale.train.staged as staged
+    from xscale.errors import XscaleInputError
+
+    out = tmp_path / "run"
+    kwargs = dict(level1_preset="tiny", level2_preset="tiny", slide_key="slice", level1_max_steps=4,
+                  level2_max_steps=2, batch_size=32, progress=False, write_store=False)
+    real_fit = level1.fit_level1  # run_staged imports it from xscale.train.level1 when it runs
+
+    def killed_before_saving(*args, **kw):
+        real_fit(*args, **kw)
+        shutil.rmtree(Path(kw["out_dir"]) / "model")  # the checkpoint is on disk, the finished model is not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(level1, "fit_level1", killed_before_saving)
+    with pytest.raises(KeyboardInterrupt):
+        staged.run_staged(starmap_small.copy(), out, train_slides=["20180417_BZ5_control"], **kwargs)
+    monkeypatch.setattr(level1, "fit_level1", real_fit)
+    assert (out / "checkpoints" / "level1.started.json").is_file()
+    with pytest.raises(XscaleInputError, match=r"Stage 'level1'.*interrupted earlier with other settings "
+                                               r"\(train_cells: started with"):
+        staged.run_staged(starmap_small.copy(), out, train_slides=[HOLDOUT], **kwargs)
+    res = staged.run_staged(starmap_small.copy(), out, train_slides=["20180417_BZ5_control"], **kwargs)
+    assert res.skipped == [] and not (out / "checkpoints" / "level1.started.json").exists()
+    assert (out / "checkpoints" / "level1.settings.json").is_file()
+
+
 def test_level2_joint_loss_falls(starmap_small):
     from xscale.data.anndata_dataset import AnnDataCellDataset
     from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig

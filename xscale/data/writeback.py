@@ -95,16 +95,19 @@ class LatentWriter:
         self.done = np.zeros(self.n_chunks, dtype=bool)
         resumed = False
         if self.partial.exists():
+            reason = "they were made by another computation"
             try:
                 old = json.loads(self._state_file.read_text())
                 if {k: old.get(k) for k in state} == state:
-                    self.done[np.asarray(old.get("done", []), dtype=np.int64)] = True
+                    # the array first: blocks count as done only if the array holding them opens
                     self.array = zarr.open_array(self.partial, mode="r+")
+                    self.done[np.asarray(old.get("done", []), dtype=np.int64)] = True
                     resumed = True
-            except (OSError, json.JSONDecodeError, ValueError) as err:
-                logger.warning("discarding unreadable partial results at %s (%s)", self.partial, err)
+            except (OSError, json.JSONDecodeError, ValueError, KeyError) as err:
+                reason = f"they are unreadable ({type(err).__name__}: {err})"
             if not resumed:
-                logger.warning("discarding partial results at %s: they were made by another computation", self.partial)
+                logger.warning("discarding partial results at %s: %s", self.partial, reason)
+                self.done[:] = False
                 shutil.rmtree(self.partial)
         if not resumed:
             self.partial.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ niches     ``checkpoints/niches/latents.npy`` (n, T·D)           dir marked com
 Each finished stage also records the settings it was made with (``<stage>.settings.json``:
 its own settings plus those of the stages before it); a re-run whose settings differ
 stops with an error naming the changed keys instead of silently reusing stale output.
+A stage records its settings as started (``<stage>.started.json``) before it runs, so an
+interrupted stage is resumed from its checkpoint only with the same settings.
 
 Domains (k-means on niche latents) take seconds and are recomputed on every run. The
 result is ``out_dir/cells.zarr``: the input AnnData (same obs_names) with
@@ -138,13 +140,32 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps(plain, default=list))
 
 
+def _started_file(ckpt: Path, stage: str) -> Path:
+    return ckpt / f"{stage}.started.json"
+
+
+def _check_started(ckpt: Path, stage: str, settings: dict) -> None:
+    """Before (re)starting ``stage``: stop if an interrupted earlier run of it used other settings, since
+    its training would resume from that run's checkpoint; then record this run's settings as started."""
+    path = _started_file(ckpt, stage)
+    if path.is_file():
+        _compare(ckpt, stage, json.loads(path.read_text()), settings, interrupted=True)
+    from xscale.utils.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(_jsonable(settings), indent=2, sort_keys=True))
+
+
 def _check_settings(ckpt: Path, stage: str, settings: dict) -> None:
     """Stop if ``stage`` finished earlier with other settings (those without a record are trusted)."""
     path = _settings_file(ckpt, stage)
     if not path.is_file():
         log.warning("Stage %s finished earlier but has no settings record (%s); reusing it unchecked.", stage, path)
         return
-    before = json.loads(path.read_text())
+    _compare(ckpt, stage, json.loads(path.read_text()), settings, interrupted=False)
+
+
+def _compare(ckpt: Path, stage: str, before: dict, settings: dict, *, interrupted: bool) -> None:
     now = _jsonable(settings)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
@@ -152,7 +173,14 @@ def _check_settings(ckpt: Path, stage: str, settings: dict) -> None:
             text = json.dumps(v)
             return text if len(text) <= 80 else text[:77] + "..."
 
-        details = "; ".join(f"{k}: finished with {show(before.get(k))}, now {show(now.get(k))}" for k in changed[:6])
+        was = "started" if interrupted else "finished"
+        details = "; ".join(f"{k}: {was} with {show(before.get(k))}, now {show(now.get(k))}" for k in changed[:6])
+        if interrupted:
+            raise XscaleInputError(
+                f"Stage {stage!r} in {ckpt} was interrupted earlier with other settings ({details}); it would resume "
+                f"from that run's checkpoint. Use a fresh out directory, or delete {ckpt / stage} and "
+                f"{_started_file(ckpt, stage).name} to start the stage afresh."
+            )
         raise XscaleInputError(
             f"Stage {stage!r} in {ckpt} was finished with other settings ({details}). Its output would be stale. "
             f"Use a fresh out directory, or delete {ckpt / stage} and the stages after it to redo them."
@@ -287,9 +315,11 @@ def run_staged(
             skipped.append(name)
             log.info("Stage %s finished earlier (%s); skipping.", name, ckpt / name)
             return out
+        _check_started(ckpt, name, settings[name])
         out = make()
         save(out)
         _record_settings(ckpt, name, settings[name])
+        _started_file(ckpt, name).unlink(missing_ok=True)
         seconds[name] = time.perf_counter() - t0
         return out
 
