@@ -86,6 +86,34 @@ def test_lazy_read_lists_layers_in_message(small_adata, tmp_path):
     assert np.array_equal(a.X.compute().toarray(), small_adata.layers["counts"].toarray())
 
 
+def test_csc_counts(small_adata, tmp_path, caplog):
+    """CSC X (stored by gene) can't be read by blocks of cells: a clear error with the conversion,
+    not scipy's "Only the major axis can be chunked"; read eagerly it works. A CSC layer reads
+    lazily (with a warning that it is slow) and equals the eager values."""
+    import logging
+
+    import scipy.sparse as sp
+
+    from xscale.data.prepare import prepare
+
+    counts = small_adata.X.copy()
+    small_adata.X = sp.csc_matrix(counts)
+    small_adata.write_h5ad(tmp_path / "csc.h5ad")
+    assert np.array_equal(read_dataset(tmp_path / "csc.h5ad").X.toarray(), counts.toarray())
+    for call in (lambda: read_dataset(tmp_path / "csc.h5ad", backed=True),
+                 lambda: prepare(tmp_path / "csc.h5ad", tmp_path / "s.zarr", progress=False)):
+        with pytest.raises(XscaleInputError, match=r"X: expected counts stored by cell .* CSC .* a.X = a.X.tocsr"):
+            call()
+    assert not (tmp_path / "s.zarr").exists()
+    small_adata.X = sp.csr_matrix(np.log1p(counts.toarray()))
+    small_adata.layers["counts"] = sp.csc_matrix(counts)
+    small_adata.write_h5ad(tmp_path / "layer.h5ad")
+    with caplog.at_level(logging.WARNING, logger="xscale.data.io"):
+        a = read_dataset(tmp_path / "layer.h5ad", backed=True, counts_layer="counts")
+    assert "layers/counts is stored as CSC" in caplog.text
+    assert np.array_equal(np.asarray(a.X.compute().todense()), counts.toarray())
+
+
 def test_spatialdata_points_and_table_key(small_adata, tmp_path):
     import pandas as pd
     import spatialdata as sd

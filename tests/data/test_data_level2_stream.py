@@ -118,3 +118,9 @@ def test_latent_width_mismatch_is_a_clear_error(l2store, latents):
         fit_level2_stream(l2store, latents, config=CellToTissueConfig.preset("tiny", in_dim=8), max_steps=1)
     with pytest.raises(XscaleInputError, match="expected one row per store cell"):
         fit_level2_stream(l2store, np.zeros((5, 16), dtype=np.float32), max_steps=1)
+    from xscale.data.niche_stream import NicheStream
+
+    with pytest.raises(XscaleInputError, match="cache_chunks: expected >= 1 store blocks to keep, found 0"):
+        NicheStream(l2store, max_cells=MAX_CELLS, latents=latents, cache_chunks=0)  # was a KeyError mid-epoch
+    one = NicheStream(l2store, max_cells=MAX_CELLS, latents=latents, cache_chunks=1, shuffle=False)
+    assert len(list(one)) == l2store.n_cells  # a cache of one block still serves every niche

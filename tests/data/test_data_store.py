@@ -91,7 +91,29 @@ def test_prepare_validates_and_drops_zero_cells(small_adata, tmp_path):
     small_adata.X = sp.csr_matrix(np.log1p(x))
     with pytest.raises(XscaleInputError, match="counts_layer"):
         prepare(small_adata, tmp_path / "bad.zarr", chunk_cells=64)
-    assert not (tmp_path / "bad.zarr").exists() and not list(tmp_path.glob(".bad.zarr*"))  # nothing partial left
+    assert not list(tmp_path.glob("*bad.zarr*"))  # nothing partial left (no store, no temporary)
+
+
+def test_killed_prepare_leaves_a_temporary_the_next_prepare_removes(tmp_path):
+    """SIGKILL (no Python cleanup) just before the store is published leaves the whole temporary
+    store; the next prepare of that output removes it (it had a name nothing looked for)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\n"
+        "import xscale, xscale.data.prepare as p\n"
+        "p._publish = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"p.prepare(xscale.datasets.path('starmap_mpfc'), {str(tmp_path / 's.zarr')!r}, progress=False)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    left = [q.name for q in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith("s.zarr.tmp-"), left
+    prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "s.zarr", progress=False)
+    assert [q.name for q in tmp_path.iterdir()] == ["s.zarr"]
 
 
 def test_cli_prepare_and_user_error(tmp_path, capsys):

@@ -73,6 +73,22 @@ def test_duplicate_gene_names(small_adata):
         validate_adata(small_adata)
 
 
+def test_gene_names_equal_after_normalisation(small_adata):
+    """Gad1 and GAD1 map to one vocabulary token: a cell would hold that token twice with two counts
+    (map_panel gave ids [0, 0, ...]), so validation, map_panel and prepare refuse them."""
+    from xscale.data.anndata_dataset import map_panel
+    from xscale.data.vocab import GeneVocab
+
+    names = list(small_adata.var_names)
+    names[1] = names[0].upper() if names[0] != names[0].upper() else names[0].lower()
+    small_adata.var_names = names
+    msg = rf"distinct after normalisation .* found 1 that collide, e.g. '{names[0]}' / '{names[1]}'"
+    with pytest.raises(XscaleInputError, match=msg):
+        validate_adata(small_adata)
+    with pytest.raises(XscaleInputError, match=msg):
+        map_panel(names, GeneVocab(names))
+
+
 def test_duplicate_cell_ids(small_adata):
     names = list(small_adata.obs_names)
     names[2] = names[0]

@@ -91,11 +91,25 @@ def _read_lazy_anndata(group, chunk_rows: int) -> ad.AnnData:
     from anndata.experimental import read_elem_lazy
     from anndata.io import read_elem
 
-    def lazy(elem):
-        return read_elem_lazy(
-            elem, chunks=(chunk_rows, elem.attrs["shape"][1] if "shape" in elem.attrs else elem.shape[1])
-        )
+    def is_csc(elem) -> bool:
+        encoding = elem.attrs.get("encoding-type", "")
+        return (encoding.decode() if isinstance(encoding, bytes) else str(encoding)) == "csc_matrix"
 
+    def lazy(elem):
+        shape = elem.attrs["shape"] if "shape" in elem.attrs else elem.shape
+        if is_csc(elem):  # only its major axis (genes) can be chunked: blocks of cells re-read all of it
+            logger.warning("%s is stored as CSC (by gene): each block of cells read from it reads the whole "
+                           "matrix. Convert it to CSR once (a.layers[KEY] = a.layers[KEY].tocsr()) for speed.",
+                           str(elem.name).strip("/"))
+            return read_elem_lazy(elem, chunks=(shape[0], max(1, min(shape[1], 1024))))
+        return read_elem_lazy(elem, chunks=(chunk_rows, shape[1]))
+
+    if "X" in group and is_csc(group["X"]):
+        raise XscaleInputError(
+            "X: expected counts stored by cell (CSR or dense) to read them block by block, found a CSC "
+            "(column-compressed) matrix, which would be read whole for every block of cells. Convert it once "
+            "with anndata: a = anndata.read_h5ad(PATH) (or read_zarr); a.X = a.X.tocsr(); a.write_h5ad(NEW_PATH)."
+        )
     x = lazy(group["X"]) if "X" in group else None
     obsm = {k: np.asarray(read_elem(group["obsm"][k])) for k in group["obsm"].keys()} if "obsm" in group else {}
     # every layer, lazily (nothing is read): messages can list them and counts_layer can pick one

@@ -141,6 +141,8 @@ class NicheStream(_StoreStream):
                          rank=rank, world_size=world_size)
         if max_cells < 1:
             raise XscaleInputError(f"max_cells: expected >= 1, found {max_cells}.")
+        if cache_chunks < 1:
+            raise XscaleInputError(f"cache_chunks: expected >= 1 store blocks to keep, found {cache_chunks}.")
         self.max_cells, self.cache_chunks = max_cells, cache_chunks
         self.latents = open_latents(latents) if latents is not None else None
         if self.latents is not None and self.latents.shape[0] != self.store.n_cells:

@@ -32,7 +32,7 @@ from xscale.data.validate import (
     check_spatial,
 )
 from xscale.errors import XscaleInputError
-from xscale.utils.atomic import check_replaceable, replace_dir
+from xscale.utils.atomic import check_replaceable, remove_stale_temps, replace_dir, temp_path
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -202,8 +202,8 @@ def prepare(
     rank = np.empty(n, dtype=np.int64)
     rank[order_all] = np.arange(n)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(out)  # those of an earlier prepare that was killed (they can be as large as the data)
+    tmp = temp_path(out)  # <name>.tmp-<pid>-<hex>: found by remove_stale_temps if this run is killed
     piece_dir = tmp / "_pieces"
     piece_dir.mkdir(parents=True)
     try:

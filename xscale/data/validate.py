@@ -146,7 +146,8 @@ def _examples(values: pd.Index | np.ndarray, k: int = 5) -> list[str]:
 
 
 def check_gene_names(var_names: Sequence[str]) -> None:
-    """Duplicate gene names -> :class:`XscaleInputError` (a gene would enter each cell twice)."""
+    """Duplicate gene names, also after normalisation (``Gad1`` / ``GAD1``) ->
+    :class:`XscaleInputError` (a gene would enter each cell twice)."""
     var = pd.Index(var_names)
     if var.has_duplicates:
         dup = var[var.duplicated()].unique()
@@ -154,6 +155,19 @@ def check_gene_names(var_names: Sequence[str]) -> None:
             f"adata.var_names: expected unique gene names, found {len(dup)} duplicated "
             f"(e.g. {_examples(dup)}). Sum or drop the duplicated genes, or call "
             "adata.var_names_make_unique() if they are distinct features."
+        )
+    from xscale.data.vocab import normalize_symbol
+
+    norm = pd.Series(var.astype(str), index=[normalize_symbol(v) for v in var])
+    clash = norm.groupby(level=0).agg(list)
+    clash = clash[clash.map(len) > 1]
+    if len(clash):
+        pairs = [" / ".join(map(repr, names)) for names in clash.iloc[:3]]
+        raise XscaleInputError(
+            f"adata.var_names: expected gene names that stay distinct after normalisation (stripped, upper-case: "
+            f"the vocabulary matches symbols that way, so mouse Gad1 and human GAD1 share a token), found "
+            f"{len(clash)} that collide, e.g. {', '.join(pairs)}: they would enter each cell as one gene twice. "
+            "Rename, sum or drop one of each."
         )
 
 

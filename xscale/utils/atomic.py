@@ -47,8 +47,13 @@ COMPLETE_MARKER = ".xscale-complete"
 _TMP_TAG = ".tmp-"
 
 
-def _temp_name(path: Path) -> Path:
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary sibling of ``path`` (``<name>.tmp-<pid>-<hex>``), the form
+    :func:`remove_stale_temps` recognises once its process is gone."""
+    path = Path(path)
     return path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,7 +215,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool 
     check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     tmp.mkdir()
     try:
         yield tmp
@@ -260,7 +265,7 @@ def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "wb") -> It
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
+    tmp = temp_path(path)
     try:
         with open(tmp, mode) as handle:
             yield handle
