@@ -71,6 +71,43 @@ def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypa
         embed_store_cells(store, l1, progress=False)
 
 
+def test_niche_partial_from_other_cell_latents_is_not_resumed(models, tmp_path, monkeypatch):
+    """Niches interrupted, then the cell latents re-embedded with another model (--overwrite): the
+    niche partial was made from the old latents and is discarded, not resumed into a mix of both."""
+    import copy
+
+    from xscale.data.writeback import LatentWriter
+
+    torch.set_num_threads(1)
+    _, l1, l2 = models
+    store = _store(tmp_path)
+    embed_store_cells(store, l1, progress=False)
+    real_write, calls = LatentWriter.write_chunk, []
+
+    def interrupted(self, i, values):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(i)
+        real_write(self, i, values)
+
+    monkeypatch.setattr(LatentWriter, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed_store_niches(store, l2, progress=False)
+    monkeypatch.setattr(LatentWriter, "write_chunk", real_write)
+    other = copy.deepcopy(l1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05)
+    embed_store_cells(store, other, overwrite=True, progress=False)
+    embed_store_niches(store, l2, progress=False)
+    resumed = ad.read_zarr(store.path).obsm["X_xscale_niche"]
+    fresh = CellStore(prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "f.zarr", slide_key="slice",
+                              chunk_cells=400, n_neighbors=10))
+    embed_store_cells(fresh, other, progress=False)
+    embed_store_niches(fresh, l2, progress=False)
+    np.testing.assert_allclose(resumed, ad.read_zarr(fresh.path).obsm["X_xscale_niche"], atol=1e-6)
+
+
 def test_store_niche_embedding_needs_cell_latents(models, tmp_path):
     _, _, l2 = models
     with pytest.raises(xscale.errors.XscaleInputError, match=r"obsm\['X_xscale_cell'\]"):

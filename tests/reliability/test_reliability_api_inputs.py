@@ -86,6 +86,12 @@ def test_missing_slide_labels_are_an_error_not_a_slide_named_nan(embedded, model
     with pytest.raises(XscaleInputError, match=msg):
         fit_level1(a, "tiny", out_dir=tmp_path / "l1", slide_key="slide_gaps", max_steps=1, logger="none",
                    enable_progress_bar=False)
+    from xscale.train.staged import run_staged
+
+    with pytest.raises(XscaleInputError, match=msg):  # before any stage, even a finished one, is used
+        run_staged(a, tmp_path / "run", slide_key="slide_gaps", level1_preset="tiny", level2_preset="tiny",
+                   level1_max_steps=1, level2_max_steps=1, progress=False, write_store=False)
+    assert not (tmp_path / "run").exists()  # nothing made for a bad input
 
 
 # ------------------------------------------------------------------ domains and plots

@@ -169,7 +169,9 @@ def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tup
     partial = store.path.with_name(f".{store.path.name}.obsm.{key}.partial")
     return LatentWriter(target, n_cells=store.n_cells, cell_shape=cell_shape, chunk_cells=store.chunk_cells,
                         fingerprint=fingerprint, partial=partial, overwrite=overwrite,
-                        attrs={"encoding-type": "array", "encoding-version": "0.2.0"})
+                        # the fingerprint stays on the array: what is computed from it (niches) can name it
+                        attrs={"encoding-type": "array", "encoding-version": "0.2.0",
+                               "xscale_fingerprint": fingerprint})
 
 
 def read_store_latents(store: str | Path | CellStore, key: str) -> Any:

@@ -44,6 +44,12 @@ def _fingerprint(model: torch.nn.Module, **options: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def _made_by(array: Any) -> str:
+    """The fingerprint of the computation that wrote a store's latent array ('' for older stores), so
+    niche partials made from other cell latents (re-embedded with --overwrite) are not resumed."""
+    return str(getattr(array, "attrs", {}).get("xscale_fingerprint", ""))
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -124,7 +130,8 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
     warn_if_short_niches(store, model.config.max_cells)
     model = model.eval()
     writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),
-                                 overwrite=overwrite, fingerprint=_fingerprint(model, what="niches", cells=cell_key))
+                                 overwrite=overwrite, fingerprint=_fingerprint(model, what="niches", cells=cell_key,
+                                                          cell_latents=_made_by(latents)))
     pending = writer.pending_chunks()
     with _progress(writer.n_chunks, "niches", progress) as bar, torch.inference_mode():
         bar.update(writer.n_chunks - len(pending))

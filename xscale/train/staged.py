@@ -270,9 +270,6 @@ def run_staged(
     from xscale.train.level2 import fit_level2
     from xscale.utils.atomic import atomic_write_text, make_output_dir
 
-    out_dir = make_output_dir(out_dir)
-    ckpt = out_dir / "checkpoints"
-    ckpt.mkdir(exist_ok=True)
     if spatial_key not in adata.obsm:
         raise XscaleInputError(
             f"spatial_key {spatial_key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}. "
@@ -282,7 +279,14 @@ def run_staged(
         raise XscaleInputError(
             f"slide_key {slide_key!r} not found in adata.obs. Available: {list(adata.obs.columns)}."
         )
+    if slide_key is not None:  # before any stage: a missing label would become a slide named "nan"
+        from xscale.data.validate import check_slides
+
+        check_slides(adata, slide_key)
     mask = _train_mask(adata, train_mask, train_slides, slide_key)
+    out_dir = make_output_dir(out_dir)  # after the input checks: a bad input creates nothing
+    ckpt = out_dir / "checkpoints"
+    ckpt.mkdir(exist_ok=True)
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key is not None else None
     skipped: list[str] = []
