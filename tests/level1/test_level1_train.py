@@ -102,3 +102,23 @@ def test_level1_fit_passes_weight_decay_to_the_optimiser(starmap_small, tmp_path
     with pytest.raises(ValueError, match="weight_decay=-1"):
         fit_level1(starmap_small[:64].copy(), "tiny", out_dir=tmp_path / "bad", max_steps=1, weight_decay=-1.0,
                    val_fraction=0.0, logger="none", enable_progress_bar=False)
+
+
+def test_collate_workers_draw_their_own_gene_contexts():
+    """Each DataLoader worker holds a copy of CollateCells: without re-seeding per worker they drew the
+    same sampled zeros for their batches; in the main process the generator is the seeded one."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from xscale.data.batch import CellItem, collate_cells
+    from xscale.train.level1 import CollateCells
+
+    counts = np.r_[np.ones(2, np.float32), np.zeros(48, np.float32)]  # 2 expressed, 8 of 48 zeros sampled
+    items = [CellItem(gene_ids=np.arange(50), counts=counts, index=i, dataset=0, slide=0) for i in range(8)]
+    two = list(DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=0), num_workers=2))
+    assert not np.array_equal(two[0].gene_ids.numpy(), two[1].gene_ids.numpy())
+    again = list(DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=0), num_workers=2))
+    assert all(np.array_equal(a.gene_ids.numpy(), b.gene_ids.numpy()) for a, b in zip(two, again, strict=True))
+    main = list(DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=0), num_workers=0))
+    ref = collate_cells(items[:4], max_genes=10, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(main[0].gene_ids.numpy(), ref.gene_ids.numpy())

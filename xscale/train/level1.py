@@ -111,13 +111,25 @@ class GeneCellModule(lightning.LightningModule):
 
 
 class CollateCells:
-    """Picklable collate: ``collate_cells`` with a context limit and a seeded generator."""
+    """Picklable collate: ``collate_cells`` with a context limit and a seeded generator.
+
+    In a DataLoader worker the generator is re-seeded from (seed, worker id) on first use:
+    each worker is a copy of this object, and with one generator state they would all
+    draw the same gene contexts.
+    """
 
     def __init__(self, max_genes: int | None, seed: int = 0) -> None:
-        self.max_genes = max_genes
+        self.max_genes, self.seed = max_genes, seed
         self.rng = np.random.default_rng(seed)
+        self._worker: int | None = None
 
     def __call__(self, items: list[CellItem]) -> CellBatch:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        if info is not None and self._worker != info.id:
+            self._worker = info.id
+            self.rng = np.random.default_rng([self.seed, info.id])
         return collate_cells(items, max_genes=self.max_genes, rng=self.rng)
 
 
