@@ -67,8 +67,17 @@ def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypa
     ref = xscale.tl.embed_niches(adata, l2, slide_key="slice", copy=True).obsm["X_xscale_niche"]
     np.testing.assert_allclose(niches, ref[order], atol=1e-4)
 
-    with pytest.raises(xscale.errors.XscaleInputError, match="already exist"):
-        embed_store_cells(store, l1, progress=False)
+    path = store.path / "obsm" / "X_xscale_cell" / "zarr.json"
+    before = path.stat().st_mtime_ns
+    embed_store_cells(store, l1, progress=False)  # the same model again: complete, skipped
+    assert path.stat().st_mtime_ns == before
+    import copy
+
+    other = copy.deepcopy(l1)
+    with torch.no_grad():
+        next(other.parameters()).add_(0.1)
+    with pytest.raises(xscale.errors.XscaleInputError, match="already holds latents made by another model"):
+        embed_store_cells(store, other, progress=False)
 
 
 def test_niche_partial_from_other_cell_latents_is_not_resumed(models, tmp_path, monkeypatch):
@@ -128,10 +137,27 @@ def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
     a = ad.read_zarr(store.path)
     assert a.obsm["X_xscale_cell"].shape == (store.n_cells, l1.config.embedding_dim)
     assert a.obsm["X_xscale_niche"].shape == (store.n_cells, l2.config.n_tissue_latents * l2.config.dim)
-    # a second run refuses to replace results silently; --overwrite replaces them
-    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 2
-    assert "already exist" in capsys.readouterr().err
-    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), "--overwrite"]) == 0
+    # a re-run with the same models (e.g. after an interruption during the niches) skips what is complete
+    keys = ("X_xscale_cell", "X_xscale_niche")
+    written = {k: (store.path / "obsm" / k / "zarr.json").stat().st_mtime_ns for k in keys}
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path)]) == 0
+    assert {k: (store.path / "obsm" / k / "zarr.json").stat().st_mtime_ns for k in written} == written
+    # another model refuses to replace them silently; --overwrite replaces them
+    other = l1.__class__(l1.config)
+    save_model(other, tmp_path / "ckpt2" / "level1" / "model")
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt2"), "--data", str(store.path)]) == 2
+    assert "already holds latents made by another model" in capsys.readouterr().err
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt2"), "--data", str(store.path), "--overwrite"]) == 0
+    # domains on the store, as the --n-domains error suggests: only obs changes, it stays a prepared store
+    assert main(["domains", "--store", str(store.path), "--n-domains", "3"]) == 0
+    assert "wrote obs['xscale_domain'] into" in capsys.readouterr().out
+    again = CellStore(store.path)
+    assert again.n_cells == store.n_cells
+    back = ad.read_zarr(store.path)
+    assert set(back.obs["xscale_domain"].astype(str)) == {"0", "1", "2"} and "X_xscale_niche" in back.obsm
+    assert main(["domains", "--store", str(store.path), "--n-domains", "2"]) == 0  # re-clustered in place
+    assert set(ad.read_zarr(store.path).obs["xscale_domain"].astype(str)) == {"0", "1"}
+    capsys.readouterr()
     for extra, says in ((["--dask", "local"], "embed_store_dask(store"), (["--n-domains", "3"], "xscale domains")):
         assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), *extra]) == 2
         assert says in capsys.readouterr().err

@@ -81,6 +81,15 @@ def test_level2_staged_end_to_end_and_rerun_skips(starmap_small, tmp_path):
             run_staged(starmap_small.copy(), out, **kwargs)
     np.testing.assert_array_equal(np.load(out / "checkpoints" / "niches" / "latents.npy"),
                                   third.adata.obsm["X_xscale_niche"])  # nothing written was touched
+    # the same number of cells in another order (or another file): not reused, it would attach the
+    # finished latents to other cells
+    other = starmap_small.copy()
+    order = np.argsort(other.obs["cell_type"].astype(str).to_numpy(), kind="stable")
+    other.X, other.obsm["spatial"] = other.X[order], other.obsm["spatial"][order]  # same ids, slides, mask
+    other.obs_names = starmap_small.obs_names[order]
+    other.obs["slice"] = starmap_small.obs["slice"].to_numpy()
+    with pytest.raises(XscaleInputError, match=r"Stage 'level1'.*\(data_digest: finished with \S+, now \S+\)"):
+        run_staged(other, out, **kwargs)
 
 
 def test_staged_interrupted_stage_does_not_resume_with_other_settings(starmap_small, tmp_path, monkeypatch):

@@ -135,14 +135,29 @@ def test_outputs_never_replace_what_xscale_did_not_write(tmp_path):
             replace_dir(tmp_path / "new", target)
     assert _user_files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "results.csv"]  # no temporaries left
-    for name, files in (("empty", []), ("earlier", [".xscale-complete", "v"]), ("copied_model",
-                        ["config.json", "model.safetensors"]), ("v3.zarr", ["zarr.json"]), ("v2.zarr", [".zgroup"])):
+    xscale_v3 = '{"zarr_format": 3, "node_type": "group", "attributes": {"xscale_output": 1}}'
+    for name, files in (("empty", {}), ("earlier", {".xscale-complete": "", "v": ""}),
+                        ("copied_model", {"config.json": "", "model.safetensors": ""}),
+                        ("v3.zarr", {"zarr.json": xscale_v3}),
+                        ("v2.zarr", {".zgroup": "{}", ".zattrs": '{"xscale_output": 1}'}),
+                        ("prepared.zarr", {"zarr.json": xscale_v3.replace("xscale_output", "xscale_store")}),
+                        ("old_output.zarr", {".zgroup": "{}", "uns/xscale/.zgroup": "{}"})):
         d = tmp_path / name
-        d.mkdir()
-        for f in files:
-            (d / f).write_text("")
+        for f, text in files.items():
+            (d / f).parent.mkdir(parents=True, exist_ok=True)
+            (d / f).write_text(text)
+        d.mkdir(exist_ok=True)
         check_replaceable(d)
     check_replaceable(tmp_path / "missing")
+    # a zarr store xscale did not write (the user's AnnData or SpatialData) is refused like a folder
+    for name, files in (("user_v2.zarr", {".zgroup": "{}", ".zattrs": '{"encoding-type": "anndata"}'}),
+                        ("user.sdata.zarr", {"zarr.json": '{"zarr_format": 3, "node_type": "group"}'})):
+        d = tmp_path / name
+        d.mkdir()
+        for f, text in files.items():
+            (d / f).write_text(text)
+        with pytest.raises(XscaleInputError, match="found a zarr store it did not write"):
+            check_replaceable(d)
 
 
 def test_cli_outputs_refuse_a_file_or_a_foreign_folder(tmp_path, capsys):
@@ -179,16 +194,33 @@ def test_cli_outputs_refuse_a_file_or_a_foreign_folder(tmp_path, capsys):
     assert sorted(p.name for p in user.iterdir()) == ["project", "results.csv"]  # no temporaries left
     assert main(["prepare", "starmap_mpfc", str(a_file)]) == 2  # without --overwrite: says what is there
     assert "found a file already there" in capsys.readouterr().err
-    # an AnnData zarr is replaceable as a store, but never by its own prepared store
-    source = tmp_path / "data.zarr"
+    # the user's own AnnData zarr is never replaced: not by its prepared store, a fine-tuned model, re-clustered
+    # domains, or the cells.zarr of run / embed --out its folder (all replaced any zarr store before)
     from xscale.data.zarr_settings import zarr_format_2
 
+    proj = tmp_path / "proj"
+    source = proj / "cells.zarr"
     with zarr_format_2():
         xscale.datasets.load("starmap_mpfc")[:50].copy().write_zarr(source)
-    listing = sorted(p.name for p in source.iterdir())
-    assert main(["prepare", str(source), str(source), "--overwrite", "--spatial-key", "none"]) == 2
-    assert "the input would be replaced" in capsys.readouterr().err
-    assert sorted(p.name for p in source.iterdir()) == listing
+    listing = sorted(str(p.relative_to(source)) for p in source.rglob("*"))
+    emb = tmp_path / "emb"
+    assert main(["embed", "--checkpoint", str(model), "--data", "starmap_mpfc", "--out", str(emb)]) == 0
+    capsys.readouterr()
+    for argv in (
+        ["prepare", str(source), str(source), "--overwrite", "--spatial-key", "none"],
+        ["finetune", str(model), "starmap_mpfc", "--task", "cell_type", "--label-key", "cell_type", "--epochs", "1",
+         "--out", str(source)],
+        ["domains", "--store", str(emb / "cells.zarr"), "--n-domains", "3", "--use-rep", "X_xscale_cell",
+         "--out", str(source)],
+        ["embed", "--checkpoint", str(model), "--data", str(source), "--out", str(proj)],
+        ["run", "--data", str(source), "--out", str(proj), "--preset", "tiny", "--max-steps", "1",
+         "--spatial-key", "spatial"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "found a zarr store it did not write" in err and "Traceback" not in err, (argv, err)
+    assert sorted(str(p.relative_to(source)) for p in source.rglob("*")) == listing
+    assert sorted(p.name for p in proj.iterdir()) == ["cells.zarr"]
 
 
 def test_atomic_dir_no_overwrite(tmp_path):

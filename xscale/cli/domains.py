@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import xscale.tl
-    from xscale.data.writeback import write_anndata_zarr
+    from xscale.data.store import is_prepared_store
+    from xscale.data.writeback import write_anndata_zarr, write_store_obs
     from xscale.errors import XscaleInputError
 
     store = Path(args.store)
@@ -85,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
               f"NMI {normalized_mutual_info_score(y, d):.3f}")
+    if args.out is None and is_prepared_store(store):  # only the column: the store stays a prepared store
+        write_store_obs(store, args.key_added, adata.obs[args.key_added].values)
+        print(f"wrote obs[{args.key_added!r}] into {store}")
+        return 0
     write_anndata_zarr(adata, args.out or store)  # the old store is replaced only once this one is complete
     print(f"wrote {args.out or store}")
     return 0

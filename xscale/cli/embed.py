@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.store import is_prepared_store
     from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
-    from xscale.utils.atomic import make_output_dir
+    from xscale.utils.atomic import check_replaceable, make_output_dir
 
     if args.data not in ds.available() and not Path(args.data).exists():
         raise XscaleInputError(f"--data {args.data!r}: expected a bundled dataset name ({', '.join(ds.available())}), "
@@ -195,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if slide_key and slide_key not in adata.obs:  # before any embedding
         raise XscaleInputError(f"--slide-key {slide_key!r}: expected an obs column of {args.data}, found none by that "
                                f"name. Available: {list(adata.obs.columns)}. Omit --slide-key for a single slide.")
+    check_replaceable(Path(args.out) / "cells.zarr")  # before embedding: never the user's own store
     out = make_output_dir(args.out)
     if args.dask:
         adata.obsm["X_xscale_cell"] = _embed_dask(args, adata, l1_dir, out)

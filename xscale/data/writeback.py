@@ -47,9 +47,15 @@ _STATE = "xscale_writer.json"
 def write_anndata_zarr(adata: ad.AnnData, path: str | os.PathLike) -> Path:
     """``adata.write_zarr(path)`` in zarr format 2 (:func:`~xscale.data.zarr_settings.zarr_format_2`),
     built under a temporary name beside ``path`` and renamed when complete: an existing store is
-    replaced only then (a failed write leaves it as it was), and concurrent writers do not collide."""
+    replaced only then (a failed write leaves it as it was), and concurrent writers do not collide.
+    The store's root attributes mark it as an xscale output: only such stores are ever replaced."""
+    import zarr
+
+    from xscale.utils.atomic import XSCALE_ZARR_ATTR
+
     with atomic_dir(path, marker=False) as tmp, zarr_format_2():
         adata.write_zarr(tmp)
+        zarr.open_group(tmp, mode="r+").attrs[XSCALE_ZARR_ATTR] = 1  # replaceable by a later xscale write
     return Path(path)
 
 
@@ -153,12 +159,36 @@ class LatentWriter:
             raise RuntimeError(f"{self.target}: {int((~self.done).sum())} block(s) not written yet")
         self.array.attrs.update(self.attrs)
         self._state_file.unlink()
-        if self.overwrite:
-            replace_dir(self.partial, self.target)  # an old target is removed only after the swap
+        if self.overwrite:  # asked for: an old target is removed only after the swap
+            replace_dir(self.partial, self.target, check=False)
         else:
             os.replace(self.partial, self.target)
         logger.info("wrote %s (%d x %s)", self.target, self.n_cells, self.cell_shape)
         return self.target
+
+
+def write_store_obs(store: str | Path | CellStore, key: str, values: Any) -> None:
+    """Write one ``obs`` column (n_cells values in store order) into a prepared store, in place.
+
+    Only ``obs/<key>`` changes: the rest of the store (counts, graph, latents, its
+    ``xscale_store`` metadata) is left as it is. The column is written under a temporary name
+    and renamed into place, then listed in ``obs``'s column order.
+    """
+    import pandas as pd
+    import zarr
+    from anndata.io import write_elem
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    if len(values) != store.n_cells:
+        raise XscaleInputError(f"obs[{key!r}]: expected {store.n_cells} values (one per store cell), "
+                               f"found {len(values)}.")
+    obs = zarr.open_group(store.path / "obs", mode="r+")
+    tmp_name = f"{key}__xscale_tmp_{os.getpid()}"
+    with unsharded():  # one chunk per array, as the rest of the store (and no autosharding notice)
+        write_elem(obs, tmp_name, values if isinstance(values, pd.Categorical) else np.asarray(values))
+    replace_dir(store.path / "obs" / tmp_name, store.path / "obs" / key, check=False)
+    order = [c for c in obs.attrs.get("column-order", []) if c != key]
+    obs.attrs["column-order"] = [*order, key]
 
 
 def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tuple[int, ...], *,
@@ -312,7 +342,7 @@ def _write_table(sdata: Any, name: str) -> None:
     try:
         with unsharded():
             sdata.write_element(tmp_name)
-        replace_dir(tmp_dir, final)
+        replace_dir(tmp_dir, final, check=False)  # the user's table, rewritten with the latents on request
     finally:  # success or not: no temporary element left, in memory, on disk or in the metadata
         del sdata.tables[tmp_name]
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -44,6 +44,22 @@ def _fingerprint(model: torch.nn.Module, **options: Any) -> str:
     return h.hexdigest()[:20]
 
 
+def _already_made(store: CellStore, key: str, fingerprint: str) -> bool:
+    """True when ``obsm[key]`` is complete and was made by this very computation (same model,
+    options and inputs): a re-run after an interruption skips it. False when there is none; made
+    by another computation: :class:`~xscale.errors.XscaleInputError` (replace with ``overwrite``)."""
+    path = store.path / "obsm" / key
+    if not path.exists():
+        return False
+    if _made_by(read_store_latents(store, key)) == fingerprint:
+        log.info("%s: obsm[%r] is complete from this model and these options; skipping it", store.path, key)
+        return True
+    raise XscaleInputError(
+        f"{store.path}: obsm[{key!r}] already holds latents made by another model or with other options. "
+        "Pass overwrite=True (CLI: --overwrite) to replace them."
+    )
+
+
 def _made_by(array: Any) -> str:
     """The fingerprint of the computation that wrote a store's latent array ('' for older stores), so
     niche partials made from other cell latents (re-embedded with --overwrite) are not resumed."""
@@ -87,8 +103,11 @@ def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str =
     log.info("Embedding %d cells of %s with %d of %d panel genes", store.n_cells, store.path, mapping.n_used,
              mapping.n_panel)
     model = model.eval()
+    fingerprint = _fingerprint(model, seed=seed, what="cells")
+    if not overwrite and _already_made(store, key, fingerprint):
+        return store.path / "obsm" / key
     writer = store_latent_writer(store, key, (model.config.embedding_dim,), overwrite=overwrite,
-                                 fingerprint=_fingerprint(model, seed=seed, what="cells"))
+                                 fingerprint=fingerprint)
     pending = writer.pending_chunks()
     with _progress(writer.n_chunks, "cells", progress) as bar:
         bar.update(writer.n_chunks - len(pending))
@@ -129,9 +148,11 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
                                f"{model.config.in_dim} (K·D of the level-1 model it was trained on).")
     warn_if_short_niches(store, model.config.max_cells)
     model = model.eval()
+    fingerprint = _fingerprint(model, what="niches", cells=cell_key, cell_latents=_made_by(latents))
+    if not overwrite and _already_made(store, key, fingerprint):
+        return store.path / "obsm" / key
     writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),
-                                 overwrite=overwrite, fingerprint=_fingerprint(model, what="niches", cells=cell_key,
-                                                          cell_latents=_made_by(latents)))
+                                 overwrite=overwrite, fingerprint=fingerprint)
     pending = writer.pending_chunks()
     with _progress(writer.n_chunks, "niches", progress) as bar, torch.inference_mode():
         bar.update(writer.n_chunks - len(pending))

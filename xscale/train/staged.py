@@ -165,9 +165,14 @@ def _check_settings(ckpt: Path, stage: str, settings: dict) -> None:
     _compare(ckpt, stage, json.loads(path.read_text()), settings, interrupted=False)
 
 
+_NEWER_KEYS = {"data_digest"}  # added after runs were recorded: absent from their records
+
+
 def _compare(ckpt: Path, stage: str, before: dict, settings: dict, *, interrupted: bool) -> None:
     now = _jsonable(settings)
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    # keys newer than the record (data_digest) are unknown for it, not changed
+    changed = sorted(k for k in set(before) | set(now)
+                     if before.get(k) != now.get(k) and not (k in _NEWER_KEYS and k not in before))
     if changed:
         def show(v) -> str:
             text = json.dumps(v)
@@ -191,6 +196,21 @@ def _record_settings(ckpt: Path, stage: str, settings: dict) -> None:
     from xscale.utils.atomic import atomic_write_text
 
     atomic_write_text(_settings_file(ckpt, stage), json.dumps(_jsonable(settings), indent=2, sort_keys=True))
+
+
+def _data_digest(adata: ad.AnnData, coords: np.ndarray) -> str:
+    """Identifies the cells a run was made from: their ids and order, genes, coordinates and
+    per-cell total counts. Another file with as many cells no longer reuses finished stages
+    (their latents would be attached to other cells)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for names in (adata.obs_names, adata.var_names):
+        h.update("\0".join(map(str, names)).encode())
+    h.update(np.ascontiguousarray(coords, dtype=np.float64).tobytes())
+    totals = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+    h.update(totals.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _mask_digest(mask: np.ndarray) -> str:
@@ -268,7 +288,7 @@ def run_staged(
     from xscale.tl.niches import domains, niche_embeddings
     from xscale.train.level1 import fit_level1
     from xscale.train.level2 import fit_level2
-    from xscale.utils.atomic import atomic_write_text, make_output_dir
+    from xscale.utils.atomic import atomic_write_text, check_replaceable, make_output_dir
 
     if spatial_key not in adata.obsm:
         raise XscaleInputError(
@@ -284,6 +304,8 @@ def run_staged(
 
         check_slides(adata, slide_key)
     mask = _train_mask(adata, train_mask, train_slides, slide_key)
+    if write_store:  # before any training: the store written at the end must not replace the user's data
+        check_replaceable(Path(out_dir) / "cells.zarr")
     out_dir = make_output_dir(out_dir)  # after the input checks: a bad input creates nothing
     ckpt = out_dir / "checkpoints"
     ckpt.mkdir(exist_ok=True)
@@ -298,7 +320,8 @@ def run_staged(
 
         level1_config = GeneToCellConfig.preset(level1_preset, genes=vocab_from_adatas([adata]).genes)
     # What each stage's output depends on (its own settings and those of the stages before it).
-    data = {"n_cells": n, "train_cells": _mask_digest(mask), "slide_key": slide_key, "spatial_key": spatial_key}
+    data = {"n_cells": n, "train_cells": _mask_digest(mask), "slide_key": slide_key, "spatial_key": spatial_key,
+            "data_digest": _data_digest(adata, coords)}
     settings = {"level1": {**data, "level1_config": level1_config, "level1_epochs": level1_epochs,
                            "level1_max_steps": level1_max_steps, "batch_size": batch_size, "seed": seed}}
     settings["cells"] = dict(settings["level1"])

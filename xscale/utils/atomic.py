@@ -145,14 +145,41 @@ def make_output_dir(path: str | os.PathLike) -> Path:
 
 #: Files whose presence marks a zarr store (v3, v2 group, v2 array).
 _ZARR_FILES = ("zarr.json", ".zgroup", ".zarray")
+#: Root attribute that marks a zarr store as written by xscale (AnnData zarr outputs); prepared
+#: stores carry ``xscale_store``.
+XSCALE_ZARR_ATTR = "xscale_output"
+
+
+def _zarr_root_attrs(path: Path) -> dict:
+    """Root attributes of a zarr store, read from its metadata file (v3 zarr.json, v2 .zattrs)."""
+    import json
+
+    try:
+        if (path / "zarr.json").is_file():
+            return dict(json.loads((path / "zarr.json").read_text()).get("attributes") or {})
+        if (path / ".zattrs").is_file():
+            return dict(json.loads((path / ".zattrs").read_text()))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def is_xscale_zarr(path: str | os.PathLike) -> bool:
+    """True for a zarr store xscale wrote: a prepared store, an AnnData zarr output (root
+    attribute :data:`XSCALE_ZARR_ATTR`), or one written before that attribute existed (its
+    ``uns/xscale`` group, as ``xscale run`` / ``embed`` / ``demo`` record)."""
+    path = Path(path)
+    attrs = _zarr_root_attrs(path)
+    return XSCALE_ZARR_ATTR in attrs or "xscale_store" in attrs or (path / "uns" / "xscale").is_dir()
 
 
 def check_replaceable(path: str | os.PathLike) -> None:
     """Raise :class:`~xscale.errors.XscaleInputError` unless ``path`` may be replaced by an xscale output.
 
     Replaceable: a path that does not exist, an empty directory, a directory holding the
-    completion marker (an earlier xscale output), a saved model or a zarr store. Anything else, a file or a
-    directory of other things, may be the user's own work and is never moved or deleted.
+    completion marker (an earlier xscale output), a saved model or a zarr store xscale wrote
+    (:func:`is_xscale_zarr`). Anything else, a file, another zarr store or a directory of other
+    things, may be the user's own work and is never moved or deleted.
     """
     from xscale.errors import XscaleInputError
 
@@ -163,8 +190,15 @@ def check_replaceable(path: str | os.PathLike) -> None:
         raise XscaleInputError(f"{path}: expected a new or earlier xscale output directory, found a file. "
                                "Pass another path; xscale does not replace it.")
     entries = sorted(p.name for p in path.iterdir())
-    if not entries or COMPLETE_MARKER in entries or any(name in entries for name in _ZARR_FILES):
+    if not entries or COMPLETE_MARKER in entries:
         return
+    if any(name in entries for name in _ZARR_FILES):
+        if is_xscale_zarr(path):
+            return
+        raise XscaleInputError(
+            f"{path}: expected a new path or a zarr store xscale wrote, found a zarr store it did not write (your "
+            "data?). xscale replaces its output as a whole, so it would delete it: pass a new path instead."
+        )
     if {"config.json", "model.safetensors"} <= set(entries):  # a saved model copied without its marker
         return
     shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
@@ -227,7 +261,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, marker: bool 
     replace_dir(tmp, path)
 
 
-def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike, *, check: bool = True) -> Path:
     """Move the finished directory ``src`` to ``dst``, replacing what is there without a gap.
 
     An existing ``dst`` is first moved aside (``<name>.tmp-<pid>-old<hex>``), then ``src`` is
@@ -236,10 +270,13 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     ``dst`` is briefly absent. If the rename fails, the old directory is moved back before the error
     propagates, so a failed replacement loses nothing already written. ``src`` and ``dst`` must
     be on one file system (temporaries live beside their target). Returns ``dst``.
-    ``dst`` must be replaceable (:func:`check_replaceable`); if not, nothing moves.
+    ``dst`` must be replaceable (:func:`check_replaceable`); if not, nothing moves. ``check=False``
+    skips that test, for an element inside a store the caller was asked to update (a SpatialData
+    table written back, a column or latent array of a prepared store replaced on request).
     """
     src, dst = Path(src), Path(dst)
-    check_replaceable(dst)
+    if check:
+        check_replaceable(dst)
     old: Path | None = None
     if dst.exists() or dst.is_symlink():
         old = dst.with_name(f"{dst.name}{_TMP_TAG}{os.getpid()}-old{secrets.token_hex(4)}")
