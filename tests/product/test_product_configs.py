@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -140,6 +141,34 @@ def test_xscale_fit_data_configs_train_with_the_models_gene_context(tmp_path, mo
     cli = build_cli(["--config", str(TINY_L1), "--config", str(TINY_DATA), "--data.init_args.max_genes=24",
                      "--trainer.logger=false"])
     assert cli.datamodule.max_genes == 24 and not cli.datamodule.max_genes_from_model
+
+
+def test_xscale_fit_own_data_with_counts_layer_and_clear_errors(tmp_path, monkeypatch, capsys):
+    """Your own .h5ad with log-normalised X and raw counts in a layer trains (counts_layer was applied
+    twice: "not found in adata.layers. Available: []"); a bad dataset path is one line, exit 2 (was
+    two tracebacks from jsonargparse, exit 1)."""
+    import scipy.sparse as sp
+
+    import xscale
+    from xscale.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    a = xscale.datasets.load("starmap_mpfc")[:300].copy()
+    a.layers["counts"] = a.X.copy()
+    x = a.X.toarray()
+    a.X = sp.csr_matrix(np.log1p(x / x.sum(1, keepdims=True) * 1e4))
+    a.write_h5ad(tmp_path / "mine.h5ad")
+    common = ["fit", "--config", str(TINY_L1), "--config", str(TINY_DATA), "--save-dir", str(tmp_path / "m"),
+              "trainer.max_steps=2", "trainer.logger=false", "trainer.enable_checkpointing=false",
+              "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "data.init_args.batch_size=16"]
+    mine = f"data.init_args.datasets=[{tmp_path / 'mine.h5ad'}]"
+    assert main([*common, mine, "data.init_args.counts_layer=counts"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*common, f"data.init_args.datasets=[{tmp_path / 'missing.h5ad'}]"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.h5ad: expected an .h5ad file or a .zarr store, found nothing at this path" in err
+    assert "Traceback" not in err and "Union subtypes" not in err
 
 
 def test_xscale_fit_resumes_from_last(tmp_path, monkeypatch, capsys):

@@ -150,8 +150,8 @@ def _define() -> None:
             adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer,
                                 slide_key=slide_key)
             self.vocab = vocab_from_adatas(adatas)
-            built = CellDataModule.from_adatas(
-                adatas, self.vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
+            built = CellDataModule.from_adatas(  # _load_many already put counts_layer's counts into X
+                adatas, self.vocab, val_fraction=val_fraction, counts_layer=None, slide_key=slide_key,
                 min_genes=min_genes, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed,
             )
             super().__init__(built.train_dataset, built.val_dataset, max_genes=max_genes, batch_size=batch_size,
@@ -286,6 +286,18 @@ def build_cli(cli_args: list[str], *, run: bool = False):
         )
 
 
+def _input_error_in(err: BaseException):
+    """The XscaleInputError a config's class raised, found in the chain of ``err``, or None."""
+    from xscale.errors import XscaleInputError
+
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, XscaleInputError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def newest_checkpoint(root: str | os.PathLike) -> str:
     """The most recently written ``*.ckpt`` under ``root`` (a run's ``default_root_dir``).
 
@@ -323,6 +335,11 @@ def run(args: argparse.Namespace) -> int:
     with quiet_fit():  # Lightning's notes that say nothing to the user (see xscale.train.quiet)
         try:
             cli = build_cli(cli_args, run=False)
+        except ValueError as err:  # jsonargparse wraps what a data / model class raised when instantiated
+            cause = _input_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
         except SystemExit as exit_:
             if exit_.code in (0, None):
                 return 0
