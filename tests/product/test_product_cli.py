@@ -178,3 +178,29 @@ def test_cli_quiets_the_faiss_loader_unless_verbose(tmp_path, capsys):
     assert main(["--verbose", "domains", "--store", missing, "--n-domains", "2"]) == 2
     assert logging.getLogger("faiss.loader").level == logging.NOTSET
     capsys.readouterr()
+
+
+def test_ctrl_c_during_lightning_training_exits_130_with_a_message(monkeypatch, capsys):
+    """Lightning answers Ctrl-C by tearing down and calling sys.exit(1): the CLI reported nothing
+    and exited 1; it now says it was interrupted and exits 130, as for Ctrl-C elsewhere."""
+    import sys
+
+    import xscale.cli.run as run_cli
+    from xscale.cli.main import main
+
+    def lightning_like(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # what lightning.pytorch.trainer.call._call_and_handle_interrupt does
+
+    monkeypatch.setattr(run_cli, "run", lightning_like)
+    assert main(["run", "--data", "starmap_mpfc", "--out", "never"]) == 130
+    assert "xscale run: interrupted (checkpoints saved so far are kept; re-run to resume)" in capsys.readouterr().err
+
+    def plain_exit(args):
+        sys.exit(3)
+
+    monkeypatch.setattr(run_cli, "run", plain_exit)
+    with pytest.raises(SystemExit):
+        main(["run", "--data", "starmap_mpfc", "--out", "never"])

@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"xscale {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exit_:
+        # Lightning answers Ctrl-C during training by tearing down and calling sys.exit(1)
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            print(f"xscale {args.command}: interrupted (checkpoints saved so far are kept; re-run to resume)",
+                  file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":
