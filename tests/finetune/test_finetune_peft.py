@@ -170,6 +170,13 @@ def test_cli_finetune(starmap_small, tmp_path, capsys):
     rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "x"),
                "--label-key", "cell_type", "--train-key", "split", "--train-values", "nope"])
     assert rc == 2 and "No cell has obs['split']" in capsys.readouterr().err
+    # --write-h5ad that cannot take the file: refused before training, nothing left behind
+    (tmp_path / "preds").mkdir()
+    for target, says in ((tmp_path / "preds", "expected a file path"), (tmp_path / "p.csv", "ending in .h5ad")):
+        rc = main(["finetune", str(tmp_path / "pre"), str(tmp_path / "d.h5ad"), "--out", str(tmp_path / "y"),
+                   "--label-key", "cell_type", "--epochs", "1", "--write-h5ad", str(target)])
+        assert rc == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and list((tmp_path / "preds").iterdir()) == []
 
 
 def test_cli_finetune_reads_anndata_and_spatialdata_zarr(starmap_small, tmp_path, capsys):

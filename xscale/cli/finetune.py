@@ -117,11 +117,27 @@ def _train_mask(adata, key: str | None, values: list[str] | None):
     return np.asarray(col, dtype=bool)
 
 
+def _check_h5ad_target(path: str) -> None:
+    """--write-h5ad must name a file path (missing folders are made), not a directory."""
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise XscaleInputError(f"--write-h5ad {path!r}: expected a file path (e.g. {target / 'cells.h5ad'}), "
+                               "found a directory.")
+    if target.suffix != ".h5ad":
+        raise XscaleInputError(f"--write-h5ad {path!r}: expected a path ending in .h5ad, found {target.suffix!r}.")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
     from xscale.train.finetune import encode_cells, finetune, predict_labels
 
+    if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
+        _check_h5ad_target(args.write_h5ad)
     adata = _read(args.data, args.table_key)
     result = finetune(
         args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
@@ -144,8 +160,12 @@ def run(args: argparse.Namespace) -> int:
         adata.obsm["X_xscale_cell"] = encode_cells(result.model, adata,
                                                    counts_layer=args.counts_layer).reshape(adata.n_obs, -1)
         target = Path(args.write_h5ad)
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp.h5ad")
-        adata.write_h5ad(tmp)
-        tmp.replace(target)
+        try:
+            adata.write_h5ad(tmp)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {target}")
     return 0
