@@ -204,3 +204,22 @@ def test_ctrl_c_during_lightning_training_exits_130_with_a_message(monkeypatch, 
     monkeypatch.setattr(run_cli, "run", plain_exit)
     with pytest.raises(SystemExit):
         main(["run", "--data", "starmap_mpfc", "--out", "never"])
+
+
+def test_accelerator_is_checked_before_any_work(tmp_path, capsys):
+    """--accelerator gpu on a machine without one: Lightning failed only when training started, after
+    the output folder was made; now one line before anything happens."""
+    import torch
+
+    from xscale.cli.main import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for argv in (["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "r"), "--accelerator", "gpu"],
+                 ["finetune", str(tmp_path / "m"), "starmap_mpfc", "--out", str(tmp_path / "f"),
+                  "--accelerator", "gpu"],
+                 ["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "r"), "--accelerator", "tpu"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--accelerator" in err and ("found none on this machine" in err or "expected one of" in err), err
+    assert list(tmp_path.iterdir()) == []

@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from xscale.train.finetune import encode_cells, finetune, predict_labels
+    from xscale.utils.device import check_accelerator
 
+    check_accelerator(args.accelerator)
     if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
         _check_h5ad_target(args.write_h5ad)
     adata = _read(args.data, args.table_key)

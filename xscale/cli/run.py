@@ -83,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.io import read_dataset
     from xscale.errors import XscaleInputError
     from xscale.train.staged import run_staged
+    from xscale.utils.device import check_accelerator
 
+    check_accelerator(args.accelerator)  # before reading or training: a missing GPU fails first
     out = Path(args.out)
     source, slide_key = ds.resolve(args.data, args.slide_key)
     if args.write_back:  # before any work
