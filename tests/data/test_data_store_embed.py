@@ -219,5 +219,12 @@ def test_cli_run_write_back_into_the_spatialdata_table(small_adata, write_spatia
     np.testing.assert_array_equal(np.asarray(table.obsm["X_xscale_cell"]), cells.obsm["X_xscale_cell"])
     assert list(table.obs["xscale_domain"].astype(str)) == list(cells.obs["xscale_domain"].astype(str))
     assert sd.read_zarr(path).tables["table_niches"].shape == cells.obsm["X_xscale_niche"].shape
+    # the niche table written back is not a table of cells: later commands still find the one table without
+    # --table-key (they stopped with "found 2 tables"), and a second write-back updates both
+    ckpt = tmp_path / "r" / "checkpoints"
+    assert main(["embed", "--checkpoint", str(ckpt), "--data", str(path), "--out", str(tmp_path / "e"),
+                 "--write-back", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert sorted(sd.read_zarr(path).tables) == ["table", "table_niches"]
     assert main(["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "q"), "--write-back"]) == 2
     assert "found a bundled dataset" in capsys.readouterr().err and not (tmp_path / "q").exists()

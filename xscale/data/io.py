@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -160,6 +160,14 @@ def _centroids(sdata, region: str, cs: str | None) -> pd.DataFrame:
     return sd.get_centroids(element, coordinate_system=cs).compute()
 
 
+def cell_tables(tables: Any) -> list[str]:
+    """Names of the tables of cells: all tables but the niche tables xscale wrote back
+    (``<table>_niches``, marked in their ``uns``)."""
+    from xscale.data.writeback import NICHE_TABLE_MARK
+
+    return [name for name, t in tables.items() if NICHE_TABLE_MARK not in t.uns]
+
+
 def read_spatialdata_table(
     path: str | Path, *, table_key: str | None = None, spatial_key: str = "spatial"
 ) -> tuple[ad.AnnData, str]:
@@ -184,12 +192,13 @@ def read_spatialdata_table(
             "(sdata.tables['table'] = TableModel.parse(adata, region=..., region_key=..., instance_key=...))."
         )
     if table_key is None:
-        if len(tables) > 1:
+        cells = cell_tables(sdata.tables)  # niche tables written back by xscale are not candidates
+        if len(cells) != 1:
             raise XscaleInputError(
                 f"{path}: expected one table or a table_key, found {len(tables)} tables: {tables}. "
                 "Pass table_key=<name> (CLI: --table-key)."
             )
-        table_key = tables[0]
+        table_key = cells[0]
     if table_key not in tables:
         raise XscaleInputError(
             f"{path}: table {table_key!r} not found; tables present: {tables}. Pass table_key=<one of these>."

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STATE = "xscale_writer.json"
+NICHE_TABLE_MARK = "xscale_niche_table"  # uns key of the niche-latent tables written back
 
 
 def write_anndata_zarr(adata: ad.AnnData, path: str | os.PathLike) -> Path:
@@ -296,11 +297,14 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     import spatialdata as sd
     from spatialdata.models import TableModel
 
+    from xscale.data.io import cell_tables
+
     sdata = sd.read_zarr(sdata_path)
     if table_key is None:
-        if len(sdata.tables) != 1:
+        cells = cell_tables(sdata.tables)
+        if len(cells) != 1:
             raise XscaleInputError(f"{sdata_path}: expected one table or a table_key, found {list(sdata.tables)}.")
-        table_key = next(iter(sdata.tables))
+        table_key = cells[0]
     if table_key not in sdata.tables:
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(sdata.tables)}.")
     table = sdata.tables[table_key]
@@ -317,6 +321,7 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
         nt = ad_mod.AnnData(X=lat, obs=obs)
         nt.var_names = [f"niche_latent_{i}" for i in range(lat.shape[1])]
+        nt.uns[NICHE_TABLE_MARK] = {"cells_table": table_key}  # not a table of cells: skipped as a default
         if attrs:
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
                                   instance_key=attrs["instance_key"])
