@@ -52,6 +52,27 @@ steps:
     pipe.write_text(pipe.read_text().replace("n_components: 8", "n_components: 6"))  # changed parameters
     fourth = run_pipeline(pipe, out)
     assert not fourth["baseline"]["skipped"] and fourth["score"]["skipped"]
+    assert not fourth["score_baseline_store"]["skipped"]  # what it reads was made again
+
+    # the same path holding other data: re-run (only parameters were compared, so it was skipped)
+    import anndata as ad
+
+    from xscale.data.writeback import write_anndata_zarr
+
+    copy = tmp_path / "copy.zarr"
+    data = ad.read_zarr(store)
+    write_anndata_zarr(data, copy)
+    pipe2 = _write(tmp_path / "p2.yaml", f"""
+name: input-change
+steps:
+  - name: score
+    uses: evaluate
+    with: {{store: {copy}, dataset: starmap_mpfc}}
+""")
+    assert not run_pipeline(pipe2, tmp_path / "out2")["score"]["skipped"]
+    assert run_pipeline(pipe2, tmp_path / "out2")["score"]["skipped"]
+    write_anndata_zarr(data[: data.n_obs // 2].copy(), copy)  # half the cells, same path
+    assert not run_pipeline(pipe2, tmp_path / "out2")["score"]["skipped"]
 
 
 def test_pipeline_errors_are_clear(tmp_path):

@@ -200,6 +200,36 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _mtime(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_mtime_ns
+    return max((p.stat().st_mtime_ns for p in path.rglob("*") if p.is_file()), default=path.stat().st_mtime_ns)
+
+
+def input_files(params: dict[str, Any], out: Path, step: str) -> dict[str, dict[str, int]]:
+    """Files and folders the parameters name (data, models, earlier steps' outputs): size and
+    last modification, so a step re-runs when what it reads changed, not only its parameters.
+    The pipeline's output folder and the step's own folder are not inputs."""
+    own = {Path(out).resolve(), (Path(out) / step).resolve()}
+    found: dict[str, dict[str, int]] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value and Path(value).exists():
+            p = Path(value).resolve()
+            if p in own or (Path(out) / step).resolve() in p.parents:
+                return
+            found[str(p)] = {"bytes": _size(p), "mtime_ns": _mtime(p)}
+
+    visit(params)
+    return found
+
+
 def manifest_path(out: Path, step: str) -> Path:
     return Path(out) / MANIFESTS / f"{step}.json"
 
@@ -215,6 +245,10 @@ def is_complete(out: Path, spec: StepSpec, params: dict[str, Any]) -> dict[str, 
         return None
     if man.get("params_hash") != _hash(spec.uses, params):
         log.info("step %s: parameters changed since the last run; re-running", spec.name)
+        return None
+    if "inputs" in man and man["inputs"] != input_files(params, out, spec.name):  # older manifests: no record
+        changed = sorted(set(man["inputs"]) ^ set(input_files(params, out, spec.name))) or sorted(man["inputs"])
+        log.info("step %s: an input changed since the last run (%s); re-running", spec.name, ", ".join(changed[:3]))
         return None
     for key, rec in man.get("outputs", {}).items():
         p = Path(rec["path"])
@@ -273,6 +307,7 @@ def run_pipeline(
             done[spec.name] = {**man, "skipped": True}
             continue
         check_step(spec.uses, params, f"step {spec.name!r}")
+        inputs = input_files(params, out, spec.name)  # as read by this run
         log.info("[%s] step %s (%s) ...", name, spec.name, spec.uses)
         workdir = out / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +321,7 @@ def run_pipeline(
             outputs[key] = {"path": str(p), "bytes": _size(p)}
         man = {
             "pipeline": name, "step": spec.name, "uses": spec.uses, "params": params,
-            "params_hash": _hash(spec.uses, params), "outputs": outputs,
+            "params_hash": _hash(spec.uses, params), "inputs": inputs, "outputs": outputs,
             "results": produced.get("results", {}), "seconds": round(time.time() - t0, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
