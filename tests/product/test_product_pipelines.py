@@ -145,3 +145,37 @@ def test_slide_correction_pipeline_runs_at_tiny_settings(tmp_path):
     assert "latent_spread_after" in doc["metrics"]
     cells = ad.read_zarr(done["cells"]["outputs"]["store"]["path"])
     assert cells.obsm["X_xscale_cell"].shape[0] == adata.n_obs
+
+
+def test_embed_pipeline_on_your_own_file(tmp_path):
+    """pipelines/embed.yaml with --var data=<your .h5ad>: every step takes the path (the niche and
+    evaluate steps looked it up as a bundled dataset name and stopped); a misspelt name is one error."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    import xscale
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    torch.manual_seed(0)
+    a = xscale.datasets.load("starmap_mpfc")
+    a = a[np.flatnonzero((a.obs["slice"] == "20180417_BZ5_control").to_numpy())[:300]].copy()
+    del a.uns["xscale_dataset"]
+    a.write_h5ad(tmp_path / "mine.h5ad")
+    l1 = GeneToCell(GeneToCellConfig.preset("tiny", genes=list(a.var_names)))
+    save_model(l1, tmp_path / "l1")
+    save_model(CellToTissue(CellToTissueConfig.preset("tiny", in_dim=l1.config.embedding_dim)), tmp_path / "l2")
+    pipe = Path(__file__).resolve().parents[2] / "pipelines" / "embed.yaml"
+    variables = {"level1": str(tmp_path / "l1"), "level2": str(tmp_path / "l2"), "data": str(tmp_path / "mine.h5ad"),
+                 "n_domains": 3}
+    done = run_pipeline(pipe, tmp_path / "out", variables=variables)
+    assert list(done) == ["cells", "niches", "evaluate"] and not any(m["skipped"] for m in done.values())
+    import anndata as ad
+
+    store = ad.read_zarr(done["niches"]["outputs"]["store"]["path"])
+    assert store.obsm["X_xscale_niche"].shape[0] == 300 and store.obs["xscale_domain"].nunique() == 3
+    with pytest.raises(XscaleInputError, match="expected a bundled dataset name .* or a path to your data"):
+        run_pipeline(pipe, tmp_path / "out2", variables={**variables, "data": "starmap_mpf"})

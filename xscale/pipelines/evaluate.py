@@ -65,11 +65,23 @@ def evaluate_adata(
 
 
 def dataset_keys(dataset: str | None) -> dict[str, Any]:
-    """Label/slide/holdout/domain keys of a bundled dataset (all None for None)."""
+    """Label/slide/holdout/domain keys of a bundled dataset; all None for None or for a path to the
+    user's own data (a step then takes them from its own parameters: label_key=, slide_key=, ...)."""
+    import xscale.datasets as ds
+
     keys: dict[str, Any] = {"label_key": None, "slide_key": None, "holdout": None, "domain_key": None,
                             "drop_labels": ()}
+    if dataset is not None and dataset not in ds.available():
+        from pathlib import Path
+
+        from xscale.errors import XscaleInputError
+
+        if not Path(dataset).exists():
+            names = ", ".join(ds.available())
+            raise XscaleInputError(f"dataset {dataset!r}: expected a bundled dataset name ({names}) or a path "
+                                   "to your data, found neither.")
+        return keys  # the user's own data: keys come from the step's parameters
     if dataset is not None:
-        import xscale.datasets as ds
 
         info = ds.info(dataset)
         keys.update(label_key=info.label_key, slide_key=info.slide_key, holdout=info.holdout,
