@@ -179,3 +179,25 @@ def test_embed_pipeline_on_your_own_file(tmp_path):
     assert store.obsm["X_xscale_niche"].shape[0] == 300 and store.obs["xscale_domain"].nunique() == 3
     with pytest.raises(XscaleInputError, match="expected a bundled dataset name .* or a path to your data"):
         run_pipeline(pipe, tmp_path / "out2", variables={**variables, "data": "starmap_mpf"})
+
+
+def test_pipeline_vars_are_type_checked_before_any_step(tmp_path, capsys):
+    """--var level1_steps=abc or preset=huge stopped only inside the step that used them (a TypeError /
+    ValueError traceback, after earlier steps ran); now one line before anything runs. Every shipped
+    pipeline passes the check with its own vars."""
+    from pathlib import Path
+
+    from xscale.cli.main import main
+    from xscale.pipelines import load_pipeline
+    from xscale.pipelines.runner import _var_value, check_step
+
+    for pipe in sorted((Path(__file__).resolve().parents[2] / "pipelines").glob("*.yaml")):
+        _, steps, file_vars = load_pipeline(pipe)
+        for spec in steps:
+            check_step(spec.uses, {k: _var_value(v, file_vars) for k, v in spec.params.items()}, spec.name)
+    pipe = str(Path(__file__).resolve().parents[2] / "pipelines" / "pretrain_multiscale.yaml")
+    for var, says in (("level1_steps=abc", "parameter 'max_steps' of step 'fit_level1': expected int, found 'abc'"),
+                      ("preset=huge", "expected Literal['tiny', 'small', 'base'], found 'huge'")):
+        assert main(["pipeline", pipe, "--out", str(tmp_path / "o"), "--var", var]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

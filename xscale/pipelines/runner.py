@@ -29,6 +29,8 @@ import json
 import logging
 import re
 import time
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +156,39 @@ def check_step(kind: str, params: dict[str, Any], where: str) -> None:
     except TypeError as err:
         names = [n for n in sig.parameters if n != "ctx"]
         raise XscaleInputError(f"{where}: step {kind!r} parameters do not fit: {err}. Parameters: {names}.") from None
+    hints = typing.get_type_hints(STEPS[kind])
+    for key, value in params.items():
+        if isinstance(value, str) and "${" in value:  # a reference to an earlier step: checked once resolved
+            continue
+        if key in hints and not _fits(value, hints[key]):
+            raise XscaleInputError(f"{where}: parameter {key!r} of step {kind!r}: expected {_show(hints[key])}, "
+                                   f"found {value!r}. Check the pipeline's with: block or the --var you passed.")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (as parsed from YAML / --var) fits a step parameter's annotation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and (not args or all(_fits(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _show(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str, variables: dict[str, Any]) -> Any:
@@ -186,6 +221,14 @@ def _resolve(value: Any, out: Path, done: dict[str, dict[str, Any]], step: str, 
         )
 
     return _REF.sub(sub, value)
+
+
+def _var_value(value: Any, variables: dict[str, Any]) -> Any:
+    """``${vars.NAME}`` standing alone replaced by its value; anything else as it is."""
+    whole = _REF.fullmatch(value) if isinstance(value, str) else None
+    if whole and whole.group(1) == "vars" and whole.group(2) in variables:
+        return variables[whole.group(2)]
+    return value
 
 
 # -------------------------------------------------------------------- manifests
@@ -290,6 +333,8 @@ def run_pipeline(
     if extra:
         raise XscaleInputError(f"Unknown pipeline vars {extra}; {pipeline} defines {sorted(file_vars)}.")
     file_vars.update(variables or {})
+    for spec in steps:  # before running anything: names and types, with the vars filled in
+        check_step(spec.uses, {k: _var_value(v, file_vars) for k, v in spec.params.items()}, f"step {spec.name!r}")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}

@@ -5,12 +5,14 @@ Each ``fn(ctx, *, param=..., ...)`` writes under ``ctx.workdir`` and returns
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from xscale.pipelines.evaluate import dataset_keys as _dataset_keys
 from xscale.pipelines.evaluate import evaluate_adata
 from xscale.pipelines.runner import StepContext, register_step
 from xscale.pipelines.runner import write_json as _write_json
+
+Preset = Literal["tiny", "small", "base"]  # model sizes (GeneToCellConfig / CellToTissueConfig presets)
 
 
 def _read_data(data: str, *, exclude_holdout: bool = False, counts_layer: str | None = None):
@@ -59,7 +61,7 @@ def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30) -> d
 
 @register_step("fit_level1")
 def _step_fit_level1(
-    ctx: StepContext, *, datasets: list[str], preset: str = "small", exclude_holdout: bool = True,
+    ctx: StepContext, *, datasets: list[str], preset: Preset = "small", exclude_holdout: bool = True,
     max_epochs: int | None = None, max_steps: int = -1, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
 ) -> dict[str, Any]:
     """Pretrain level 1 on several datasets at once (held-out slides of bundled sets left out)."""
@@ -87,7 +89,7 @@ def _step_embed_cells(ctx: StepContext, *, checkpoint: str, data: str,
 @register_step("fit_level2")
 def _step_fit_level2(
     ctx: StepContext, *, store: str, dataset: str | None = None, slide_key: str | None = None,
-    holdout: str | None = None, preset: str = "small", max_epochs: int = 20, max_steps: int = -1,
+    holdout: str | None = None, preset: Preset = "small", max_epochs: int = 20, max_steps: int = -1,
     batch_size: int = 64, seed: int = 0,
 ) -> dict[str, Any]:
     """Fit level 2 on a store's cell latents (niches centred outside the held-out slide)."""
@@ -132,7 +134,7 @@ def _step_embed_niches(
 
 @register_step("staged")
 def _step_staged(
-    ctx: StepContext, *, data: str, level1_preset: str = "small", level2_preset: str = "small",
+    ctx: StepContext, *, data: str, level1_preset: Preset = "small", level2_preset: Preset = "small",
     exclude_holdout: bool = True, slide_key: str | None = None, n_domains: int | None = None,
     level1_epochs: int = 20, level2_epochs: int = 30, level1_max_steps: int = -1, level2_max_steps: int = -1,
     batch_size: int = 128, seed: int = 0, evaluate: bool = True,
