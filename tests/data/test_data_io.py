@@ -35,6 +35,26 @@ def test_spatialdata_centroids_become_coordinates(small_adata, tmp_path, write_s
     np.testing.assert_allclose(a.obsm["spatial"], small_adata.obsm["spatial"])
 
 
+def test_spatialdata_instance_ids_that_match_no_shape(small_adata, tmp_path, write_spatialdata):
+    """Instance ids offset from the shapes' index: one error naming the instance_key and both id ranges
+    (was "found NaN/inf for 300 cell(s) ... drop those cells", as if the coordinates were bad)."""
+    import spatialdata as sd
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    sdata = sd.read_zarr(path)
+    table = sdata.tables["table"]
+    table.obs["cell_id"] = table.obs["cell_id"] + 100000
+    sdata.tables["table"] = table
+    from xscale.data.zarr_settings import unsharded
+
+    sdata.delete_element_from_disk("table")
+    with unsharded():
+        sdata.write_element("table")
+    with pytest.raises(XscaleInputError, match=r"obs\['cell_id'\] \(the instance_key\) names 300 of 300 cells of "
+                                               r"region 'cells' .* e.g. \[100000, 100001, 100002\].* \[0, 1, 2\]"):
+        read_dataset(path)
+
+
 def test_not_anndata_file(tmp_path):
     p = tmp_path / "cells.csv"
     p.write_text("cell,gene\n1,2\n")

@@ -222,6 +222,15 @@ def read_spatialdata_table(
         rows = np.flatnonzero(table.obs[region_key].astype(str).to_numpy() == region)
         inst = table.obs[instance_key].to_numpy()[rows]
         found = cen.reindex(inst)
+        unmatched = found["x"].isna().to_numpy()
+        if unmatched.any():
+            raise XscaleInputError(
+                f"{path}: table {table_key!r}: obs[{instance_key!r}] (the instance_key) names {int(unmatched.sum())} "
+                f"of {len(rows)} cells of region {region!r} that are not in that element's index, so they have no "
+                f"coordinates: e.g. {inst[unmatched][:3].tolist()}, while the element's index holds e.g. "
+                f"{cen.index[:3].tolist()}. Make obs[{instance_key!r}] hold the element's index values, or store "
+                f"coordinates in table.obsm[{spatial_key!r}]."
+            )
         coords[rows] = found[["x", "y"]].to_numpy(dtype=np.float64)
     table.obsm[spatial_key] = coords
     logger.info("coordinates of table %r from the centroids of %s", table_key, regions)
