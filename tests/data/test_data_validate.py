@@ -56,6 +56,12 @@ def test_missing_spatial_key_lists_obsm_keys(small_adata):
                        match=r"obsm\['coords'\].*obsm keys present: \['spatial', 'X_umap'\].*spatial_key="):
         validate_adata(small_adata, spatial_key="coords")
     assert validate_adata(small_adata, spatial_key=None).n_obs == small_adata.n_obs
+    # coordinates as obs columns (how Xenium / MERSCOPE exports often arrive): the message shows the fix
+    small_adata.obs["x_centroid"], small_adata.obs["y_centroid"] = small_adata.obsm["spatial"].T
+    del small_adata.obsm["spatial"]
+    with pytest.raises(XscaleInputError, match=r"obs has coordinate columns \['x_centroid', 'y_centroid'\]: store "
+                                               r"them as adata.obsm\['spatial'\] = adata.obs\[\['x_centroid'"):
+        validate_adata(small_adata)
 
 
 def test_nan_coordinates(small_adata):

@@ -223,3 +223,36 @@ def test_accelerator_is_checked_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "--accelerator" in err and ("found none on this machine" in err or "expected one of" in err), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_would_waste_or_fake_a_run_are_refused_first(tiny_models, starmap_subset_h5ad, tmp_path,
+                                                                   capsys):
+    """A zero budget wrote untrained models (exit 0); --radius -1 and --n-domains beyond the cells failed
+    only after training / embedding. All are one line before any work; RUN works as --checkpoint;
+    --decode in TSV gives one column per gene (it printed a Python dict)."""
+    data = str(starmap_subset_h5ad)
+    for argv, says in (
+        (["run", "--data", data, "--out", str(tmp_path / "r"), "--max-steps", "0"], "--max-steps: expected -1"),
+        (["run", "--data", data, "--out", str(tmp_path / "r"), "--max-epochs", "0"], "--max-epochs: expected >= 1"),
+        (["run", "--data", data, "--out", str(tmp_path / "r"), "--radius", "-1"], "--radius: expected a radius > 0"),
+        (["finetune", str(tiny_models), data, "--out", str(tmp_path / "f"), "--epochs", "0"], "--epochs: expected"),
+        (["embed", "--checkpoint", str(tiny_models), "--data", data, "--out", str(tmp_path / "e"), "--n-domains",
+          "5000"], "--n-domains: expected 2..600"),
+        (["embed", "--checkpoint", str(tiny_models / "level1" / "model"), "--data", data, "--out",
+          str(tmp_path / "e"), "--n-domains", "3"], "--n-domains clusters niche latents: expected a level-2 model"),
+    ):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []
+    run = tiny_models.parent  # RUN: the folder holding checkpoints/
+    assert main(["embed", "--checkpoint", str(run), "--data", data, "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "niche latents" in out  # level2/ found through RUN/checkpoints
+    store = tmp_path / "e" / "cells.zarr"
+    import anndata as ad
+
+    cid = str(ad.read_zarr(store).obs_names[0])
+    assert main(["query", "--store", str(store), "--cell", cid, "--k", "2", "--decode", str(run),
+                 "--genes", "Gad1,Slc17a7", "--format", "tsv"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert header[-2:] == ["expected.Gad1", "expected.Slc17a7"]

@@ -28,7 +28,7 @@ example: xscale embed --checkpoint xscale-demo/checkpoints --data my.h5ad --out 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--checkpoint", required=True, help="model directory, run checkpoints directory, or .ckpt")
+    p.add_argument("--checkpoint", required=True, help="model directory, a run folder (RUN or RUN/checkpoints), or .ckpt")
     p.add_argument("--data", required=True, help="bundled dataset name, .h5ad, or AnnData/SpatialData zarr")
     p.add_argument("--out", help="output directory (DIR/cells.zarr is written); not used for a prepared store")
     p.add_argument("--level2", help="level-2 model directory (default: CHECKPOINT/level2 when present)")
@@ -80,6 +80,8 @@ def load_level_models(checkpoint: str, level2: str | None = None):
         raise XscaleInputError(f"--checkpoint {checkpoint!r} does not exist; pass a model directory, "
                                "DIR/checkpoints or a .ckpt.")
     l1_dir = None
+    if path.is_dir() and find_model_dir(path / "level1") is None and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"  # the run folder of xscale run / demo
     if path.is_file():
         l1 = _from_lightning_ckpt(path)
     elif (path / CONFIG).exists():
@@ -91,7 +93,8 @@ def load_level_models(checkpoint: str, level2: str | None = None):
     else:
         raise CheckpointError(
             f"{checkpoint}: expected a model directory ({CONFIG} + model.safetensors), a directory holding "
-            f"level1/, or a Lightning .ckpt; found {sorted(p.name for p in path.iterdir())[:10]}."
+            f"level1/ (RUN/checkpoints), a run folder (RUN), or a Lightning .ckpt; found "
+            f"{sorted(p.name for p in path.iterdir())[:10]}."
         )
     if l1_dir is not None:
         l1 = load_model(l1_dir)
@@ -195,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
     if slide_key and slide_key not in adata.obs:  # before any embedding
         raise XscaleInputError(f"--slide-key {slide_key!r}: expected an obs column of {args.data}, found none by that "
                                f"name. Available: {list(adata.obs.columns)}. Omit --slide-key for a single slide.")
+    if args.n_domains is not None and not 2 <= args.n_domains <= adata.n_obs:  # before embedding
+        raise XscaleInputError(f"--n-domains: expected 2..{adata.n_obs} (the number of cells), found {args.n_domains}.")
+    if args.n_domains and l2 is None:
+        raise XscaleInputError("--n-domains clusters niche latents: expected a level-2 model (--checkpoint "
+                               "RUN/checkpoints holding level2/, or --level2), found none.")
     check_replaceable(Path(args.out) / "cells.zarr")  # before embedding: never the user's own store
     out = make_output_dir(args.out)
     if args.dask:

@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     from xscale.utils.device import check_accelerator
 
     check_accelerator(args.accelerator)
+    from xscale.cli.run import check_budget
+
+    check_budget(args.epochs, -1, epochs_option="--epochs")
     if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
         _check_h5ad_target(args.write_h5ad)
     adata = _read(args.data, args.table_key)

@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def hits_to_text(hits: list, fmt: str) -> str:
-    """Hits as a JSON list or a TSV table (same columns)."""
+    """Hits as a JSON list or a TSV table (same columns; a decoded ``expected`` dict becomes one
+    column per gene, ``expected.GENE``)."""
     import json
 
     rows = [h.to_dict() for h in hits]
@@ -73,7 +74,7 @@ def hits_to_text(hits: list, fmt: str) -> str:
     import pandas as pd
 
     cols = ["id", "distance", "slide", "x", "y"]
-    df = pd.DataFrame(rows)
+    df = pd.json_normalize(rows, sep=".") if rows else pd.DataFrame()  # --decode's {gene: counts}: expected.GENE
     df = df[cols + [c for c in df.columns if c not in cols]] if len(df) else pd.DataFrame(columns=cols)
     return df.to_csv(sep="\t", index=False)
 

@@ -75,6 +75,16 @@ def _label_column(adata, key: str | None, option: str):
     return labels
 
 
+def check_budget(max_epochs: int | None, max_steps: int, *, epochs_option: str = "--max-epochs") -> None:
+    """A training budget that trains: epochs >= 1, steps -1 (no cap) or >= 1 (0 wrote untrained models)."""
+    from xscale.errors import XscaleInputError
+
+    if max_epochs is not None and max_epochs < 1:
+        raise XscaleInputError(f"{epochs_option}: expected >= 1 epochs, found {max_epochs}.")
+    if max_steps == 0 or max_steps < -1:
+        raise XscaleInputError(f"--max-steps: expected -1 (no cap) or >= 1 optimiser steps, found {max_steps}.")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -86,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from xscale.utils.device import check_accelerator
 
     check_accelerator(args.accelerator)  # before reading or training: a missing GPU fails first
+    check_budget(args.max_epochs, args.max_steps)
+    if args.radius is not None and not args.radius > 0:
+        raise XscaleInputError(f"--radius: expected a radius > 0 (in median nearest-neighbour distances), "
+                               f"found {args.radius}.")
     out = Path(args.out)
     source, slide_key = ds.resolve(args.data, args.slide_key)
     if args.write_back:  # before any work

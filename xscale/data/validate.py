@@ -184,13 +184,26 @@ def check_names(adata: ad.AnnData) -> None:
         )
 
 
+_XY_COLUMNS = (("x", "y"), ("X", "Y"), ("x_centroid", "y_centroid"), ("center_x", "center_y"),
+               ("CenterX_global_px", "CenterY_global_px"), ("x_location", "y_location"), ("imagecol", "imagerow"))
+
+
+def _coordinate_columns(columns: Any) -> list[str] | None:
+    """A pair of obs columns that look like x, y coordinates (as Xenium, MERSCOPE, CosMx exports name them)."""
+    present = set(map(str, columns))
+    return next((list(p) for p in _XY_COLUMNS if set(p) <= present), None)
+
+
 def check_spatial(adata: ad.AnnData, spatial_key: str) -> np.ndarray:
     """Coordinates ``obsm[spatial_key]`` as (n, 2) float64; errors for a missing key or NaN."""
     if spatial_key not in adata.obsm:
+        pair = _coordinate_columns(adata.obs.columns)
+        hint = (f" obs has coordinate columns {pair}: store them as "
+                f"adata.obsm[{spatial_key!r}] = adata.obs[{pair}].to_numpy()." if pair else "")
         raise XscaleInputError(
             f"adata.obsm[{spatial_key!r}]: expected spatial coordinates, found no such key. "
             f"obsm keys present: {list(adata.obsm.keys())}. Pass spatial_key=<one of these> "
-            "(CLI: --spatial-key), or spatial_key=None for non-spatial data (level 1 only)."
+            f"(CLI: --spatial-key), or spatial_key=None for non-spatial data (level 1 only).{hint}"
         )
     coords = adata.obsm[spatial_key]
     coords = np.asarray(coords.to_numpy() if isinstance(coords, pd.DataFrame) else coords)
