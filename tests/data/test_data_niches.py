@@ -55,6 +55,20 @@ def test_bad_inputs():
         spatial_graph(np.random.rand(5, 2), radius=0)
 
 
+def test_a_radius_that_connects_almost_nothing_warns(starmap, caplog):
+    """prepare --radius 0.0001 built a graph without edges and said nothing."""
+    import logging
+
+    coords = np.asarray(starmap.obsm["spatial"], dtype=np.float64)[:500]
+    with caplog.at_level(logging.WARNING, logger="xscale.data.niches"):
+        g = spatial_graph(coords, radius=1e-4)
+    assert g.nnz == 0 and "500 of 500 cells have no neighbour within radius 0.0001" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xscale.data.niches"):
+        assert spatial_graph(coords, radius=2.0).nnz > 0
+    assert "no neighbour" not in caplog.text
+
+
 def test_graph_build_is_quiet():
     """squidpy's per-slide INFO line does not reach users (its logger is raised to WARNING meanwhile)."""
     import logging

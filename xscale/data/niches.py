@@ -161,6 +161,11 @@ def spatial_graph(
     graph.sum_duplicates()
     graph.data[:] = 1.0
     graph.sort_indices()
+    alone = int((np.diff(graph.indptr) == 0).sum())
+    if radius is not None and n > 1 and alone > n // 2:
+        logger.warning("spatial_graph: %d of %d cells have no neighbour within radius %g (x the median nearest-"
+                       "neighbour distance): their niches hold the cell alone. A radius of about 1.5-3 connects "
+                       "most cells.", alone, n, radius)
     return graph
 
 
