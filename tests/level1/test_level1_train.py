@@ -122,3 +122,23 @@ def test_collate_workers_draw_their_own_gene_contexts():
     main = list(DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=0), num_workers=0))
     ref = collate_cells(items[:4], max_genes=10, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(main[0].gene_ids.numpy(), ref.gene_ids.numpy())
+
+
+def test_validation_contexts_are_the_same_every_epoch():
+    """For a panel longer than max_genes the validation batches sampled new zeros every epoch, so the
+    validation loss moved with the sampling; the validation collate now draws them from the cells."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from xscale.data.batch import CellItem
+    from xscale.train.level1 import CollateCells
+
+    counts = np.r_[np.ones(2, np.float32), np.zeros(48, np.float32)]
+    items = [CellItem(gene_ids=np.arange(50), counts=counts, index=i, dataset=0, slide=0) for i in range(8)]
+    val = DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=1, fixed=True))
+    first, second = list(val), list(val)  # two epochs over the same loader
+    assert all(np.array_equal(a.gene_ids.numpy(), b.gene_ids.numpy()) for a, b in zip(first, second, strict=True))
+    assert not np.array_equal(first[0].gene_ids.numpy(), first[1].gene_ids.numpy())  # batches still differ
+    train = DataLoader(items, batch_size=4, collate_fn=CollateCells(10, seed=1))
+    t1, t2 = list(train), list(train)
+    assert not np.array_equal(t1[0].gene_ids.numpy(), t2[0].gene_ids.numpy())  # training keeps resampling

@@ -28,7 +28,8 @@ example: xscale embed --checkpoint xscale-demo/checkpoints --data my.h5ad --out 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--checkpoint", required=True, help="model directory, a run folder (RUN or RUN/checkpoints), or .ckpt")
+    p.add_argument("--checkpoint", required=True,
+                   help="model directory, a run folder (RUN or RUN/checkpoints), or .ckpt")
     p.add_argument("--data", required=True, help="bundled dataset name, .h5ad, or AnnData/SpatialData zarr")
     p.add_argument("--out", help="output directory (DIR/cells.zarr is written); not used for a prepared store")
     p.add_argument("--level2", help="level-2 model directory (default: CHECKPOINT/level2 when present)")

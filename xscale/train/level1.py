@@ -115,17 +115,22 @@ class CollateCells:
 
     In a DataLoader worker the generator is re-seeded from (seed, worker id) on first use:
     each worker is a copy of this object, and with one generator state they would all
-    draw the same gene contexts.
+    draw the same gene contexts. ``fixed=True`` (validation) seeds each batch from its first
+    cells instead, so a panel longer than ``max_genes`` is scored on the same contexts every
+    epoch and the validation loss moves only with the model.
     """
 
-    def __init__(self, max_genes: int | None, seed: int = 0) -> None:
-        self.max_genes, self.seed = max_genes, seed
+    def __init__(self, max_genes: int | None, seed: int = 0, *, fixed: bool = False) -> None:
+        self.max_genes, self.seed, self.fixed = max_genes, seed, fixed
         self.rng = np.random.default_rng(seed)
         self._worker: int | None = None
 
     def __call__(self, items: list[CellItem]) -> CellBatch:
         from torch.utils.data import get_worker_info
 
+        if self.fixed:  # validation: each batch's contexts depend on its cells only, the same every epoch
+            key = [self.seed, *(int(it.dataset) for it in items[:1]), *(int(it.index) for it in items[:2]), len(items)]
+            return collate_cells(items, max_genes=self.max_genes, rng=np.random.default_rng(key))
         info = get_worker_info()
         if info is not None and self._worker != info.id:
             self._worker = info.id
@@ -236,8 +241,8 @@ class CellDataModule(lightning.LightningDataModule):
             return DataLoader(self.val_dataset, batch_size=None, num_workers=self.num_workers,
                               persistent_workers=self.num_workers > 0)
         return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
-                          collate_fn=CollateCells(self.max_genes, self.seed + 1), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+                          collate_fn=CollateCells(self.max_genes, self.seed + 1, fixed=True),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 def fit_level1(
