@@ -182,3 +182,62 @@ def test_gene_to_cell_training_step_with_external_gene_tokens(embedder, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model.embed(batch.gene_ids, batch.values, batch.pad_mask),
                                    again.embed(batch.gene_ids, batch.values, batch.pad_mask))
+
+
+def test_plm_and_table_inputs_give_clear_errors(tiny_esm_dir, tmp_path, fasta_writer):
+    """Inputs found to fail badly: another model kind loaded as a random ESM, a missing tokenizer was a
+    TypeError, an object-dtype genes array a pickle ValueError, ragged per-gene tensors a stack error, a
+    FASTA folder an IsADirectoryError, and a record of only '*' an all-zero protein vector."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from xscale.models.plm import read_fasta
+
+    fasta = fasta_writer(tmp_path / "p.fasta", GENES)
+    other = tmp_path / "bert"
+    shutil.copytree(tiny_esm_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(XscaleInputError, match="expected an ESM-2 model .* found model_type 'bert'"):
+        ProteinLMGeneEmbedder(n_genes=6, dim=8, genes=GENES, model_dir=str(other), fasta=str(fasta))
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_esm_dir, notok)
+    (notok / "vocab.txt").unlink()
+    with pytest.raises(XscaleInputError, match=r"expected the ESM tokenizer beside the model \(vocab.txt\)"):
+        ProteinLMGeneEmbedder(n_genes=6, dim=8, genes=GENES, model_dir=str(notok), fasta=str(fasta))
+    with pytest.raises(XscaleInputError, match="expected a protein FASTA file, found a directory"):
+        read_fasta(tmp_path)
+    (tmp_path / "stop.fasta").write_text(">GAD1\nMKT\n>SST\n*\n")
+    assert read_fasta(tmp_path / "stop.fasta") == {"GAD1": "MKT"}  # SST has no sequence: a missing gene
+
+    np.savez(tmp_path / "obj.npz", genes=np.array(GENES, dtype=object), embeddings=np.ones((6, 4)))
+    with pytest.raises(XscaleInputError, match="'genes' is an object array.*np.asarray\\(genes, dtype=str\\)"):
+        read_gene_table(tmp_path / "obj.npz")
+    save_file({"GAD1": np.ones(4, np.float32), "SST": np.ones(5, np.float32)}, str(tmp_path / "ragged.safetensors"))
+    with pytest.raises(XscaleInputError, match=r"different widths \[4, 5\]"):
+        read_gene_table(tmp_path / "ragged.safetensors")
+    (tmp_path / "pandas.tsv").write_text("\t0\t1\nGAD1\t1.0\t2.0\nSST\t3.0\t4.0\n")  # DataFrame.to_csv(sep="\t")
+    assert read_gene_table(tmp_path / "pandas.tsv")[0] == ["GAD1", "SST"]
+
+
+def test_saved_model_with_file_options_loads_from_another_directory(tiny_esm_dir, tmp_path, fasta_writer,
+                                                                    monkeypatch):
+    """Relative model_dir / fasta / path were saved as given: the model loaded only from the same cwd."""
+    import shutil
+
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import load_model, save_model
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_esm_dir, work / "esm")
+    fasta_writer(work / "p.fasta", GENES)
+    monkeypatch.chdir(work)
+    cfg = GeneToCellConfig.preset("tiny", genes=GENES, gene_embedder="protein-lm",
+                                  gene_embedder_options={"model_dir": "esm", "fasta": "p.fasta"})
+    assert cfg.gene_embedder_options == {"model_dir": str(work / "esm"), "fasta": str(work / "p.fasta")}
+    save_model(GeneToCell(cfg), tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert type(load_model(tmp_path / "m")).__name__ == "GeneToCell"

@@ -193,3 +193,48 @@ def test_fit_level1_out_dir_that_is_a_file(starmap, tmp_path):
     with pytest.raises(XscaleInputError, match="expected an output directory, found a file"):
         fit_level1(starmap, "tiny", out_dir=tmp_path / "run", max_steps=1, logger="none", enable_progress_bar=False)
     assert (tmp_path / "run").read_text() == "my notes"
+
+
+# ------------------------------------------------------------------ level 2 and fine-tuning arguments
+def test_level2_train_cells_mask_and_nan_latents(embedded, tmp_path):
+    """A boolean train_cells mask was read as row numbers 0 / 1 (niches centred on cells 0 and 1 only);
+    NaN latents trained a model whose weights were all NaN."""
+    from xscale.train.level2 import fit_level2, niche_centres
+
+    n = embedded.n_obs
+    mask = (embedded.obs["slice"] != "20180424_BZ14_control").to_numpy()
+    np.testing.assert_array_equal(niche_centres(mask, n), np.flatnonzero(mask))
+    np.testing.assert_array_equal(niche_centres(np.flatnonzero(mask), n), np.flatnonzero(mask))
+    with pytest.raises(XscaleInputError, match="a boolean mask needs one value per cell"):
+        niche_centres(mask[:10], n)
+    with pytest.raises(XscaleInputError, match="expected a boolean mask or row numbers"):
+        niche_centres(np.array([0, n]), n)
+    latents = np.asarray(embedded.obsm["X_xscale_cell"], dtype=np.float32).copy()
+    latents[[4, 9]] = np.nan
+    with pytest.raises(XscaleInputError, match=r"NaN/inf in 2 cells \(rows e.g. \[4, 9\]\)"):
+        fit_level2(latents, embedded.obsm["spatial"], preset="tiny", max_steps=1, progress=False)
+
+
+def test_finetune_all_keeps_frozen_parts_and_head_with_layer_mix_is_refused(starmap, tmp_path):
+    """trainable='all' unfroze a frozen gene table (it changed, then was marked frozen again, and counted
+    as trainable); trainable='head' with layer_mix left the mix at its uniform start."""
+    import torch
+
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.plm import save_gene_table
+    from xscale.train.finetune import finetune
+
+    genes = [str(g) for g in starmap.var_names]
+    table = save_gene_table(tmp_path / "t.npz", genes, np.random.default_rng(0).normal(size=(len(genes), 8)))
+    torch.manual_seed(0)
+    net = GeneToCell(GeneToCellConfig.preset("tiny", genes=genes, gene_embedder="table",
+                                             gene_embedder_options={"path": str(table), "freeze": True}))
+    before = net.gene_embedder.table.detach().clone()
+    n_table = net.gene_embedder.table.numel()
+    res = finetune(net, starmap, task="cell_type", label_key="cell_type", trainable="all", max_steps=3,
+                   batch_size=32, progress=False)
+    torch.testing.assert_close(res.model.gene_embedder.table.detach(), before, rtol=0, atol=0)
+    assert res.n_trainable == res.n_parameters - n_table
+    with pytest.raises(XscaleInputError, match="trainable='head' trains nothing in the model"):
+        finetune(net, starmap, task="cell_type", label_key="cell_type", trainable="head", layer_mix=True,
+                 max_steps=1, progress=False)

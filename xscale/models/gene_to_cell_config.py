@@ -6,6 +6,7 @@ the settings, their validation and the presets read on their own.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -128,6 +129,11 @@ class GeneToCellConfig:
             raise ValueError(f"GeneToCellConfig.denoise_keep must be in (0, 1]; got {self.denoise_keep}.")
         if not isinstance(self.gene_embedder_options, dict):
             raise ValueError("GeneToCellConfig.gene_embedder_options must be a dict of keyword options.")
+        # files the embedder reads, as absolute paths: a saved model then loads from any working directory
+        for key in _PATH_OPTIONS:
+            value = self.gene_embedder_options.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+                self.gene_embedder_options[key] = os.path.abspath(value)
 
     @classmethod
     def preset(cls, name: PresetName, *, genes: list[str], **overrides: Any) -> GeneToCellConfig:
@@ -157,6 +163,9 @@ class GeneToCellConfig:
     def embedding_dim(self) -> int:
         """Width of :meth:`GeneToCell.embed` output: latents_per_cell × dim."""
         return self.latents_per_cell * self.dim
+
+
+_PATH_OPTIONS = ("path", "model_dir", "fasta")  # gene_embedder_options naming files (table, protein-LM)
 
 
 def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:

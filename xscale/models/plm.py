@@ -81,13 +81,20 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 raise XscaleInputError(
                     f"Gene table {path} must hold arrays 'genes' and 'embeddings'; found {sorted(data.files)}."
                 )
-            symbols = [str(s) for s in data["genes"]]
+            try:
+                symbols = [str(s) for s in data["genes"]]
+            except ValueError as err:  # an object array (e.g. adata.var_names.values): needs pickle to read
+                raise XscaleInputError(
+                    f"Gene table {path}: 'genes' is an object array, which cannot be read without pickle (never "
+                    "done here). Save it as strings: np.savez(PATH, genes=np.asarray(genes, dtype=str), "
+                    "embeddings=...) or xscale.models.plm.save_gene_table."
+                ) from err
             vectors = np.asarray(data["embeddings"], dtype=np.float32)
     elif suffix in (".tsv", ".txt"):
         symbols, rows = [], []
         for n, line in enumerate(path.read_text().splitlines()):
             fields = line.rstrip("\n").split("\t")
-            if not line.strip():
+            if not line.strip() or (n == 0 and not fields[0].strip()):  # blank, or pandas' header ('' + numbers)
                 continue
             try:
                 row = [float(x) for x in fields[1:]]
@@ -112,7 +119,12 @@ def read_gene_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
                 vectors = np.asarray(f.get_tensor("embeddings"), dtype=np.float32)
             else:
                 symbols = keys
-                vectors = np.stack([np.asarray(f.get_tensor(k), dtype=np.float32).reshape(-1) for k in keys])
+                per_gene = [np.asarray(f.get_tensor(k), dtype=np.float32).reshape(-1) for k in keys]
+                widths = sorted({v.size for v in per_gene})
+                if len(widths) > 1:
+                    raise XscaleInputError(f"Gene table {path}: per-gene vectors have different widths {widths}; "
+                                           "expected one width.")
+                vectors = np.stack(per_gene)
     else:
         raise XscaleInputError(f"Gene table {path}: unknown suffix {suffix!r}; expected .npz, .tsv or .safetensors.")
     if vectors.ndim != 2 or vectors.shape[0] != len(symbols) or vectors.shape[0] == 0:
@@ -151,16 +163,18 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     header. The first record of each symbol wins (UniProt lists canonical first).
     """
     path = Path(path)
-    if not path.exists():
-        raise XscaleInputError(f"FASTA file {str(path)!r} does not exist. "
+    if not path.is_file():
+        found = "a directory" if path.is_dir() else "nothing"
+        raise XscaleInputError(f"FASTA file {str(path)!r}: expected a protein FASTA file, found {found}. "
                                "Pass fasta= to a protein FASTA (e.g. from UniProt).")
     seqs: dict[str, str] = {}
     name: str | None = None
     chunks: list[str] = []
 
     def flush() -> None:
-        if name is not None and name not in seqs and chunks:
-            seqs[name] = "".join(chunks).replace("*", "").upper()
+        sequence = "".join(chunks).replace("*", "").upper()
+        if name is not None and name not in seqs and sequence:  # a record of only '*' has no sequence
+            seqs[name] = sequence
 
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -327,6 +341,14 @@ class ProteinLMGeneEmbedder(GeneEmbedder):
                 "EsmModel.from_pretrained('facebook/esm2_t6_8M_UR50D').save_pretrained(DIR) and the same for "
                 "EsmTokenizer, on a machine with internet access; see xscale.models.plm."
             )
+        kind = json.loads((mdir / "config.json").read_text()).get("model_type")
+        if kind != "esm":
+            raise XscaleInputError(f"model_dir {str(mdir)!r}: expected an ESM-2 model (config.json model_type 'esm'), "
+                                   f"found model_type {kind!r}. Pass the directory of an ESM-2 checkpoint.")
+        if not (mdir / "vocab.txt").is_file():
+            raise XscaleInputError(f"model_dir {str(mdir)!r}: expected the ESM tokenizer beside the model "
+                                   "(vocab.txt), found none. Save it there too: "
+                                   "EsmTokenizer.from_pretrained(NAME).save_pretrained(DIR).")
         self.plm = EsmModel.from_pretrained(str(mdir), local_files_only=True, add_pooling_layer=False)
         tokenizer = EsmTokenizer.from_pretrained(str(mdir), local_files_only=True)
         layers = self.plm.encoder.layer

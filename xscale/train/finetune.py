@@ -98,12 +98,14 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
 
     ``"xpressor"``: the Xpressor blocks (latent queries, cross/self-attention, MLPs,
     final norm) and, if the model has one, its mix over encoder depths (``layer_mix``).
-    ``"head"``: nothing in the model. ``"all"``: everything. Returns (n_trainable,
+    ``"head"``: nothing in the model. ``"all"``: everything the model itself leaves trainable
+    (a frozen gene table or frozen protein-LM layers stay frozen). Returns (n_trainable,
     n_parameters) over model + head.
     """
     if trainable not in ("xpressor", "head", "all"):
         raise XscaleInputError(f"trainable must be 'xpressor', 'head' or 'all'; got {trainable!r}.")
-    model.requires_grad_(trainable == "all")
+    if trainable != "all":  # "all" keeps the model's own flags: its frozen parts were frozen on purpose
+        model.requires_grad_(False)
     if trainable == "xpressor":
         if model.xpressor is None:
             raise XscaleInputError(
@@ -270,6 +272,10 @@ def finetune(
     if thinning is not None and not 0.0 < thinning <= 1.0:
         raise XscaleInputError(f"thinning: expected the lowest keep fraction in (0, 1] such as 0.5, found {thinning}. "
                                "Pass None to train on the cells as measured.")
+    if layer_mix and trainable == "head":
+        raise XscaleInputError("layer_mix=True adds a mix over encoder layers that must be learned, but "
+                               "trainable='head' trains nothing in the model: the mix would stay at its uniform "
+                               "start. Pass trainable='xpressor' (or 'all'), or layer_mix=False.")
     if output_dir is not None:
         check_replaceable(output_dir)  # before training: the result replaces output_dir as a whole
     L.seed_everything(seed, verbose=False)

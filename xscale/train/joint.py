@@ -197,15 +197,19 @@ def fit_joint(
     (level1, level2) in eval mode.
     """
     from xscale.train.checkpointing import fit_resumable
-    from xscale.train.level2 import make_niches
+    from xscale.train.level2 import make_niches, niche_centres
     from xscale.train.quiet import log_interval, quiet_fit
 
     if spatial_key not in adata.obsm:
         raise XscaleInputError(f"spatial_key {spatial_key!r} not found in adata.obsm. Available: {sorted(adata.obsm)}.")
     lightning.seed_everything(seed, workers=True, verbose=False)
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    if slide_key is not None:
+        from xscale.data.validate import check_slides
+
+        check_slides(adata, slide_key)
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key is not None else None
-    centres = np.arange(adata.n_obs) if train_cells is None else np.asarray(train_cells, dtype=np.int64)
+    centres = niche_centres(train_cells, adata.n_obs)
     niches = make_niches(coords, centres, max_cells=level2.config.max_cells, slides=slides, radius=radius)
     cells = AnnDataCellDataset(adata, level1.vocab, slide_key=slide_key)
     data = JointNicheDataset(cells, niches, max_genes=max_genes or level1.config.max_genes, seed=seed)

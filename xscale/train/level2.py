@@ -194,12 +194,16 @@ def fit_level2(
         raise XscaleInputError(
             f"latents has {latents.shape[0]} rows but coords has {coords.shape[0]}; both need one row per cell."
         )
+    bad = ~np.isfinite(latents).all(axis=1)
+    if bad.any():
+        raise XscaleInputError(
+            f"latents: expected finite values, found NaN/inf in {int(bad.sum())} cells (rows e.g. "
+            f"{np.flatnonzero(bad)[:5].tolist()}); they would make every weight NaN. Drop those cells or re-embed them."
+        )
     if config is None:
         config = CellToTissueConfig.preset(preset, in_dim=latents.shape[1])
     lightning.seed_everything(seed, workers=True, verbose=False)
-    centres = np.arange(latents.shape[0]) if train_cells is None else np.asarray(train_cells, dtype=np.int64)
-    if centres.size == 0:
-        raise XscaleInputError("train_cells is empty: level 2 needs at least one niche centre to train on.")
+    centres = niche_centres(train_cells, latents.shape[0])
     niches = make_niches(coords, centres, max_cells=config.max_cells, slides=slides, radius=radius)
     data = NicheDataModule(NicheDataset(latents, niches), batch_size=batch_size, seed=seed)
     model = CellToTissue(config)
@@ -207,6 +211,26 @@ def fit_level2(
     log.info("Level 2: %d niches of <= %d cells, in_dim %d", len(niches), config.max_cells, config.in_dim)
     return train_tissue(TissueModule(model, lr=lr), data, ckpt_dir=ckpt_dir, max_epochs=max_epochs,
                         max_steps=max_steps, accelerator=accelerator, progress=progress)
+
+
+def niche_centres(train_cells: np.ndarray | None, n: int) -> np.ndarray:
+    """Rows (k,) int64 of the niche centres to train on: all ``n`` cells for None; a boolean mask
+    (n,) or row numbers otherwise (a boolean mask was read as rows 0 and 1)."""
+    if train_cells is None:
+        return np.arange(n)
+    cells = np.asarray(train_cells)
+    if cells.dtype == bool:
+        if cells.shape != (n,):
+            raise XscaleInputError(f"train_cells: a boolean mask needs one value per cell ({n}), found {cells.shape}.")
+        centres = np.flatnonzero(cells)
+    else:
+        if cells.size and (cells.dtype.kind not in "iu" or cells.min() < 0 or cells.max() >= n):
+            raise XscaleInputError(f"train_cells: expected a boolean mask or row numbers in [0, {n}), found "
+                                   f"{cells.dtype} values {cells[:5].tolist()}....")
+        centres = cells.astype(np.int64)
+    if centres.size == 0:
+        raise XscaleInputError("train_cells is empty: level 2 needs at least one niche centre to train on.")
+    return centres
 
 
 def train_tissue(
