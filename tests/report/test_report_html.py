@@ -124,6 +124,28 @@ def test_report_missing_inputs_leave_notes(report_inputs: dict, out_dir: Path) -
     assert _assert_self_contained(html) == []
 
 
+def test_report_takes_integer_slides_and_the_run_folder(report_inputs: dict, out_dir: Path, tmp_path: Path) -> None:
+    """An integer holdout was a TypeError (and a numeric one in metrics marked nothing held out); the run
+    folder instead of RUN/cells.zarr was a raw zarr GroupNotFoundError."""
+    from xscale.data.writeback import write_anndata_zarr
+
+    a = report_inputs["adata"].copy()
+    for key in ("xscale", "xscale_dataset"):  # the held-out slide comes from the argument / metrics only
+        if key in a.uns:
+            a.uns[key] = {k: v for k, v in a.uns[key].items() if k != "holdout"}
+    a.obs["slide_no"] = a.obs["slice"].cat.codes.astype(int)
+    held_no = int(a.obs.loc[a.obs["slice"] == HOLDOUT, "slide_no"].iloc[0])
+    html = build_report(a, None, out_dir / "int.html", slide_key="slide_no", holdout=held_no).read_text()
+    assert f"{held_no} (held out)" in html or "held out (never trained on)" in html
+    html = build_report(a, {"holdout": held_no}, out_dir / "int2.html", slide_key="slide_no").read_text()
+    assert "held out (never trained on)" in html
+    run = tmp_path / "run"
+    write_anndata_zarr(a, run / "cells.zarr")
+    assert build_report(run, None, out_dir / "run.html", slide_key="slice").is_file()
+    with pytest.raises(XscaleInputError, match="expected an AnnData zarr store .* Pass the cells.zarr of a run"):
+        build_report(tmp_path, None, out_dir / "none.html")
+
+
 def test_report_rejects_unknown_key(report_inputs: dict, out_dir: Path) -> None:
     with pytest.raises(XscaleInputError, match="cell_type_key='celltype'.*Available"):
         build_report(report_inputs["adata"], {}, out_dir / "r.html", cell_type_key="celltype")

@@ -108,10 +108,12 @@ def build_report(
     cell_type_key = _key(adata, cell_type_key, meta.get("label_key"), "cell_type_key")
     domain_key = _key(adata, domain_key, meta.get("domain_key"), "domain_key")
     if holdout is None:
-        holdout = meta.get("holdout") or (
-            raw.get("holdout") if isinstance(raw.get("holdout"), str) else None
-        )
-    held = (holdout,) if isinstance(holdout, str) else tuple(holdout or ())
+        holdout = meta.get("holdout") or raw.get("holdout")
+    # slide names compare as strings (an integer slide column is read as '1', '2', ...)
+    if holdout is None or isinstance(holdout, (str, int, float, np.integer, np.floating)):
+        held = () if holdout is None else (str(holdout),)
+    else:
+        held = tuple(str(h) for h in holdout)
     n = adata.n_obs
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else np.full(n, "all cells")
     held = tuple(h for h in held if h in set(slides.tolist()))
@@ -254,9 +256,17 @@ def _read(src: ad.AnnData | str | Path) -> ad.AnnData:
         raise XscaleInputError(
             f"store {str(p)!r} does not exist. Pass an AnnData, a cells.zarr store or an .h5ad file."
         )
+    if p.is_dir() and (p / "cells.zarr").is_dir():  # a run folder of xscale run / demo / embed
+        p = p / "cells.zarr"
     if p.suffix == ".h5ad":
         return ad.read_h5ad(p)
-    return ad.read_zarr(p)
+    try:
+        return ad.read_zarr(p)
+    except Exception as err:  # zarr raises many types for what is not a store
+        raise XscaleInputError(
+            f"store {str(p)!r}: expected an AnnData zarr store (e.g. RUN/cells.zarr) or an .h5ad file, found "
+            f"something anndata cannot read ({type(err).__name__}). Pass the cells.zarr of a run."
+        ) from err
 
 
 def _meta(adata: ad.AnnData) -> dict[str, Any]:
