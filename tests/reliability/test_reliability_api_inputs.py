@@ -235,6 +235,11 @@ def test_finetune_all_keeps_frozen_parts_and_head_with_layer_mix_is_refused(star
                    batch_size=32, progress=False)
     torch.testing.assert_close(res.model.gene_embedder.table.detach(), before, rtol=0, atol=0)
     assert res.n_trainable == res.n_parameters - n_table
+    from xscale.train.finetune import encode_cells, predict_labels
+
+    empty = starmap[:0].copy()  # no cells: empty results, not "need at least one array to concatenate"
+    assert encode_cells(res.model, empty).shape == (0, res.model.config.latents_per_cell, res.model.config.dim)
+    assert predict_labels(res.model, res.head, empty, key_added="pred").shape == (0,) and "pred" in empty.obs
     with pytest.raises(XscaleInputError, match="trainable='head' trains nothing in the model"):
         finetune(net, starmap, task="cell_type", label_key="cell_type", trainable="head", layer_mix=True,
                  max_steps=1, progress=False)

@@ -46,6 +46,8 @@ def encode_cells(
             batch = batch.to(device)
             out.append(model.encode(batch.gene_ids, batch.values, batch.pad_mask).float().cpu().numpy())  # (B, K, D)
     model.train(was_training)
+    if not out:  # no cells: an empty (0, K, D), as for any other row count
+        return np.zeros((0, model.config.latents_per_cell, model.config.dim), dtype=np.float32)
     return np.concatenate(out)
 
 
@@ -69,7 +71,8 @@ def predict_labels(
     latents = torch.from_numpy(encode_cells(model, adata, batch_size=batch_size, counts_layer=counts_layer))
     head.eval()
     with torch.no_grad():
-        idx = torch.cat([head(chunk).argmax(-1) for chunk in latents.split(4096)]).numpy()
+        chunks = [head(chunk).argmax(-1) for chunk in latents.split(4096)]
+    idx = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.int64)
     pred = np.asarray(head.config.classes, dtype=object)[idx].astype(str)
     if key_added is not None:  # categorical, in the head's class order (as anndata would store it anyway)
         adata.obs[key_added] = pd.Categorical(pred, categories=list(head.config.classes))
