@@ -332,11 +332,21 @@ def _run_parallel(args: argparse.Namespace, argv: list[str]) -> int:
             part = json.loads(out.read_text())
             notes.update(part.pop("notes"))
             result.update(part)
+    _write(args, result, notes)
+    return 0
+
+
+def _write(args: argparse.Namespace, result: dict, notes: dict) -> None:
+    """Write --out; with --update, keep the entries (and notes) of datasets not run this time."""
+    if args.update and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        old_notes = previous.pop("notes", {})
+        result = {**previous, **result}
+        notes = {**old_notes, **notes}
     result["notes"] = notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=2))
     log.info("wrote %s", args.out)
-    return 0
 
 
 def _drop_option(argv: list[str], option: str) -> list[str]:
@@ -387,15 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             extra["settings"] = {"preset": args.preset, "config_overrides": overrides, "steps": steps}
             result[name] = entry
             notes[name] = extra
-    if args.update and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        old_notes = previous.pop("notes", {})
-        result = {**previous, **result}
-        notes = {**old_notes, **notes}
-    result["notes"] = notes
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
-    log.info("wrote %s", args.out)
+    _write(args, result, notes)
     return 0
 
 
