@@ -74,6 +74,28 @@ def test_metrics_on_known_cases():
     assert sm[5, 0] == pytest.approx(5.0) and sm.shape == (10, 1)
 
 
+def test_neighbour_metrics_never_count_the_cell_itself_even_among_exact_duplicates():
+    """faiss breaks distance-0 ties by row id, so for the later of two identical rows the twin comes first
+    and the row itself second: dropping column 0 kept the cell as its own neighbour (half the rows here)."""
+    from xscale.eval import metrics
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(200, 8)).astype(np.float32)
+    X = np.concatenate([base, base])  # every cell has an exact twin
+    labels = np.array(["a"] * 200 + ["b"] * 200)  # twins carry different labels
+    idx = metrics.knn_indices(X, 2)
+    assert (idx[:, 0] != np.arange(400)).sum() > 0  # the case: some rows are not listed first
+    others = metrics.knn_others(X, 1)
+    assert (others[:, 0] != np.arange(400)).all()
+    np.testing.assert_array_equal(others[:, 0], (np.arange(400) + 200) % 400)  # each row's twin
+    assert metrics.knn_purity(X, labels, k=1) == 0.0  # the only neighbour is the twin: other label
+    d = ((X[:, None] - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    ref = np.sort(d, axis=1)[:, :5]
+    got = np.sort(((X[:, None] - X[metrics.knn_others(X, 5)]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)  # the 5 nearest others, brute force
+
+
 def test_mean_cell_pearson_equals_corrcoef_per_row():
     from xscale.eval.metrics import mean_cell_pearson
 

@@ -81,10 +81,21 @@ def spatial_mean(X: np.ndarray, coords: np.ndarray, *, k: int = 10) -> np.ndarra
     return np.asarray(X, dtype=np.float64)[idx].mean(axis=1)
 
 
+def knn_others(X: np.ndarray, k: int) -> np.ndarray:
+    """Indices (n, k) of each row's k nearest other rows: the row itself is removed wherever the
+    search placed it (among exact duplicates faiss may list a twin first, so it is not always
+    column 0); if it is not among the k + 1 found, the farthest of them goes instead."""
+    idx = knn_indices(X, k + 1)  # (n, k+1), usually self first
+    n = idx.shape[0]
+    drop = idx == np.arange(n)[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    return idx[~drop].reshape(n, idx.shape[1] - 1)
+
+
 def knn_purity(X: np.ndarray, labels: Sequence, *, k: int = 15) -> float:
     """Mean fraction of each cell's k nearest neighbours (self excluded) sharing its label."""
     y = np.asarray(labels)
-    idx = knn_indices(X, k + 1)[:, 1:]
+    idx = knn_others(X, k)
     return float((y[idx] == y[:, None]).mean())
 
 
@@ -97,7 +108,7 @@ def slide_mixing(X: np.ndarray, slides: Sequence, *, k: int = 15) -> float:
     cats, codes = np.unique(s, return_inverse=True)
     if len(cats) < 2:
         raise ValueError("slide_mixing needs at least two slides.")
-    idx = knn_indices(X, k + 1)[:, 1:]
+    idx = knn_others(X, k)
     counts = np.stack([(codes[idx] == c).sum(axis=1) for c in range(len(cats))], axis=1) / idx.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.nansum(np.where(counts > 0, counts * np.log(counts), 0.0), axis=1)
@@ -123,8 +134,8 @@ def neighbourhood_preservation(before: np.ndarray, after: np.ndarray, groups: Se
         rows = np.flatnonzero(g == name)
         if rows.size <= k:
             continue
-        nb = knn_indices(b[rows], k + 1)[:, 1:]  # self excluded
-        na = knn_indices(a[rows], k + 1)[:, 1:]
+        nb = knn_others(b[rows], k)  # self excluded
+        na = knn_others(a[rows], k)
         kept.append((nb[:, :, None] == na[:, None, :]).any(axis=2).sum(axis=1) / k)  # (n_group,)
     if not kept:
         raise ValueError(f"neighbourhood_preservation needs a group with more than k={k} cells.")

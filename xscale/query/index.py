@@ -8,8 +8,10 @@ Index kinds (``kind=``):
 - ``"auto"`` (default): ``"flat"`` up to ``exact_max`` cells (100,000), ``"ivf"`` above.
 
 Distances are Euclidean (L2, not squared) in latent space. Slide filters use faiss ID
-selectors; when an approximate index returns fewer than ``k`` hits under a narrow filter, the
-search is redone exactly on the allowed cells, so filters never lose hits.
+selectors. On an approximate index (IVF, HNSW) a filter that leaves at most ``exact_max``
+cells is searched exactly on those cells; a wider one probes proportionally more IVF lists;
+and a search that comes back short of ``k`` is redone exactly, so a filter does not cost
+recall beyond the index's own approximation.
 
 Query semantics
 ---------------
@@ -59,6 +61,11 @@ class Hit:
         for k, v in self.obs.items():
             out.setdefault(k, v)
         return out
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or int(k) != k or k < 1:
+        raise XscaleInputError(f"k: expected a whole number of hits >= 1, found {k!r}.")
 
 
 def _name(slide: Any) -> str | None:
@@ -119,6 +126,7 @@ class LatentIndex:
         self.store = store
         n, d = store.latents.shape
         self.kind: str = ("flat" if n <= exact_max else "ivf") if kind == "auto" else kind
+        self.exact_max = exact_max
         if self.kind == "flat":
             self._index = faiss.IndexFlatL2(d)
         elif self.kind == "ivf":
@@ -126,7 +134,7 @@ class LatentIndex:
             self._index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             self._index.cp.seed = seed
             self._index.train(store.latents)
-            self.nprobe = min(nprobe, nlist)
+            self.nprobe, self.nlist = min(nprobe, nlist), nlist
         else:
             self._index = faiss.IndexHNSWFlat(d, 32)
             self.ef_search = ef_search
@@ -189,15 +197,19 @@ class LatentIndex:
         """(Q, F) queries -> (Q, k') squared distances and rows, k' <= k; -1 rows dropped later."""
         import faiss
 
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise XscaleInputError(f"k: expected a whole number of hits >= 1, found {k!r}.")
+        _check_k(k)
         n_allowed = self.store.n if allowed is None else int(allowed.sum())
         k_eff = min(int(k), n_allowed)
         if k_eff == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+        if allowed is not None and self.kind != "flat" and n_allowed <= self.exact_max:
+            # a filter leaves few enough rows to search them all: exact, so a filter never costs recall
+            # (the approximate index probes lists chosen without it and can return farther allowed rows)
+            return self._exact(q, k_eff, np.flatnonzero(allowed))
         sel = None if allowed is None else faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
-        if self.kind == "ivf":
-            params = faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe)
+        if self.kind == "ivf":  # probe more lists when the filter keeps a smaller share of the cells
+            nprobe = min(self.nlist, math.ceil(self.nprobe * self.store.n / max(n_allowed, 1)))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         elif self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(self.ef_search, k_eff))
         else:
@@ -206,11 +218,17 @@ class LatentIndex:
         if self.kind != "flat" and (idx < 0).any():
             # An approximate index under a narrow filter can come back short: redo exactly.
             rows = np.flatnonzero(allowed) if allowed is not None else np.arange(self.store.n)
-            exact = faiss.IndexFlatL2(self.dim)
-            exact.add(self.store.latents[rows])
-            D, idx_sub = exact.search(q, k_eff)
-            idx = rows[idx_sub]
+            return self._exact(q, k_eff, rows)
         return D, idx
+
+    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search of (Q, F) queries among ``rows`` of the store: squared distances and store rows."""
+        import faiss
+
+        exact = faiss.IndexFlatL2(self.dim)
+        exact.add(self.store.latents[rows])
+        D, idx_sub = exact.search(q, k)
+        return D, np.where(idx_sub >= 0, rows[np.maximum(idx_sub, 0)], -1)
 
     def _hits(self, D: np.ndarray, idx: np.ndarray, columns: list[str] | None) -> list[Hit]:
         obs = self.store.obs
@@ -236,7 +254,11 @@ class LatentIndex:
         return hits
 
     def _as_query(self, vector: np.ndarray) -> np.ndarray:
-        v = np.asarray(vector, dtype=np.float32).reshape(-1)
+        try:
+            v = np.asarray(vector, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise XscaleInputError(f"Query vector: expected numbers, found values of type "
+                                   f"{np.asarray(vector).dtype} ({err}). Save a latent with numpy.save.") from err
         if v.size != self.dim or not np.isfinite(v).all():
             raise XscaleInputError(
                 f"Query vector has {v.size} values (finite: {bool(np.isfinite(v).all())}); this {self.store.level} "
@@ -322,6 +344,9 @@ class LatentIndex:
         See the module docstring for the exact semantics.
         """
         region_slide, slide = _name(region_slide), _name(slide)
+        _check_k(k)
+        if cross_slide and self._slides is None:
+            raise XscaleInputError("Cross-slide retrieval needs a slide column in the store; pass the slide key.")
         if mode == "cells" and (slide is not None or cross_slide):
             raise XscaleInputError(
                 "Region mode 'cells' lists the region's own cells (all on its slide), so slide= / cross_slide= "
@@ -331,7 +356,7 @@ class LatentIndex:
         q = self.store.latents[rows].mean(0, keepdims=True)  # (1, F)
         if mode == "cells":
             d = ((self.store.latents[rows] - q) ** 2).sum(1)
-            order = np.argsort(d, kind="stable")[:k]
+            order = np.argsort(d, kind="stable")[: int(k)]
             return self._hits(d[order], rows[order], columns)
         if mode != "mean":
             raise XscaleInputError(f"Unknown region mode {mode!r}; expected 'mean' or 'cells'.")
