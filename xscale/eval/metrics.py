@@ -102,7 +102,10 @@ def knn_purity(X: np.ndarray, labels: Sequence, *, k: int = 15) -> float:
 def slide_mixing(X: np.ndarray, slides: Sequence, *, k: int = 15) -> float:
     """Mean per-cell entropy of slide labels among its k nearest neighbours, divided by log(#slides).
 
-    1 = neighbourhoods perfectly mixed across slides, 0 = every neighbour from one slide.
+    1 = every neighbourhood holds the slides in equal shares, 0 = every neighbour from one slide.
+    With slides of unequal size, an embedding that ignores slides entirely scores the entropy of the
+    slide proportions over log(#slides) (e.g. 0.47 for a 90 / 10 split), not 1: compare scores of the
+    same cells (before / after a correction), not across datasets.
     """
     s = np.asarray(slides)
     cats, codes = np.unique(s, return_inverse=True)
