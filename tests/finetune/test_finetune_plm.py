@@ -241,3 +241,26 @@ def test_saved_model_with_file_options_loads_from_another_directory(tiny_esm_dir
     save_model(GeneToCell(cfg), tmp_path / "m")
     monkeypatch.chdir(tmp_path)
     assert type(load_model(tmp_path / "m")).__name__ == "GeneToCell"
+
+
+def test_table_model_keeps_its_gene_map_when_the_file_changes(tmp_path, caplog):
+    """The gene -> row map was rebuilt from the file at load time while the vectors came from the
+    checkpoint: a file that still matched as many genes, but other ones, gave every gene another
+    gene's trained vector without a word. The map is now saved with the weights."""
+    import logging
+
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import load_model, save_model
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "t.npz"
+    save_gene_table(path, GENES[:5], rng.normal(size=(5, 6)))  # OLIG2 missing
+    cfg = GeneToCellConfig.preset("tiny", genes=GENES, gene_embedder="table", gene_embedder_options={"path": str(path)})
+    model = GeneToCell(cfg).eval()
+    before = model.gene_embedder.gene_vectors().detach().clone()
+    save_model(model, tmp_path / "m")
+    save_gene_table(path, GENES[1:], rng.normal(size=(5, 6)))  # now GAD1 missing: as many found, other genes
+    with caplog.at_level(logging.WARNING, logger="xscale.models.plm"):
+        loaded = load_model(tmp_path / "m")
+    torch.testing.assert_close(loaded.gene_embedder.gene_vectors().detach(), before, rtol=0, atol=0)
+    assert "maps genes to rows differently" in caplog.text

@@ -105,6 +105,9 @@ class CellToTissueConfig:
     }
 
     def __post_init__(self) -> None:
+        from xscale.models.io import check_finite_fields
+
+        check_finite_fields(self)
         for name in ("in_dim", "dim", "heads", "encoder_depth", "encoder_latents", "n_tissue_latents",
                      "xpressor_depth", "decoder_depth", "n_frequencies", "max_cells"):
             value = getattr(self, name)
@@ -243,6 +246,9 @@ class CellToTissue(nn.Module):
         (B, T, D) tissue latents.
         """
         self._check(cell_latents, rel_xy, pad_mask)
+        # padding rows as zeros: masked keys still enter the attention sum with weight 0, and 0 x NaN = NaN
+        cell_latents = cell_latents.masked_fill(pad_mask[..., None], 0.0)
+        rel_xy = rel_xy.masked_fill(pad_mask[..., None], 0.0)
         tokens = self.tokens(cell_latents, rel_xy, cell_mask)  # (B, C, D)
         encoded = self.encoder(tokens, pad_mask)  # (B, C, D)
         reads = self.config.xpressor_reads

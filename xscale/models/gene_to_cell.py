@@ -150,7 +150,7 @@ class GeneToCell(nn.Module):
         Returns (B, K, D) for the Xpressor, (B, 1, D) for CLS / mean pooling.
         """
         if self.config.pooling == "cls":
-            tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
+            tokens = self._tokens(gene_ids, _zero_padding(values, pad_mask), value_mask, gene_emb)  # (B, G, D)
             b = tokens.shape[0]
             cls = self.cls_token.expand(b, 1, -1)  # (D,) -> (B, 1, D)
             tokens = torch.cat([cls, tokens], dim=1)  # (B, 1 + G, D)
@@ -174,7 +174,7 @@ class GeneToCell(nn.Module):
         """
         if self.config.pooling == "cls":
             raise ValueError("encoder_states: CLS pooling reads its token out of the encoder; call encode().")
-        tokens = self._tokens(gene_ids, values, value_mask, gene_emb)  # (B, G, D)
+        tokens = self._tokens(gene_ids, _zero_padding(values, pad_mask), value_mask, gene_emb)  # (B, G, D)
         if self.layer_mix is not None:
             return self.encoder.layer_states(tokens, pad_mask)  # depth + 1 × (B, G, D)
         return [self.encoder(tokens, pad_mask)]  # (B, G, D)
@@ -348,6 +348,12 @@ class GeneToCell(nn.Module):
         if value_mask is not None:
             value_emb = torch.where(value_mask[..., None], self.mask_token.expand_as(value_emb), value_emb)
         return gene_emb + value_emb  # (B, G, D)
+
+
+def _zero_padding(values: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """Values at padding set to 0: attention masks padded keys, but 0 x NaN is still NaN in the
+    weighted sum, so a NaN or inf at a padded slot reached the real tokens."""
+    return values if pad_mask is None else values.masked_fill(pad_mask, 0.0)
 
 
 def _cpu(generator: torch.Generator | None) -> torch.Generator | None:

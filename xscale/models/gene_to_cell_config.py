@@ -94,6 +94,9 @@ class GeneToCellConfig:
     gene_embedder_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from xscale.models.io import check_finite_fields
+
+        check_finite_fields(self)
         genes = [normalize_symbol(g) for g in self.genes]
         if not genes:
             raise ValueError("GeneToCellConfig.genes is empty; pass the gene vocabulary (list of symbols).")

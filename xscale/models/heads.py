@@ -48,10 +48,18 @@ class HeadConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        from xscale.models.io import check_finite_fields
+
+        check_finite_fields(self)
         if len(self.classes) < 2:
             raise ValueError(f"A classification head needs at least 2 classes; got {list(self.classes)}.")
         if self.pool not in ("flatten", "mean"):
             raise ValueError(f"pool must be 'flatten' or 'mean'; got {self.pool!r}.")
+        sizes = {"dim": self.dim, "n_latents": self.n_latents, "hidden": self.hidden}
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in sizes.values()):
+            raise ValueError(f"HeadConfig sizes must be whole numbers; got {sizes}.")
+        if self.dim < 1 or self.n_latents < 1:
+            raise ValueError(f"HeadConfig.dim and n_latents must be >= 1; got {self.dim}, {self.n_latents}.")
         if self.hidden < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"hidden must be >= 0 and dropout in [0, 1); got {self.hidden}, {self.dropout}.")
 

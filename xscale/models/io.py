@@ -78,6 +78,17 @@ def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_finite_fields(config: Any) -> None:
+    """Every float field of a config dataclass is finite (NaN weights trained NaN models or silently
+    switched a term off; inf scales silently dropped a feature). Raises ValueError naming the field."""
+    import math
+
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number; got {value}.")
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON-able data (nested dataclasses and tuples included)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=list))

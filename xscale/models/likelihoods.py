@@ -16,12 +16,20 @@ from torch import Tensor
 EPS = 1e-8
 
 
+def _wide(t: Tensor) -> Tensor:
+    """float16 / bfloat16 (autocast, a .half() model) as float32; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def nb_log_prob(x: Tensor, mu: Tensor, theta: Tensor) -> Tensor:
     """log NB(x; mu, theta), element-wise. x counts (any shape), mu mean, theta inverse dispersion.
 
     Equal to ``torch.distributions.NegativeBinomial(total_count=theta,
-    logits=log(mu) - log(theta)).log_prob(x)``.
+    logits=log(mu) - log(theta)).log_prob(x)`` (up to ``EPS`` for means near 0). Computed in at
+    least float32: in float16 ``EPS`` rounds to 0 (``0 * log 0`` = NaN) and ``lgamma`` of large
+    counts loses whole nats in bfloat16.
     """
+    x, mu, theta = _wide(x), _wide(mu), _wide(theta)
     log_theta_mu = torch.log(theta + mu + EPS)
     return (
         theta * (torch.log(theta + EPS) - log_theta_mu)
@@ -38,6 +46,7 @@ def zinb_log_prob(x: Tensor, mu: Tensor, theta: Tensor, zi_logits: Tensor) -> Te
     P(0) = pi + (1 - pi) NB(0); P(x > 0) = (1 - pi) NB(x). Computed with softplus /
     logsumexp so large |zi_logits| stay finite.
     """
+    x, mu, theta, zi_logits = _wide(x), _wide(mu), _wide(theta), _wide(zi_logits)
     log_one_minus_pi = -F.softplus(zi_logits)  # log(1 - sigmoid(l)) = -softplus(l)
     log_nb = nb_log_prob(x, mu, theta)
     log_nb_zero = theta * (torch.log(theta + EPS) - torch.log(theta + mu + EPS))  # log NB(0)

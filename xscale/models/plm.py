@@ -262,8 +262,18 @@ class TableGeneEmbedder(GeneEmbedder):
             else:
                 rows.append(len(have) + m)
                 m += 1
-        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        # saved with the weights: a model reloaded after the table file changed keeps its own gene -> row map
+        self.register_buffer("rows", torch.tensor(rows, dtype=torch.long))
         self.adapter = _adapter(width, dim, adapter)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        key = prefix + "rows"
+        if key not in state_dict:  # saved before the map was part of the weights: the file's map, as then
+            state_dict[key] = self.rows.clone()
+        elif not torch.equal(state_dict[key], self.rows):
+            log.warning("Gene table: the file maps genes to rows differently from when this model was saved "
+                        "(it changed since); using the saved map, so each gene keeps its trained vector.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def gene_vectors(self) -> Tensor:
         """Adapted vector of every vocabulary gene. (n_genes, D)."""

@@ -24,5 +24,8 @@ class FourierFeatures(nn.Module):
         self.proj = nn.Linear(2 * n_frequencies, dim)
 
     def forward(self, xy: Tensor) -> Tensor:
-        angles = 2 * math.pi * xy @ self.freqs  # (..., 2) @ (2, F) -> (..., F)
-        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1))
+        # angles in float32 even under autocast: in bf16 an angle of ~50 rad is off by ~0.25 rad
+        with torch.autocast(device_type=xy.device.type, enabled=False):
+            angles = 2 * math.pi * xy.float() @ self.freqs.float()  # (..., 2) @ (2, F) -> (..., F)
+            features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (..., 2F)
+        return self.proj(features.to(xy.dtype) if xy.dtype in (torch.float16, torch.bfloat16) else features)

@@ -71,9 +71,12 @@ class _LayerNormLinear(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (x, ln_weight, ln_bias)]
             xn = F.layer_norm(leaves[0], x.shape[-1:], leaves[1], leaves[2], ctx.eps)
-        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ xn.detach().reshape(-1, xn.shape[-1])
-        grad_x, grad_lw, grad_lb = torch.autograd.grad(xn, leaves, grad_out @ weight)
-        return grad_x, grad_lw, grad_lb, grad_weight, None
+        # under autocast the forward's matmul ran in bf16 / fp16 (so does grad_out) while x, the norm and
+        # the weight stay fp32: the backward computes in the weight's dtype, each gradient in its input's
+        g = grad_out.to(weight.dtype)
+        grad_weight = g.reshape(-1, g.shape[-1]).T @ xn.detach().to(weight.dtype).reshape(-1, xn.shape[-1])
+        grad_x, grad_lw, grad_lb = torch.autograd.grad(xn, leaves, (g @ weight).to(xn.dtype))
+        return grad_x, grad_lw, grad_lb, grad_weight.to(weight.dtype), None
 
 
 class CrissCrossMixing(nn.Module):
