@@ -69,14 +69,14 @@ def as_level_model(model: nn.Module | str | os.PathLike, level: Level, what: str
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         sub = f"level{level}"
-        found = next((d for d in (path, path / sub, path / "checkpoints" / sub) if find_model_dir(d)), None)
+        candidates = (find_model_dir(d) for d in (path, path / sub, path / "checkpoints" / sub))
+        found = next((d for d in candidates if d is not None), None)
         if found is None:
             raise XscaleInputError(
                 f"{what}: {str(path)!r} is not a saved level-{level} model: no config.json there, in model/, "
                 f"{sub}/model/ or checkpoints/{sub}/model/ ({_listing(path)}). Pass the model directory "
                 f"saved by xscale (e.g. RUN/checkpoints/{sub}/model) or a loaded model."
             )
-        found = find_model_dir(found)
         model = load_model(found)
     cls = _model_class(level)
     if not isinstance(model, cls):

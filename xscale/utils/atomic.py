@@ -54,8 +54,6 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
