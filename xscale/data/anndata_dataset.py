@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from xscale.data.batch import CellItem
 from xscale.data.transforms import TARGET_LIBRARY
-from xscale.data.vocab import GeneVocab
+from xscale.data.vocab import GeneVocab, is_control_probe
 from xscale.errors import XscaleInputError
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,24 @@ class PanelMapping:
     """How one AnnData's panel maps into the vocabulary.
 
     columns (g,) positions in ``var_names`` of the known genes; gene_ids (g,) their
-    vocabulary ids; n_panel the panel size; unknown a few example symbols not in the vocabulary.
+    vocabulary ids; n_panel the panel size; unknown a few example symbols not in the vocabulary
+    (control probes aside); n_controls the panel's control probes outside the vocabulary.
     """
 
     columns: np.ndarray
     gene_ids: np.ndarray
     n_panel: int
     unknown: list[str]
+    n_controls: int = 0
+
+    def describe(self, what: str, vocab_size: int) -> str:
+        """One line: how many panel genes are used, and which are not (for the log)."""
+        line = f"{what}: using {self.n_used} of {self.n_panel} panel genes (vocabulary {vocab_size})"
+        if self.n_controls:
+            line += f"; {self.n_controls} control probe(s) left out"
+        if self.unknown:
+            line += f"; not in vocabulary e.g. {self.unknown}"
+        return line
 
     @property
     def n_used(self) -> int:
@@ -51,13 +62,16 @@ def map_panel(var_names: Sequence[str], vocab: GeneVocab, *, min_genes: int = 10
     check_gene_names([str(v) for v in var_names])
     idx = vocab.panel_overlap(list(var_names), min_genes=min(min_genes, len(vocab)), what=what)
     columns = np.flatnonzero(idx >= 0)
-    unknown = [str(var_names[i]) for i in np.flatnonzero(idx < 0)[:10]]
-    return PanelMapping(columns=columns, gene_ids=idx[columns], n_panel=len(var_names), unknown=unknown)
+    missing = [str(var_names[i]) for i in np.flatnonzero(idx < 0)]
+    unknown = [g for g in missing if not is_control_probe(g)]
+    return PanelMapping(columns=columns, gene_ids=idx[columns], n_panel=len(var_names), unknown=unknown[:10],
+                        n_controls=len(missing) - len(unknown))
 
 
-def vocab_from_adatas(adatas: Sequence) -> GeneVocab:
-    """Shared vocabulary over the panels of several AnnData objects (first-seen order)."""
-    return GeneVocab.union([list(map(str, a.var_names)) for a in adatas])
+def vocab_from_adatas(adatas: Sequence, *, keep_control_probes: bool = False) -> GeneVocab:
+    """Shared vocabulary over the panels of several AnnData objects (first-seen order), without the
+    platforms' control probes unless ``keep_control_probes`` (:meth:`GeneVocab.union`)."""
+    return GeneVocab.union([list(map(str, a.var_names)) for a in adatas], keep_control_probes=keep_control_probes)
 
 
 def counts_matrix(adata, counts_layer: str | None = None) -> sp.csr_matrix:
@@ -149,12 +163,7 @@ class AnnDataCellDataset(Dataset):
         for d, adata in enumerate(adatas):
             what = f"dataset {d} ({adata.n_obs} cells × {adata.n_vars} genes)"
             mapping = map_panel(list(map(str, adata.var_names)), vocab, min_genes=min_genes, what=what)
-            log.log(
-                logging.INFO if report_panel else logging.DEBUG,
-                "%s: using %d of %d panel genes (vocabulary %d)%s",
-                what, mapping.n_used, mapping.n_panel, len(vocab),
-                f"; not in vocabulary e.g. {mapping.unknown}" if mapping.unknown else "",
-            )
+            log.log(logging.INFO if report_panel else logging.DEBUG, "%s", mapping.describe(what, len(vocab)))
             self.mappings.append(mapping)
             self._X.append(counts_matrix(adata, counts_layer)[:, mapping.columns].tocsr())
             sel = cells[d] if cells is not None else None

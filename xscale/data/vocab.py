@@ -3,14 +3,43 @@
 Symbols are normalised (stripped, upper-cased) so that mouse and human orthologs
 that differ only in case (``Gad1`` / ``GAD1``) share one token. Each cell uses the
 genes its panel measured; a panel maps into the vocabulary by :meth:`GeneVocab.index`.
+
+Imaging platforms report control features beside the genes (Xenium ``NegControlProbe_*``,
+``NegControlCodeword_*``, ``UnassignedCodeword_*``, ``DeprecatedCodeword_*``,
+``Intergenic_Region_*``, older ``BLANK_*``; CosMx ``NegPrb*``, ``SystemControl*``; MERSCOPE
+``Blank-*``). They measure background, not expression: :meth:`GeneVocab.union` (hence every
+vocabulary xscale builds from data) leaves them out, so they are neither tokens nor part of a
+cell's library. :func:`is_control_probe` says which names count.
 """
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from xscale.errors import XscaleInputError
+
+log = logging.getLogger(__name__)
+
+#: Names of control features (matched at the start, any case). Real symbols that look close,
+#: such as NEGR1 or BLNK, do not match.
+CONTROL_PROBE_PATTERN = re.compile(
+    r"^(negprb|neg_?control|negctrl|negative[_ -]?control|systemcontrol|blank(?:[_-]|\d|$)|unassigned_?codeword"
+    r"|deprecated_?codeword|genomic_?control|intergenic_?region|antisense_|falsecode)",
+    re.IGNORECASE,
+)
+
+
+def is_control_probe(name: str) -> bool:
+    """True for a platform's control feature (negative-control probe, blank / unassigned codeword, ...)."""
+    return CONTROL_PROBE_PATTERN.match(str(name).strip()) is not None
+
+
+def control_probes(names: Iterable[str]) -> list[str]:
+    """The names among ``names`` that :func:`is_control_probe` takes for control features, in order."""
+    return [str(n) for n in names if is_control_probe(n)]
 
 
 def normalize_symbol(symbol: str) -> str:
@@ -33,9 +62,26 @@ class GeneVocab:
             raise XscaleInputError("A gene vocabulary needs at least one gene; got none.")
 
     @classmethod
-    def union(cls, panels: Iterable[Sequence[str]]) -> GeneVocab:
-        """Vocabulary over several panels, in first-seen order."""
-        return cls(g for panel in panels for g in panel)
+    def union(cls, panels: Iterable[Sequence[str]], *, keep_control_probes: bool = False) -> GeneVocab:
+        """Vocabulary over several panels, in first-seen order.
+
+        Control features (:func:`is_control_probe`) are left out, and logged, unless
+        ``keep_control_probes``.
+        """
+        genes = [str(g) for panel in panels for g in panel]
+        if keep_control_probes:
+            return cls(genes)
+        controls = set(control_probes(genes))
+        if controls:
+            examples = sorted(controls)[:5]
+            log.info("Left %d control probe(s) out of the gene vocabulary (e.g. %s): they measure background, "
+                     "not expression (vocab_from_adatas(..., keep_control_probes=True) keeps them).", len(controls),
+                     examples)
+            if len(controls) == len(set(genes)):
+                raise XscaleInputError(
+                    f"var_names: expected gene symbols, found only control probes ({len(controls)}, e.g. "
+                    f"{examples}). Check that var_names hold the genes of the panel.")
+        return cls(g for g in genes if g not in controls)
 
     def __len__(self) -> int:
         return len(self.genes)
