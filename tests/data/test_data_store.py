@@ -94,6 +94,23 @@ def test_prepare_validates_and_drops_zero_cells(small_adata, tmp_path):
     assert not list(tmp_path.glob("*bad.zarr*"))  # nothing partial left (no store, no temporary)
 
 
+def test_prepare_drops_cells_with_counts_on_control_probes_only(small_adata, tmp_path):
+    import pandas as pd
+
+    x = small_adata.X.toarray()
+    x[[4, 9]] = 0
+    probes = np.zeros((300, 1), dtype=np.float32)
+    probes[[4, 50]] = 3  # cell 4: only a probe count
+    var = pd.DataFrame(index=[*small_adata.var_names, "NegControlProbe_1"])
+    data = ad.AnnData(X=sp.csr_matrix(np.hstack([x, probes])), obs=small_adata.obs.copy(),
+                      obsm=dict(small_adata.obsm), var=var)
+    with pytest.warns(UserWarning, match=r"Dropped 2 of 300 cells with zero total counts in adata.X \(counts of the 1 "
+                                         r"control probes aside\)"):
+        p = prepare(data, tmp_path / "z.zarr", chunk_cells=64)
+    back = ad.read_zarr(p)
+    assert back.n_obs == 298 and not np.isin([4, 9], back.obs["xscale_source_index"]).any()
+
+
 def test_killed_prepare_leaves_a_temporary_the_next_prepare_removes(tmp_path):
     """SIGKILL (no Python cleanup) just before the store is published leaves the whole temporary
     store; the next prepare of that output removes it (it had a name nothing looked for)."""

@@ -113,6 +113,28 @@ def test_zero_count_cells_dropped_with_count(small_adata):
     assert out.obsm["spatial"].shape == (297, 2)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+def test_cells_with_counts_on_control_probes_only_are_zero_count(small_adata, lazy):
+    """Counts of control probes (NegPrb*, BLANK_*) are background: a cell with no other count is dropped."""
+    import anndata as ad
+    import dask.array as da
+    import pandas as pd
+
+    x = small_adata.X.toarray()
+    x[[0, 10, 20]] = 0
+    probes = np.zeros((300, 2), dtype=np.float32)
+    probes[[0, 10, 30], 0] = 2  # cells 0 and 10: only probe counts; cell 30 has genes too
+    x = np.hstack([x, probes])
+    data = ad.AnnData(X=da.from_array(x, chunks=(64, x.shape[1])) if lazy else sp.csr_matrix(x),
+                      obs=small_adata.obs.copy(), obsm=dict(small_adata.obsm),
+                      var=pd.DataFrame(index=[*small_adata.var_names, "NegPrb1", "BLANK_0002"]))
+    with pytest.warns(UserWarning, match=r"Dropped 3 of 300 cells with zero total counts in adata.X \(counts of "
+                                         r"the 2 control probes aside\)"):
+        out = validate_adata(data)
+    assert out.n_obs == 297 and out.n_vars == 168  # the probes stay columns: vocabularies leave them out
+    assert not np.isin(small_adata.obs_names[[0, 10, 20]], out.obs_names).any()
+
+
 def test_zero_count_in_place(small_adata):
     small_adata.X = sp.csr_matrix(small_adata.X.multiply(np.arange(300)[:, None] > 0))
     with pytest.warns(UserWarning, match="Dropped 1 of 300"):

@@ -30,6 +30,8 @@ from xscale.data.validate import (
     check_names,
     check_slides,
     check_spatial,
+    gene_columns,
+    warn_zero_count,
 )
 from xscale.errors import XscaleInputError
 from xscale.utils.atomic import check_replaceable, remove_stale_temps, replace_dir, temp_path
@@ -64,9 +66,10 @@ def _read_block(source: _Opaque, start: int, stop: int, label: str) -> Any:
 
 
 def _scatter_block(block: Any, start: int, rank: np.ndarray, chunk_cells: int, piece_dir: Path,
-                   where: str, layers: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Pass 1 on one source block: check it, split its rows by destination block, save the pieces."""
-    summary = check_counts(block, where=where, layers=layers, row_offset=start)
+                   where: str, layers: list[str], genes: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pass 1 on one source block: check it, split its rows by destination block, save the pieces.
+    Returns the block's first row, each row's total over ``genes`` (None: all columns) and its non-zeros."""
+    summary = check_counts(block, where=where, layers=layers, row_offset=start, total_columns=genes)
     csr = sp.csr_matrix(block, dtype=np.float32)
     ranks = rank[start : start + csr.shape[0]]
     dest = ranks // chunk_cells
@@ -213,10 +216,11 @@ def prepare(
         else:
             bounds = np.append(np.arange(0, n, chunk_cells), n)
         label = str(source) if isinstance(source, (str, Path)) else "the input AnnData"
+        genes = gene_columns(adata.var_names)  # a cell's total leaves control probes aside
         source_x = _Opaque(x)  # dask must not compute the whole (lazy) matrix as a task argument
         tasks = [
             dask.delayed(_scatter_block)(dask.delayed(_read_block)(source_x, int(a), int(b), label), int(a), rank,
-                                         chunk_cells, piece_dir, where, layers)
+                                         chunk_cells, piece_dir, where, layers, genes)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
         totals = np.zeros(n)
@@ -230,12 +234,7 @@ def prepare(
         keep = totals > 0
         n_zero = int((~keep).sum())
         if n_zero:
-            import warnings
-
-            msg = (f"Dropped {n_zero} of {n} cells with zero total counts in {where} "
-                   "(they carry no expression to learn from).")
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            logger.warning(msg)
+            warn_zero_count(n_zero, n, where, n_controls=0 if genes is None else g - genes.size)
         order = order_all[keep[order_all]]  # (n',) source rows in store order
         n_out = order.size
         if n_out == 0:

@@ -11,7 +11,8 @@ expected, the found and what to do):
 - the spatial key exists in ``obsm`` (the keys present are listed) and holds finite (n, ≥2)
   coordinates;
 - the slide key exists in ``obs`` and has no missing values;
-- zero-count cells are dropped with a warning that gives their number.
+- zero-count cells are dropped with a warning that gives their number (counts of control probes,
+  :func:`~xscale.data.vocab.is_control_probe`, are not expression and do not count).
 
 Counts are checked block by block of rows (:func:`iter_row_blocks`), so a backed or
 dask-backed ``X`` is never densified or loaded whole.
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from xscale.data.vocab import is_control_probe
 from xscale.errors import XscaleInputError
 
 if TYPE_CHECKING:
@@ -80,7 +82,8 @@ class CountsSummary:
 
 
 def check_counts(
-    x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, layers: list[str] | None = None, row_offset: int = 0
+    x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, layers: list[str] | None = None, row_offset: int = 0,
+    total_columns: np.ndarray | None = None,
 ) -> CountsSummary:
     """Check that ``x`` holds finite, non-negative integer counts, block by block.
 
@@ -94,6 +97,8 @@ def check_counts(
         Layer names present, listed in the message for normalised data.
     row_offset
         Row of ``x[0]`` in the whole dataset (when ``x`` is one block), for messages.
+    total_columns
+        Columns the totals sum over (e.g. the genes without the control probes); None = all.
 
     Returns
     -------
@@ -136,7 +141,8 @@ def check_counts(
                     "the data look normalised or log-transformed. Pass the layer holding raw counts "
                     f"with counts_layer=... (CLI: --counts-layer NAME).{present}"
                 )
-        totals[start : start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        counted = block if total_columns is None else block[:, total_columns]
+        totals[start : start + block.shape[0]] = np.asarray(counted.sum(axis=1)).ravel()
         nnz += int(np.count_nonzero(v))
     return CountsSummary(totals=totals, nnz=nnz)
 
@@ -239,6 +245,22 @@ def check_slides(adata: ad.AnnData, slide_key: str) -> None:
         )
 
 
+def gene_columns(var_names: Sequence[str]) -> np.ndarray | None:
+    """Columns of ``var_names`` that are genes, not control probes (:func:`~xscale.data.vocab.is_control_probe`);
+    None when all are genes. A cell's total counts are summed over these."""
+    is_gene = np.array([not is_control_probe(g) for g in map(str, var_names)], dtype=bool)
+    return None if is_gene.all() else np.flatnonzero(is_gene)
+
+
+def warn_zero_count(n_zero: int, n_cells: int, where: str, *, n_controls: int = 0) -> None:
+    """The warning (and log line) for ``n_zero`` of ``n_cells`` cells dropped for zero total counts."""
+    controls = f" (counts of the {n_controls} control probes aside)" if n_controls else ""
+    msg = (f"Dropped {n_zero} of {n_cells} cells with zero total counts in {where}{controls} "
+           "(they carry no expression to learn from).")
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    logger.warning(msg)
+
+
 def _empty_error(n_obs: int, n_vars: int, min_cells: int, what: str) -> XscaleInputError:
     return XscaleInputError(
         f"Empty dataset: expected at least {min_cells} cell(s) and 1 gene, found {n_obs} cells x "
@@ -311,16 +333,12 @@ def validate_adata(
     coords = check_spatial(adata, spatial_key) if spatial_key is not None else None
     if slide_key is not None:
         check_slides(adata, slide_key)
-    summary = check_counts(x, where=where, layers=layers)
+    genes = gene_columns(adata.var_names)
+    summary = check_counts(x, where=where, layers=layers, total_columns=genes)
     keep = summary.totals > 0
     n_zero = int((~keep).sum())
     if n_zero:
-        msg = (
-            f"Dropped {n_zero} of {adata.n_obs} cells with zero total counts in {where} "
-            "(they carry no expression to learn from)."
-        )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        logger.warning(msg)
+        warn_zero_count(n_zero, adata.n_obs, where, n_controls=0 if genes is None else adata.n_vars - genes.size)
     n_left = int(keep.sum())
     if n_left < min_cells:
         raise _empty_error(n_left, adata.n_vars, min_cells, f" after dropping {n_zero} zero-count cells")
