@@ -212,7 +212,7 @@ def test_cli_run_write_back_into_the_spatialdata_table(small_adata, write_spatia
 
     path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
     assert main(["run", "--data", str(path), "--out", str(tmp_path / "r"), "--preset", "tiny", "--max-steps", "2",
-                 "--n-domains", "3", "--no-progress", "--write-back"]) == 0
+                 "--n-domains", "3", "--no-progress", "--no-report", "--write-back"]) == 0
     assert "into the table of" in capsys.readouterr().out
     table = sd.read_zarr(path).tables["table"]
     cells = ad.read_zarr(tmp_path / "r" / "cells.zarr")

@@ -265,7 +265,7 @@ def test_level2_cli_run_on_a_small_panel_and_on_spots(starmap_small, tmp_path, k
     a.write_h5ad(data)
     out = tmp_path / "out"
     code = main(["run", "--data", str(data), "--out", str(out), "--slide-key", "slice", "--n-domains", "3",
-                 "--preset", "tiny", "--max-steps", "3", "--no-progress"])
+                 "--preset", "tiny", "--max-steps", "3", "--no-progress", "--no-report"])
     assert code == 0
     store = ad.read_zarr(out / "cells.zarr")
     assert list(store.obs_names) == list(a.obs_names)

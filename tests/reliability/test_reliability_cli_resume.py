@@ -87,7 +87,7 @@ def test_xscale_run_killed_in_each_level_resumes_and_completes(small_h5ad, tmp_p
     out = tmp_path / "run"
     steps = 40
     cmd = [sys.executable, "-m", "xscale.cli.main", "run", "--data", str(small_h5ad), "--out", str(out),
-           "--preset", "tiny", "--max-steps", str(steps), "--slide-key", "slice", "--no-progress"]
+           "--preset", "tiny", "--max-steps", str(steps), "--slide-key", "slice", "--no-progress", "--no-report"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     l2 = out / "checkpoints" / "level2" / "lightning" / "last.ckpt"
 
@@ -161,7 +161,7 @@ def resumed_run(small_h5ad, tmp_path_factory):
     steps = 16
     cmd = [sys.executable, "-m", "xscale.cli.main", "run", "--data", str(data), "--out", str(out),
            "--preset", "tiny", "--max-steps", str(steps), "--slide-key", "slice", "--domain-key", "domain_partial",
-           "--no-progress"]
+           "--no-progress", "--no-report"]
     l1 = out / "checkpoints" / "level1" / "checkpoints" / "last.ckpt"
     proc, h = _start(cmd, tmp / "1.log")
     s1 = _kill_when(proc, l1, 1, steps, timeout=600, log=Path(h.name))

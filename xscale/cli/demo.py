@@ -51,30 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _link_logs(out) -> dict[str, str]:
-    """Link DIR/logs/<level> to the Lightning logs each stage wrote; returns {level: newest metrics.csv}."""
-    import os
-    from pathlib import Path
-
-    sources = {"level1": out / "checkpoints" / "level1" / "logs",
-               "level2": out / "checkpoints" / "level2" / "lightning" / "logs"}
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    found = {}
-    for level, src in sources.items():
-        if not src.exists():
-            continue
-        link = logs / level
-        if link.is_symlink() or link.exists():
-            link.unlink() if link.is_symlink() else None
-        if not link.exists():
-            os.symlink(os.path.relpath(src, logs), link, target_is_directory=True)
-        csvs = sorted(Path(src).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-        if csvs:
-            found[level] = str(csvs[-1])
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     import json
     import logging
@@ -88,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import xscale.tl
     from xscale.errors import XscaleInputError
     from xscale.pipelines import evaluate_adata
+    from xscale.report.run_report import link_run_logs
     from xscale.train.staged import run_staged
     from xscale.utils.atomic import atomic_write_text, make_output_dir
 
@@ -133,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["seconds"] = {**{k: round(v, 1) for k, v in result.seconds.items()}}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
 
-    history = _link_logs(out)
+    history = link_run_logs(out)
     if not args.no_report:
         from xscale.report import build_report
 

@@ -10,7 +10,9 @@ DESCRIPTION = (
     "obsm['X_xscale_cell'], obsm['X_xscale_niche'] and obs['xscale_domain']. Stages checkpoint "
     "into DIR/checkpoints and a re-run skips finished stages. Label keys (--domain-key, "
     "--cell-type-key) are never used for training; they only turn on evaluation written to "
-    "DIR/metrics.json (against PCA and neighbourhood-mean-of-PCA baselines)."
+    "DIR/metrics.json (against PCA and neighbourhood-mean-of-PCA baselines). DIR/report.html shows "
+    "the domains on each slide, the latents (UMAP), the scores, the training curves and the "
+    "expression decoded from the latents on one slide."
 )
 DEFAULT_N_DOMAINS = 8
 
@@ -42,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="niche radius in median nearest-neighbour distances (default: nearest cells only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
+    parser.add_argument("--no-report", action="store_true", help="skip DIR/report.html")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--write-back", action="store_true",
                         help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
                                    obs_keys=("xscale_domain",))
         print(f"wrote obsm['X_xscale_cell'] and obs['xscale_domain'] into the table of {source}, "
               "and the niche latents into its niche table")
+    metrics = None
     if domains is not None or cell_types is not None:
         metrics = _evaluate(result.adata, domains, cell_types, slide_key=slide_key,
                             spatial_key=args.spatial_key, seed=args.seed)
@@ -143,6 +147,14 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         summary = {k: round(v, 3) for k, v in metrics.get("summary", {}).items()}  # full precision in the file
         print(f"{out / 'metrics.json'}: " + json.dumps(summary))
+    if not args.no_report:
+        from xscale.report.run_report import write_run_report
+
+        report = write_run_report(out, result.adata, result.level1, metrics, slide_key=slide_key,
+                                  domain_key=args.domain_key, cell_type_key=args.cell_type_key,
+                                  title=f"xscale run: {Path(str(args.data)).name}", seed=args.seed,
+                                  progress=not args.no_progress)
+        print(f"{report}: open it in a browser (self-contained, offline)")
     return 0
 
 

@@ -217,7 +217,7 @@ def build_report(
     )
     timings["latents"] = time.perf_counter() - t
 
-    page.add("benchmark", "xscale vs baselines", S.benchmark_section(groups))
+    page.add("benchmark", "xscale vs baselines", S.benchmark_section(groups, held))
     page.add("metrics", "Metrics table", S.metrics_section(groups, raw))
     page.add("training", "Training curves", S.training_section(histories))
 
@@ -329,11 +329,14 @@ def _reconstruction(
             None, None, None, [], None, slide="", held_out=False, layer=layer
         )
     E_all = adata.layers[layer]
-    # writers may decode some slides only (other rows 0 or NaN) and leave NaN for unmodelled genes
-    E_dense = np.asarray(
-        E_all.toarray() if sp.issparse(E_all) else E_all, dtype=np.float32
-    )  # (n, G)
-    decoded_rows = np.nansum(np.abs(E_dense), axis=1) > 0
+    # writers may decode some slides only and leave NaN for unmodelled genes: the other rows are 0 or
+    # NaN (dense), or hold no entries (CSR: only those rows are made dense here)
+    if sp.issparse(E_all):
+        E_csr = sp.csr_matrix(E_all)
+        decoded_rows = np.diff(E_csr.indptr) > 0
+    else:
+        E_dense = np.asarray(E_all, dtype=np.float32)  # (n, G)
+        decoded_rows = np.nansum(np.abs(E_dense), axis=1) > 0
     if not decoded_rows.any():
         return S.reconstruction_section(
             None, None, None, [], None, slide="", held_out=False, layer=layer
@@ -344,7 +347,7 @@ def _reconstruction(
     m = (slides == slide) & decoded_rows
     X = adata.X[m]
     counts = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
-    expected = E_dense[m].astype(np.float64)
+    expected = (E_csr[m].toarray() if sp.issparse(E_all) else E_dense[m]).astype(np.float64)
     modelled = np.isfinite(expected).all(axis=0)  # (G,) genes the model decoded
     if not modelled.any():
         return S.reconstruction_section(

@@ -70,13 +70,15 @@ def summary_section(
     info: Mapping[str, str],
 ) -> str:
     lines = headline(groups)
-    parts = [
-        (
-            "<p class='lead'>What was run, on which cells, and the main result. Slides marked "
-            "<span class='holdout'>held out</span> were never seen during training: scores on them "
-            "measure how well xscale generalises to new tissue.</p>"
-        )
-    ]
+    where = (
+        "Slides marked <span class='holdout'>held out</span> were never seen during training: scores on "
+        "them measure how well xscale generalises to new tissue."
+        if holdout else
+        "No slide was held out: every score is on cells the model trained on (self-supervised: labels "
+        "are never used for training), so scores say how well the latents describe these cells, not "
+        "how well they carry over to new tissue."
+    )
+    parts = [f"<p class='lead'>What was run, on which cells, and the main result. {where}</p>"]
     if lines:
         parts.append(
             "<h3>Main results</h3><ul class='summary'>"
@@ -141,8 +143,8 @@ def domains_section(
         f"coordinate units), one row per slide. {ann_txt}domains found by xscale, clustering the niche "
         f"latents (<code>obs['{escape(predicted_key)}']</code>). Cluster numbers are arbitrary; each "
         "cluster is coloured like the annotated domain it overlaps most, so matching colours mean "
-        "agreement. ARI in the title compares the two partitions on that slide (1 = identical). "
-        "The slide framed in red is held out: it was never used for training."
+        "agreement. ARI in the title compares the two partitions on that slide (1 = identical)."
+        + (" The slide framed in red is held out: it was never used for training." if holdout else "")
     )
     return (
         "<p class='lead'>Do the tissue domains xscale finds follow the anatomy?</p>"
@@ -217,7 +219,7 @@ def _colors(labels: np.ndarray) -> dict[str, str]:
     return dict(zip(cats, F.palette(len(cats)), strict=True))
 
 
-def benchmark_section(groups: Sequence[ComparisonGroup]) -> str:
+def benchmark_section(groups: Sequence[ComparisonGroup], holdout: Sequence[str] = ()) -> str:
     if not groups:
         return note(
             "No metrics given: pass <code>metrics=</code> (e.g. the metrics.json of "
@@ -231,8 +233,10 @@ def benchmark_section(groups: Sequence[ComparisonGroup]) -> str:
     cap = (
         "<b>xscale against baselines.</b> One panel per task and score; orange bars are xscale, grey "
         "bars are baselines computed in the same run on the same cells; ★ marks the best. "
-        "Arrows give the direction: ↑ higher is better, ↓ lower is better. Scores are on held-out "
-        "cells unless the panel title says otherwise. The full numbers are in the table below."
+        "Arrows give the direction: ↑ higher is better, ↓ lower is better. "
+        + ("Scores are on held-out cells unless the panel title says otherwise. " if holdout else
+           "No slide was held out: scores are on the cells the model trained on (labels were not used). ")
+        + "The full numbers are in the table below."
     )
     return figure_html(fig, cap, alt="bar chart of xscale against baselines")
 
