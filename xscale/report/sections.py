@@ -74,9 +74,8 @@ def summary_section(
         "Slides marked <span class='holdout'>held out</span> were never seen during training: scores on "
         "them measure how well xscale generalises to new tissue."
         if holdout else
-        "No slide was held out: every score is on cells the model trained on (self-supervised: labels "
-        "are never used for training), so scores say how well the latents describe these cells, not "
-        "how well they carry over to new tissue."
+        "No slide was held out: every score is on cells the model was trained on, so scores say how well "
+        "the latents describe these cells, not how well they carry over to new tissue."
     )
     parts = [f"<p class='lead'>What was run, on which cells, and the main result. {where}</p>"]
     if lines:
@@ -235,7 +234,7 @@ def benchmark_section(groups: Sequence[ComparisonGroup], holdout: Sequence[str] 
         "bars are baselines computed in the same run on the same cells; ★ marks the best. "
         "Arrows give the direction: ↑ higher is better, ↓ lower is better. "
         + ("Scores are on held-out cells unless the panel title says otherwise. " if holdout else
-           "No slide was held out: scores are on the cells the model trained on (labels were not used). ")
+           "No slide was held out: scores are on the cells the model was trained on. ")
         + "The full numbers are in the table below."
     )
     return figure_html(fig, cap, alt="bar chart of xscale against baselines")
