@@ -245,6 +245,61 @@ class CellDataModule(lightning.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
+#: Cells of a store read to set the input standardisation / decoder offsets (a random sample beyond this).
+STORE_STATS_CELLS = 50_000
+
+
+def store_data(store, vocab: GeneVocab, *, val_fraction: float, max_genes: int | None, batch_size: int,
+               min_genes: int = 10, num_workers: int = 0, seed: int = 0) -> CellDataModule:
+    """A :class:`CellDataModule` streaming a prepared store (``xscale prepare``): batched ``CellStream``s over a
+    random ``val_fraction`` of the cells (validation, same order every epoch) and the rest (training).
+
+    ``store`` a path or :class:`~xscale.data.store.CellStore`; genes outside ``vocab`` (control probes
+    among them) are left out; fewer than ``min_genes`` known genes raise :class:`XscaleInputError`.
+    """
+    from xscale.data.anndata_dataset import map_panel
+    from xscale.data.store import CellStore
+    from xscale.data.stream import CellStream
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    if not 0.0 <= val_fraction < 1.0:
+        raise XscaleInputError(f"val_fraction must be in [0, 1); got {val_fraction}.")
+    mapping = map_panel(store.genes, vocab, min_genes=min_genes, what=f"store {store.path}")
+    log.info("%s", mapping.describe(f"store {store.path} ({store.n_cells} cells × {store.n_genes} genes)", len(vocab)))
+    gene_ids = vocab.index(store.genes)  # (G,) -1 = left out
+    is_val = np.random.default_rng(seed).random(store.n_cells) < val_fraction
+    kw = dict(gene_ids=gene_ids, batch_size=batch_size, max_genes=max_genes, seed=seed)
+    train = CellStream(store, rows=None if not is_val.any() else np.flatnonzero(~is_val), **kw)
+    val = CellStream(store, rows=np.flatnonzero(is_val), shuffle=False, **kw) if is_val.any() else None
+    log.info("Level-1 data: %d training cells, %d validation cells streamed from %s", train.n_items,
+             int(is_val.sum()), store.path)
+    return CellDataModule(train, val, max_genes=max_genes, batch_size=batch_size, num_workers=num_workers, seed=seed)
+
+
+def store_gene_stats(store, vocab: GeneVocab, *, rows: np.ndarray | None = None, n_cells: int = STORE_STATS_CELLS,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:meth:`AnnDataCellDataset.gene_stats` over at most ``n_cells`` cells of a store (a random sample of
+    ``rows``, default all), read block by block: (gene_ids, share, value_mean, value_std)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from xscale.data.store import CellStore
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    rows = np.arange(store.n_cells) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.size > n_cells:
+        rows = np.random.default_rng(seed).choice(rows, n_cells, replace=False)
+    rows = np.sort(rows)
+    blocks = []
+    for c in np.unique(rows // store.chunk_cells):  # (b, G) counts of the sampled rows of each block
+        a, b = store.chunk_range(int(c))
+        sel = rows[(rows >= a) & (rows < b)]
+        blocks.append(store.read_rows(a, b)[sel - a])
+    sample = ad.AnnData(X=sp.vstack(blocks, format="csr"), var=pd.DataFrame(index=store.genes))
+    return AnnDataCellDataset(sample, vocab, min_genes=1, report_panel=False).gene_stats()
+
+
 def fit_level1(
     adatas,
     config: GeneToCellConfig | str = "small",
@@ -266,13 +321,17 @@ def fit_level1(
     enable_progress_bar: bool = True,
     checkpoint_every_n_steps: int = 200,
     trainer_kwargs: dict[str, Any] | None = None,
+    num_workers: int = 0,
 ) -> GeneToCell:
-    """Train a level-1 model on one or several AnnData objects and save it.
+    """Train a level-1 model on one or several AnnData objects, or streamed from a store, and save it.
 
     Parameters
     ----------
     adatas
-        AnnData or sequence of AnnData with raw counts (different panels allowed).
+        AnnData or sequence of AnnData with raw counts (different panels allowed), or a store
+        written by ``xscale prepare`` (path or :class:`~xscale.data.store.CellStore`): its cells are
+        streamed block by block, never loaded whole (:func:`store_data`), and the input
+        standardisation comes from a sample of up to ``STORE_STATS_CELLS`` training cells.
     config
         A :class:`GeneToCellConfig`, or a preset name ("tiny", "small", "base") built
         on the union of the panels' genes.
@@ -287,7 +346,9 @@ def fit_level1(
         embedding tables; not on biases or norms), global seed, held-out validation fraction.
     counts_layer, slide_key, min_genes
         Where the raw counts are, which obs column names the slide, and how many of a
-        panel's genes must be in the vocabulary.
+        panel's genes must be in the vocabulary (a store has its counts and slides already).
+    num_workers
+        DataLoader worker processes (0 = in the training process).
     logger
         "csv", "tensorboard" or "none".
     accelerator, enable_progress_bar, trainer_kwargs
@@ -299,22 +360,35 @@ def fit_level1(
     """
     from xscale.train.checkpointing import fit_resumable
 
-    adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
+    store = _as_store(adatas)
+    if store is None:
+        adatas = [adatas] if not isinstance(adatas, (list, tuple)) else list(adatas)
     if isinstance(config, str):
-        config = GeneToCellConfig.preset(config, genes=vocab_from_adatas(adatas).genes)  # type: ignore[arg-type]
+        vocab = GeneVocab.union([store.genes]) if store is not None else vocab_from_adatas(adatas)
+        config = GeneToCellConfig.preset(config, genes=vocab.genes)  # type: ignore[arg-type]
     from xscale.utils.atomic import make_output_dir
 
     out_dir = make_output_dir(out_dir)  # a file there: a clear error before any work
     lightning.seed_everything(seed, workers=True, verbose=False)
     model = GeneToCell(config)
     vocab = model.vocab
-    dm = CellDataModule.from_adatas(
-        adatas, vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
-        min_genes=min_genes, max_genes=config.max_genes, batch_size=batch_size, seed=seed,
-    )
+    if store is not None:
+        dm = store_data(store, vocab, val_fraction=val_fraction, max_genes=config.max_genes, batch_size=batch_size,
+                        min_genes=min_genes, num_workers=num_workers, seed=seed)
+    else:
+        dm = CellDataModule.from_adatas(
+            adatas, vocab, val_fraction=val_fraction, counts_layer=counts_layer, slide_key=slide_key,
+            min_genes=min_genes, max_genes=config.max_genes, batch_size=batch_size, num_workers=num_workers,
+            seed=seed,
+        )
     needs_stats = config.standardize_values or config.decoder_gene_bias
-    if needs_stats and hasattr(dm.train_dataset, "gene_stats"):  # data-derived starting points
-        ids, share, v_mean, v_std = (torch.from_numpy(a) for a in dm.train_dataset.gene_stats())
+    stats = None
+    if needs_stats and store is not None:  # data-derived starting points
+        stats = store_gene_stats(store, vocab, rows=dm.train_dataset.rows_per_chunk.rows, seed=seed)
+    elif needs_stats and hasattr(dm.train_dataset, "gene_stats"):
+        stats = dm.train_dataset.gene_stats()
+    if stats is not None:
+        ids, share, v_mean, v_std = (torch.from_numpy(a) for a in stats)
         model.init_gene_bias(ids, share)
         model.init_value_scaling(ids, v_mean, v_std)
     elif needs_stats:
@@ -337,6 +411,22 @@ def fit_level1(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     log.info("Level 1 trained for %d steps; saved to %s; metrics %s", trainer.global_step, path, metrics)
     return model
+
+
+def _as_store(data: Any) -> Any:
+    """A :class:`~xscale.data.store.CellStore` for a store (or its path), None for AnnData; any other path
+    is an error that says what to do."""
+    from xscale.data.store import CellStore, is_prepared_store
+
+    if isinstance(data, CellStore):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        if is_prepared_store(data):
+            return CellStore(data)
+        raise XscaleInputError(
+            f"{data}: expected AnnData object(s) or a store written by xscale prepare, found a path that is no "
+            "such store. Read the file first (anndata.read_h5ad / read_zarr), or convert it with xscale prepare.")
+    return None
 
 
 def _make_logger(name: LoggerName, save_dir: Path) -> Any:
