@@ -104,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"--radius: expected a radius > 0 (in median nearest-neighbour distances), "
                                f"found {args.radius}.")
     out = Path(args.out)
+    from xscale.data.store import is_prepared_store
+
+    if is_prepared_store(args.data):
+        return _run_store(args)
     source, slide_key = ds.resolve(args.data, args.slide_key)
     if args.write_back:  # before any work
         from xscale.cli.embed import check_write_back_source
@@ -155,6 +159,40 @@ def run(args: argparse.Namespace) -> int:
                                   title=f"xscale run: {Path(str(args.data)).name}", seed=args.seed,
                                   progress=not args.no_progress)
         print(f"{report}: open it in a browser (self-contained, offline)")
+    return 0
+
+
+#: Options that a prepared store answers itself (xscale prepare fixed them), with their defaults.
+STORE_FIXED = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None, "table_key": None, "radius": None,
+               "write_back": False, "domain_key": None, "cell_type_key": None}
+
+
+def _run_store(args: argparse.Namespace) -> int:
+    """``xscale run --data STORE``: both levels trained out of core; results written into the store."""
+    from xscale.errors import XscaleInputError
+    from xscale.train.store_run import run_store
+
+    given = [f"--{k.replace('_', '-')}" for k, default in STORE_FIXED.items() if getattr(args, k) != default]
+    if given:
+        raise XscaleInputError(
+            f"--data {args.data} is a prepared store: expected none of {', '.join(given)}, found them. The store "
+            "has its counts, slides, coordinates and neighbour graph from xscale prepare (prepare again to change "
+            "them); score domains afterwards with xscale domains --store STORE --label-key KEY.")
+    n_domains = args.n_domains if args.n_domains is not None else DEFAULT_N_DOMAINS
+    if n_domains < 1:
+        raise XscaleInputError(f"--n-domains: expected >= 1, found {n_domains}.")
+    epochs = {} if args.max_epochs is None else {"level1_epochs": args.max_epochs, "level2_epochs": args.max_epochs}
+    result = run_store(args.data, args.out, level1_preset=args.preset, level2_preset=args.preset,
+                       n_domains=n_domains, domain_slide_center=not args.no_slide_center, seed=args.seed,
+                       level1_max_steps=args.max_steps, level2_max_steps=args.max_steps,
+                       accelerator=args.accelerator, progress=not args.no_progress, **epochs)
+    print(f"{result.store}: obsm['X_xscale_cell'], obsm['X_xscale_niche'] and obs['xscale_domain'] ({n_domains}) "
+          f"written into the prepared store (out of core); {args.out} holds the checkpoints")
+    if result.skipped:
+        print(f"skipped finished stages: {', '.join(result.skipped)}")
+    if not args.no_report:
+        print("note: no report.html for a prepared store (the report draws every cell in memory); "
+              "xscale.report.build_report on anndata.read_zarr(STORE) makes one where the cells fit in memory")
     return 0
 
 

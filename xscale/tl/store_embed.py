@@ -66,6 +66,36 @@ def _made_by(array: Any) -> str:
     return str(getattr(array, "attrs", {}).get("xscale_fingerprint", ""))
 
 
+def _cells_fingerprint(model: torch.nn.Module, seed: int) -> str:
+    return _fingerprint(model, seed=seed, what="cells")
+
+
+def _niches_fingerprint(model: torch.nn.Module, cell_key: str, latents: Any) -> str:
+    return _fingerprint(model, what="niches", cells=cell_key, cell_latents=_made_by(latents))
+
+
+def is_embedded(store: str | os.PathLike | CellStore, model, *, seed: int = 0, key: str | None = None,
+                cell_key: str = CELL_KEY) -> bool:
+    """True when the store's latents of ``model``'s level (``obsm[key]``, default ``X_xscale_cell`` for a
+    level-1 model, ``X_xscale_niche`` for level 2) are complete and were made by this very model and
+    options (for level 2: from the cell latents now in ``obsm[cell_key]``); False when absent or made
+    otherwise."""
+    from xscale.models.gene_to_cell import GeneToCell
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    cells = isinstance(model, GeneToCell)
+    key = key or (CELL_KEY if cells else NICHE_KEY)
+    if not (store.path / "obsm" / key).exists():
+        return False
+    if cells:
+        want = _cells_fingerprint(model, seed)
+    else:
+        if not (store.path / "obsm" / cell_key).exists():
+            return False
+        want = _niches_fingerprint(model, cell_key, read_store_latents(store, cell_key))
+    return _made_by(read_store_latents(store, key)) == want
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -103,7 +133,7 @@ def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str =
     log.info("Embedding %d cells of %s with %d of %d panel genes", store.n_cells, store.path, mapping.n_used,
              mapping.n_panel)
     model = model.eval()
-    fingerprint = _fingerprint(model, seed=seed, what="cells")
+    fingerprint = _cells_fingerprint(model, seed)
     if not overwrite and _already_made(store, key, fingerprint):
         return store.path / "obsm" / key
     writer = store_latent_writer(store, key, (model.config.embedding_dim,), overwrite=overwrite,
@@ -148,7 +178,7 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
                                f"{model.config.in_dim} (K·D of the level-1 model it was trained on).")
     warn_if_short_niches(store, model.config.max_cells)
     model = model.eval()
-    fingerprint = _fingerprint(model, what="niches", cells=cell_key, cell_latents=_made_by(latents))
+    fingerprint = _niches_fingerprint(model, cell_key, latents)
     if not overwrite and _already_made(store, key, fingerprint):
         return store.path / "obsm" / key
     writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),

@@ -219,6 +219,34 @@ def _mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha1(np.packbits(mask).tobytes()).hexdigest()[:16]
 
 
+class Stages:
+    """Runs the stages of a run folder: ``stages(name, load, make, save)`` loads a finished stage (after checking
+    the settings it was made with, ``settings[name]``) or makes, saves and records it. ``skipped`` lists the
+    stages loaded, ``seconds`` the time of each one made."""
+
+    def __init__(self, ckpt: Path, settings: dict[str, dict]) -> None:
+        self.ckpt, self.settings = ckpt, settings
+        self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, load: Callable[[], Any], make: Callable[[], Any],
+                 save: Callable[[Any], None]) -> Any:
+        t0 = time.perf_counter()
+        out = load()
+        if out is not None:
+            _check_settings(self.ckpt, name, self.settings[name])
+            self.skipped.append(name)
+            log.info("Stage %s finished earlier (%s); skipping.", name, self.ckpt / name)
+            return out
+        _check_started(self.ckpt, name, self.settings[name])
+        out = make()
+        save(out)
+        _record_settings(self.ckpt, name, self.settings[name])
+        _started_file(self.ckpt, name).unlink(missing_ok=True)
+        self.seconds[name] = time.perf_counter() - t0
+        return out
+
+
 def run_staged(
     adata: ad.AnnData,
     out_dir: str | os.PathLike,
@@ -311,8 +339,6 @@ def run_staged(
     ckpt.mkdir(exist_ok=True)
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key is not None else None
-    skipped: list[str] = []
-    seconds: dict[str, float] = {}
     n = adata.n_obs
     if level1_config is None:
         from xscale.data.anndata_dataset import vocab_from_adatas
@@ -333,22 +359,8 @@ def run_staged(
         settings["level2"]["level2_preset_values"] = dict(preset_values)
     settings["niches"] = dict(settings["level2"])
 
-    def stage(name: str, load: Callable[[], Any], make: Callable[[], Any], save: Callable[[Any], None]) -> Any:
-        """A finished stage is loaded (after checking its settings); otherwise made, saved and recorded."""
-        t0 = time.perf_counter()
-        out = load()
-        if out is not None:
-            _check_settings(ckpt, name, settings[name])
-            skipped.append(name)
-            log.info("Stage %s finished earlier (%s); skipping.", name, ckpt / name)
-            return out
-        _check_started(ckpt, name, settings[name])
-        out = make()
-        save(out)
-        _record_settings(ckpt, name, settings[name])
-        _started_file(ckpt, name).unlink(missing_ok=True)
-        seconds[name] = time.perf_counter() - t0
-        return out
+    stage = Stages(ckpt, settings)
+    skipped, seconds = stage.skipped, stage.seconds
 
     def make_level1() -> GeneToCell:  # fit_level1 saves the model itself
         train = adata[mask].copy() if not mask.all() else adata

@@ -1,0 +1,81 @@
+"""``xscale run --data STORE``: both levels trained from a prepared store block by block, the latents and
+domains written into the store, finished stages skipped on re-run, stale ones refused."""
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import xscale
+from xscale.cli.main import main
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
+from xscale.errors import XscaleInputError
+from xscale.train.store_run import run_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    """STARmap (3 slices, 3190 cells) in blocks of 500 cells."""
+    return prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "starmap.zarr", slide_key="slice",
+                   chunk_cells=500, progress=False)
+
+
+def test_run_on_a_store_reads_it_block_by_block_and_writes_results_into_it(store, tmp_path, monkeypatch):
+    spans = []
+    read_rows = CellStore.read_rows
+
+    def reading(self, start, stop):
+        spans.append(stop - start)
+        return read_rows(self, start, stop)
+
+    def whole(self, *a, **k):
+        raise AssertionError("a whole-store read")
+
+    with monkeypatch.context() as m:
+        m.setattr(CellStore, "read_rows", reading)
+        for name in ("graph", "coords"):  # the whole neighbour graph / all coordinates at once
+            m.setattr(CellStore, name, whole)
+        m.setattr(ad, "read_zarr", whole)  # the whole store as an AnnData
+        result = run_store(store, tmp_path / "run", level1_preset="tiny", level2_preset="tiny", n_domains=4,
+                           level1_max_steps=30, level2_max_steps=10, batch_size=64, progress=False)
+    assert spans and max(spans) <= 500  # never more than a block of counts at a time
+    assert result.skipped == [] and set(result.seconds) == {"level1", "cells", "level2", "niches"}
+
+    cells = ad.read_zarr(store)
+    k1 = result.level1.config.embedding_dim
+    assert cells.obsm["X_xscale_cell"].shape == (3190, k1) and np.isfinite(cells.obsm["X_xscale_cell"]).all()
+    assert cells.obsm["X_xscale_niche"].shape[0] == 3190 and np.isfinite(cells.obsm["X_xscale_niche"]).all()
+    assert cells.obs["xscale_domain"].nunique() == 4
+    # the store's latents are those of the trained model (in store order)
+    import xscale.tl as tl
+
+    again = tl.embed_cells(cells, result.level1, copy=True, progress=False).obsm["X_xscale_cell"]
+    np.testing.assert_allclose(cells.obsm["X_xscale_cell"], again, atol=1e-5)
+
+
+def test_rerun_skips_finished_stages_and_refuses_stale_ones(store, tmp_path):
+    kw = dict(level1_preset="tiny", level2_preset="tiny", n_domains=3, level1_max_steps=5, level2_max_steps=3,
+              batch_size=64, progress=False)
+    run_store(store, tmp_path / "run", **kw)
+    before = np.asarray(ad.read_zarr(store).obsm["X_xscale_niche"])
+    again = run_store(store, tmp_path / "run", **kw)
+    assert again.skipped == ["level1", "cells", "level2", "niches"]
+    np.testing.assert_array_equal(np.asarray(ad.read_zarr(store).obsm["X_xscale_niche"]), before)
+    assert json.loads((tmp_path / "run" / "stages.json").read_text())["skipped"] == again.skipped
+    with pytest.raises(XscaleInputError, match=r"Stage 'level1' .* finished with other settings \(level1_max_steps"):
+        run_store(store, tmp_path / "run", **{**kw, "level1_max_steps": 6})
+
+
+def test_cli_run_on_a_store(store, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(store), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
+                 "--n-domains", "3", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "written into the prepared store (out of core)" in printed and "no report.html" in printed
+    assert ad.read_zarr(store).obs["xscale_domain"].nunique() == 3
+    assert main(["run", "--data", str(store), "--out", str(out), "--slide-key", "slice", "--radius", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is a prepared store: expected none of --slide-key, --radius, found them" in err
