@@ -79,3 +79,28 @@ def test_cli_run_on_a_store(store, tmp_path, capsys):
     assert main(["run", "--data", str(store), "--out", str(out), "--slide-key", "slice", "--radius", "2"]) == 2
     err = capsys.readouterr().err
     assert "is a prepared store: expected none of --slide-key, --radius, found them" in err
+
+
+def test_store_domains_equal_in_memory_domains_and_sample_beyond_fit_cells(store, tmp_path):
+    """Block by block, the clustering of xscale.tl.domains: the same labels when every cell is fitted; fitted on a
+    sample, nearly the same partition."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from xscale.data.writeback import read_store_latents
+    from xscale.tl.niches import cluster_domains
+    from xscale.train.store_run import store_domains
+
+    run_store(store, tmp_path / "run", level1_preset="tiny", level2_preset="tiny", level1_max_steps=5,
+              level2_max_steps=5, batch_size=64, progress=False)
+    cs = CellStore(store)
+    niches = np.asarray(read_store_latents(cs, "X_xscale_niche")[:], dtype=np.float64)
+    slides = cs.slide_names[cs.slide_codes()]
+    for centre in (False, True):
+        want = cluster_domains(niches, 5, seed=0, groups=slides if centre else None)
+        got = store_domains(cs, 5, slide_center=centre, seed=0)
+        assert adjusted_rand_score(want, got) == 1.0
+        assert (ad.read_zarr(store).obs["xscale_domain"].astype(int).to_numpy() == got).all()
+    sampled = store_domains(cs, 5, seed=0, fit_cells=1600)
+    assert adjusted_rand_score(want, sampled) > 0.7  # fitted on half the cells (latents of a 5-step model)
+    with pytest.raises(XscaleInputError, match=r"n_domains: expected a whole number in 1..3190"):
+        store_domains(cs, 0)

@@ -17,8 +17,8 @@ Results go into the store itself (as ``xscale embed`` does for a store); the run
 the checkpoints, the settings each stage was made with and ``stages.json``. A re-run skips
 finished stages (a latent array is finished when written whole by the same model) and
 resumes an interrupted one. Level 2's niches are those of the store's graph (``xscale prepare
---n-neighbors`` / ``--radius``). The domains need the niche latents in memory (n × T·D
-float32), nothing else; every other stage holds a few blocks at a time.
+--n-neighbors`` / ``--radius``). Every stage holds a few blocks at a time; the domains also hold
+the (up to ``DOMAIN_FIT_CELLS``) cells their clustering is fitted on and the (n,) labels.
 """
 from __future__ import annotations
 
@@ -49,29 +49,76 @@ class StoreRunResult:
     seconds: dict[str, float]
 
 
+#: Cells the domain clustering is fitted on at most (a random sample beyond this; every cell is then assigned).
+DOMAIN_FIT_CELLS = 100_000
+
+
 def store_domains(store: str | os.PathLike | CellStore, n_domains: int, *, key: str = NICHE_KEY,
                   key_added: str = DOMAIN_KEY, slide_center: bool = True, method: Literal["kmeans", "gmm"] = "kmeans",
-                  seed: int = 0) -> np.ndarray:
-    """Cluster a store's niche latents (``obsm[key]``) into ``n_domains`` and write ``obs[key_added]``.
+                  seed: int = 0, fit_cells: int = DOMAIN_FIT_CELLS) -> np.ndarray:
+    """Cluster a store's niche latents (``obsm[key]``) into ``n_domains`` block by block; write ``obs[key_added]``.
 
-    As :func:`xscale.tl.domains` (each slide's latents centred first when ``slide_center`` and the
-    store has several slides); reads only the latents. Returns the (n,) domain labels in store order.
+    The clustering of :func:`xscale.tl.domains` (each slide's latents centred on the slide's mean when
+    ``slide_center`` and the store has several slides, each feature standardised, k-means with 10
+    restarts or a diagonal Gaussian mixture), with the means and variances summed over blocks, the
+    clustering fitted on ``fit_cells`` cells (all of them when the store has no more: then the labels
+    are those of ``xscale.tl.domains``; else a random sample) and every cell assigned to its nearest
+    domain block by block. Memory: a block of latents, the sample and the (n,) labels.
+    Returns the (n,) int labels in store order.
     """
-    import anndata as ad
     import pandas as pd
 
     from xscale.data.writeback import read_store_latents, write_store_obs
-    from xscale.tl.niches import domains
 
     store = store if isinstance(store, CellStore) else CellStore(store)
-    latents = np.asarray(read_store_latents(store, key)[:], dtype=np.float32).reshape(store.n_cells, -1)
-    slides = store.slide_names[store.slide_codes()].astype(str)
-    cells = ad.AnnData(obs=pd.DataFrame({"slide": slides}, index=pd.RangeIndex(store.n_cells).astype(str)),
-                       obsm={key: latents})
-    centre = "slide" if slide_center and len(store.slide_names) > 1 else None
-    domains(cells, n_domains, key_added=key_added, use_rep=key, method=method, seed=seed, slide_key=centre)
-    labels = cells.obs[key_added].to_numpy()
-    write_store_obs(store, key_added, cells.obs[key_added].values)
+    n = store.n_cells
+    if isinstance(n_domains, bool) or int(n_domains) != n_domains or not 1 <= n_domains <= n:
+        raise XscaleInputError(f"n_domains: expected a whole number in 1..{n} (the store's cells), "
+                               f"found {n_domains!r}.")
+    k = int(n_domains)
+    latents = read_store_latents(store, key)
+    centre = slide_center and len(store.slide_names) > 1
+    groups = list(zip(store.slide_start, store.slide_stop, strict=True)) if centre else [(0, n)]
+
+    def blocks(a: int, b: int):  # (first row, (rows, F) float64) over the rows [a, b) of one group
+        for i in range(int(a), int(b), store.chunk_cells):
+            j = min(i + store.chunk_cells, int(b))
+            yield i, np.asarray(latents[i:j], dtype=np.float64).reshape(j - i, -1)
+
+    # pass 1: each group's mean; pass 2: the variance of the centred latents, and the rows the fit uses
+    means = [sum(x.sum(axis=0) for _, x in blocks(a, b)) / (b - a) for a, b in groups]
+    fit_rows = np.arange(n) if n <= fit_cells else np.sort(np.random.default_rng(seed).choice(n, fit_cells,
+                                                                                              replace=False))
+    squares, sample = 0.0, []
+    for (a, b), mu in zip(groups, means, strict=True):
+        for i, x in blocks(a, b):
+            centred = x - mu
+            squares = squares + (centred**2).sum(axis=0)
+            lo, hi = np.searchsorted(fit_rows, [i, i + len(x)])
+            sample.append(centred[fit_rows[lo:hi] - i])
+    sd = np.sqrt(squares / n)
+    if not (np.isfinite(sd).all() and all(np.isfinite(m).all() for m in means)):
+        raise XscaleInputError(f"{store.path}: obsm[{key!r}] has NaN or inf values; re-embed the niches.")
+    sd = np.where(sd > 0, sd, 1.0)
+    Z = np.concatenate(sample) / sd  # (m, F) standardised latents of the fitted cells
+    if method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(Z)
+    elif method == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        model = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed).fit(Z)
+    else:
+        raise XscaleInputError(f"method: expected 'kmeans' or 'gmm', found {method!r}.")
+    # pass 3: every cell to its domain
+    labels = np.empty(n, dtype=np.int64)
+    for (a, b), mu in zip(groups, means, strict=True):
+        for i, x in blocks(a, b):
+            labels[i : i + len(x)] = model.predict((x - mu) / sd)
+    write_store_obs(store, key_added, pd.Categorical([str(v) for v in labels], categories=[str(i) for i in range(k)]))
+    log.info("Wrote %d domains to obs[%r] of %s (fitted on %d cells%s)", k, key_added, store.path, len(Z),
+             ", latents centred per slide" if centre else "")
     return labels
 
 
