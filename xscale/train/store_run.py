@@ -116,7 +116,7 @@ def store_domains(store: str | os.PathLike | CellStore, n_domains: int, *, key: 
     for (a, b), mu in zip(groups, means, strict=True):
         for i, x in blocks(a, b):
             labels[i : i + len(x)] = model.predict((x - mu) / sd)
-    write_store_obs(store, key_added, pd.Categorical([str(v) for v in labels], categories=[str(i) for i in range(k)]))
+    write_store_obs(store, key_added, pd.Categorical.from_codes(labels, categories=[str(i) for i in range(k)]))
     log.info("Wrote %d domains to obs[%r] of %s (fitted on %d cells%s)", k, key_added, store.path, len(Z),
              ", latents centred per slide" if centre else "")
     return labels
