@@ -199,6 +199,12 @@ NOTES = {
         "30 dimensions beat them): w_readout 1 -> 0.558 / 0.546 (mean 0.552), 0.3 -> 0.567 / 0.560 (0.564), "
         "vs 0.546 / 0.578 (0.562) at the preset's 3. Not adopted: no gain beyond seed noise, and all stay "
         "below PCA on this split.",
+        "2026-12-07 (sixteenth session), seqFISH tuning split as above, 8 latents, 3200 steps, seed 0 "
+        "(/work/exp/l1_target.py in the session): the linear read-out's target as centred log-normalised "
+        "values (each gene minus its mean, not divided by its standard deviation), so that the read-out error"
+        " weighs genes by their variance as PCA does (on this split PCA(30) of log-normalised values scores "
+        "0.573, PCA(30) of per-gene standardised values 0.537): 0.552 vs 0.566 with the standardised target "
+        "on this machine. Seed 1 was stopped to free the CPU. Not adopted.",
     ],
 }
 
