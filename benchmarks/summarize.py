@@ -75,6 +75,14 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append(("streaming, 1M cells", "chunks per niche",
                     f"spatial order {_f(lg['niche_chunks_per_niche']['spatial'], 2)}",
                     f"shuffled order {_f(lg['niche_chunks_per_niche']['shuffled'], 2)}"))
+    run = _load("store_run")
+    if run:
+        s, lg = run["small"], run["large"]
+        out.append(("whole run (`xscale run`), 100k vs 1M cells", "peak RSS MB, 100k → 1M",
+                    f"store (out of core) {_f(s['store']['peak_rss_mb'], 0)} → {_f(lg['store']['peak_rss_mb'], 0)} "
+                    f"({run['rss_ratio_large_over_small_store']:.2f}×)",
+                    f"in memory {_f(s['memory']['peak_rss_mb'], 0)} → {_f(lg['memory']['peak_rss_mb'], 0)} "
+                    f"({run['rss_ratio_large_over_small_memory']:.2f}×)"))
     peft = _load("peft")
     if peft:
         m = peft["macro_f1"]
