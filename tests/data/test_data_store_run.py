@@ -74,8 +74,12 @@ def test_cli_run_on_a_store(store, tmp_path, capsys):
     assert main(["run", "--data", str(store), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
                  "--n-domains", "3", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "written into the prepared store (out of core)" in printed and "no report.html" in printed
+    assert "written into the prepared store (out of core)" in printed and "report.html: open it" in printed
     assert ad.read_zarr(store).obs["xscale_domain"].nunique() == 3
+    html = (out / "report.html").read_text()
+    assert "No decoded expression" not in html and "No slide was held out" in html
+    assert html.count("data:image/png;base64,") >= 5  # domains, 2 latent maps, decoded maps, correlations (+ curves)
+    assert "alt=\"spatial maps of annotated and predicted domains\"" in html
     assert main(["run", "--data", str(store), "--out", str(out), "--slide-key", "slice", "--radius", "2"]) == 2
     err = capsys.readouterr().err
     assert "is a prepared store: expected none of --slide-key, --radius, found them" in err
@@ -104,3 +108,19 @@ def test_store_domains_equal_in_memory_domains_and_sample_beyond_fit_cells(store
     assert adjusted_rand_score(want, sampled) > 0.7  # fitted on half the cells (latents of a 5-step model)
     with pytest.raises(XscaleInputError, match=r"n_domains: expected a whole number in 1..3190"):
         store_domains(cs, 0)
+
+
+def test_store_sample_reads_the_drawn_cells(store, tmp_path):
+    from xscale.train.store_run import store_sample
+
+    run_store(store, tmp_path / "run", level1_preset="tiny", level2_preset="tiny", level1_max_steps=3,
+              level2_max_steps=3, batch_size=64, progress=False)
+    whole = ad.read_zarr(store)
+    sample = store_sample(store, 700, seed=1)
+    rows = whole.obs_names.get_indexer(sample.obs_names)
+    assert sample.n_obs == 700 and (np.diff(rows) > 0).all()  # distinct cells, in store order
+    np.testing.assert_array_equal(sample.X.toarray(), whole.X[rows].toarray())
+    for key in ("spatial", "X_xscale_cell", "X_xscale_niche"):
+        np.testing.assert_array_equal(sample.obsm[key], np.asarray(whole.obsm[key])[rows])
+    assert (sample.obs["slide"].astype(str).to_numpy() == whole.obs["slice"].astype(str).to_numpy()[rows]).all()
+    assert store_sample(store, 10_000).n_obs == 3190

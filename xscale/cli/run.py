@@ -169,6 +169,7 @@ STORE_FIXED = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None
 
 def _run_store(args: argparse.Namespace) -> int:
     """``xscale run --data STORE``: both levels trained out of core; results written into the store."""
+    from xscale.data.store import CellStore
     from xscale.errors import XscaleInputError
     from xscale.train.store_run import run_store
 
@@ -191,8 +192,17 @@ def _run_store(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"skipped finished stages: {', '.join(result.skipped)}")
     if not args.no_report:
-        print("note: no report.html for a prepared store (the report draws every cell in memory); "
-              "xscale.report.build_report on anndata.read_zarr(STORE) makes one where the cells fit in memory")
+        from pathlib import Path
+
+        from xscale.report.run_report import write_run_report
+        from xscale.train.store_run import REPORT_CELLS, store_sample
+
+        sample = store_sample(result.store, seed=args.seed)
+        drawn = "" if sample.n_obs == CellStore(result.store).n_cells else f", {sample.n_obs} random cells drawn"
+        report = write_run_report(args.out, sample, result.level1, None, slide_key="slide",
+                                  title=f"xscale run: {Path(result.store).name}{drawn}", seed=args.seed,
+                                  progress=not args.no_progress)
+        print(f"{report}: open it in a browser (self-contained, offline; at most {REPORT_CELLS} cells drawn)")
     return 0
 
 

@@ -122,6 +122,34 @@ def store_domains(store: str | os.PathLike | CellStore, n_domains: int, *, key: 
     return labels
 
 
+#: Cells of a store drawn into the report of ``xscale run --data STORE`` at most.
+REPORT_CELLS = 50_000
+
+
+def store_sample(store: str | os.PathLike | CellStore, n_cells: int = REPORT_CELLS, *, seed: int = 0) -> Any:
+    """An in-memory AnnData of at most ``n_cells`` random cells of a store (all when it has no more), in store
+    order: their counts, ``obs`` (with ``obs["slide"]``, the store's slide of each cell), ``obsm["spatial"]``
+    and the latents in ``obsm``. Counts and latents are read only from the blocks that hold the cells; the
+    ``obs`` table is read whole."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+    from anndata.io import read_elem
+
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    n = store.n_cells
+    rows = np.arange(n) if n <= n_cells else np.sort(np.random.default_rng(seed).choice(n, n_cells, replace=False))
+    counts = []
+    for c in np.unique(rows // store.chunk_cells):
+        a, b = store.chunk_range(int(c))
+        counts.append(store.read_rows(a, b)[rows[(rows >= a) & (rows < b)] - a])
+    obs = read_elem(store.root["obs"]).iloc[rows].copy()
+    obs["slide"] = pd.Categorical(store.slide_names[store.slide_of(rows)].astype(str))
+    obsm = {key: np.asarray(store.array(f"obsm/{key}").oindex[rows]).reshape(rows.size, -1)
+            for key in ("spatial", CELL_KEY, NICHE_KEY) if key in store.root["obsm"]}
+    return ad.AnnData(X=sp.vstack(counts, format="csr"), obs=obs, var=pd.DataFrame(index=store.genes), obsm=obsm)
+
+
 def _store_settings(store: CellStore) -> dict:
     """What identifies the store's cells: its path, size, and a digest of its genes, of the input row of
     each cell and of each cell's number of non-zero counts (another dataset prepared into the same path
