@@ -124,3 +124,28 @@ def test_store_sample_reads_the_drawn_cells(store, tmp_path):
         np.testing.assert_array_equal(sample.obsm[key], np.asarray(whole.obsm[key])[rows])
     assert (sample.obs["slide"].astype(str).to_numpy() == whole.obs["slice"].astype(str).to_numpy()[rows]).all()
     assert store_sample(store, 10_000).n_obs == 3190
+
+
+def test_cli_domains_on_a_prepared_store_reads_only_its_latents(store, tmp_path, capsys, monkeypatch):
+    from xscale.train.store_run import store_domains
+
+    run_store(store, tmp_path / "run", level1_preset="tiny", level2_preset="tiny", level1_max_steps=3,
+              level2_max_steps=3, batch_size=64, progress=False)
+    want = store_domains(store, 4, key_added="check", seed=0)
+    capsys.readouterr()
+
+    def whole(*a, **k):
+        raise AssertionError("the whole store read")
+
+    with monkeypatch.context() as m:
+        m.setattr(ad, "read_zarr", whole)
+        assert main(["domains", "--store", str(store), "--n-domains", "4", "--key-added", "dom4",
+                     "--label-key", "domain"]) == 0
+        printed = capsys.readouterr().out
+        assert main(["domains", "--store", str(store), "--n-domains", "4", "--slide-key", "slice"]) == 2
+        err = capsys.readouterr().err
+        assert "--slide-key: " in err and "slides are fixed by xscale prepare" in err
+    assert "latents centred per slide of the store (3 slides)" in printed and "against domain (" in printed
+    assert "wrote obs['dom4'] into" in printed
+    back = ad.read_zarr(store)
+    assert (back.obs["dom4"].astype(int).to_numpy() == want).all()

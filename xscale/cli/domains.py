@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"Store {str(store)!r} does not exist. Pass the cells.zarr written by xscale demo/run.")
     if args.n_domains < 2:
         raise XscaleInputError(f"--n-domains must be >= 2; got {args.n_domains}.")
+    if args.out is None and is_prepared_store(store):
+        return _prepared_store(args, store)
     try:
         adata = ad.read_zarr(store)
     except Exception as err:  # a damaged zarr raises many types
@@ -92,4 +94,47 @@ def run(args: argparse.Namespace) -> int:
         return 0
     write_anndata_zarr(adata, args.out or store)  # the old store is replaced only once this one is complete
     print(f"wrote {args.out or store}")
+    return 0
+
+
+def _prepared_store(args: argparse.Namespace, store) -> int:
+    """A prepared store, in place, block by block: only its latents (and obs for --label-key) are read
+    (:func:`xscale.train.store_run.store_domains`); the store's own slides are centred."""
+    import numpy as np
+    from anndata.io import read_elem
+
+    from xscale.data.store import CellStore
+    from xscale.errors import XscaleInputError
+    from xscale.train.store_run import store_domains
+
+    cells = CellStore(store)
+    if args.slide_key is not None:
+        raise XscaleInputError(f"--slide-key: {store} is a prepared store, whose slides are fixed by xscale prepare "
+                               "and centred by default; expected no --slide-key, found it. Omit it (or pass "
+                               "--no-slide-center).")
+    labels = None
+    if args.label_key:  # checked before any work
+        obs = read_elem(cells.root["obs"])
+        if args.label_key not in obs:
+            raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
+                                   f"Available: {list(obs.columns)}.")
+        labels = obs[args.label_key]
+    if args.use_rep not in cells.root["obsm"]:
+        raise XscaleInputError(f"--use-rep {args.use_rep!r} not in the store's obsm. Available: "
+                               f"{sorted(cells.root['obsm'])}. Embed the store first (xscale embed / xscale run).")
+    domains = store_domains(cells, args.n_domains, key=args.use_rep, key_added=args.key_added,
+                            slide_center=not args.no_slide_center, method=args.method, seed=args.seed)
+    if not args.no_slide_center and len(cells.slide_names) > 1:
+        print(f"latents centred per slide of the store ({len(cells.slide_names)} slides)")
+    values, counts = np.unique(domains, return_counts=True)
+    print(f"{args.n_domains} domains in obs[{args.key_added!r}]: "
+          + ", ".join(f"{v}: {c}" for v, c in zip(values, counts, strict=True)))
+    if labels is not None:
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+        m = labels.notna().to_numpy()
+        y, d = labels.astype(str).to_numpy()[m], domains[m].astype(str)
+        print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
+              f"NMI {normalized_mutual_info_score(y, d):.3f}")
+    print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
     return 0
