@@ -14,7 +14,8 @@ from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
 from xscale.data.prepare import prepare
 from xscale.data.store import CellStore
 from xscale.errors import XscaleInputError
-from xscale.train.level1 import fit_level1, store_data, store_gene_stats
+from xscale.train.level1 import fit_level1
+from xscale.train.level1_store import store_data, store_gene_stats
 
 
 @pytest.fixture(scope="module")
