@@ -149,3 +149,38 @@ def test_cli_domains_on_a_prepared_store_reads_only_its_latents(store, tmp_path,
     assert "wrote obs['dom4'] into" in printed
     back = ad.read_zarr(store)
     assert (back.obs["dom4"].astype(int).to_numpy() == want).all()
+
+
+def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store, tmp_path, monkeypatch):
+    """A KeyboardInterrupt after two blocks of cell latents; the same run again skips level 1, writes only the
+    five missing blocks and ends with the latents of an uninterrupted embedding."""
+    from xscale.data.writeback import LatentWriter
+    from xscale.tl.store_embed import embed_store_cells
+
+    kw = dict(level1_preset="tiny", level2_preset="tiny", n_domains=3, level1_max_steps=5, level2_max_steps=3,
+              batch_size=64, progress=False)
+    real_write, calls = LatentWriter.write_chunk, []
+
+    def interrupted(self, i, values):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(i)
+        real_write(self, i, values)
+
+    with monkeypatch.context() as m:
+        m.setattr(LatentWriter, "write_chunk", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_store(store, tmp_path / "run", **kw)
+    assert "X_xscale_cell" not in ad.read_zarr(store).obsm
+    resumed = []
+    with monkeypatch.context() as m:
+        m.setattr(LatentWriter, "write_chunk", lambda self, i, v: (resumed.append(i), real_write(self, i, v)))
+        result = run_store(store, tmp_path / "run", **kw)
+    assert result.skipped == ["level1"]
+    cells_blocks = resumed[: CellStore(store).n_chunks - 2]
+    assert sorted(cells_blocks) == list(range(2, CellStore(store).n_chunks))  # then the niches' blocks
+    got = np.asarray(ad.read_zarr(store).obsm["X_xscale_cell"])
+    fresh = prepare(xscale.datasets.path("starmap_mpfc"), tmp_path / "fresh.zarr", slide_key="slice",
+                    chunk_cells=500, progress=False)
+    embed_store_cells(fresh, result.level1, progress=False)
+    np.testing.assert_array_equal(got, np.asarray(ad.read_zarr(fresh).obsm["X_xscale_cell"]))
