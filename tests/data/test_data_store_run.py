@@ -72,8 +72,15 @@ def test_rerun_skips_finished_stages_and_refuses_stale_ones(store, tmp_path):
 def test_cli_run_on_a_store(store, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--data", str(store), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
-                 "--n-domains", "3", "--no-progress"]) == 0
+                 "--n-domains", "3", "--cell-type-key", "nope", "--no-progress"]) == 2
+    assert "--cell-type-key 'nope' not found in obs of the store. Available: ['slice'" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()  # refused before any training
+    assert main(["run", "--data", str(store), "--out", str(out), "--preset", "tiny", "--max-steps", "3",
+                 "--n-domains", "3", "--cell-type-key", "cell_type", "--domain-key", "domain", "--no-progress"]) == 0
     printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scored_cells"]["n"] == metrics["scored_cells"]["of"] == 3190
+    assert set(metrics["summary"]) >= {"knn_purity_xscale_cell", "knn_purity_pca", "domain_ari_xscale_domain"}
     assert "written into the prepared store (out of core)" in printed and "report.html: open it" in printed
     assert ad.read_zarr(store).obs["xscale_domain"].nunique() == 3
     html = (out / "report.html").read_text()

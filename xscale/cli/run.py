@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
 #: Options that a prepared store answers itself (xscale prepare fixed them), with their defaults.
 STORE_FIXED = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None, "table_key": None, "radius": None,
-               "write_back": False, "domain_key": None, "cell_type_key": None}
+               "write_back": False}
 
 
 def _run_store(args: argparse.Namespace) -> int:
@@ -178,7 +178,11 @@ def _run_store(args: argparse.Namespace) -> int:
         raise XscaleInputError(
             f"--data {args.data} is a prepared store: expected none of {', '.join(given)}, found them. The store "
             "has its counts, slides, coordinates and neighbour graph from xscale prepare (prepare again to change "
-            "them); score domains afterwards with xscale domains --store STORE --label-key KEY.")
+            "them).")
+    columns = list(CellStore(args.data).root["obs"].attrs.get("column-order", []))
+    for option, key in (("--domain-key", args.domain_key), ("--cell-type-key", args.cell_type_key)):
+        if key is not None and key not in columns:  # before any training
+            raise XscaleInputError(f"{option} {key!r} not found in obs of the store. Available: {columns}.")
     n_domains = args.n_domains if args.n_domains is not None else DEFAULT_N_DOMAINS
     if n_domains < 1:
         raise XscaleInputError(f"--n-domains: expected >= 1, found {n_domains}.")
@@ -191,15 +195,37 @@ def _run_store(args: argparse.Namespace) -> int:
           f"written into the prepared store (out of core); {args.out} holds the checkpoints")
     if result.skipped:
         print(f"skipped finished stages: {', '.join(result.skipped)}")
+    labelled = args.domain_key is not None or args.cell_type_key is not None
+    if args.no_report and not labelled:
+        return 0
+    from pathlib import Path
+
+    from xscale.train.store_run import REPORT_CELLS, store_sample
+
+    # the report and the scores: up to REPORT_CELLS random cells of the store, read block by block
+    sample = store_sample(result.store, seed=args.seed)
+    n_cells = CellStore(result.store).n_cells
+    metrics = None
+    if labelled:
+        import json
+
+        from xscale.utils.atomic import atomic_write_text
+
+        metrics = _evaluate(sample, _label_column(sample, args.domain_key, "--domain-key"),
+                            _label_column(sample, args.cell_type_key, "--cell-type-key"), slide_key="slide",
+                            spatial_key="spatial", seed=args.seed)
+        metrics["scored_cells"] = {"n": sample.n_obs, "of": n_cells, "note": (
+            "every cell of the store" if sample.n_obs == n_cells else "a random sample of the store's cells: "
+            "the neighbourhood means (baselines) average each sampled cell's nearest sampled neighbours")}
+        atomic_write_text(Path(args.out) / "metrics.json", json.dumps(metrics, indent=2))
+        summary = {k: round(v, 3) for k, v in metrics.get("summary", {}).items()}
+        print(f"{Path(args.out) / 'metrics.json'} ({sample.n_obs} of {n_cells} cells): " + json.dumps(summary))
     if not args.no_report:
-        from pathlib import Path
-
         from xscale.report.run_report import write_run_report
-        from xscale.train.store_run import REPORT_CELLS, store_sample
 
-        sample = store_sample(result.store, seed=args.seed)
-        drawn = "" if sample.n_obs == CellStore(result.store).n_cells else f", {sample.n_obs} random cells drawn"
-        report = write_run_report(args.out, sample, result.level1, None, slide_key="slide",
+        drawn = "" if sample.n_obs == n_cells else f", {sample.n_obs} random cells drawn"
+        report = write_run_report(args.out, sample, result.level1, metrics, slide_key="slide",
+                                  domain_key=args.domain_key, cell_type_key=args.cell_type_key,
                                   title=f"xscale run: {Path(result.store).name}{drawn}", seed=args.seed,
                                   progress=not args.no_progress)
         print(f"{report}: open it in a browser (self-contained, offline; at most {REPORT_CELLS} cells drawn)")
