@@ -116,6 +116,16 @@ class CellStore:
         return sp.csr_matrix((self.array("X/data")[p0:p1], self.array("X/indices")[p0:p1], ptr - p0),
                              shape=(stop - start, self.n_genes))
 
+    def read_selected(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Counts of the sorted store rows ``rows`` (r,) as CSR float32 (r, G), reading only the blocks that
+        hold them, one at a time."""
+        rows = np.asarray(rows, dtype=np.int64)
+        blocks = []
+        for c in np.unique(rows // self.chunk_cells):
+            a, b = self.chunk_range(int(c))
+            blocks.append(self.read_rows(a, b)[rows[(rows >= a) & (rows < b)] - a])
+        return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+
     def slide_codes(self) -> np.ndarray:
         """(n,) int64 slide code of each row (rows are grouped by slide)."""
         return np.repeat(np.arange(len(self.slide_names)), self.slide_stop - self.slide_start)

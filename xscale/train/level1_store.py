@@ -55,7 +55,6 @@ def store_gene_stats(store, vocab: GeneVocab, *, rows: np.ndarray | None = None,
     ``rows``, default all), read block by block: (gene_ids, share, value_mean, value_std)."""
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
     from xscale.data.store import CellStore
 
@@ -63,11 +62,5 @@ def store_gene_stats(store, vocab: GeneVocab, *, rows: np.ndarray | None = None,
     rows = np.arange(store.n_cells) if rows is None else np.asarray(rows, dtype=np.int64)
     if rows.size > n_cells:
         rows = np.random.default_rng(seed).choice(rows, n_cells, replace=False)
-    rows = np.sort(rows)
-    blocks = []
-    for c in np.unique(rows // store.chunk_cells):  # (b, G) counts of the sampled rows of each block
-        a, b = store.chunk_range(int(c))
-        sel = rows[(rows >= a) & (rows < b)]
-        blocks.append(store.read_rows(a, b)[sel - a])
-    sample = ad.AnnData(X=sp.vstack(blocks, format="csr"), var=pd.DataFrame(index=store.genes))
+    sample = ad.AnnData(X=store.read_selected(np.sort(rows)), var=pd.DataFrame(index=store.genes))
     return AnnDataCellDataset(sample, vocab, min_genes=1, report_panel=False).gene_stats()

@@ -133,21 +133,16 @@ def store_sample(store: str | os.PathLike | CellStore, n_cells: int = REPORT_CEL
     ``obs`` table is read whole."""
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
     from anndata.io import read_elem
 
     store = store if isinstance(store, CellStore) else CellStore(store)
     n = store.n_cells
     rows = np.arange(n) if n <= n_cells else np.sort(np.random.default_rng(seed).choice(n, n_cells, replace=False))
-    counts = []
-    for c in np.unique(rows // store.chunk_cells):
-        a, b = store.chunk_range(int(c))
-        counts.append(store.read_rows(a, b)[rows[(rows >= a) & (rows < b)] - a])
     obs = read_elem(store.root["obs"]).iloc[rows].copy()
     obs["slide"] = pd.Categorical(store.slide_names[store.slide_of(rows)].astype(str))
     obsm = {key: np.asarray(store.array(f"obsm/{key}").oindex[rows]).reshape(rows.size, -1)
             for key in ("spatial", CELL_KEY, NICHE_KEY) if key in store.root["obsm"]}
-    return ad.AnnData(X=sp.vstack(counts, format="csr"), obs=obs, var=pd.DataFrame(index=store.genes), obsm=obsm)
+    return ad.AnnData(X=store.read_selected(rows), obs=obs, var=pd.DataFrame(index=store.genes), obsm=obsm)
 
 
 def _store_settings(store: CellStore) -> dict:
