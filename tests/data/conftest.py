@@ -21,6 +21,28 @@ def small_adata(starmap):
 
 
 @pytest.fixture
+def interrupt_after_two_blocks():
+    """The function below, for the store-embedding and store-run resume tests."""
+    return _interrupt_after_two_blocks
+
+
+def _interrupt_after_two_blocks(monkeypatch):
+    """Make LatentWriter raise KeyboardInterrupt at its third block; returns the real write_chunk."""
+    from xscale.data.writeback import LatentWriter
+
+    real_write, calls = LatentWriter.write_chunk, []
+
+    def interrupted(self, i, values):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(i)
+        real_write(self, i, values)
+
+    monkeypatch.setattr(LatentWriter, "write_chunk", interrupted)
+    return real_write
+
+
+@pytest.fixture
 def write_spatialdata():
     """The function below, for tests (tests/data has no __init__ to import from)."""
     return _write_spatialdata

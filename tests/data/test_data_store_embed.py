@@ -29,23 +29,7 @@ def _store(tmp_path):
                              chunk_cells=400, n_neighbors=10))
 
 
-def _interrupt_after_two_blocks(monkeypatch):
-    """Make LatentWriter raise KeyboardInterrupt at its third block; returns the real write_chunk."""
-    from xscale.data.writeback import LatentWriter
-
-    real_write, calls = LatentWriter.write_chunk, []
-
-    def interrupted(self, i, values):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(i)
-        real_write(self, i, values)
-
-    monkeypatch.setattr(LatentWriter, "write_chunk", interrupted)
-    return real_write
-
-
-def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypatch):
+def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypatch, interrupt_after_two_blocks):
     torch.set_num_threads(1)
     adata, l1, l2 = models
     store = _store(tmp_path)
@@ -54,7 +38,7 @@ def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypa
     # interrupted after two blocks: nothing in obsm yet, a re-run finishes the rest only
     from xscale.data.writeback import LatentWriter
 
-    real_write = _interrupt_after_two_blocks(monkeypatch)
+    real_write = interrupt_after_two_blocks(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_store_cells(store, l1, progress=False)
     assert "X_xscale_cell" not in ad.read_zarr(store.path).obsm
@@ -88,7 +72,8 @@ def test_store_embedding_equals_in_memory_and_resumes(models, tmp_path, monkeypa
         embed_store_cells(store, other, progress=False)
 
 
-def test_niche_partial_from_other_cell_latents_is_not_resumed(models, tmp_path, monkeypatch):
+def test_niche_partial_from_other_cell_latents_is_not_resumed(models, tmp_path, monkeypatch,
+                                                             interrupt_after_two_blocks):
     """Niches interrupted, then the cell latents re-embedded with another model (--overwrite): the
     niche partial was made from the old latents and is discarded, not resumed into a mix of both."""
     import copy
@@ -99,7 +84,7 @@ def test_niche_partial_from_other_cell_latents_is_not_resumed(models, tmp_path, 
     _, l1, l2 = models
     store = _store(tmp_path)
     embed_store_cells(store, l1, progress=False)
-    real_write = _interrupt_after_two_blocks(monkeypatch)
+    real_write = interrupt_after_two_blocks(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         embed_store_niches(store, l2, progress=False)
     monkeypatch.setattr(LatentWriter, "write_chunk", real_write)

@@ -158,7 +158,8 @@ def test_cli_domains_on_a_prepared_store_reads_only_its_latents(store, tmp_path,
     assert (back.obs["dom4"].astype(int).to_numpy() == want).all()
 
 
-def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store, tmp_path, monkeypatch):
+def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store, tmp_path, monkeypatch,
+                                                                         interrupt_after_two_blocks):
     """A KeyboardInterrupt after two blocks of cell latents; the same run again skips level 1, writes only the
     five missing blocks and ends with the latents of an uninterrupted embedding."""
     from xscale.data.writeback import LatentWriter
@@ -166,16 +167,8 @@ def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store,
 
     kw = dict(level1_preset="tiny", level2_preset="tiny", n_domains=3, level1_max_steps=5, level2_max_steps=3,
               batch_size=64, progress=False)
-    real_write, calls = LatentWriter.write_chunk, []
-
-    def interrupted(self, i, values):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(i)
-        real_write(self, i, values)
-
     with monkeypatch.context() as m:
-        m.setattr(LatentWriter, "write_chunk", interrupted)
+        real_write = interrupt_after_two_blocks(m)
         with pytest.raises(KeyboardInterrupt):
             run_store(store, tmp_path / "run", **kw)
     assert "X_xscale_cell" not in ad.read_zarr(store).obsm
