@@ -179,7 +179,8 @@ def _run_store(args: argparse.Namespace) -> int:
             f"--data {args.data} is a prepared store: expected none of {', '.join(given)}, found them. The store "
             "has its counts, slides, coordinates and neighbour graph from xscale prepare (prepare again to change "
             "them).")
-    columns = list(CellStore(args.data).root["obs"].attrs.get("column-order", []))
+    cells = CellStore(args.data)
+    columns = list(cells.root["obs"].attrs.get("column-order", []))
     for option, key in (("--domain-key", args.domain_key), ("--cell-type-key", args.cell_type_key)):
         if key is not None and key not in columns:  # before any training
             raise XscaleInputError(f"{option} {key!r} not found in obs of the store. Available: {columns}.")
@@ -187,7 +188,7 @@ def _run_store(args: argparse.Namespace) -> int:
     if n_domains < 1:
         raise XscaleInputError(f"--n-domains: expected >= 1, found {n_domains}.")
     epochs = {} if args.max_epochs is None else {"level1_epochs": args.max_epochs, "level2_epochs": args.max_epochs}
-    result = run_store(args.data, args.out, level1_preset=args.preset, level2_preset=args.preset,
+    result = run_store(cells, args.out, level1_preset=args.preset, level2_preset=args.preset,
                        n_domains=n_domains, domain_slide_center=not args.no_slide_center, seed=args.seed,
                        level1_max_steps=args.max_steps, level2_max_steps=args.max_steps,
                        accelerator=args.accelerator, progress=not args.no_progress, **epochs)
@@ -203,8 +204,8 @@ def _run_store(args: argparse.Namespace) -> int:
     from xscale.train.store_run import REPORT_CELLS, store_sample
 
     # the report and the scores: up to REPORT_CELLS random cells of the store, read block by block
-    sample = store_sample(result.store, seed=args.seed)
-    n_cells = CellStore(result.store).n_cells
+    sample = store_sample(cells, seed=args.seed)
+    n_cells = cells.n_cells
     metrics = None
     if labelled:
         import json
