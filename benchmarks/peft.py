@@ -261,6 +261,26 @@ NOTES = [
     "picks among them. Every candidate that kept less than 0.5 of its neighbours lost purity on both datasets "
     "(0.012-0.22), so finetune warns below 0.5; keeping more is no guarantee. The rule was reverted; tuning runs "
     "now record min_preservation (not used by the choice).",
+    "2026-12-07 (seventeenth session), where seqFISH's purity drop comes from; none adopted, the committed entries "
+    "are the twelfth session's. The pretrained model re-made as committed (2500 steps, 308 s). seqFISH's "
+    "2000-cell subset, tuning protocol (train on 1200 random cells, score the other 800; 2 repeats with subsets "
+    "100 / 101 and seeds 0 / 1; /work/exp/{cond,rec0,wmmd,posthoc,clusters}.py in the session). (1) Reconstruction "
+    "alone (correction weight 0) moves nothing: 12 epochs gain 0.002 / -0.001, drop 0.001 / -0.002. MMD 1 for 3 "
+    "epochs: gain 0.019 / 0.022, drop 0.021 / 0.026; for 12 epochs (the committed choice): gain 0.033 / 0.031, "
+    "drop 0.040 / 0.039; with structure 1: gain 0.019 / 0.017, drop 0.034 / 0.033. The drop comes from the MMD "
+    "itself and grows with the gain (about 1.1-1.2x it). (2) A slide-conditioned decoder during the correction "
+    "(a learned offset per slide and gene on the decoder's logits and on the read-out, so the reconstruction "
+    "need not keep slide differences in the latents): MMD 1 / 12 epochs gain 0.033 / 0.032, drop 0.042 / 0.040: no "
+    "effect. (3) Why: the embryos differ in composition, not only by batch (forebrain/midbrain/hindbrain 16.5 / "
+    "31.8 / 10.0 % of embryo1 / 2 / 3, spinal cord 15.2 / 6.3 / 2.4 %, lateral plate mesoderm 6.2 / 0 / 2.1 %), so "
+    "matching whole distributions moves cells onto other types. Centring each slide's pretrained latents lowers "
+    "mixing (0.811 -> 0.597) and purity (0.508 -> 0.493): the slide means differ by composition. (4) A "
+    "composition-weighted MMD (each slide's cells weighted by pooled / slide share of their k-means cluster in the "
+    "pretrained latents, fitted on the training cells, capped at 10): k=10 gain 0.020 / 0.033, drop 0.033 / 0.040; "
+    "k=20 gain 0.024 / 0.024, drop 0.031 / 0.023 -- a weaker correction on the same gain-for-purity line, because "
+    "clusters of these latents match cell types poorly (ARI 0.11 at k=10, 0.20 at k=20); MMD 5 collapsed the "
+    "latents with or without weights (spread < 0.004x). With label-free corrections the goal needs latents whose "
+    "clusters follow cell types before the correction.",
 ]
 
 
