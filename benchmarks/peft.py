@@ -279,8 +279,12 @@ NOTES = [
     "pretrained latents, fitted on the training cells, capped at 10): k=10 gain 0.020 / 0.033, drop 0.033 / 0.040; "
     "k=20 gain 0.024 / 0.024, drop 0.031 / 0.023 -- a weaker correction on the same gain-for-purity line, because "
     "clusters of these latents match cell types poorly (ARI 0.11 at k=10, 0.20 at k=20); MMD 5 collapsed the "
-    "latents with or without weights (spread < 0.004x). With label-free corrections the goal needs latents whose "
-    "clusters follow cell types before the correction.",
+    "latents with or without weights (spread < 0.004x). Weights from k-means (k=20) of PCA(30) of standardised "
+    "log-normalised expression (ARI 0.36 with the cell types): gain 0.021 / 0.025, drop 0.035 / 0.017. Even weights "
+    "from the true cell types (a diagnostic that uses the labels): gain 0.025 / 0.022, drop 0.028 / 0.016 (mean "
+    "0.024 / 0.022). Composition explains only part of the drop: an MMD in these latents (kNN purity 0.51) also "
+    "pairs cells of different types within matching populations, so a label-free correction would need latents "
+    "that separate seqFISH's cell types better before it.",
 ]
 
 
