@@ -158,6 +158,50 @@ def test_cli_domains_on_a_prepared_store_reads_only_its_latents(store, tmp_path,
     assert (back.obs["dom4"].astype(int).to_numpy() == want).all()
 
 
+def test_cli_domains_out_on_a_prepared_store_copies_it_and_clusters_the_copy(store, tmp_path, capsys, monkeypatch):
+    """--out with a prepared store: a prepared-store copy with the domains, made without reading the store whole;
+    the source is untouched; a failure leaves neither the copy nor a temporary beside it."""
+    from xscale.data.store import is_prepared_store
+    from xscale.train.store_run import store_domains
+
+    run_store(store, tmp_path / "run", level1_preset="tiny", level2_preset="tiny", level1_max_steps=3,
+              level2_max_steps=3, batch_size=64, progress=False)
+    before = ad.read_zarr(store)
+    out = tmp_path / "copy.zarr"
+
+    def whole(*a, **k):
+        raise AssertionError("the whole store read")
+
+    def failing(*a, **k):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(ad, "read_zarr", whole)
+        m.setattr("xscale.train.store_run.store_domains", failing)
+        with pytest.raises(RuntimeError, match="disk full"):
+            main(["domains", "--store", str(store), "--out", str(out), "--n-domains", "4"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("copy")) == []
+    with monkeypatch.context() as m:
+        m.setattr(ad, "read_zarr", whole)
+        assert main(["domains", "--store", str(store), "--out", str(out), "--n-domains", "4", "--key-added", "dom4",
+                     "--label-key", "domain"]) == 0
+        printed = capsys.readouterr().out
+        assert main(["domains", "--store", str(store), "--out", str(store), "--n-domains", "4"]) == 2
+        assert "is --store itself; expected a new path" in capsys.readouterr().err
+        assert main(["domains", "--store", str(store), "--out", str(tmp_path / "c2.zarr"), "--n-domains", "4",
+                     "--use-rep", "X_nope"]) == 2
+        assert "--use-rep 'X_nope' not in the store's obsm" in capsys.readouterr().err
+    assert not (tmp_path / "c2.zarr").exists()
+    assert f"wrote {out}: a copy of {store} with obs['dom4']" in printed and "against domain (" in printed
+    assert is_prepared_store(out)
+    copy, source = ad.read_zarr(out), ad.read_zarr(store)
+    assert "dom4" not in source.obs and list(source.obs.columns) == list(before.obs.columns)
+    np.testing.assert_array_equal(copy.X.toarray(), source.X.toarray())
+    np.testing.assert_array_equal(copy.obsm["X_xscale_niche"], source.obsm["X_xscale_niche"])
+    expected = store_domains(store, 4, key_added="dom4", seed=0)  # the same clustering, written into the source
+    assert (copy.obs["dom4"].astype(int).to_numpy() == expected).all()
+
+
 def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store, tmp_path, monkeypatch,
                                                                          interrupt_after_two_blocks):
     """A KeyboardInterrupt after two blocks of cell latents; the same run again skips level 1, writes only the

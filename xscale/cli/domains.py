@@ -8,7 +8,8 @@ DESCRIPTION = """\
 Cluster obsm["X_xscale_niche"] of a latent store (all slides together, so domain ids are
 comparable across slides) and write the labels to obs[--key-added] (default
 "xscale_domain"). The store is rewritten under a temporary name and swapped in when
-complete; --out writes a new store instead. With --label-key, prints the ARI/NMI of the
+complete; --out writes a new store instead (for a store of xscale prepare, a copy of it,
+made file by file and clustered block by block). With --label-key, prints the ARI/NMI of the
 domains against that annotation. Each slide's latents are centred first (so a slide-wide
 shift is not a domain, as in xscale run / demo): the slides of --slide-key, by default the
 slide key the store records (uns["xscale"]["slide_key"]); --no-slide-center turns that off.
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     import xscale.tl
     from xscale.data.store import is_prepared_store
-    from xscale.data.writeback import write_anndata_zarr, write_store_obs
+    from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
 
     store = Path(args.store)
@@ -63,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"Store {str(store)!r} does not exist. Pass the cells.zarr written by xscale demo/run.")
     if args.n_domains < 2:
         raise XscaleInputError(f"--n-domains must be >= 2; got {args.n_domains}.")
-    if args.out is None and is_prepared_store(store):
-        return _prepared_store(args, store)
+    if is_prepared_store(store) and args.out is not None:
+        return _prepared_store_copy(args, store, Path(args.out))
+    if is_prepared_store(store):
+        _prepared_store(args, store, _prepared_labels(args, store))
+        print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
+        return 0
     try:
         adata = ad.read_zarr(store)
     except Exception as err:  # a damaged zarr raises many types
@@ -88,40 +93,65 @@ def run(args: argparse.Namespace) -> int:
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
               f"NMI {normalized_mutual_info_score(y, d):.3f}")
-    if args.out is None and is_prepared_store(store):  # only the column: the store stays a prepared store
-        write_store_obs(store, args.key_added, adata.obs[args.key_added].values)
-        print(f"wrote obs[{args.key_added!r}] into {store}")
-        return 0
     write_anndata_zarr(adata, args.out or store)  # the old store is replaced only once this one is complete
     print(f"wrote {args.out or store}")
     return 0
 
 
-def _prepared_store(args: argparse.Namespace, store) -> int:
-    """A prepared store, in place, block by block: only its latents (and obs for --label-key) are read
-    (:func:`xscale.train.store_run.store_domains`); the store's own slides are centred."""
-    import numpy as np
+def _prepared_store_copy(args: argparse.Namespace, store, out) -> int:
+    """--out with a prepared store: the store is copied file by file (never loaded) under a temporary name
+    beside ``out``, clustered there block by block, and renamed to ``out`` when complete; ``store`` is not
+    touched. ``out`` may not be ``store`` itself, nor something that is not an xscale output."""
+    import shutil
+
+    from xscale.errors import XscaleInputError
+    from xscale.utils.atomic import atomic_dir
+
+    if out.resolve() == store.resolve():
+        raise XscaleInputError(f"--out {str(out)!r} is --store itself; expected a new path. Omit --out to write "
+                               "the domains into the store.")
+    labels = _prepared_labels(args, store)  # bad options fail before the copy
+    with atomic_dir(out, marker=False) as tmp:
+        shutil.copytree(store, tmp, dirs_exist_ok=True)
+        _prepared_store(args, tmp, labels)
+    print(f"wrote {out}: a copy of {store} with obs[{args.key_added!r}] (block by block)")
+    return 0
+
+
+def _prepared_labels(args: argparse.Namespace, store):
+    """Check the options against a prepared store before any work; returns obs[--label-key] (or None)."""
     from anndata.io import read_elem
 
     from xscale.data.store import CellStore
     from xscale.errors import XscaleInputError
-    from xscale.train.store_run import store_domains
 
     cells = CellStore(store)
     if args.slide_key is not None:
         raise XscaleInputError(f"--slide-key: {store} is a prepared store, whose slides are fixed by xscale prepare "
                                "and centred by default; expected no --slide-key, found it. Omit it (or pass "
                                "--no-slide-center).")
-    labels = None
-    if args.label_key:  # checked before any work
-        obs = read_elem(cells.root["obs"])
-        if args.label_key not in obs:
-            raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
-                                   f"Available: {list(obs.columns)}.")
-        labels = obs[args.label_key]
     if args.use_rep not in cells.root["obsm"]:
         raise XscaleInputError(f"--use-rep {args.use_rep!r} not in the store's obsm. Available: "
                                f"{sorted(cells.root['obsm'])}. Embed the store first (xscale embed / xscale run).")
+    if not args.label_key:
+        return None
+    obs = read_elem(cells.root["obs"])
+    if args.label_key not in obs:
+        raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
+                               f"Available: {list(obs.columns)}.")
+    return obs[args.label_key]
+
+
+def _prepared_store(args: argparse.Namespace, store, labels) -> None:
+    """A prepared store, in place, block by block: only its latents are read
+    (:func:`xscale.train.store_run.store_domains`); the store's own slides are centred. ``labels``: obs[--label-key]
+    or None (:func:`_prepared_labels`)."""
+    import numpy as np
+
+    from xscale.data.store import CellStore
+    from xscale.train.store_run import store_domains
+
+    cells = CellStore(store)
     domains = store_domains(cells, args.n_domains, key=args.use_rep, key_added=args.key_added,
                             slide_center=not args.no_slide_center, method=args.method, seed=args.seed)
     if not args.no_slide_center and len(cells.slide_names) > 1:
@@ -136,5 +166,3 @@ def _prepared_store(args: argparse.Namespace, store) -> int:
         y, d = labels.astype(str).to_numpy()[m], domains[m].astype(str)
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
               f"NMI {normalized_mutual_info_score(y, d):.3f}")
-    print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
-    return 0
