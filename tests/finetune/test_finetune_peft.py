@@ -473,6 +473,49 @@ def test_finetune_warns_when_the_correction_collapses_the_latents(starmap_small)
     assert 0.5 < res.metrics["neighbourhood_preservation"] <= 1.0  # two small steps keep most neighbourhoods
 
 
+def test_slide_correction_with_labels_scores_their_purity_before_and_after(starmap_small, tmp_path):
+    """label_key on a slide correction: never trained on, the labelled cells' kNN purity recorded before and after
+    (unlabelled cells left out), a warning on a drop of 0.02 or more, a clear error for a missing column."""
+    import warnings
+
+    from xscale.eval.metrics import knn_purity
+    from xscale.train.finetune_infer import check_correction, latent_summary
+
+    metrics: dict = {}
+    with pytest.warns(UserWarning, match=r"mixed cell types: .* fell from 0.500 to 0.450, a drop of 0.050 >= 0.02"):
+        check_correction(metrics, {"latent_spread": 0.4, "knn_purity": 0.5},
+                         {"latent_spread": 0.35, "knn_purity": 0.45}, 1.0)
+    assert metrics["knn_purity_before"] == 0.5 and metrics["knn_purity_after"] == 0.45
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a drop below 0.02: silent
+        check_correction({}, {"latent_spread": 0.4, "knn_purity": 0.5}, {"latent_spread": 0.35, "knn_purity": 0.49},
+                         1.0)
+
+    model = _model(starmap_small.var_names)
+    slides = starmap_small.obs["slice"].astype(str).to_numpy()
+    labels = starmap_small.obs["cell_type"].astype(object).to_numpy().copy()
+    labels[::3] = None  # unlabelled cells do not count
+    summary, z = latent_summary(model, starmap_small, slides, labels=labels)
+    known = pd.notna(labels)
+    assert summary["knn_purity"] == pytest.approx(knn_purity(z[known], labels[known].astype(str), k=15))
+    assert "knn_purity" not in latent_summary(model, starmap_small, slides)[0]
+
+    plain = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                     max_steps=2, batch_size=48, progress=False)
+    scored = finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                      label_key="cell_type", max_steps=2, batch_size=48, progress=False, output_dir=tmp_path / "bc")
+    assert 0 < scored.metrics["knn_purity_before"] <= 1 and 0 < scored.metrics["knn_purity_after"] <= 1
+    assert "knn_purity_before" not in plain.metrics
+    for name, p in plain.model.state_dict().items():  # the labels change nothing in training
+        assert torch.equal(p, scored.model.state_dict()[name]), name
+    doc = json.loads((tmp_path / "bc" / "finetune.json").read_text())
+    assert doc["metrics"]["knn_purity_after"] == scored.metrics["knn_purity_after"]
+    with pytest.raises(XscaleInputError, match=r"label_key 'celltype': expected an obs column of cell types.*"
+                                               r"Available: \[.*'cell_type'"):
+        finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                 label_key="celltype", max_steps=1, progress=False)
+
+
 def test_cli_finetune_slide_correction_with_structure(starmap_small, tmp_path, capsys):
     from xscale.cli.main import main
 
@@ -626,3 +669,14 @@ def test_correction_figure_shows_before_and_after_by_slide():
     legend = fig.axes[1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["s1", "s2", "s3"]
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 120
+    fig = correction_figure(before, after, slides, {**metrics, "knn_purity_before": 0.61, "knn_purity_after": 0.58})
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["before: slide mixing 0.10\ncell-type purity 0.61",
+                      "after: slide mixing 0.90, kept neighbours 0.42\ncell-type purity 0.58"]
+    types = np.array(["A", "B", None] * 40, dtype=object)  # a second row by cell type, unlabelled in grey
+    fig = correction_figure(before, after, slides, metrics, cell_types=types)
+    assert len(fig.axes) == 4
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [lg.get_title().get_text() for lg in legends] == ["slide", "cell type"]
+    assert [t.get_text() for t in legends[1].get_texts()] == ["A", "B", "unlabelled"]
+    assert sum(len(c.get_offsets()) for c in fig.axes[2].collections) == 120

@@ -247,21 +247,33 @@ def plot_embedding(
 
 @styled
 def plot_correction(
-    before_xy: np.ndarray, after_xy: np.ndarray, slides: np.ndarray, *, axis_label: str, titles: tuple[str, str]
+    before_xy: np.ndarray, after_xy: np.ndarray, slides: np.ndarray, *, axis_label: str, titles: tuple[str, str],
+    cell_types: np.ndarray | None = None,
 ) -> Figure:
-    """The same cells before and after a slide correction, coloured by slide: two panels.
+    """The same cells before and after a slide correction: two panels coloured by slide and, with
+    ``cell_types``, two more below coloured by cell type (None / NaN drawn grey as "unlabelled").
 
-    before_xy, after_xy (n, 2) coordinates of each embedding (laid out separately); slides (n,).
+    before_xy, after_xy (n, 2) coordinates of each embedding (laid out separately); slides (n,);
+    cell_types (n,) or None.
     """
-    names = sorted(set(map(str, slides)))
-    colors = dict(zip(names, palette(len(names)), strict=True))
-    labels = np.asarray(slides).astype(str)
-    fig = new_figure(9.6, 4.4)
-    axes = fig.subplots(1, 2)
-    for ax, xy, title in zip(axes, (before_xy, after_xy), titles, strict=True):
-        _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 2.0)
-        _embedding_axes(ax, title, axis_label)
-    _legend(fig, axes[1], colors, "slide")
+    import pandas as pd
+
+    rows = [("slide", np.asarray(slides).astype(str))]
+    if cell_types is not None:
+        known = pd.notna(cell_types)
+        rows.append(("cell type", np.where(known, np.asarray(cell_types, dtype=object).astype(str), "unlabelled")))
+    wide_legend = max(len(set(labels)) for _, labels in rows) > 12  # _legend lays it out in two columns
+    fig = new_figure(9.6 + (4.0 if wide_legend else 0.0), 4.4 * len(rows))
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for r, (name, labels) in enumerate(rows):
+        names = sorted(set(labels) - {"unlabelled"})
+        colors = dict(zip(names, palette(len(names)), strict=True))
+        if "unlabelled" in set(labels):
+            colors["unlabelled"] = "#cccccc"
+        for ax, xy, title in zip(axes[r], (before_xy, after_xy), titles, strict=True):
+            _scatter_categories(ax, xy, labels, colors, size=point_size(len(xy)) * 2.0)
+            _embedding_axes(ax, title if r == 0 else "", axis_label)
+        _legend(fig, axes[r, 1], colors, name)
     return fig
 
 
