@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store
+
 HELP = "embed cells (and niches) of a dataset with trained checkpoints into DIR/cells.zarr"
 DESCRIPTION = """\
 Write DIR/cells.zarr (AnnData zarr) with obsm["X_xscale_cell"] from a level-1 model and,
@@ -40,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spatial-key", default="spatial", help="obsm key of coordinates (default spatial)")
     p.add_argument("--slide-key", help="obs column naming each cell's slide")
     p.add_argument("--counts-layer", help="layer holding raw counts when X is normalised")
+    add_gene_symbols(p)
     p.add_argument("--table-key", help="SpatialData table to read")
     p.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (default 256)")
     p.add_argument("--dask", metavar="local|ADDRESS", help="embed level 1 on a Dask cluster")
@@ -183,18 +186,24 @@ def run(args: argparse.Namespace) -> int:
     if args.write_back:  # before any work
         check_write_back_source(args.data)
     if is_prepared_store(args.data):
+        refuse_gene_symbols_for_store(args)
         return _embed_prepared_store(args, l1, l2)
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
     if args.data in ds.available():
         adata = ds.load(args.data)
+        if args.gene_symbols is not None:
+            from xscale.data.validate import use_gene_symbols
+
+            use_gene_symbols(adata, args.gene_symbols)
         slide_key = args.slide_key or ds.info(args.data).slide_key
     else:
         from xscale.data.io import read_dataset
 
         spatial = args.spatial_key if l2 is not None else None
         adata = read_dataset(args.data, table_key=args.table_key, spatial_key=spatial,
-                             counts_layer=args.counts_layer, slide_key=args.slide_key)
+                             counts_layer=args.counts_layer, slide_key=args.slide_key,
+                             gene_symbols=args.gene_symbols)
         slide_key = args.slide_key
     if slide_key and slide_key not in adata.obs:  # before any embedding
         raise XscaleInputError(f"--slide-key {slide_key!r}: expected an obs column of {args.data}, found none by that "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xscale.cli.options import add_gene_symbols
+
 HELP = "fine-tune a pretrained model's Xpressor (cell-type head or slide correction)"
 DESCRIPTION = """\
 Load a pretrained level-1 model, freeze the encoders and train only the Xpressor blocks
@@ -65,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--counts-layer", help="layer with raw counts (default: X)")
+    add_gene_symbols(p)
     p.add_argument("--table-key", help="SpatialData table to read (if several)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", help="directory for Lightning CSV logs")
@@ -74,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _read(data: str, table_key: str | None = None):
+def _read(data: str, table_key: str | None = None, gene_symbols: str | None = None):
     """A bundled dataset by name (the name wins over a file of that name, as in embed, run and
     prepare), else an .h5ad file, AnnData zarr or SpatialData zarr (its table). Not validated
     here: ``finetune`` checks the counts (``counts_layer``) and the keys it uses."""
@@ -85,9 +88,15 @@ def _read(data: str, table_key: str | None = None):
     from xscale.errors import XscaleInputError
 
     if data in xscale.datasets.available():
-        return xscale.datasets.load(data)
+        adata = xscale.datasets.load(data)
+        if gene_symbols is not None:
+            from xscale.data.validate import use_gene_symbols
+
+            use_gene_symbols(adata, gene_symbols)
+        return adata
     if Path(data).exists():
-        return read_dataset(data, table_key=table_key, spatial_key=None, validate=False)
+        return read_dataset(data, table_key=table_key, spatial_key=None, validate=False,
+                            gene_symbols=gene_symbols)
     raise XscaleInputError(
         f"Data {data!r} is neither an existing .h5ad file or zarr store nor a bundled dataset "
         f"({xscale.datasets.available()})."
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     check_budget(args.epochs, -1, epochs_option="--epochs")
     if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
         _check_h5ad_target(args.write_h5ad)
-    adata = _read(args.data, args.table_key)
+    adata = _read(args.data, args.table_key, args.gene_symbols)
     result = finetune(
         args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
         train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xscale.cli.options import add_gene_symbols
+
 HELP = "convert .h5ad / AnnData zarr / SpatialData zarr into a chunked xscale zarr store"
 DESCRIPTION = (
     "Validate a dataset and write one chunked zarr store: counts as CSR by cell blocks, cells "
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial-key", default="spatial",
                         help="obsm key of the coordinates (default: spatial); 'none' for non-spatial data")
     parser.add_argument("--counts-layer", default=None, help="layer holding raw counts when X is normalised")
+    add_gene_symbols(parser)
     parser.add_argument("--slide-key", default=None, help="obs column naming each cell's slide")
     parser.add_argument("--chunk-cells", type=int, default=8192, help="cells per block (default: 8192)")
     parser.add_argument("--curve", choices=("hilbert", "morton", "random"), default="hilbert",
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         source, args.output, table_key=args.table_key, spatial_key=spatial_key,
         counts_layer=args.counts_layer, slide_key=slide_key, chunk_cells=args.chunk_cells,
         curve=args.curve, n_neighbors=args.n_neighbors, radius=args.radius, n_workers=args.workers,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, gene_symbols=args.gene_symbols,
     )
     store = CellStore(out)
     print(f"{out}: {store.n_cells} cells x {store.n_genes} genes, {len(store.slide_names)} slide(s), "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store
+
 HELP = "train level 1 then level 2 on a dataset and write cell latents, niche latents and domains"
 DESCRIPTION = (
     "Read an .h5ad, AnnData zarr or SpatialData zarr dataset, validate it, fit level 1 (genes -> "
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial-key", default="spatial", help="obsm key of the coordinates (default: spatial)")
     parser.add_argument("--slide-key", default=None, help="obs column naming each cell's slide (niches never cross)")
     parser.add_argument("--counts-layer", default=None, help="layer holding raw counts when X is normalised")
+    add_gene_symbols(parser)
     parser.add_argument("--table-key", default=None, help="SpatialData table to use (if several)")
     parser.add_argument("--n-domains", type=int, default=None,
                         help="number of spatial domains (default: categories of --domain-key, "
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.store import is_prepared_store
 
     if is_prepared_store(args.data):
+        refuse_gene_symbols_for_store(args)
         return _run_store(args)
     source, slide_key = ds.resolve(args.data, args.slide_key)
     if args.write_back:  # before any work
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         check_write_back_source(args.data)
     adata = read_dataset(
         source, table_key=args.table_key, spatial_key=args.spatial_key, counts_layer=args.counts_layer,
-        slide_key=slide_key,
+        slide_key=slide_key, gene_symbols=args.gene_symbols,
     )
     domains = _label_column(adata, args.domain_key, "--domain-key")
     cell_types = _label_column(adata, args.cell_type_key, "--cell-type-key")

@@ -247,6 +247,7 @@ def read_dataset(
     slide_key: str | None = None,
     validate: bool = True,
     chunk_rows: int = LAZY_CHUNK_ROWS,
+    gene_symbols: str | None = None,
 ) -> ad.AnnData:
     """Read an .h5ad, AnnData zarr or SpatialData zarr dataset into a validated AnnData.
 
@@ -268,13 +269,16 @@ def read_dataset(
         Run :func:`~xscale.data.validate.validate_adata` (skip only when a later step validates).
     chunk_rows
         Rows per lazy chunk of X when ``backed``.
+    gene_symbols
+        ``var`` column holding the gene symbols when ``var_names`` hold IDs (CELLxGENE:
+        ``"feature_name"``): it becomes ``var_names`` (:func:`~xscale.data.validate.use_gene_symbols`).
 
     Returns
     -------
     AnnData: raw counts in ``X`` (CSR float32, or dask when ``backed``), coordinates in
     ``obsm[spatial_key]``, ``uns['xscale_source']`` = {path, format, table_key}.
     """
-    from xscale.data.validate import validate_adata
+    from xscale.data.validate import use_gene_symbols, validate_adata
 
     path = Path(path)
     fmt = detect_format(path)
@@ -284,6 +288,8 @@ def read_dataset(
         adata = _read_anndata_zarr(path, backed, chunk_rows)
     else:
         adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
+    if gene_symbols is not None:
+        use_gene_symbols(adata, gene_symbols)
     if validate:
         adata = validate_adata(adata, spatial_key=spatial_key, counts_layer=counts_layer, slide_key=slide_key)
     adata.uns["xscale_source"] = {"path": str(path), "format": fmt, "table_key": table_key or ""}

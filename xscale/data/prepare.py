@@ -97,13 +97,20 @@ def _gather_block(d: int, piece_dir: Path, keep_by_rank: np.ndarray) -> sp.csr_m
 
 
 def _prepare_source(source: str | Path | ad.AnnData, table_key: str | None, spatial_key: str | None,
-                    counts_layer: str | None, chunk_rows: int) -> ad.AnnData:
+                    counts_layer: str | None, chunk_rows: int, gene_symbols: str | None = None) -> ad.AnnData:
+    import anndata
+
     from xscale.data.io import read_dataset
+    from xscale.data.validate import use_gene_symbols
 
     if isinstance(source, (str, Path)):
         return read_dataset(source, table_key=table_key, spatial_key=spatial_key,
                             counts_layer=counts_layer, backed=True, validate=False,
-                            chunk_rows=chunk_rows)
+                            chunk_rows=chunk_rows, gene_symbols=gene_symbols)
+    if gene_symbols is not None:  # the caller's AnnData stays as it was: a new one sharing its arrays
+        source = anndata.AnnData(X=source.X, obs=source.obs, var=source.var.copy(), obsm=dict(source.obsm),
+                                 layers=dict(source.layers), uns=dict(source.uns))
+        use_gene_symbols(source, gene_symbols)
     return source
 
 
@@ -122,6 +129,7 @@ def prepare(
     n_workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    gene_symbols: str | None = None,
 ) -> Path:
     """Convert a dataset to an xscale zarr store (see the module docstring for the layout).
 
@@ -150,6 +158,9 @@ def prepare(
         Replace an existing store at ``out``.
     progress
         Show progress bars for the read and write passes.
+    gene_symbols
+        ``var`` column of gene symbols when ``var_names`` hold IDs (CELLxGENE: ``"feature_name"``);
+        they become the store's genes (:func:`~xscale.data.validate.use_gene_symbols`).
 
     Returns
     -------
@@ -175,7 +186,7 @@ def prepare(
             raise XscaleInputError(f"{out}: expected an output path apart from the input {source}, found the "
                                    "same path (or one inside the other): the input would be replaced. "
                                    "Pass another output path.")
-    adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells)
+    adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells, gene_symbols)
     n, g = adata.shape
     if n == 0 or g == 0:
         raise _empty_error(n, g, 1, "")

@@ -7,7 +7,8 @@ expected, the found and what to do):
 - the counts source (``X`` or ``layers[counts_layer]``) exists;
 - counts are finite, non-negative integers (normalised data points to ``counts_layer=`` /
   ``--counts-layer``);
-- duplicate gene names (``var_names``) and duplicate cell ids (``obs_names``);
+- duplicate gene names (``var_names``) and duplicate cell ids (``obs_names``); gene symbols kept in a
+  var column (var_names holding Ensembl IDs) are taken from it by :func:`use_gene_symbols`;
 - the spatial key exists in ``obsm`` (the keys present are listed) and holds finite (n, ≥2)
   coordinates;
 - the slide key exists in ``obs`` and has no missing values;
@@ -175,6 +176,33 @@ def check_gene_names(var_names: Sequence[str]) -> None:
             f"{len(clash)} that collide, e.g. {', '.join(pairs)}: they would enter each cell as one gene twice. "
             "Rename, sum or drop one of each."
         )
+
+
+def use_gene_symbols(adata: ad.AnnData, key: str) -> ad.AnnData:
+    """Make ``adata.var[key]`` the gene names (in place; returns ``adata``): for files whose var_names
+    are IDs (CELLxGENE: Ensembl IDs, symbols in ``var['feature_name']``). The former names are kept
+    in ``var['xscale_var_id']``. Raises :class:`XscaleInputError` for a missing column (the columns
+    present are listed) or missing / empty symbols; duplicated symbols are caught by
+    :func:`check_gene_names` later, as for any panel."""
+    if key not in adata.var.columns:
+        raise XscaleInputError(
+            f"gene_symbols={key!r}: expected a var column of gene symbols, found none by that name. "
+            f"var columns: {list(adata.var.columns)}. Omit it when var_names already hold the symbols."
+        )
+    col = adata.var[key]
+    values = col.astype(object).to_numpy()
+    empty = pd.isna(values) | (pd.Series(values).astype(str).str.strip().to_numpy() == "")
+    if empty.any():
+        raise XscaleInputError(
+            f"adata.var[{key!r}]: expected a gene symbol for every gene, found {int(empty.sum())} missing or empty "
+            f"(e.g. for {_examples(adata.var_names[empty])}). Fill them (e.g. with the var_name) or drop those "
+            "genes first."
+        )
+    adata.var["xscale_var_id"] = np.asarray(adata.var_names, dtype=object)
+    adata.var_names = pd.Index(pd.Series(values).astype(str).str.strip().to_numpy(), name=None)
+    logger.info("gene names from var[%r] (e.g. %s); the former var_names are in var['xscale_var_id']", key,
+                _examples(adata.var_names, 3))
+    return adata
 
 
 def check_names(adata: ad.AnnData) -> None:

@@ -42,6 +42,17 @@ def control_probes(names: Iterable[str]) -> list[str]:
     return [str(n) for n in names if is_control_probe(n)]
 
 
+#: Ensembl gene IDs (ENSG..., ENSMUSG..., with an optional version suffix): what CELLxGENE and many
+#: pipelines put in var_names, with the symbols in a var column (CELLxGENE: ``feature_name``).
+ENSEMBL_ID_PATTERN = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.IGNORECASE)
+
+
+def looks_like_ensembl(names: Sequence[str]) -> bool:
+    """True when most of ``names`` (at least half of up to the first 200) are Ensembl gene IDs."""
+    sample = [str(n).strip() for n in list(names)[:200]]
+    return bool(sample) and sum(ENSEMBL_ID_PATTERN.match(n) is not None for n in sample) * 2 >= len(sample)
+
+
 def normalize_symbol(symbol: str) -> str:
     """Canonical form of a gene symbol: stripped and upper-case."""
     return str(symbol).strip().upper()
@@ -103,10 +114,15 @@ class GeneVocab:
         n = int((idx >= 0).sum())
         if n < min_genes:
             missing = [s for s, i in zip(symbols, idx, strict=True) if i < 0][:10]
+            hint = ("Check that var_names hold gene symbols (not Ensembl IDs) or train a model on this panel.")
+            if looks_like_ensembl(symbols) and not looks_like_ensembl(self.genes):
+                hint = ("Its var_names are Ensembl gene IDs, the vocabulary holds gene symbols: pass the var "
+                        "column of symbols as gene_symbols= to read_dataset / prepare, or --gene-symbols COLUMN on "
+                        "the command line (CELLxGENE files keep them in 'feature_name'); in memory, "
+                        "adata.var_names = adata.var[COLUMN].astype(str).")
             raise XscaleInputError(
                 f"The {what} shares {n} of its {len(symbols)} genes with the model's vocabulary "
                 f"of {len(self)} genes; at least {min_genes} are needed. Examples not in the "
-                f"vocabulary: {missing}. Check that var_names hold gene symbols (not Ensembl IDs) "
-                "or train a model on this panel."
+                f"vocabulary: {missing}. {hint}"
             )
         return idx

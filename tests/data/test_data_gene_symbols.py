@@ -1,0 +1,87 @@
+"""var_names holding Ensembl IDs with the symbols in a var column (CELLxGENE's layout): read with
+gene_symbols= / --gene-symbols; without it, the vocabulary error says what to pass."""
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import xscale
+from xscale.cli.main import main
+from xscale.data.io import read_dataset
+from xscale.data.prepare import prepare
+from xscale.data.store import CellStore
+from xscale.data.vocab import looks_like_ensembl
+from xscale.errors import XscaleInputError
+from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+from xscale.models.io import save_model
+
+
+@pytest.fixture
+def ensembl(tmp_path):
+    """300 STARmap cells whose var_names are Ensembl-style IDs, symbols in var['feature_name']; its path and the
+    AnnData with symbols as var_names."""
+    a = xscale.datasets.load("starmap_mpfc")
+    a = a[np.flatnonzero((a.obs["slice"] == "20180417_BZ5_control").to_numpy())[:300]].copy()
+    del a.uns["xscale_dataset"]
+    symbols = a.copy()
+    a.var["feature_name"] = list(a.var_names)
+    a.var_names = [f"ENSMUSG{i:011d}" for i in range(a.n_vars)]
+    a.write_h5ad(tmp_path / "ens.h5ad")
+    return tmp_path / "ens.h5ad", symbols
+
+
+def test_gene_symbols_column_becomes_the_gene_names(ensembl, tmp_path):
+    path, symbols = ensembl
+    a = read_dataset(path, gene_symbols="feature_name")
+    assert list(a.var_names) == list(symbols.var_names)
+    assert list(a.var["xscale_var_id"])[:2] == ["ENSMUSG00000000000", "ENSMUSG00000000001"]
+    np.testing.assert_array_equal(a.X.toarray(), read_dataset(path).X.toarray())
+    with pytest.raises(XscaleInputError, match=r"gene_symbols='symbol': expected a var column of gene symbols.*"
+                                               r"var columns: \['feature_name'\]"):
+        read_dataset(path, gene_symbols="symbol")
+    broken = read_dataset(path, validate=False)
+    broken.var.loc[broken.var_names[:3], "feature_name"] = np.nan
+    broken.var.loc[broken.var_names[3], "feature_name"] = " "
+    broken.write_h5ad(tmp_path / "broken.h5ad")
+    with pytest.raises(XscaleInputError, match=r"var\['feature_name'\]: expected a gene symbol for every gene, found 4 "
+                                               r"missing or empty \(e.g. for \['ENSMUSG00000000000'"):
+        read_dataset(tmp_path / "broken.h5ad", gene_symbols="feature_name")
+
+
+def test_a_symbol_model_on_ensembl_ids_says_to_pass_gene_symbols(ensembl, tmp_path):
+    path, symbols = ensembl
+    assert looks_like_ensembl(["ENSG00000141510", "ENSMUSG00000059552.3", "Gad1"])
+    assert not looks_like_ensembl(["Gad1", "Sst", "ENSG00000141510"]) and not looks_like_ensembl([])
+    torch.manual_seed(0)
+    model = GeneToCell(GeneToCellConfig.preset("tiny", genes=list(symbols.var_names)))
+    with pytest.raises(XscaleInputError, match=r"shares 0 of its 166 genes.*var_names are Ensembl gene IDs.*"
+                                               r"--gene-symbols COLUMN.*'feature_name'"):
+        xscale.tl.embed_cells(read_dataset(path, spatial_key=None), model, copy=True, progress=False)
+    # with the symbols: the same latents as the AnnData named by symbols
+    got = xscale.tl.embed_cells(read_dataset(path, gene_symbols="feature_name"), model, copy=True, progress=False)
+    want = xscale.tl.embed_cells(symbols, model, copy=True, progress=False)
+    np.testing.assert_allclose(got.obsm["X_xscale_cell"], want.obsm["X_xscale_cell"], atol=1e-6)
+
+    save_model(model, tmp_path / "ckpt" / "level1" / "model")
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(path), "--out", str(tmp_path / "e"),
+                 "--gene-symbols", "feature_name", "--no-progress"]) == 0
+    cells = ad.read_zarr(tmp_path / "e" / "cells.zarr")
+    np.testing.assert_allclose(cells.obsm["X_xscale_cell"], want.obsm["X_xscale_cell"], atol=1e-6)
+
+
+def test_prepare_takes_gene_symbols_and_a_store_refuses_them_later(ensembl, tmp_path, capsys):
+    path, symbols = ensembl
+    assert main(["prepare", str(path), str(tmp_path / "s.zarr"), "--gene-symbols", "feature_name",
+                 "--no-progress"]) == 0
+    assert CellStore(tmp_path / "s.zarr").genes == list(symbols.var_names)
+    mem = read_dataset(path)
+    before = list(mem.var_names)
+    prepare(mem, tmp_path / "m.zarr", gene_symbols="feature_name", progress=False)
+    assert CellStore(tmp_path / "m.zarr").genes == list(symbols.var_names)
+    assert list(mem.var_names) == before and "xscale_var_id" not in mem.var  # the caller's AnnData as it was
+    capsys.readouterr()
+    assert main(["run", "--data", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "r"),
+                 "--gene-symbols", "feature_name", "--no-progress", "--no-report"]) == 2
+    assert "--gene-symbols: " in capsys.readouterr().err
