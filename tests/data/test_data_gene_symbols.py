@@ -85,3 +85,20 @@ def test_prepare_takes_gene_symbols_and_a_store_refuses_them_later(ensembl, tmp_
     assert main(["run", "--data", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "r"),
                  "--gene-symbols", "feature_name", "--no-progress", "--no-report"]) == 2
     assert "--gene-symbols: " in capsys.readouterr().err
+
+
+def test_a_vocabulary_over_ensembl_and_symbol_panels_warns(ensembl):
+    import warnings
+
+    from xscale.data.anndata_dataset import vocab_from_adatas
+
+    path, symbols = ensembl
+    ids = read_dataset(path)
+    with pytest.warns(UserWarning, match=r"Panels \[1\] are named by Ensembl gene IDs and panels \[0\] by gene "
+                                         r"symbols: they share no gene tokens.*--gene-symbols"):
+        vocab = vocab_from_adatas([symbols, ids])
+    assert len(vocab) == 2 * symbols.n_vars
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same kind of names everywhere: silent
+        assert len(vocab_from_adatas([symbols, read_dataset(path, gene_symbols="feature_name")])) == symbols.n_vars
+        vocab_from_adatas([ids, ids])

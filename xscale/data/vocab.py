@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -77,9 +78,18 @@ class GeneVocab:
         """Vocabulary over several panels, in first-seen order.
 
         Control features (:func:`is_control_probe`) are left out, and logged, unless
-        ``keep_control_probes``.
+        ``keep_control_probes``. Panels named by Ensembl IDs beside panels named by symbols
+        (:func:`looks_like_ensembl`) share no tokens: a warning says which.
         """
-        genes = [str(g) for panel in panels for g in panel]
+        panels = [[str(g) for g in panel] for panel in panels]
+        kinds = [looks_like_ensembl(panel) for panel in panels]
+        if any(kinds) and not all(kinds):
+            warnings.warn(
+                f"Panels {[i for i, k in enumerate(kinds) if k]} are named by Ensembl gene IDs and panels "
+                f"{[i for i, k in enumerate(kinds) if not k]} by gene symbols: they share no gene tokens, so the model "
+                "cannot relate them. Read the ID-named ones with gene_symbols= (--gene-symbols COLUMN), e.g. "
+                "CELLxGENE's 'feature_name'.", UserWarning, stacklevel=2)
+        genes = [g for panel in panels for g in panel]
         if keep_control_probes:
             return cls(genes)
         controls = set(control_probes(genes))
