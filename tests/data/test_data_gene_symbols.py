@@ -56,7 +56,7 @@ def test_a_symbol_model_on_ensembl_ids_says_to_pass_gene_symbols(ensembl, tmp_pa
     assert not looks_like_ensembl(["Gad1", "Sst", "ENSG00000141510"]) and not looks_like_ensembl([])
     torch.manual_seed(0)
     model = GeneToCell(GeneToCellConfig.preset("tiny", genes=list(symbols.var_names)))
-    with pytest.raises(XscaleInputError, match=r"shares 0 of its 166 genes.*var_names are Ensembl gene IDs.*"
+    with pytest.raises(XscaleInputError, match=r"shares 0 of its 166 genes.*var_names are Ensembl IDs.*"
                                                r"--gene-symbols COLUMN.*'feature_name'"):
         xscale.tl.embed_cells(read_dataset(path, spatial_key=None), model, copy=True, progress=False)
     # with the symbols: the same latents as the AnnData named by symbols

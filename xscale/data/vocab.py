@@ -126,7 +126,7 @@ class GeneVocab:
             missing = [s for s, i in zip(symbols, idx, strict=True) if i < 0][:10]
             hint = ("Check that var_names hold gene symbols (not Ensembl IDs) or train a model on this panel.")
             if looks_like_ensembl(symbols) and not looks_like_ensembl(self.genes):
-                hint = ("Its var_names are Ensembl gene IDs, the vocabulary holds gene symbols: pass the var "
+                hint = ("Its var_names are Ensembl IDs, the vocabulary holds gene symbols: pass the var "
                         "column of symbols as gene_symbols= to read_dataset / prepare, or --gene-symbols COLUMN on "
                         "the command line (CELLxGENE files keep them in 'feature_name'); in memory, "
                         "adata.var_names = adata.var[COLUMN].astype(str).")
