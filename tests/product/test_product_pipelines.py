@@ -178,6 +178,15 @@ def test_embed_pipeline_on_your_own_file(tmp_path):
 
     store = ad.read_zarr(done["niches"]["outputs"]["store"]["path"])
     assert store.obsm["X_xscale_niche"].shape[0] == 300 and store.obs["xscale_domain"].nunique() == 3
+    # the same cells named by Ensembl IDs, symbols in var['feature_name'] (CELLxGENE's layout): --var gene_symbols
+    a.var["feature_name"] = list(a.var_names)
+    a.var_names = [f"ENSMUSG{i:011d}" for i in range(a.n_vars)]
+    a.write_h5ad(tmp_path / "ens.h5ad")
+    ens = run_pipeline(pipe, tmp_path / "ens", variables={**variables, "data": str(tmp_path / "ens.h5ad"),
+                                                          "gene_symbols": "feature_name"})
+    again = ad.read_zarr(ens["cells"]["outputs"]["store"]["path"])
+    first = ad.read_zarr(done["cells"]["outputs"]["store"]["path"])
+    np.testing.assert_array_equal(again.obsm["X_xscale_cell"], first.obsm["X_xscale_cell"])
     with pytest.raises(XscaleInputError, match="expected a bundled dataset name .* or a path to your data"):
         run_pipeline(pipe, tmp_path / "out2", variables={**variables, "data": "starmap_mpf"})
 

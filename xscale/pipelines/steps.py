@@ -15,20 +15,26 @@ from xscale.pipelines.runner import write_json as _write_json
 Preset = Literal["tiny", "small", "base"]  # model sizes (GeneToCellConfig / CellToTissueConfig presets)
 
 
-def _read_data(data: str, *, exclude_holdout: bool = False, counts_layer: str | None = None):
+def _read_data(data: str, *, exclude_holdout: bool = False, counts_layer: str | None = None,
+               gene_symbols: str | None = None):
     """A bundled dataset name (optionally without its held-out slide) or a path read by the data layer
-    (``counts_layer``: the layer of raw counts when its X is normalised)."""
+    (``counts_layer``: the layer of raw counts when its X is normalised; ``gene_symbols``: the var column of
+    gene symbols when var_names hold IDs, see :func:`xscale.data.validate.use_gene_symbols`)."""
     import xscale.datasets as ds
 
     if data in ds.available():
         adata, info = ds.load(data), ds.info(data)
         if exclude_holdout and info.holdout is not None:
             adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
+        if gene_symbols is not None:
+            from xscale.data.validate import use_gene_symbols
+
+            use_gene_symbols(adata, gene_symbols)
         return adata
     from xscale.data.io import read_dataset
 
     _dataset_keys(data)  # a name that is neither bundled nor a path: an error that lists the names
-    return read_dataset(data, spatial_key=None, counts_layer=counts_layer)
+    return read_dataset(data, spatial_key=None, counts_layer=counts_layer, gene_symbols=gene_symbols)
 
 
 @register_step("evaluate")
@@ -75,13 +81,13 @@ def _step_fit_level1(
 
 @register_step("embed_cells")
 def _step_embed_cells(ctx: StepContext, *, checkpoint: str, data: str,
-                      counts_layer: str | None = None) -> dict[str, Any]:
+                      counts_layer: str | None = None, gene_symbols: str | None = None) -> dict[str, Any]:
     """Embed every cell of ``data`` with a level-1 model: ``cells.zarr`` with ``obsm["X_xscale_cell"]``."""
     import xscale.tl
     from xscale.data.writeback import write_anndata_zarr
     from xscale.models.io import load_model
 
-    adata = _read_data(data, counts_layer=counts_layer)
+    adata = _read_data(data, counts_layer=counts_layer, gene_symbols=gene_symbols)
     xscale.tl.embed_cells(adata, load_model(checkpoint))
     return {"outputs": {"store": write_anndata_zarr(adata, ctx.workdir / "cells.zarr")}}
 
@@ -173,12 +179,12 @@ def _step_finetune(
     slide_key: str | None = None, trainable: str = "xpressor", max_epochs: int = 10, max_steps: int = -1,
     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, layer_mix: bool = False, ema_decay: float | None = None,
     thinning: float | None = None, correction: str = "mmd", correction_weight: float = 1.0,
-    structure_weight: float | None = None, counts_layer: str | None = None,
+    structure_weight: float | None = None, counts_layer: str | None = None, gene_symbols: str | None = None,
 ) -> dict[str, Any]:
     """Parameter-efficient fine-tuning of a level-1 model (:func:`xscale.train.finetune.finetune`)."""
     from xscale.train.finetune import finetune
 
-    adata = _read_data(data, counts_layer=counts_layer)
+    adata = _read_data(data, counts_layer=counts_layer, gene_symbols=gene_symbols)
     result = finetune(model, adata, task=task, label_key=label_key, slide_key=slide_key,
                       trainable=trainable, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
                       lr=lr, seed=seed, layer_mix=layer_mix, ema_decay=ema_decay, thinning=thinning,
