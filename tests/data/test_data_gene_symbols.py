@@ -102,3 +102,21 @@ def test_a_vocabulary_over_ensembl_and_symbol_panels_warns(ensembl):
         warnings.simplefilter("error")  # the same kind of names everywhere: silent
         assert len(vocab_from_adatas([symbols, read_dataset(path, gene_symbols="feature_name")])) == symbols.n_vars
         vocab_from_adatas([ids, ids])
+
+
+def test_pipeline_steps_read_gene_symbols(ensembl, tmp_path):
+    """A pipeline step reading your file (here pca_embed) takes gene_symbols; a bundled dataset without that column
+    stops with the column error."""
+    from xscale.pipelines import run_pipeline
+    from xscale.pipelines.steps import _read_data
+
+    path, symbols = ensembl
+    (tmp_path / "p.yaml").write_text(
+        "name: pca\nvars: {data: x, gene_symbols: null}\nsteps:\n  - name: pca\n    uses: pca_embed\n"
+        "    with: {data: \"${vars.data}\", n_components: 5, gene_symbols: \"${vars.gene_symbols}\"}\n")
+    done = run_pipeline(tmp_path / "p.yaml", tmp_path / "run", variables={"data": str(path),
+                                                                         "gene_symbols": "feature_name"})
+    pca = ad.read_zarr(done["pca"]["outputs"]["store"]["path"])
+    assert list(pca.var_names) == list(symbols.var_names) and pca.obsm["X_pca"].shape == (300, 5)
+    with pytest.raises(XscaleInputError, match=r"gene_symbols='feature_name': expected a var column"):
+        _read_data("starmap_mpfc", gene_symbols="feature_name")

@@ -55,12 +55,13 @@ def _step_evaluate(
 
 
 @register_step("pca_embed")
-def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30) -> dict[str, Any]:
+def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30,
+                    gene_symbols: str | None = None) -> dict[str, Any]:
     """Baseline store: ``obsm["X_pca"]`` of log-normalised expression (fitted on all cells)."""
     from xscale.data.writeback import write_anndata_zarr
     from xscale.eval import metrics as M
 
-    adata = _read_data(data)
+    adata = _read_data(data, gene_symbols=gene_symbols)
     adata.obsm["X_pca"] = M.pca(M.log_normalized(adata.X), n_components=n_components)[0]
     return {"outputs": {"store": write_anndata_zarr(adata, ctx.workdir / "cells.zarr")}}
 
@@ -143,12 +144,12 @@ def _step_staged(
     ctx: StepContext, *, data: str, level1_preset: Preset = "small", level2_preset: Preset = "small",
     exclude_holdout: bool = True, slide_key: str | None = None, n_domains: int | None = None,
     level1_epochs: int = 20, level2_epochs: int = 30, level1_max_steps: int = -1, level2_max_steps: int = -1,
-    batch_size: int = 128, seed: int = 0, evaluate: bool = True,
+    batch_size: int = 128, seed: int = 0, evaluate: bool = True, gene_symbols: str | None = None,
 ) -> dict[str, Any]:
     """Staged training of both levels (:func:`xscale.train.staged.run_staged`), then evaluation."""
     from xscale.train.staged import run_staged
 
-    adata = _read_data(data)
+    adata = _read_data(data, gene_symbols=gene_symbols)
     keys = _dataset_keys(data if _is_bundled(data) else None)
     slide_key = slide_key or keys["slide_key"]
     train_slides = None
