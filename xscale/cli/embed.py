@@ -191,11 +191,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
     if args.data in ds.available():
-        adata = ds.load(args.data)
-        if args.gene_symbols is not None:
-            from xscale.data.validate import use_gene_symbols
+        from xscale.data.validate import use_gene_symbols
 
-            use_gene_symbols(adata, args.gene_symbols)
+        adata = use_gene_symbols(ds.load(args.data), args.gene_symbols)
         slide_key = args.slide_key or ds.info(args.data).slide_key
     else:
         from xscale.data.io import read_dataset

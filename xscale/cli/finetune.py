@@ -88,12 +88,9 @@ def _read(data: str, table_key: str | None = None, gene_symbols: str | None = No
     from xscale.errors import XscaleInputError
 
     if data in xscale.datasets.available():
-        adata = xscale.datasets.load(data)
-        if gene_symbols is not None:
-            from xscale.data.validate import use_gene_symbols
+        from xscale.data.validate import use_gene_symbols
 
-            use_gene_symbols(adata, gene_symbols)
-        return adata
+        return use_gene_symbols(xscale.datasets.load(data), gene_symbols)
     if Path(data).exists():
         return read_dataset(data, table_key=table_key, spatial_key=None, validate=False,
                             gene_symbols=gene_symbols)

@@ -288,8 +288,7 @@ def read_dataset(
         adata = _read_anndata_zarr(path, backed, chunk_rows)
     else:
         adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
-    if gene_symbols is not None:
-        use_gene_symbols(adata, gene_symbols)
+    use_gene_symbols(adata, gene_symbols)
     if validate:
         adata = validate_adata(adata, spatial_key=spatial_key, counts_layer=counts_layer, slide_key=slide_key)
     adata.uns["xscale_source"] = {"path": str(path), "format": fmt, "table_key": table_key or ""}

@@ -178,20 +178,22 @@ def check_gene_names(var_names: Sequence[str]) -> None:
         )
 
 
-def use_gene_symbols(adata: ad.AnnData, key: str) -> ad.AnnData:
+def use_gene_symbols(adata: ad.AnnData, key: str | None) -> ad.AnnData:
     """Make ``adata.var[key]`` the gene names (in place; returns ``adata``): for files whose var_names
     are IDs (CELLxGENE: Ensembl IDs, symbols in ``var['feature_name']``). The former names are kept
-    in ``var['xscale_var_id']``. Raises :class:`XscaleInputError` for a missing column (the columns
-    present are listed) or missing / empty symbols; duplicated symbols are caught by
-    :func:`check_gene_names` later, as for any panel."""
+    in ``var['xscale_var_id']``; ``key=None`` leaves ``adata`` as it is. Raises :class:`XscaleInputError`
+    for a missing column (the columns present are listed) or missing / empty symbols; duplicated
+    symbols are caught by :func:`check_gene_names` later, as for any panel."""
+    if key is None:
+        return adata
     if key not in adata.var.columns:
         raise XscaleInputError(
             f"gene_symbols={key!r}: expected a var column of gene symbols, found none by that name. "
             f"var columns: {list(adata.var.columns)}. Omit it when var_names already hold the symbols."
         )
-    col = adata.var[key]
-    values = col.astype(object).to_numpy()
-    empty = pd.isna(values) | (pd.Series(values).astype(str).str.strip().to_numpy() == "")
+    values = adata.var[key].astype(object).to_numpy()
+    symbols = pd.Series(values).astype(str).str.strip().to_numpy()
+    empty = pd.isna(values) | (symbols == "")
     if empty.any():
         raise XscaleInputError(
             f"adata.var[{key!r}]: expected a gene symbol for every gene, found {int(empty.sum())} missing or empty "
@@ -199,7 +201,7 @@ def use_gene_symbols(adata: ad.AnnData, key: str) -> ad.AnnData:
             "genes first."
         )
     adata.var["xscale_var_id"] = np.asarray(adata.var_names, dtype=object)
-    adata.var_names = pd.Index(pd.Series(values).astype(str).str.strip().to_numpy(), name=None)
+    adata.var_names = pd.Index(symbols, name=None)
     logger.info("gene names from var[%r] (e.g. %s); the former var_names are in var['xscale_var_id']", key,
                 _examples(adata.var_names, 3))
     return adata

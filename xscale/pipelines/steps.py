@@ -26,11 +26,9 @@ def _read_data(data: str, *, exclude_holdout: bool = False, counts_layer: str | 
         adata, info = ds.load(data), ds.info(data)
         if exclude_holdout and info.holdout is not None:
             adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
-        if gene_symbols is not None:
-            from xscale.data.validate import use_gene_symbols
+        from xscale.data.validate import use_gene_symbols
 
-            use_gene_symbols(adata, gene_symbols)
-        return adata
+        return use_gene_symbols(adata, gene_symbols)
     from xscale.data.io import read_dataset
 
     _dataset_keys(data)  # a name that is neither bundled nor a path: an error that lists the names
