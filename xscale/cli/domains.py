@@ -64,10 +64,13 @@ def run(args: argparse.Namespace) -> int:
         raise XscaleInputError(f"Store {str(store)!r} does not exist. Pass the cells.zarr written by xscale demo/run.")
     if args.n_domains < 2:
         raise XscaleInputError(f"--n-domains must be >= 2; got {args.n_domains}.")
-    if is_prepared_store(store) and args.out is not None:
-        return _prepared_store_copy(args, store, Path(args.out))
     if is_prepared_store(store):
-        _prepared_store(args, store, _prepared_labels(args, store))
+        if args.out is not None:
+            return _prepared_store_copy(args, store, Path(args.out))
+        from xscale.data.store import CellStore
+
+        cells = CellStore(store)
+        _prepared_store(args, cells, _prepared_labels(args, cells))
         print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
         return 0
     try:
@@ -104,31 +107,31 @@ def _prepared_store_copy(args: argparse.Namespace, store, out) -> int:
     touched. ``out`` may not be ``store`` itself, nor something that is not an xscale output."""
     import shutil
 
+    from xscale.data.store import CellStore
     from xscale.errors import XscaleInputError
     from xscale.utils.atomic import atomic_dir
 
     if out.resolve() == store.resolve():
         raise XscaleInputError(f"--out {str(out)!r} is --store itself; expected a new path. Omit --out to write "
                                "the domains into the store.")
-    labels = _prepared_labels(args, store)  # bad options fail before the copy
+    labels = _prepared_labels(args, CellStore(store))  # bad options fail before the copy
     with atomic_dir(out, marker=False) as tmp:
         shutil.copytree(store, tmp, dirs_exist_ok=True)
-        _prepared_store(args, tmp, labels)
+        _prepared_store(args, CellStore(tmp), labels)
     print(f"wrote {out}: a copy of {store} with obs[{args.key_added!r}] (block by block)")
     return 0
 
 
-def _prepared_labels(args: argparse.Namespace, store):
-    """Check the options against a prepared store before any work; returns obs[--label-key] (or None)."""
+def _prepared_labels(args: argparse.Namespace, cells):
+    """Check the options against a prepared store (a CellStore) before any work; returns obs[--label-key] (or
+    None)."""
     from anndata.io import read_elem
 
-    from xscale.data.store import CellStore
     from xscale.errors import XscaleInputError
 
-    cells = CellStore(store)
     if args.slide_key is not None:
-        raise XscaleInputError(f"--slide-key: {store} is a prepared store, whose slides are fixed by xscale prepare "
-                               "and centred by default; expected no --slide-key, found it. Omit it (or pass "
+        raise XscaleInputError(f"--slide-key: {cells.path} is a prepared store, whose slides are fixed by xscale "
+                               "prepare and centred by default; expected no --slide-key, found it. Omit it (or pass "
                                "--no-slide-center).")
     if args.use_rep not in cells.root["obsm"]:
         raise XscaleInputError(f"--use-rep {args.use_rep!r} not in the store's obsm. Available: "
@@ -142,16 +145,14 @@ def _prepared_labels(args: argparse.Namespace, store):
     return obs[args.label_key]
 
 
-def _prepared_store(args: argparse.Namespace, store, labels) -> None:
-    """A prepared store, in place, block by block: only its latents are read
+def _prepared_store(args: argparse.Namespace, cells, labels) -> None:
+    """A prepared store (a CellStore), in place, block by block: only its latents are read
     (:func:`xscale.train.store_run.store_domains`); the store's own slides are centred. ``labels``: obs[--label-key]
     or None (:func:`_prepared_labels`)."""
     import numpy as np
 
-    from xscale.data.store import CellStore
     from xscale.train.store_run import store_domains
 
-    cells = CellStore(store)
     domains = store_domains(cells, args.n_domains, key=args.use_rep, key_added=args.key_added,
                             slide_center=not args.no_slide_center, method=args.method, seed=args.seed)
     if not args.no_slide_center and len(cells.slide_names) > 1:
