@@ -120,3 +120,39 @@ def test_pipeline_steps_read_gene_symbols(ensembl, tmp_path):
     assert list(pca.var_names) == list(symbols.var_names) and pca.obsm["X_pca"].shape == (300, 5)
     with pytest.raises(XscaleInputError, match=r"gene_symbols='feature_name': expected a var column"):
         _read_data("starmap_mpfc", gene_symbols="feature_name")
+
+
+def test_multi_dataset_training_reads_gene_symbols_per_dataset(ensembl, tmp_path, monkeypatch, capsys):
+    """A bundled (symbol-named) set beside a CELLxGENE-style file: ``xscale fit`` (data.init_args.gene_symbols) and
+    the fit_level1 pipeline step take one column per dataset, so both panels share their 166 gene tokens (the IDs
+    alone would give 332 and a warning). A list of the wrong length is an error naming both counts."""
+    from pathlib import Path
+
+    from xscale.data.io import read_sources
+    from xscale.models.io import load_model
+    from xscale.pipelines import run_pipeline
+
+    path, symbols = ensembl
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(root / "configs/model/level1/tiny.yaml"),
+            "--config", str(root / "configs/data/starmap_mpfc.yaml"), "--save-dir", str(tmp_path / "m"),
+            "trainer.max_steps=2", "trainer.logger=false", "trainer.enable_checkpointing=false",
+            "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "data.init_args.batch_size=16",
+            f"data.init_args.datasets=[starmap_mpfc,{path}]", "data.init_args.gene_symbols=[null,feature_name]"]
+    assert main(args) == 0
+    shared = sorted(g.upper() for g in symbols.var_names)  # the vocabulary normalises symbols to upper case
+    assert sorted(load_model(tmp_path / "m").config.genes) == shared
+
+    (tmp_path / "p.yaml").write_text(
+        "name: pre\nsteps:\n  - name: l1\n    uses: fit_level1\n"
+        f"    with: {{datasets: [starmap_mpfc, \"{path}\"], gene_symbols: [null, feature_name], preset: tiny, "
+        "max_steps: 2, batch_size: 16}\n")
+    done = run_pipeline(tmp_path / "p.yaml", tmp_path / "run")
+    assert sorted(load_model(done["l1"]["outputs"]["checkpoint"]["path"]).config.genes) == shared
+
+    with pytest.raises(XscaleInputError, match=r"gene_symbols: expected one entry per dataset \(2: .*found 1"):
+        read_sources(["starmap_mpfc", str(path)], gene_symbols=["feature_name"])
+    capsys.readouterr()
+    assert main([*args[:-1], "data.init_args.gene_symbols=[feature_name]"]) == 2
+    assert "expected one entry per dataset" in capsys.readouterr().err

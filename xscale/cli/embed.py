@@ -190,19 +190,12 @@ def run(args: argparse.Namespace) -> int:
         return _embed_prepared_store(args, l1, l2)
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
-    if args.data in ds.available():
-        from xscale.data.validate import use_gene_symbols
+    from xscale.data.io import read_source
 
-        adata = use_gene_symbols(ds.load(args.data), args.gene_symbols)
-        slide_key = args.slide_key or ds.info(args.data).slide_key
-    else:
-        from xscale.data.io import read_dataset
-
-        spatial = args.spatial_key if l2 is not None else None
-        adata = read_dataset(args.data, table_key=args.table_key, spatial_key=spatial,
-                             counts_layer=args.counts_layer, slide_key=args.slide_key,
-                             gene_symbols=args.gene_symbols)
-        slide_key = args.slide_key
+    adata = read_source(args.data, table_key=args.table_key, spatial_key=args.spatial_key if l2 is not None else None,
+                        counts_layer=args.counts_layer, slide_key=args.slide_key, gene_symbols=args.gene_symbols)
+    bundled = args.data in ds.available()
+    slide_key = args.slide_key or (ds.info(args.data).slide_key if bundled else None)
     if slide_key and slide_key not in adata.obs:  # before any embedding
         raise XscaleInputError(f"--slide-key {slide_key!r}: expected an obs column of {args.data}, found none by that "
                                f"name. Available: {list(adata.obs.columns)}. Omit --slide-key for a single slide.")
@@ -233,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if args.spatial_key != "spatial" and args.spatial_key in adata.obsm:
         adata.obsm["spatial"] = np.asarray(adata.obsm[args.spatial_key])  # where the query layer looks
     meta = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
-    if args.data in ds.available():
+    if bundled:
         info = ds.info(args.data)
         meta.update(name=info.name, label_key=info.label_key, domain_key=info.domain_key or "",
                     holdout=info.holdout or "")

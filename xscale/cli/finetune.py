@@ -78,26 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read(data: str, table_key: str | None = None, gene_symbols: str | None = None):
-    """A bundled dataset by name (the name wins over a file of that name, as in embed, run and
-    prepare), else an .h5ad file, AnnData zarr or SpatialData zarr (its table). Not validated
-    here: ``finetune`` checks the counts (``counts_layer``) and the keys it uses."""
-    from pathlib import Path
+    """A bundled dataset by name, else an .h5ad file, AnnData zarr or SpatialData zarr (its table).
+    Not validated here: ``finetune`` checks the counts (``counts_layer``) and the keys it uses."""
+    from xscale.data.io import read_source
 
-    import xscale.datasets
-    from xscale.data.io import read_dataset
-    from xscale.errors import XscaleInputError
-
-    if data in xscale.datasets.available():
-        from xscale.data.validate import use_gene_symbols
-
-        return use_gene_symbols(xscale.datasets.load(data), gene_symbols)
-    if Path(data).exists():
-        return read_dataset(data, table_key=table_key, spatial_key=None, validate=False,
-                            gene_symbols=gene_symbols)
-    raise XscaleInputError(
-        f"Data {data!r} is neither an existing .h5ad file or zarr store nor a bundled dataset "
-        f"({xscale.datasets.available()})."
-    )
+    return read_source(data, table_key=table_key, spatial_key=None, validate=False, gene_symbols=gene_symbols)
 
 
 def _train_mask(adata, key: str | None, values: list[str] | None):

@@ -58,25 +58,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'xscale.cli.fit' has no attribute {name!r}")
 
 
-def _load_many(datasets: list[str], *, exclude_holdout: bool, counts_layer: str | None, slide_key: str | None):
+def _load_many(datasets: list[str], *, exclude_holdout: bool, counts_layer: str | None, slide_key: str | None,
+               gene_symbols: str | list[str | None] | None = None):
     """Bundled dataset names or paths -> AnnData list (held-out slides removed for bundled sets)."""
-    import xscale.datasets as ds
+    from xscale.data.io import read_sources
     from xscale.errors import XscaleInputError
 
     if not datasets:
         raise XscaleInputError("data.datasets is empty; list bundled dataset names or .h5ad/.zarr paths.")
-    adatas = []
-    for name in datasets:
-        if name in ds.available():
-            a, info = ds.load(name), ds.info(name)
-            if exclude_holdout and info.holdout is not None:
-                a = a[a.obs[info.slide_key].astype(str) != info.holdout].copy()
-        else:
-            from xscale.data.io import read_dataset
-
-            a = read_dataset(name, counts_layer=counts_layer, slide_key=slide_key, spatial_key=None)
-        adatas.append(a)
-    return adatas
+    return read_sources(datasets, gene_symbols=gene_symbols, exclude_holdout=exclude_holdout,
+                        counts_layer=counts_layer, slide_key=slide_key, spatial_key=None)
 
 
 def _define() -> None:
@@ -136,19 +127,22 @@ def _define() -> None:
         ``max_genes``: the gene context of each training cell; ``"model"`` (the default) takes
         the level-1 model's own ``max_genes`` (its preset's: 192 for ``small``), as ``xscale run``
         and ``fit_level1`` do; an int sets it; None reads whole panels.
+        ``gene_symbols``: the var column of gene symbols for datasets whose var_names are IDs
+        (CELLxGENE: ``feature_name``); one name for all datasets, or a list with one entry per
+        dataset (null where var_names are symbols already, as in the bundled sets).
         """
 
         def __init__(self, datasets: list[str], exclude_holdout: bool = True, val_fraction: float = 0.1,
                      max_genes: int | Literal["model"] | None = "model", batch_size: int = 64, num_workers: int = 0,
                      seed: int = 0, counts_layer: str | None = None, slide_key: str | None = None,
-                     min_genes: int = 10) -> None:
+                     min_genes: int = 10, gene_symbols: str | list[str | None] | None = None) -> None:
             from xscale.data.anndata_dataset import vocab_from_adatas
 
             self.max_genes_from_model = max_genes == "model"  # set by Level1.setup, once the model exists
             max_genes = None if max_genes == "model" else max_genes
 
             adatas = _load_many(datasets, exclude_holdout=exclude_holdout, counts_layer=counts_layer,
-                                slide_key=slide_key)
+                                slide_key=slide_key, gene_symbols=gene_symbols)
             self.vocab = vocab_from_adatas(adatas)
             built = CellDataModule.from_adatas(  # _load_many already put counts_layer's counts into X
                 adatas, self.vocab, val_fraction=val_fraction, counts_layer=None, slide_key=slide_key,

@@ -293,3 +293,60 @@ def read_dataset(
         adata = validate_adata(adata, spatial_key=spatial_key, counts_layer=counts_layer, slide_key=slide_key)
     adata.uns["xscale_source"] = {"path": str(path), "format": fmt, "table_key": table_key or ""}
     return adata
+
+
+def read_source(
+    source: str | Path,
+    *,
+    exclude_holdout: bool = False,
+    gene_symbols: str | None = None,
+    **read_kwargs: Any,
+) -> ad.AnnData:
+    """A bundled dataset by name, else :func:`read_dataset` of the path with ``read_kwargs``.
+
+    What every command that takes "a bundled name or your file" reads with. The name wins over a
+    file of that name. ``exclude_holdout`` drops a bundled dataset's held-out slide (never trained
+    on; a path is read whole). ``gene_symbols`` applies to both (see
+    :func:`~xscale.data.validate.use_gene_symbols`). Nothing at the path: an error that lists the
+    bundled names too, since a mistyped name looks like a missing file.
+    """
+    import xscale.datasets as ds
+    from xscale.data.validate import use_gene_symbols
+
+    name = str(source)
+    if name in ds.available():
+        adata, info = ds.load(name), ds.info(name)
+        if exclude_holdout and info.holdout is not None:
+            adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
+        return use_gene_symbols(adata, gene_symbols)
+    if not Path(source).exists():
+        raise XscaleInputError(
+            f"{source}: expected a bundled dataset name ({', '.join(ds.available())}) or a path to your data "
+            "(an .h5ad file or a .zarr store), found nothing at this path."
+        )
+    return read_dataset(source, gene_symbols=gene_symbols, **read_kwargs)
+
+
+def read_sources(
+    sources: list[str],
+    *,
+    gene_symbols: str | list[str | None] | None = None,
+    **kwargs: Any,
+) -> list[ad.AnnData]:
+    """:func:`read_source` of each of several datasets (multi-dataset training).
+
+    ``gene_symbols``: one var column for every dataset, or a list with one entry per dataset (None
+    where var_names already hold symbols, e.g. ``[None, "feature_name"]`` for a bundled set beside a
+    CELLxGENE file).
+    """
+    if gene_symbols is None or isinstance(gene_symbols, str):
+        per_source = [gene_symbols] * len(sources)
+    else:
+        per_source = list(gene_symbols)
+        if len(per_source) != len(sources):
+            raise XscaleInputError(
+                f"gene_symbols: expected one entry per dataset ({len(sources)}: {list(sources)}), found "
+                f"{len(per_source)} ({per_source}). Use null for a dataset whose var_names are symbols, or give "
+                "one column name for all."
+            )
+    return [read_source(s, gene_symbols=g, **kwargs) for s, g in zip(sources, per_source, strict=True)]

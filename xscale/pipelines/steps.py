@@ -20,19 +20,10 @@ def _read_data(data: str, *, exclude_holdout: bool = False, counts_layer: str | 
     """A bundled dataset name (optionally without its held-out slide) or a path read by the data layer
     (``counts_layer``: the layer of raw counts when its X is normalised; ``gene_symbols``: the var column of
     gene symbols when var_names hold IDs, see :func:`xscale.data.validate.use_gene_symbols`)."""
-    import xscale.datasets as ds
+    from xscale.data.io import read_source
 
-    if data in ds.available():
-        adata, info = ds.load(data), ds.info(data)
-        if exclude_holdout and info.holdout is not None:
-            adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
-        from xscale.data.validate import use_gene_symbols
-
-        return use_gene_symbols(adata, gene_symbols)
-    from xscale.data.io import read_dataset
-
-    _dataset_keys(data)  # a name that is neither bundled nor a path: an error that lists the names
-    return read_dataset(data, spatial_key=None, counts_layer=counts_layer, gene_symbols=gene_symbols)
+    return read_source(data, exclude_holdout=exclude_holdout, gene_symbols=gene_symbols, spatial_key=None,
+                       counts_layer=counts_layer)
 
 
 @register_step("evaluate")
@@ -68,11 +59,15 @@ def _step_pca_embed(ctx: StepContext, *, data: str, n_components: int = 30,
 def _step_fit_level1(
     ctx: StepContext, *, datasets: list[str], preset: Preset = "small", exclude_holdout: bool = True,
     max_epochs: int | None = None, max_steps: int = -1, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+    gene_symbols: str | list[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Pretrain level 1 on several datasets at once (held-out slides of bundled sets left out)."""
+    """Pretrain level 1 on several datasets at once (held-out slides of bundled sets left out).
+    ``gene_symbols``: one var column for all datasets or one entry per dataset (null where var_names are
+    symbols already), see :func:`xscale.data.io.read_sources`."""
+    from xscale.data.io import read_sources
     from xscale.train.level1 import fit_level1
 
-    adatas = [_read_data(d, exclude_holdout=exclude_holdout) for d in datasets]
+    adatas = read_sources(datasets, gene_symbols=gene_symbols, exclude_holdout=exclude_holdout, spatial_key=None)
     fit_level1(adatas, preset, out_dir=ctx.workdir, max_epochs=max_epochs, max_steps=max_steps,
                batch_size=batch_size, lr=lr, seed=seed, accelerator="cpu")
     return {"outputs": {"checkpoint": ctx.workdir / "model"}}
