@@ -35,6 +35,38 @@ def test_spatialdata_centroids_become_coordinates(small_adata, tmp_path, write_s
     np.testing.assert_allclose(a.obsm["spatial"], small_adata.obsm["spatial"])
 
 
+def test_spatialdata_table_read_lazily_and_prepared_without_a_whole_read(small_adata, tmp_path, write_spatialdata,
+                                                                         monkeypatch):
+    """backed=True (what prepare reads with): the table's X is a dask array of chunk_rows-cell blocks and spatialdata's
+    own table reader, which reads a table whole, is never used (made to fail here); counts and the centroid
+    coordinates equal the eager read's, and prepare of the store equals prepare of the same AnnData."""
+    import spatialdata._io.io_table as io_table
+
+    from xscale.data.prepare import prepare
+    from xscale.data.store import CellStore
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    eager = read_dataset(path)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr(io_table, "read_anndata_zarr", whole)
+    with pytest.raises(XscaleInputError, match="the whole table was read"):
+        read_dataset(path)  # the spy sees an eager read
+    lazy = read_dataset(path, backed=True, chunk_rows=64)
+    assert type(lazy.X).__module__.startswith("dask") and lazy.X.chunks[0][:2] == (64, 64)
+    np.testing.assert_array_equal(lazy.X.compute().toarray(), eager.X.toarray())
+    np.testing.assert_allclose(lazy.obsm["spatial"], eager.obsm["spatial"])
+    assert list(lazy.obs_names) == list(eager.obs_names) and lazy.uns["xscale_source"]["table_key"] == "table"
+    prepare(path, tmp_path / "store.zarr", chunk_cells=128)
+    prepare(eager, tmp_path / "ref.zarr", chunk_cells=128)
+    got, ref = CellStore(tmp_path / "store.zarr"), CellStore(tmp_path / "ref.zarr")
+    assert got.n_cells == ref.n_cells == small_adata.n_obs
+    np.testing.assert_array_equal(got.read_rows(0, got.n_cells).toarray(), ref.read_rows(0, ref.n_cells).toarray())
+    np.testing.assert_array_equal(got.source_index(), ref.source_index())
+
+
 def test_spatialdata_instance_ids_that_match_no_shape(small_adata, tmp_path, write_spatialdata):
     """Instance ids offset from the shapes' index: one error naming the instance_key and both id ranges
     (was "found NaN/inf for 300 cell(s) ... drop those cells", as if the coordinates were bad)."""

@@ -168,22 +168,43 @@ def cell_tables(tables: Any) -> list[str]:
     return [name for name, t in tables.items() if NICHE_TABLE_MARK not in t.uns]
 
 
+def _read_spatialdata(path: Path, backed: bool, chunk_rows: int) -> tuple[Any, dict[str, ad.AnnData]]:
+    """(SpatialData, its tables by name). ``backed``: spatialdata reads tables whole, so they are left
+    out of its selection (with the images and labels, which xscale never reads) and each table is read
+    from its own AnnData zarr group with X and layers as dask arrays (:func:`_read_lazy_anndata`)."""
+    import spatialdata as sd
+
+    try:
+        if not backed:
+            sdata = sd.read_zarr(path)
+            return sdata, dict(sdata.tables)
+        import zarr
+
+        sdata = sd.read_zarr(path, selection=("shapes", "points"))
+        root = path / "tables"
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
+        return sdata, {name: _read_lazy_anndata(zarr.open_group(root / name, mode="r"), chunk_rows)
+                       for name in names}
+    except XscaleInputError:
+        raise
+    except Exception as err:  # damaged stores raise many types; all mean the same here
+        raise _corrupted(path, err) from err
+
+
 def read_spatialdata_table(
-    path: str | Path, *, table_key: str | None = None, spatial_key: str = "spatial"
+    path: str | Path, *, table_key: str | None = None, spatial_key: str = "spatial", backed: bool = False,
+    chunk_rows: int = LAZY_CHUNK_ROWS,
 ) -> tuple[ad.AnnData, str]:
     """The annotating table of a SpatialData zarr store, with coordinates in ``obsm[spatial_key]``.
 
     Returns ``(table, table_key)``. The table's obsm gets the centroids of the annotated
-    shapes/points when it has no ``spatial_key`` of its own.
+    shapes/points when it has no ``spatial_key`` of its own. ``backed``: the table's X and layers
+    are dask arrays of ``chunk_rows``-cell CSR blocks, read when computed (a table larger than memory).
     """
-    import spatialdata as sd
-
     path = Path(path)
-    try:
-        sdata = sd.read_zarr(path)
-    except Exception as err:
-        raise _corrupted(path, err) from err
-    tables = list(sdata.tables.keys())
+    sdata, by_name = _read_spatialdata(path, backed, chunk_rows)
+    tables = list(by_name)
     if not tables:
         elements = [name for _, name, _ in sdata.gen_spatial_elements()]
         raise XscaleInputError(
@@ -192,7 +213,7 @@ def read_spatialdata_table(
             "(sdata.tables['table'] = TableModel.parse(adata, region=..., region_key=..., instance_key=...))."
         )
     if table_key is None:
-        cells = cell_tables(sdata.tables)  # niche tables written back by xscale are not candidates
+        cells = cell_tables(by_name)  # niche tables written back by xscale are not candidates
         if len(cells) != 1:
             raise XscaleInputError(
                 f"{path}: expected one table or a table_key, found {len(tables)} tables: {tables}. "
@@ -203,7 +224,7 @@ def read_spatialdata_table(
         raise XscaleInputError(
             f"{path}: table {table_key!r} not found; tables present: {tables}. Pass table_key=<one of these>."
         )
-    table = sdata.tables[table_key]
+    table = by_name[table_key]
     if spatial_key in table.obsm:
         return table, table_key
     attrs = table.uns.get("spatialdata_attrs", {})
@@ -287,7 +308,8 @@ def read_dataset(
     elif fmt == "anndata-zarr":
         adata = _read_anndata_zarr(path, backed, chunk_rows)
     else:
-        adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial")
+        adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial",
+                                                  backed=backed, chunk_rows=chunk_rows)
     use_gene_symbols(adata, gene_symbols)
     if validate:
         adata = validate_adata(adata, spatial_key=spatial_key, counts_layer=counts_layer, slide_key=slide_key)
