@@ -149,6 +149,55 @@ def test_spatialdata_round_trip(small_adata, tmp_path, write_spatialdata):
     assert niches.uns["spatialdata_attrs"]["region"] == "cells"
 
 
+def _files(path):
+    """{relative path: bytes} of every file under ``path``."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_spatialdata_write_back_touches_only_what_changes(small_adata, tmp_path, write_spatialdata, monkeypatch):
+    """Writing latents (and obs columns) back never reads the table's counts (spatialdata's whole-table reader
+    fails here) nor rewrites them: X, var and the other tables' files are byte for byte as before. A write that
+    fails midway leaves the earlier latents and no temporary."""
+    import spatialdata as sd
+    import spatialdata._io.io_table as io_table
+
+    import xscale.data.zarr_settings as zs
+    from xscale.data.writeback import write_adata_to_spatialdata
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    table_dir = path / "tables" / "table"
+    untouched = {part: _files(table_dir / part) for part in ("X", "var")}
+    reader = io_table.read_anndata_zarr
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr(io_table, "read_anndata_zarr", whole)
+    a = small_adata.copy()
+    a.obsm["X_xscale_cell"] = np.arange(a.n_obs * 4, dtype=np.float32).reshape(a.n_obs, 4)
+    a.obs["xscale_domain"] = (np.arange(a.n_obs) % 3).astype(str)
+    table = write_adata_to_spatialdata(path, a[::-1].copy(), obs_keys=("xscale_domain",))  # rows matched by name
+    np.testing.assert_array_equal(table.obsm["X_xscale_cell"], a.obsm["X_xscale_cell"])
+    assert {part: _files(table_dir / part) for part in ("X", "var")} == untouched
+
+    def dies_midway(group, key, elem):  # writes part of the element, then the disk fills up
+        group.create_array(key + "/partial", shape=(1,), dtype="f4")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zs, "write_unsharded", dies_midway)
+    b = a.copy()
+    b.obsm["X_xscale_cell"] = -b.obsm["X_xscale_cell"]
+    with pytest.raises(OSError, match="disk full"):
+        write_adata_to_spatialdata(path, b)
+    monkeypatch.setattr(io_table, "read_anndata_zarr", reader)
+    monkeypatch.undo()
+    back = sd.read_zarr(path).tables["table"]
+    np.testing.assert_array_equal(back.obsm["X_xscale_cell"], a.obsm["X_xscale_cell"])  # the earlier latents
+    assert list(back.obs["xscale_domain"].astype(str)) == list(a.obs["xscale_domain"])
+    np.testing.assert_array_equal(back.X.toarray(), small_adata.X.toarray())
+    assert not [p for p in table_dir.rglob("*") if "xscale_tmp" in p.name]
+
+
 def test_write_anndata_zarr_is_format_2_quiet_and_atomic(small_adata, tmp_path, monkeypatch):
     import warnings
 

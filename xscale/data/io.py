@@ -168,10 +168,12 @@ def cell_tables(tables: Any) -> list[str]:
     return [name for name, t in tables.items() if NICHE_TABLE_MARK not in t.uns]
 
 
-def _read_spatialdata(path: Path, backed: bool, chunk_rows: int) -> tuple[Any, dict[str, ad.AnnData]]:
+def open_spatialdata(path: str | Path, *, backed: bool = True,
+                     chunk_rows: int = LAZY_CHUNK_ROWS) -> tuple[Any, dict[str, ad.AnnData]]:
     """(SpatialData, its tables by name). ``backed``: spatialdata reads tables whole, so they are left
-    out of its selection (with the images and labels, which xscale never reads) and each table is read
-    from its own AnnData zarr group with X and layers as dask arrays (:func:`_read_lazy_anndata`)."""
+    out of its selection (images and labels stay lazy there) and each table is read from its own
+    AnnData zarr group with X and layers as dask arrays (:func:`_read_lazy_anndata`)."""
+    path = Path(path)
     import spatialdata as sd
 
     try:
@@ -180,7 +182,7 @@ def _read_spatialdata(path: Path, backed: bool, chunk_rows: int) -> tuple[Any, d
             return sdata, dict(sdata.tables)
         import zarr
 
-        sdata = sd.read_zarr(path, selection=("shapes", "points"))
+        sdata = sd.read_zarr(path, selection=("images", "labels", "shapes", "points"))
         root = path / "tables"
         names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
             if root.is_dir() else []
@@ -203,7 +205,7 @@ def read_spatialdata_table(
     are dask arrays of ``chunk_rows``-cell CSR blocks, read when computed (a table larger than memory).
     """
     path = Path(path)
-    sdata, by_name = _read_spatialdata(path, backed, chunk_rows)
+    sdata, by_name = open_spatialdata(path, backed=backed, chunk_rows=chunk_rows)
     tables = list(by_name)
     if not tables:
         elements = [name for _, name, _ in sdata.gen_spatial_elements()]

@@ -292,35 +292,41 @@ def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, tab
 def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: Any, cell_key: str | None,
                  niche_key: str | None, niche_table: str | None, obs_columns: Any = None) -> ad.AnnData:
     """Write ``in_table_order(key, table)`` latents (n_table, ...) into the table (cells) and a second table
-    (niches), and the columns ``obs_columns(table)`` (indexed like the table) into the table's obs."""
+    (niches), and the columns ``obs_columns(table)`` (indexed like the table) into the table's obs.
+
+    The cell table is opened lazily and only the elements that change are written (``obsm/<cell_key>``,
+    ``obs``): its counts are never read nor rewritten. The latents themselves are held in memory
+    (n_table x latent width), once per key."""
     import anndata as ad_mod
-    import spatialdata as sd
     from spatialdata.models import TableModel
 
-    from xscale.data.io import cell_tables
+    from xscale.data.io import cell_tables, open_spatialdata
 
-    sdata = sd.read_zarr(sdata_path)
+    sdata, tables = open_spatialdata(sdata_path, backed=True)
     if table_key is None:
-        cells = cell_tables(sdata.tables)
+        cells = cell_tables(tables)
         if len(cells) != 1:
-            raise XscaleInputError(f"{sdata_path}: expected one table or a table_key, found {list(sdata.tables)}.")
+            raise XscaleInputError(f"{sdata_path}: expected one table or a table_key, found {list(tables)}.")
         table_key = cells[0]
-    if table_key not in sdata.tables:
-        raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(sdata.tables)}.")
-    table = sdata.tables[table_key]
+    if table_key not in tables:
+        raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(tables)}.")
+    table = tables[table_key]  # X and layers lazy: never read here
+    table_dir = Path(sdata_path) / "tables" / table_key
     columns = obs_columns(table) if obs_columns is not None else {}
+    cell_latents = in_table_order(cell_key, table) if cell_key is not None else None  # errors before any write
+    niche_latents = in_table_order(niche_key, table) if niche_key is not None else None
     for name, col in columns.items():
         table.obs[name] = col
-    if cell_key is not None:
-        table.obsm[cell_key] = in_table_order(cell_key, table)
-    if cell_key is not None or columns:
-        _write_table(sdata, table_key)
-    if niche_key is not None:
-        lat = in_table_order(niche_key, table)
+    if columns:
+        _replace_element(table_dir, "obs", table.obs)
+    if cell_latents is not None:
+        table.obsm[cell_key] = cell_latents
+        _replace_element(table_dir / "obsm", cell_key, cell_latents)
+    if niche_latents is not None:
         attrs = table.uns.get("spatialdata_attrs", {})
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
-        nt = ad_mod.AnnData(X=lat, obs=obs)
-        nt.var_names = [f"niche_latent_{i}" for i in range(lat.shape[1])]
+        nt = ad_mod.AnnData(X=niche_latents, obs=obs)
+        nt.var_names = [f"niche_latent_{i}" for i in range(niche_latents.shape[1])]
         nt.uns[NICHE_TABLE_MARK] = {"cells_table": table_key}  # not a table of cells: skipped as a default
         if attrs:
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
@@ -328,7 +334,25 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         name = niche_table or f"{table_key}_niches"
         sdata.tables[name] = nt
         _write_table(sdata, name)
+    elif sdata.has_consolidated_metadata():  # _write_table rewrites it; the parts replaced above need it too
+        sdata.write_consolidated_metadata()
     return table
+
+
+def _replace_element(group_dir: Path, name: str, value: Any) -> None:
+    """Write ``value`` as element ``name`` of the AnnData zarr group at ``group_dir`` (e.g. a table's
+    ``obsm``): under a temporary name beside it first, renamed into place once complete, so a failed
+    write leaves the element as it was and no temporary behind."""
+    import zarr
+
+    from xscale.data.zarr_settings import write_unsharded
+
+    tmp_name = f"{name}_xscale_tmp_{os.getpid()}"
+    try:
+        write_unsharded(zarr.open_group(group_dir, mode="a"), tmp_name, value)
+        replace_dir(group_dir / tmp_name, group_dir / name, check=False)
+    finally:
+        shutil.rmtree(group_dir / tmp_name, ignore_errors=True)
 
 
 def _write_table(sdata: Any, name: str) -> None:
