@@ -548,6 +548,42 @@ def test_finetune_batch_correction_defaults_mmd_with_structure_term(starmap_smal
     assert doc["correction"] is None and "latent_spread_after" not in res.metrics
 
 
+def test_slide_correction_keeps_reconstruction_in_its_loss(starmap_small, tmp_path):
+    """batch_correction trains on correction + structure + reconstruction (weight 1 by default, the model's own NB
+    loss): the step's loss is that weighted sum of the logged parts; reconstruction_weight=0 leaves it out, and
+    finetune.json records the weight used."""
+    import lightning as L
+
+    class Parts(L.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+                              | {"returned": float(outputs["loss"])})
+
+    runs = {}
+    for rec in (None, 0.0, 2.5):
+        spy = Parts()
+        finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                 reconstruction_weight=rec, correction_weight=3.0, structure_weight=0.5, max_steps=2, batch_size=48,
+                 progress=False, callbacks=[spy], output_dir=tmp_path / str(rec))
+        runs[rec] = spy.steps[-1]
+        doc = json.loads((tmp_path / str(rec) / "finetune.json").read_text())
+        assert doc["reconstruction_weight"] == (1.0 if rec is None else rec)
+    for rec, w in ((None, 1.0), (2.5, 2.5)):
+        p = runs[rec]
+        assert p["train/reconstruction"] > 0
+        expected = 3.0 * p["train/mmd"] + 0.5 * p["train/structure"] + w * p["train/reconstruction"]
+        assert p["train/loss"] == pytest.approx(expected, rel=1e-5) and p["returned"] == pytest.approx(expected, 1e-5)
+    off = runs[0.0]
+    assert "train/reconstruction" not in off
+    assert off["train/loss"] == pytest.approx(3.0 * off["train/mmd"] + 0.5 * off["train/structure"], rel=1e-5)
+    with pytest.raises(XscaleInputError, match=r"reconstruction_weight: expected a weight >= 0, found -1"):
+        finetune(_model(starmap_small.var_names), starmap_small, task="batch_correction", slide_key="slice",
+                 reconstruction_weight=-1.0, max_steps=1, progress=False)
+
+
 @pytest.mark.parametrize(("pooling", "mix", "encoder"),
                          [("xpressor", False, "full"), ("xpressor", True, "full"), ("xpressor", True, "criss-cross"),
                           ("mean", False, "full")])

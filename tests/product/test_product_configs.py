@@ -167,7 +167,8 @@ def test_xscale_fit_own_data_with_counts_layer_and_clear_errors(tmp_path, monkey
     capsys.readouterr()
     assert main([*common, f"data.init_args.datasets=[{tmp_path / 'missing.h5ad'}]"]) == 2
     err = capsys.readouterr().err
-    assert "missing.h5ad: expected a bundled dataset name (starmap_mpfc, " in err and "found nothing at this path" in err
+    assert "missing.h5ad: expected a bundled dataset name (starmap_mpfc, " in err
+    assert "found nothing at this path" in err
     assert "jsonargparse" not in err and "Union subtypes" not in err  # (a stale log handler may print its own)
 
 

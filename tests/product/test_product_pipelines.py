@@ -142,6 +142,7 @@ def test_slide_correction_pipeline_runs_at_tiny_settings(tmp_path):
     assert list(done) == ["correct", "cells"]
     doc = json.loads((tmp_path / "run" / "correct" / "finetuned" / "finetune.json").read_text())
     assert doc["task"] == "batch_correction" and doc["correction"]["structure_weight"] == 1.0
+    assert doc["reconstruction_weight"] == 1.0
     assert "latent_spread_after" in doc["metrics"]
     assert 0 < doc["metrics"]["knn_purity_after"] <= 1  # label_key: cell types scored before and after
     cells = ad.read_zarr(done["cells"]["outputs"]["store"]["path"])

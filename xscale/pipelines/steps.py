@@ -173,7 +173,8 @@ def _step_finetune(
     slide_key: str | None = None, trainable: str = "xpressor", max_epochs: int = 10, max_steps: int = -1,
     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, layer_mix: bool = False, ema_decay: float | None = None,
     thinning: float | None = None, correction: str = "mmd", correction_weight: float = 1.0,
-    structure_weight: float | None = None, counts_layer: str | None = None, gene_symbols: str | None = None,
+    structure_weight: float | None = None, reconstruction_weight: float | None = None,
+    counts_layer: str | None = None, gene_symbols: str | None = None,
 ) -> dict[str, Any]:
     """Parameter-efficient fine-tuning of a level-1 model (:func:`xscale.train.finetune.finetune`)."""
     from xscale.train.finetune import finetune
@@ -183,6 +184,7 @@ def _step_finetune(
                       trainable=trainable, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
                       lr=lr, seed=seed, layer_mix=layer_mix, ema_decay=ema_decay, thinning=thinning,
                       correction=correction, correction_weight=correction_weight, structure_weight=structure_weight,
-                      output_dir=ctx.workdir / "finetuned", accelerator="cpu")
+                      reconstruction_weight=reconstruction_weight, output_dir=ctx.workdir / "finetuned",
+                      accelerator="cpu")
     return {"outputs": {"checkpoint": ctx.workdir / "finetuned" / "model", "run": ctx.workdir / "finetuned"},
             "results": {"metrics": result.metrics}}

@@ -270,6 +270,9 @@ def finetune(
         structure_weight = DEFAULT_STRUCTURE_WEIGHT if task == "batch_correction" else 0.0
     if not structure_weight >= 0:
         raise XscaleInputError(f"structure_weight: expected a weight >= 0, found {structure_weight}.")
+    if reconstruction_weight is not None and not reconstruction_weight >= 0:
+        raise XscaleInputError(f"reconstruction_weight: expected a weight >= 0, found {reconstruction_weight}. "
+                               "Pass None for the task's default (0 for cell_type, 1 for batch_correction).")
     if structure_weight > 0 and task != "batch_correction":
         raise XscaleInputError(f"structure_weight: only task='batch_correction' uses it, found task={task!r} "
                                f"with structure_weight={structure_weight}. Pass structure_weight=0.")
@@ -390,7 +393,7 @@ def finetune(
     result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
     if output_dir is not None:
         result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,
-                                    ema_decay=ema_decay, thinning=thinning,
+                                    ema_decay=ema_decay, thinning=thinning, reconstruction_weight=rec_w,
                                     correction={"method": correction, "weight": correction_weight,
                                                 "structure_weight": structure_weight}
                                     if task == "batch_correction" else None, figure=figure)
@@ -398,10 +401,11 @@ def finetune(
 
 
 def _write(result: FinetuneResult, out: Path, *, task: str, trainable: str, slides: list[str],
-           ema_decay: float | None, thinning: float | None = None,
+           ema_decay: float | None, thinning: float | None = None, reconstruction_weight: float = 0.0,
            correction: dict[str, str | float] | None = None, figure: Figure | None = None) -> Path:
     doc = {
         "task": task, "trainable": trainable, "ema_decay": ema_decay, "thinning": thinning,
+        "reconstruction_weight": reconstruction_weight,
         "correction": correction,
         "trainable_fraction": result.trainable_fraction,
         "n_trainable": result.n_trainable, "n_parameters": result.n_parameters, "metrics": result.metrics,
