@@ -10,11 +10,33 @@ import anndata as ad
 from xscale.cli.main import main
 
 
-def test_demo_tiny_writes_every_output_and_resumes(tmp_path, capsys):
+def test_demo_tiny_writes_every_output_and_resumes(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import xscale.datasets as ds
+    import xscale.train.level1 as level1
+    import xscale.train.level2 as level2
+
+    trained_on = {}  # the slices each level trains on, seen where they train
+
+    def spy_level1(train, *args, **kwargs):
+        trained_on["level1"] = set(train.obs["slice"].astype(str))
+        return fit1(train, *args, **kwargs)
+
+    def spy_level2(cells, coords, *args, train_cells, slides, **kwargs):
+        trained_on["level2"] = set(np.asarray(slides)[train_cells])
+        return fit2(cells, coords, *args, train_cells=train_cells, slides=slides, **kwargs)
+
+    fit1, fit2 = level1.fit_level1, level2.fit_level2
+    monkeypatch.setattr(level1, "fit_level1", spy_level1)
+    monkeypatch.setattr(level2, "fit_level2", spy_level2)
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--preset", "tiny", "--max-steps", "2", "--no-progress"]
     assert main([*args, "--no-report"]) == 0
+    assert trained_on == {"level1": {"20180417_BZ5_control", "20180419_BZ9_control"},
+                          "level2": {"20180417_BZ5_control", "20180419_BZ9_control"}}  # never BZ14, the held-out
     store = ad.read_zarr(out / "cells.zarr")
+    assert list(store.obs_names) == list(ds.load("starmap_mpfc").obs_names)  # every slice embedded, named as given
     assert {"spatial", "X_xscale_cell", "X_xscale_niche"} <= set(store.obsm)
     assert store.obs["xscale_domain"].nunique() == 4
     assert {"cell_type", "domain_name", "slice"} <= set(store.obs.columns)
