@@ -259,8 +259,9 @@ class GeneToCell(nn.Module):
         only) or is binomially thinned to ``denoise_keep`` (denoise; full counts as
         target). One pass over the batch thus costs what a single objective costs. Each
         part is the mean negative log-likelihood per scored gene (0 when no cell drew
-        it); ``total`` is the weighted sum of the parts over the weights of the parts present,
-        plus ``w_readout`` × the linear read-out error on the clean input values.
+        it); ``total`` is the weighted sum of the parts, scaled by (sum of all three weights) /
+        (sum of the weights of the parts some cell drew), so that a batch missing a part keeps the
+        same overall scale, plus ``w_readout`` × the linear read-out error on the clean input values.
         The decoded library is the batch's counts summed over its gene context.
         """
         c = self.config
