@@ -37,7 +37,6 @@ from torch import nn
 
 from xscale.data.anndata_dataset import AnnDataCellDataset
 from xscale.data.batch import collate_cells
-from xscale.data.validate import check_slides
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell
 from xscale.models.heads import ClassificationHead, HeadConfig, SlideDiscriminator
@@ -50,9 +49,11 @@ from xscale.train.finetune_infer import (
     encode_cells,
     kept_neighbours,
     latent_summary,
-    predict_labels,
+    predict_labels,  # noqa: F401  (re-exported: xscale.train.finetune.predict_labels)
+    score_held_out,
     summary_sample,
 )
+from xscale.train.finetune_inputs import cell_type_codes, check_options, correction_slides, train_cells
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
 from xscale.train.quiet import log_interval, quiet_fit
@@ -125,45 +126,6 @@ def set_trainable(model: GeneToCell, head: nn.Module | None, trainable: Trainabl
 
 def _load(model: str | os.PathLike | GeneToCell) -> GeneToCell:
     return as_level_model(model, 1, "finetune")  # type: ignore[return-value]
-
-
-def _mask(adata: ad.AnnData, train_mask: np.ndarray | str | None) -> np.ndarray:
-    if train_mask is None:
-        return np.ones(adata.n_obs, dtype=bool)
-    if isinstance(train_mask, str):
-        if train_mask not in adata.obs:
-            raise XscaleInputError(
-                f"train_mask={train_mask!r} not found in adata.obs. Available: {list(adata.obs.columns)}. "
-                "Pass a boolean obs column or a boolean array of length n_obs."
-            )
-        train_mask = adata.obs[train_mask].to_numpy()
-    mask = np.asarray(train_mask)
-    if mask.dtype != bool or mask.shape != (adata.n_obs,):
-        raise XscaleInputError(
-            f"train_mask must be boolean of shape ({adata.n_obs},); found dtype {mask.dtype}, shape {mask.shape}."
-        )
-    if not mask.any():
-        raise XscaleInputError("train_mask selects no cell; select the cells to train on.")
-    return mask
-
-
-def _labels(adata: ad.AnnData, label_key: str | None, train: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-    if label_key is None or label_key not in adata.obs:
-        raise XscaleInputError(
-            f"task='cell_type' needs label_key naming an obs column; got {label_key!r}. "
-            f"Available: {list(adata.obs.columns)}."
-        )
-    col = adata.obs[label_key]
-    known = col.notna().to_numpy()
-    names = col.astype(str).to_numpy()
-    classes = tuple(sorted(set(names[train & known])))
-    if len(classes) < 2:
-        raise XscaleInputError(
-            f"adata.obs[{label_key!r}] has {len(classes)} label(s) among the training cells; at least 2 are needed."
-        )
-    lookup = {c: i for i, c in enumerate(classes)}
-    codes = np.array([lookup.get(n, -1) if k else -1 for n, k in zip(names, known, strict=True)], dtype=np.int64)
-    return codes, classes
 
 
 def finetune(
@@ -262,28 +224,9 @@ def finetune(
     -------
     :class:`FinetuneResult`.
     """
-    if task not in ("cell_type", "batch_correction"):
-        raise XscaleInputError(f"task must be 'cell_type' or 'batch_correction'; got {task!r}.")
-    if correction not in ("adversarial", "mmd"):
-        raise XscaleInputError(f"correction must be 'adversarial' or 'mmd'; got {correction!r}.")
-    if structure_weight is None:
-        structure_weight = DEFAULT_STRUCTURE_WEIGHT if task == "batch_correction" else 0.0
-    if not structure_weight >= 0:
-        raise XscaleInputError(f"structure_weight: expected a weight >= 0, found {structure_weight}.")
-    if reconstruction_weight is not None and not reconstruction_weight >= 0:
-        raise XscaleInputError(f"reconstruction_weight: expected a weight >= 0, found {reconstruction_weight}. "
-                               "Pass None for the task's default (0 for cell_type, 1 for batch_correction).")
-    if structure_weight > 0 and task != "batch_correction":
-        raise XscaleInputError(f"structure_weight: only task='batch_correction' uses it, found task={task!r} "
-                               f"with structure_weight={structure_weight}. Pass structure_weight=0.")
+    structure_weight = check_options(task, correction, structure_weight, reconstruction_weight, thinning, layer_mix,
+                                     trainable, DEFAULT_STRUCTURE_WEIGHT)
     ema = EMAWeights(ema_decay) if ema_decay is not None else None  # checks the decay before any work
-    if thinning is not None and not 0.0 < thinning <= 1.0:
-        raise XscaleInputError(f"thinning: expected the lowest keep fraction in (0, 1] such as 0.5, found {thinning}. "
-                               "Pass None to train on the cells as measured.")
-    if layer_mix and trainable == "head":
-        raise XscaleInputError("layer_mix=True adds a mix over encoder layers that must be learned, but "
-                               "trainable='head' trains nothing in the model: the mix would stay at its uniform "
-                               "start. Pass trainable='xpressor' (or 'all'), or layer_mix=False.")
     if output_dir is not None:
         check_replaceable(output_dir)  # before training: the result replaces output_dir as a whole
     L.seed_everything(seed, verbose=False)
@@ -291,11 +234,11 @@ def finetune(
     if layer_mix:
         net.add_layer_mix()  # XscaleInputError for a model without an Xpressor
     cfg = net.config
-    train = _mask(adata, train_mask)
+    train = train_cells(adata, train_mask)
     head = discriminator = labels = class_weights = None
     slide_names: list[str] = []
     if task == "cell_type":
-        codes, classes = _labels(adata, label_key, train)
+        codes, classes = cell_type_codes(adata, label_key, train)
         train = train & (codes >= 0)
         labels = torch.from_numpy(codes)
         head = ClassificationHead(HeadConfig(dim=cfg.dim, n_latents=cfg.latents_per_cell, classes=classes,
@@ -307,20 +250,7 @@ def finetune(
     else:
         if trainable == "head":
             raise XscaleInputError("task='batch_correction' changes the latents; pass trainable='xpressor' or 'all'.")
-        if slide_key is None or slide_key not in adata.obs:
-            raise XscaleInputError(
-                f"task='batch_correction' needs slide_key naming an obs column; got {slide_key!r}. "
-                f"Available: {list(adata.obs.columns)}."
-            )
-        check_slides(adata, slide_key)  # a missing label is not a slide named "nan"
-        if label_key is not None and label_key not in adata.obs:
-            raise XscaleInputError(f"label_key {label_key!r}: expected an obs column of cell types (a slide "
-                                   "correction only scores them, before and after), found none. Available: "
-                                   f"{list(adata.obs.columns)}. Pass label_key=None to skip that check.")
-        slide_names = sorted(set(adata.obs[slide_key].astype(str)[train]))
-        if len(slide_names) < 2:
-            raise XscaleInputError(f"adata.obs[{slide_key!r}] has {len(slide_names)} slide(s) among the training "
-                                   "cells; need >= 2.")
+        slide_names = correction_slides(adata, slide_key, label_key, train)
         if correction == "adversarial":
             discriminator = SlideDiscriminator(cfg.dim, cfg.latents_per_cell,
                                                len(set(adata.obs[slide_key].astype(str))))
@@ -379,17 +309,12 @@ def finetune(
     if head is not None:
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer, report_panel=False))
-        # Every labelled cell outside train_mask counts, including classes the head never saw.
-        held = ~_mask(adata, train_mask) & adata.obs[label_key].notna().to_numpy() if train_mask is not None else None
-        if held is not None and held.any():
-            from sklearn.metrics import accuracy_score, f1_score
-
-            truth = adata.obs[label_key].astype(str).to_numpy()[held]
-            pred = predict_labels(net.cpu(), head.cpu(), adata[held], batch_size=256, counts_layer=counts_layer)
-            metrics["macro_f1"] = float(f1_score(truth, pred, average="macro"))
-            metrics["accuracy"] = float(accuracy_score(truth, pred))
-            log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"],
-                     metrics["accuracy"])
+        if train_mask is not None:  # every labelled cell outside train_mask, classes the head never saw included
+            held = ~train_cells(adata, train_mask) & adata.obs[label_key].notna().to_numpy()
+            metrics.update(score_held_out(net.cpu(), head.cpu(), adata[held], label_key, counts_layer=counts_layer))
+            if "macro_f1" in metrics:
+                log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"],
+                         metrics["accuracy"])
     result = FinetuneResult(net.cpu(), head, fraction, n_train, n_total, metrics)
     if output_dir is not None:
         result.output_dir = _write(result, Path(output_dir), task=task, trainable=trainable, slides=slide_names,

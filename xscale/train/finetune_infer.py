@@ -79,6 +79,19 @@ def predict_labels(
     return pred
 
 
+def score_held_out(model: GeneToCell, head: ClassificationHead, adata: ad.AnnData, label_key: str, *,
+                   counts_layer: str | None = None) -> dict[str, float]:
+    """``macro_f1`` and ``accuracy`` of the head's predictions on ``adata``'s cells against
+    ``obs[label_key]`` (classes the head never saw count as errors); {} for no cells."""
+    if adata.n_obs == 0:
+        return {}
+    from sklearn.metrics import accuracy_score, f1_score
+
+    truth = adata.obs[label_key].astype(str).to_numpy()
+    pred = predict_labels(model, head, adata, batch_size=256, counts_layer=counts_layer)
+    return {"macro_f1": float(f1_score(truth, pred, average="macro")), "accuracy": float(accuracy_score(truth, pred))}
+
+
 SUMMARY_CELLS = 512  # training cells on which latent_summary compares a slide correction's before and after
 SUMMARY_NEIGHBOURS = 15  # k of the slide mixing and the neighbourhood preservation in those summaries
 COLLAPSE_RATIO = 0.1  # latents spread less than this fraction of before: a collapsed correction
@@ -217,4 +230,4 @@ def check_correction(metrics: dict[str, float], before: dict[str, float], after:
 
 
 __all__ = ["calibrate_head", "check_correction", "collapsed", "correction_figure", "encode_cells", "kept_neighbours",
-           "latent_summary", "predict_labels", "summary_sample"]
+           "latent_summary", "predict_labels", "score_held_out", "summary_sample"]
