@@ -118,6 +118,23 @@ def test_cli_embed_checks_the_slide_key_before_embedding(tiny_models, tmp_path, 
     assert "cell latents" not in captured.out and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", [["run", "--data", "starmap_mpf", "--out", "OUT"],
+                                     ["prepare", "starmap_mpf", "OUT"],
+                                     ["finetune", "MODEL", "starmap_mpf", "--out", "OUT"]])
+def test_a_mistyped_dataset_name_lists_the_bundled_names(command, tmp_path, capsys):
+    """A name that is neither bundled nor a path: one line naming the bundled datasets (was "expected an .h5ad
+    file or a .zarr store" only, as if a file were missing), exit 2, nothing written."""
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import save_model
+
+    save_model(GeneToCell(GeneToCellConfig.preset("tiny", genes=["A", "B"])), tmp_path / "model")
+    args = [str(tmp_path / a) if a in ("OUT", "MODEL") else a for a in command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "starmap_mpf: expected a bundled dataset name (starmap_mpfc, " in err and "found nothing at this path" in err
+    assert not (tmp_path / "OUT").exists()
+
+
 def test_cli_embed_names_missing_data_before_anything_else(tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # not a model either: the data is checked first, without loading anything
     assert main(["embed", "--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path / "typo.zarr")]) == 2

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.store import CellStore
 
     spatial_key = None if str(args.spatial_key).lower() == "none" else args.spatial_key
+    ds.check_source(args.input)
     source, slide_key = ds.resolve(args.input, args.slide_key)
     out = prepare(
         source, args.output, table_key=args.table_key, spatial_key=spatial_key,

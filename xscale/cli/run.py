@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if is_prepared_store(args.data):
         refuse_gene_symbols_for_store(args)
         return _run_store(args)
+    ds.check_source(args.data)
     source, slide_key = ds.resolve(args.data, args.slide_key)
     if args.write_back:  # before any work
         from xscale.cli.embed import check_write_back_source

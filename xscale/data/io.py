@@ -343,11 +343,7 @@ def read_source(
         if exclude_holdout and info.holdout is not None:
             adata = adata[adata.obs[info.slide_key].astype(str) != info.holdout].copy()
         return use_gene_symbols(adata, gene_symbols)
-    if not Path(source).exists():
-        raise XscaleInputError(
-            f"{source}: expected a bundled dataset name ({', '.join(ds.available())}) or a path to your data "
-            "(an .h5ad file or a .zarr store), found nothing at this path."
-        )
+    ds.check_source(source)
     return read_dataset(source, gene_symbols=gene_symbols, **read_kwargs)
 
 

@@ -74,6 +74,16 @@ def resolve(source: str, slide_key: str | None = None) -> tuple[str, str | None]
     return str(path(source)), slide_key or info(source).slide_key
 
 
+def check_source(source: str | Path) -> None:
+    """XscaleInputError naming the bundled datasets when ``source`` is neither one of them nor an
+    existing path (a mistyped name looks like a missing file)."""
+    if str(source) not in DATASETS and not Path(source).exists():
+        raise XscaleInputError(
+            f"{source}: expected a bundled dataset name ({', '.join(available())}) or a path to your data "
+            "(an .h5ad file or a .zarr store), found nothing at this path."
+        )
+
+
 def info(name: str) -> DatasetInfo:
     """Metadata (label key, slide key, held-out slide) of a bundled dataset."""
     if name not in DATASETS:
