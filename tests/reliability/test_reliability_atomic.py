@@ -217,8 +217,9 @@ def test_cli_outputs_refuse_a_file_or_a_foreign_folder(tmp_path, capsys):
          "--spatial-key", "spatial"],
     ):
         assert main(argv) == 2, argv
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert "found a zarr store it did not write" in err and "Traceback" not in err, (argv, err)
+        assert "domains in obs" not in out  # refused before any work (domains clustered first)
     assert sorted(str(p.relative_to(source)) for p in source.rglob("*")) == listing
     assert sorted(p.name for p in proj.iterdir()) == ["cells.zarr"]
 

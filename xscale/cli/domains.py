@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from xscale.data.store import is_prepared_store
     from xscale.data.writeback import write_anndata_zarr
     from xscale.errors import XscaleInputError
+    from xscale.utils.atomic import check_replaceable
 
     store = Path(args.store)
     if not store.exists():
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         _prepared_store(args, cells, _prepared_labels(args, cells))
         print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
         return 0
+    check_replaceable(args.out or store)  # before any work: never the user's own zarr store
     try:
         adata = ad.read_zarr(store)
     except Exception as err:  # a damaged zarr raises many types
