@@ -269,8 +269,10 @@ class GeneToCell(nn.Module):
         counts = batch.counts.masked_fill(pad, 0.0)
         library = counts.sum(-1)  # (B,) library of the decoded context
         b = counts.shape[0]
-        weights = torch.tensor([c.w_autoencode, c.w_masked, c.w_denoise])
-        task = torch.multinomial(weights, b, replacement=True, generator=_cpu(generator)).to(pad.device)  # (B,)
+        # the draw on the generator's device, so a GPU generator seeds it too (it fell back to the global RNG)
+        weights = torch.tensor([c.w_autoencode, c.w_masked, c.w_denoise],
+                               device=generator.device if generator is not None else None)
+        task = torch.multinomial(weights, b, replacement=True, generator=generator).to(pad.device)  # (B,)
         values = batch.values
         hide = None
         if c.w_masked > 0:
@@ -355,8 +357,3 @@ def _zero_padding(values: Tensor, pad_mask: Tensor | None) -> Tensor:
     """Values at padding set to 0: attention masks padded keys, but 0 x NaN is still NaN in the
     weighted sum, so a NaN or inf at a padded slot reached the real tokens."""
     return values if pad_mask is None else values.masked_fill(pad_mask, 0.0)
-
-
-def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
-    """torch.multinomial on CPU weights needs a CPU generator (or None)."""
-    return generator if generator is None or generator.device.type == "cpu" else None
