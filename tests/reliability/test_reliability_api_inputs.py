@@ -132,6 +132,29 @@ def test_plot_domains_keeps_the_backend_saves_into_new_folders_and_takes_an_axes
     plt.close("all")
 
 
+def test_every_plot_gives_each_category_its_own_colour(embedded):
+    """One palette for the report and plot_domains: n distinct colours at every size (plot_domains cycled tab20, so
+    beyond 20 categories, e.g. seqFISH's 24 cell types, two types shared a colour); up to 102 they stay far apart."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from xscale.report.figures import palette
+
+    for n in (3, 10, 15, 20, 24, 28, 40, 102, 150):
+        colours = palette(n)
+        assert len(set(colours)) == n, n
+        if n <= 102:
+            rgb = np.array([matplotlib.colors.to_rgb(c) for c in colours])
+            gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)[np.triu_indices(n, 1)]
+            assert gaps.min() > 0.05, (n, gaps.min())
+    a = embedded.copy()
+    a.obs["many"] = [f"type{i % 25}" for i in range(a.n_obs)]
+    fig = xscale.tl.plot_domains(a, key="many", slide_key="slice")
+    drawn = {matplotlib.colors.to_hex(c.get_facecolor()[0]) for ax in fig.axes for c in ax.collections}
+    assert len(drawn) == 25
+    plt.close("all")
+
+
 # ------------------------------------------------------------------ label transfer
 def test_transfer_labels_inputs(embedded):
     import scipy.sparse as sp

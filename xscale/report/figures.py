@@ -21,6 +21,7 @@ from xscale.report.metrics import (
     method_label,
     metric_label,
 )
+from xscale.utils.colors import palette
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,20 +63,6 @@ def new_figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def palette(n: int) -> list[str]:
-    """``n`` distinguishable colours (tab10, then tab20, then evenly spaced hues)."""
-    import matplotlib
-
-    if n <= 10:
-        cmap = matplotlib.colormaps["tab10"]
-        return [matplotlib.colors.to_hex(cmap(i)) for i in range(n)]
-    if n <= 20:
-        cmap = matplotlib.colormaps["tab20"]
-        return [matplotlib.colors.to_hex(cmap(i)) for i in range(n)]
-    cmap = matplotlib.colormaps["hsv"]
-    return [matplotlib.colors.to_hex(cmap(i / n)) for i in range(n)]
 
 
 def point_size(n: int) -> float:

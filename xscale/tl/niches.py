@@ -316,6 +316,8 @@ def plot_domains(
     """
     import matplotlib.pyplot as plt  # the backend is the user's: a notebook keeps showing its plots
 
+    from xscale.utils.colors import palette
+
     if key not in adata.obs:
         raise XscaleInputError(
             f"key {key!r} not found in adata.obs. Available: {list(adata.obs.columns)}. Run xscale.tl.domains first."
@@ -333,8 +335,7 @@ def plot_domains(
             raise XscaleInputError(f"ax: expected {len(names)} axes (one per slide), found {len(axes)}.")
         fig = axes[0].figure
     cats = sorted(set(labels), key=lambda s: (len(s), s))
-    cmap = plt.get_cmap("tab20" if len(cats) > 10 else "tab10")
-    colours = {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+    colours = dict(zip(cats, palette(len(cats)), strict=True))  # tab20 repeated its colours beyond 20
     for name, a in zip(names, axes, strict=True):
         sel = np.ones(len(labels), bool) if slides is None else slides == name
         for c in cats:
