@@ -168,26 +168,46 @@ def cell_tables(tables: Any) -> list[str]:
     return [name for name, t in tables.items() if NICHE_TABLE_MARK not in t.uns]
 
 
+def spatialdata_tables(path: str | Path, *, chunk_rows: int = LAZY_CHUNK_ROWS,
+                       obs_only: bool = False) -> dict[str, ad.AnnData]:
+    """The tables of a SpatialData zarr store by name, each read from its own AnnData zarr group and
+    never whole: X and layers as dask arrays of ``chunk_rows`` rows (obs, var, obsm, uns in memory;
+    :func:`_read_lazy_anndata`), or with ``obs_only`` just obs and uns (the rows' names and keys)."""
+    import anndata as ad
+    import zarr
+    from anndata.io import read_elem
+
+    root = Path(path) / "tables"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if root.is_dir() else []
+
+    def read(name: str) -> ad.AnnData:
+        group = zarr.open_group(root / name, mode="r")
+        if not obs_only:
+            return _read_lazy_anndata(group, chunk_rows)
+        return ad.AnnData(obs=read_elem(group["obs"]), uns=read_elem(group["uns"]) if "uns" in group else {})
+
+    try:
+        return {name: read(name) for name in names}
+    except XscaleInputError:
+        raise
+    except Exception as err:  # damaged stores raise many types; all mean the same here
+        raise _corrupted(Path(path), err) from err
+
+
 def open_spatialdata(path: str | Path, *, backed: bool = True,
                      chunk_rows: int = LAZY_CHUNK_ROWS) -> tuple[Any, dict[str, ad.AnnData]]:
     """(SpatialData, its tables by name). ``backed``: spatialdata reads tables whole, so they are left
-    out of its selection (images and labels stay lazy there) and each table is read from its own
-    AnnData zarr group with X and layers as dask arrays (:func:`_read_lazy_anndata`)."""
-    path = Path(path)
+    out of its selection (images and labels stay lazy there) and come from :func:`spatialdata_tables`."""
     import spatialdata as sd
 
+    path = Path(path)
     try:
         if not backed:
             sdata = sd.read_zarr(path)
             return sdata, dict(sdata.tables)
-        import zarr
-
         sdata = sd.read_zarr(path, selection=("images", "labels", "shapes", "points"))
-        root = path / "tables"
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if root.is_dir() else []
-        return sdata, {name: _read_lazy_anndata(zarr.open_group(root / name, mode="r"), chunk_rows)
-                       for name in names}
+        return sdata, spatialdata_tables(path, chunk_rows=chunk_rows)
     except XscaleInputError:
         raise
     except Exception as err:  # damaged stores raise many types; all mean the same here

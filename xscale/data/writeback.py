@@ -243,7 +243,8 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     Cell latents ``obsm[cell_key]`` of the store go to ``obsm[cell_key]`` of the table;
     niche latents ``obsm[niche_key]`` go to a second table (default ``<table>_niches``)
     annotating the same elements, with the latents as X (n, T·D). Cells dropped at
-    validation get NaN. Returns the updated cell table.
+    validation get NaN. Returns the cell table's obs and uns with the latents in obsm (its counts
+    are neither read nor rewritten).
     """
     store = store if isinstance(store, CellStore) else CellStore(store)
     return _put_latents(sdata_path, table_key, lambda key, table: latents_in_source_order(store, key, table.n_obs),
@@ -259,7 +260,8 @@ def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, tab
     keeps them); table rows missing from ``adata`` (cells dropped at validation) get NaN. Cell
     latents go to ``obsm[cell_key]`` of the table, niche latents to a second table, as in
     :func:`write_to_spatialdata`; the ``obs_keys`` columns of ``adata`` that exist (e.g.
-    ``xscale_domain``) go to the table's obs. Returns the updated cell table.
+    ``xscale_domain``) go to the table's obs. Returns the cell table's obs and uns with the latents
+    in obsm (its counts are neither read nor rewritten).
     """
     def rows_in(table: ad.AnnData) -> np.ndarray:
         """(n_adata,) the table row of each cell of ``adata``."""
@@ -298,11 +300,14 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     ``obs``): its counts are never read nor rewritten. The latents themselves are held in memory
     (n_table x latent width), once per key."""
     import anndata as ad_mod
+    import spatialdata as sd
     from spatialdata.models import TableModel
 
-    from xscale.data.io import cell_tables, open_spatialdata
+    from xscale.data.io import cell_tables, spatialdata_tables
 
-    sdata, tables = open_spatialdata(sdata_path, backed=True)
+    tables = spatialdata_tables(sdata_path, obs_only=True)  # rows and keys: neither counts nor elements
+    sdata = sd.SpatialData()  # an empty handle on the store: writes the niche table, rewrites the metadata
+    sdata.path = Path(sdata_path)
     if table_key is None:
         cells = cell_tables(tables)
         if len(cells) != 1:
@@ -310,7 +315,7 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         table_key = cells[0]
     if table_key not in tables:
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(tables)}.")
-    table = tables[table_key]  # X and layers lazy: never read here
+    table = tables[table_key]  # obs and uns only
     table_dir = Path(sdata_path) / "tables" / table_key
     columns = obs_columns(table) if obs_columns is not None else {}
     cell_latents = in_table_order(cell_key, table) if cell_key is not None else None  # errors before any write
