@@ -155,8 +155,8 @@ def _files(path):
 
 
 def test_spatialdata_write_back_touches_only_what_changes(small_adata, tmp_path, write_spatialdata, monkeypatch):
-    """Writing latents (and obs columns) back never reads the table's counts (spatialdata's whole-table reader
-    fails here) nor rewrites them: X, var and the other tables' files are byte for byte as before. A write that
+    """Writing latents (and obs columns) back never reads the table's counts or the store's elements (spatialdata's
+    readers fail here) nor rewrites them: X, var and the other tables' files are byte for byte as before. A write that
     fails midway leaves the earlier latents and no temporary."""
     import spatialdata as sd
     import spatialdata._io.io_table as io_table
@@ -173,6 +173,7 @@ def test_spatialdata_write_back_touches_only_what_changes(small_adata, tmp_path,
         raise AssertionError("the whole table was read")
 
     monkeypatch.setattr(io_table, "read_anndata_zarr", whole)
+    monkeypatch.setattr(sd, "read_zarr", whole)  # nor the shapes: only the table's obs and uns are read
     a = small_adata.copy()
     a.obsm["X_xscale_cell"] = np.arange(a.n_obs * 4, dtype=np.float32).reshape(a.n_obs, 4)
     a.obs["xscale_domain"] = (np.arange(a.n_obs) % 3).astype(str)
