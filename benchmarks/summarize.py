@@ -83,6 +83,15 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"({run['rss_ratio_large_over_small_store']:.2f}×)",
                     f"in memory {_f(s['memory']['peak_rss_mb'], 0)} → {_f(lg['memory']['peak_rss_mb'], 0)} "
                     f"({run['rss_ratio_large_over_small_memory']:.2f}×)"))
+    sdio = _load("spatialdata_io")
+    if sdio:
+        pr, wb, n = sdio["prepare"], sdio["write_back"], f"{sdio['n_cells'] // 1000}k cells"
+        out.append((f"SpatialData input, `prepare` ({n}, table X {sdio['table_x_mb']:.0f} MB)", "peak RSS MB / s",
+                    f"table read lazily {pr['current']['peak_rss_mb']:.0f} / {pr['current']['seconds']:.1f}",
+                    f"read whole first {pr['baseline']['peak_rss_mb']:.0f} / {pr['baseline']['seconds']:.1f}"))
+        out.append((f"SpatialData write-back of cell latents ({n})", "peak RSS MB / s",
+                    f"obsm written alone {wb['current']['peak_rss_mb']:.0f} / {wb['current']['seconds']:.1f}",
+                    f"whole table rewritten {wb['baseline']['peak_rss_mb']:.0f} / {wb['baseline']['seconds']:.1f}"))
     peft = _load("peft")
     if peft:
         m = peft["macro_f1"]

@@ -1,0 +1,188 @@
+"""SpatialData at scale: what reading the table lazily and writing back only what changes save.
+
+A SpatialData store of ``--cells`` cells (circles + one table annotating them; coordinates from the
+circles' centroids, as a segmentation export gives them) is built by ``tile_tissue`` from the
+bundled CosMx lung cells (960 genes). Each measure runs in a fresh process (peak RSS = that
+process's VmHWM), the current code and its baseline in the same run, alternating, ``--repeats``
+times each (medians):
+
+- ``prepare``: ``prepare(store)`` reads the table lazily (dask blocks of X, spatialdata reads only the
+  elements) vs the baseline, the table read whole by spatialdata (``read_dataset(store)``: what
+  ``prepare`` did before, whatever ``backed`` said) and then prepared from memory;
+- ``write_back``: ``write_to_spatialdata(store, prepared)`` of cell latents (K·D = 512 floats per cell)
+  writes ``obsm/X_xscale_cell`` of the table only vs the baseline, the previous implementation: the whole
+  table read by spatialdata, the latents put in its obsm and the whole table (counts included) written
+  again under a temporary name, then renamed.
+
+Writes ``benchmarks/results/spatialdata_io.json``::
+
+    {"n_cells", "n_genes", "table_x_mb", "latent_dims", "repeats",
+     "prepare": {"current": {"peak_rss_mb", "seconds", "each": [...]}, "baseline": {...},
+                 "rss_ratio", "time_ratio"},
+     "write_back": {... same ...}, "notes": [...]}
+
+``rss_ratio`` / ``time_ratio`` are current / baseline (below 1 = the current code uses less).
+Run: ``.venv/bin/python benchmarks/spatialdata_io.py [--cells 600000]`` (about 10 minutes on 2 cores;
+the stores live in a temporary directory and are deleted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "spatialdata_io.json"
+LATENT_SHAPE = (16, 32)  # K x D of the small preset: 512 floats per cell
+
+
+def build(path: Path, n_cells: int) -> dict:
+    """The SpatialData store of ``n_cells`` tiled CosMx cells; its sizes."""
+    import anndata as ad
+    import spatialdata as sd
+    from spatialdata.models import ShapesModel, TableModel
+
+    import xscale
+    from xscale.data.synthetic import tile_tissue
+    from xscale.data.zarr_settings import unsharded
+
+    src = xscale.datasets.load("cosmx_nsclc_profast")
+    tiled = tile_tissue(src, n_cells, out=path.with_suffix(".tiles.zarr"), seed=0, progress=False)
+    t = ad.read_zarr(tiled)
+    xy = np.asarray(t.obsm.pop("spatial"), dtype=np.float64)
+    circles = ShapesModel.parse(xy, geometry=0, radius=np.ones(t.n_obs), index=np.arange(t.n_obs))
+    t.obs["region"] = "cells"
+    t.obs["region"] = t.obs["region"].astype("category")
+    t.obs["cell_id"] = np.arange(t.n_obs)
+    table = TableModel.parse(t, region="cells", region_key="region", instance_key="cell_id")
+    with unsharded():
+        sd.SpatialData(shapes={"cells": circles}, tables={"table": table}).write(path)
+    shutil.rmtree(tiled)
+    x = t.X
+    return {"n_cells": int(t.n_obs), "n_genes": int(t.n_vars),
+            "table_x_mb": round((x.data.nbytes + x.indices.nbytes + x.indptr.nbytes) / 2**20, 1)}
+
+
+def measure(kind: str, variant: str, store: Path, work: Path) -> dict:
+    """One measure in this (fresh) process: seconds and peak RSS."""
+    from xscale.data.prepare import prepare
+
+    out = work / f"{kind}-{variant}.zarr"
+    t = time.perf_counter()
+    if kind == "prepare":
+        if variant == "current":
+            prepare(store, out, progress=False)
+        else:
+            from xscale.data.io import read_dataset
+
+            prepare(read_dataset(store), out, progress=False)  # the table read whole, then prepared
+    else:
+        from xscale.data.writeback import latents_in_source_order, write_to_spatialdata
+
+        prepared = work / "prepared.zarr"
+        if variant == "current":
+            write_to_spatialdata(store, prepared)
+        else:
+            import spatialdata as sd
+
+            from xscale.data.store import CellStore
+            from xscale.data.writeback import _write_table
+
+            sdata = sd.read_zarr(store)  # the previous implementation, as it was
+            table = sdata.tables["table"]
+            table.obsm["X_xscale_cell"] = latents_in_source_order(CellStore(prepared), "X_xscale_cell", table.n_obs)
+            _write_table(sdata, "table")
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "peak_rss_mb": _vm_hwm_mb()}
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process since its exec (VmHWM). Not ``ru_maxrss``: Linux carries it over from the
+    parent into a child started by ``subprocess``, so every measure would read at least the builder's RSS."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
+def _fresh(kind: str, variant: str, store: Path, work: Path) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, variant, str(store), str(work)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _latents(work: Path, store: Path) -> None:
+    """A prepared store with cell latents (values from the source index: the write-back does not care)."""
+    from xscale.data.prepare import prepare
+    from xscale.data.store import CellStore
+    from xscale.data.writeback import store_latent_writer
+
+    cells = CellStore(prepare(store, work / "prepared.zarr", progress=False))
+    src = cells.source_index()
+    w = store_latent_writer(cells, "X_xscale_cell", LATENT_SHAPE)
+    for c in w.pending_chunks():
+        a, b = w.chunk_range(c)
+        w.write_chunk(c, np.broadcast_to(src[a:b, None, None], (b - a, *LATENT_SHAPE)).astype(np.float32))
+    w.finalize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=600_000)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--measure", nargs=4, metavar=("KIND", "VARIANT", "STORE", "WORK"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.measure:
+        kind, variant, store, work = args.measure
+        print(json.dumps(measure(kind, variant, Path(store), Path(work))))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="xscale-sdata-bench-"))
+    try:
+        store = tmp / "tissue.sdata.zarr"
+        t = time.perf_counter()
+        result: dict = {**build(store, args.cells), "latent_dims": int(np.prod(LATENT_SHAPE)),
+                        "repeats": args.repeats}
+        print(f"built {store.name}: {result} in {time.perf_counter() - t:.0f} s", flush=True)
+        _latents(tmp, store)
+        for kind in ("prepare", "write_back"):
+            runs: dict[str, list[dict]] = {"current": [], "baseline": []}
+            for _ in range(args.repeats):
+                for variant in ("baseline", "current"):
+                    runs[variant].append(_fresh(kind, variant, store, tmp))
+                    shutil.rmtree(tmp / f"{kind}-{variant}.zarr", ignore_errors=True)
+                    print(kind, variant, runs[variant][-1], flush=True)
+            summary = {v: {"peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rs])),
+                           "seconds": float(np.median([r["seconds"] for r in rs])), "each": rs}
+                       for v, rs in runs.items()}
+            summary["rss_ratio"] = summary["current"]["peak_rss_mb"] / summary["baseline"]["peak_rss_mb"]
+            summary["time_ratio"] = summary["current"]["seconds"] / summary["baseline"]["seconds"]
+            result[kind] = summary
+        pr, wb = result["prepare"], result["write_back"]
+        result["notes"] = [
+            f"{result['n_cells']:,} cells x {result['n_genes']} genes, the table's X {result['table_x_mb']} MB as CSR. "
+            f"prepare of the SpatialData store: peak RSS {pr['current']['peak_rss_mb']:.0f} MB (table read lazily) "
+            f"vs {pr['baseline']['peak_rss_mb']:.0f} MB (read whole first), ratio {pr['rss_ratio']:.2f}; time ratio "
+            f"{pr['time_ratio']:.2f}.",
+            f"write-back of {result['latent_dims']} latent floats per cell: {wb['current']['seconds']:.1f} s and "
+            f"{wb['current']['peak_rss_mb']:.0f} MB (obsm written alone) vs {wb['baseline']['seconds']:.1f} s and "
+            f"{wb['baseline']['peak_rss_mb']:.0f} MB (whole table read and rewritten), time ratio "
+            f"{wb['time_ratio']:.2f}, RSS ratio {wb['rss_ratio']:.2f}. Both hold the latents in memory in the "
+            "table's row order (n_cells x latent floats).",
+        ]
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print("\n".join(result["notes"]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
