@@ -121,3 +121,4 @@ def test_store_on_disk_equals_the_in_memory_tissue(starmap, tiled, tmp_path):
     for col in ("slide", "source_cell", "cell_type"):
         assert (back.obs[col].astype(str).to_numpy() == tiled.obs[col].astype(str).to_numpy()).all()
     assert back.uns["xscale_synthetic"]["seed"] == 3 and back.uns["xscale_synthetic"]["n_tiles"] == 3
+    assert {k: back.uns["xscale_synthetic"][k] for k in tiled.uns["xscale_synthetic"]} == tiled.uns["xscale_synthetic"]

@@ -137,10 +137,11 @@ def tile_tissue(
     blocks = [(a, min(a + chunk_cells, n_cells)) for a in range(0, n_cells, chunk_cells)]
     tasks = [dask.delayed(_thin_block)(x, src_rows[a:b], keep[a:b], (seed, i)) for i, (a, b) in enumerate(blocks)]
     var = pd.DataFrame(index=pd.Index(adata.var_names.astype(str)))
+    settings = {"seed": seed, "n_tiles": t, "tiles_per_slide": tiles_per_slide, "jitter": jitter, "keep_min": keep_min}
 
     if out is None:
         m = sp.vstack(dask.compute(*tasks, scheduler="threads", num_workers=2), format="csr")
-        return ad_mod.AnnData(X=m, obs=obs, var=var, obsm={"spatial": xy})
+        return ad_mod.AnnData(X=m, obs=obs, var=var, obsm={"spatial": xy}, uns={"xscale_synthetic": settings})
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -168,9 +169,7 @@ def tile_tissue(
         write_unsharded(root, "obsm", {"spatial": xy})
         for key in ("layers", "obsp", "varm", "varp"):
             write_unsharded(root, key, {})
-        write_unsharded(root, "uns", {"xscale_synthetic": {"seed": seed, "n_tiles": t,
-                                                            "tiles_per_slide": tiles_per_slide,
-                                                            "jitter": jitter, "keep_min": keep_min}})
+        write_unsharded(root, "uns", {"xscale_synthetic": settings})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
     logger.info("tile_tissue: %d cells in %d tiles -> %s", n_cells, t, out)
     return out
