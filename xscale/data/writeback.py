@@ -296,8 +296,9 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     """Write ``in_table_order(key, table)`` latents (n_table, ...) into the table (cells) and a second table
     (niches), and the columns ``obs_columns(table)`` (indexed like the table) into the table's obs.
 
-    The cell table is opened lazily and only the elements that change are written (``obsm/<cell_key>``,
-    ``obs``): its counts are never read nor rewritten. The latents themselves are held in memory
+    Only the tables' obs and uns are read, and only the elements that change are written
+    (``obsm/<cell_key>``, ``obs``, the niche table): the counts are never read nor rewritten, nor are the
+    store's shapes, points, images or labels read. The latents themselves are held in memory
     (n_table x latent width), once per key."""
     import anndata as ad_mod
     import spatialdata as sd
