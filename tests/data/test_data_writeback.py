@@ -128,6 +128,47 @@ def test_h5ad_store_anndata_with_latents(small_adata, tmp_path):
     np.testing.assert_array_equal(src_order[store.source_index(), 0], np.arange(store.n_cells))
 
 
+@pytest.mark.parametrize("rows", [7, 64, 1000])
+def test_out_of_core_reorder_equals_the_in_memory_reference(small_adata, tmp_path, rows, monkeypatch):
+    """SourceOrderLatents.write_to (block by block through spill files) writes exactly latents_in_source_order
+    (NaN for the cells prepare dropped), never builds an array of more than one output block, and leaves no
+    spill directory."""
+    import zarr
+
+    import xscale.data.reorder as reorder
+    from xscale.data.reorder import SourceOrderLatents
+
+    import scipy.sparse as sp
+
+    a = small_adata.copy()
+    x = a.X.toarray()
+    x[[5, 6, 150]] = 0  # zero-count cells: dropped by prepare, NaN rows in the input's order
+    a.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning, match="Dropped 3 of 300 cells with zero total counts"):
+        store = CellStore(prepare(a, tmp_path / "st.zarr", chunk_cells=20))
+    assert store.n_cells == a.n_obs - 3
+    _embed(store, "X_xscale_cell", (2, 3), lambda lo, hi: np.random.default_rng(lo).normal(size=(hi - lo, 2, 3)))
+    reference = latents_in_source_order(store, "X_xscale_cell", a.n_obs)
+    sizes, full = [], np.full
+
+    def spy_full(shape, *args, **kwargs):
+        sizes.append(shape[0])
+        return full(shape, *args, **kwargs)
+
+    monkeypatch.setattr(reorder.np, "full", spy_full)
+    group = zarr.open_group(tmp_path / "out.zarr", mode="w", zarr_format=3)
+    lazy = SourceOrderLatents(store, "X_xscale_cell", a.n_obs, rows=rows)
+    lazy.write_to(group, "obsm_key")
+    monkeypatch.undo()
+    got = group["obsm_key"][:]
+    np.testing.assert_array_equal(got, reference)
+    assert np.isnan(got[[5, 6, 150]]).all() and not np.isnan(np.delete(got, [5, 6, 150], axis=0)).any()
+    assert max(sizes) <= min(rows, a.n_obs)  # every np.full (zarr's chunk fills too): one output block at most
+    assert group["obsm_key"].attrs["encoding-type"] == "array"
+    np.testing.assert_array_equal(np.asarray(lazy), reference)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".xscale-reorder-")]
+
+
 def test_spatialdata_round_trip(small_adata, tmp_path, write_spatialdata):
     import spatialdata as sd
 

@@ -243,11 +243,15 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     Cell latents ``obsm[cell_key]`` of the store go to ``obsm[cell_key]`` of the table;
     niche latents ``obsm[niche_key]`` go to a second table (default ``<table>_niches``)
     annotating the same elements, with the latents as X (n, T·D). Cells dropped at
-    validation get NaN. Returns the cell table's obs and uns with the latents in obsm (its counts
-    are neither read nor rewritten).
+    validation get NaN. The cell latents are reordered to the table's rows block by block, out of
+    core (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory.
+    Returns the cell table's obs and uns with the latents in obsm (a dask array of the written
+    array; its counts are neither read nor rewritten).
     """
+    from xscale.data.reorder import SourceOrderLatents
+
     store = store if isinstance(store, CellStore) else CellStore(store)
-    return _put_latents(sdata_path, table_key, lambda key, table: latents_in_source_order(store, key, table.n_obs),
+    return _put_latents(sdata_path, table_key, lambda key, table: SourceOrderLatents(store, key, table.n_obs),
                         cell_key, niche_key, niche_table)
 
 
@@ -326,9 +330,14 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     if columns:
         _replace_element(table_dir, "obs", table.obs)
     if cell_latents is not None:
-        table.obsm[cell_key] = cell_latents
         _replace_element(table_dir / "obsm", cell_key, cell_latents)
+        if not isinstance(cell_latents, np.ndarray):  # written out of core: the result, read lazily
+            import dask.array as da
+
+            cell_latents = da.from_zarr(str(table_dir / "obsm" / cell_key))
+        table.obsm[cell_key] = cell_latents
     if niche_latents is not None:
+        niche_latents = np.asarray(niche_latents)
         attrs = table.uns.get("spatialdata_attrs", {})
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
         nt = ad_mod.AnnData(X=niche_latents, obs=obs)
@@ -348,14 +357,20 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
 def _replace_element(group_dir: Path, name: str, value: Any) -> None:
     """Write ``value`` as element ``name`` of the AnnData zarr group at ``group_dir`` (e.g. a table's
     ``obsm``): under a temporary name beside it first, renamed into place once complete, so a failed
-    write leaves the element as it was and no temporary behind."""
+    write leaves the element as it was and no temporary behind. ``value``: an array, or an object that
+    writes itself block by block (``value.write_to(group, name)``)."""
     import zarr
 
     from xscale.data.zarr_settings import write_unsharded
 
     tmp_name = f"{name}_xscale_tmp_{os.getpid()}"
     try:
-        write_unsharded(zarr.open_group(group_dir, mode="a"), tmp_name, value)
+        group = zarr.open_group(group_dir, mode="a")
+        if hasattr(value, "write_to"):  # streams itself (SourceOrderLatents)
+            with unsharded():
+                value.write_to(group, tmp_name)
+        else:
+            write_unsharded(group, tmp_name, value)
         replace_dir(group_dir / tmp_name, group_dir / name, check=False)
     finally:
         shutil.rmtree(group_dir / tmp_name, ignore_errors=True)
