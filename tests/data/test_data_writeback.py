@@ -133,12 +133,11 @@ def test_out_of_core_reorder_equals_the_in_memory_reference(small_adata, tmp_pat
     """SourceOrderLatents.write_to (block by block through spill files) writes exactly latents_in_source_order
     (NaN for the cells prepare dropped), never builds an array of more than one output block, and leaves no
     spill directory."""
+    import scipy.sparse as sp
     import zarr
 
     import xscale.data.reorder as reorder
     from xscale.data.reorder import SourceOrderLatents
-
-    import scipy.sparse as sp
 
     a = small_adata.copy()
     x = a.X.toarray()
