@@ -190,6 +190,52 @@ def test_cli_embed_write_back_puts_latents_into_the_spatialdata_table(models, sm
     assert not (tmp_path / "p").exists()
 
 
+def test_cli_embed_of_a_store_prepared_from_spatialdata_writes_back_into_it(models, small_adata, write_spatialdata,
+                                                                            tmp_path, capsys):
+    """``xscale embed --data STORE --write-back``: the store records the SpatialData store it was prepared from (path,
+    format, table), so the latents embedded out of core go into that table (in its row order, NaN for a dropped
+    cell) and a niche table; a store prepared from an .h5ad is refused before any embedding, as is one whose source
+    has gone."""
+    import shutil
+
+    import spatialdata as sd
+
+    from xscale.cli.main import main
+    from xscale.data.writeback import latents_in_source_order
+    from xscale.models.io import save_model
+
+    _, l1, l2 = models
+    save_model(l1, tmp_path / "ckpt" / "level1" / "model")
+    save_model(l2, tmp_path / "ckpt" / "level2" / "model")
+    x = small_adata.X.tolil()
+    x[7] = 0  # dropped when the store is prepared: NaN in the table
+    small_adata.X = x.tocsr()
+    path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
+    with pytest.warns(UserWarning, match="Dropped 1 of 300 cells"):
+        store = CellStore(prepare(path, tmp_path / "x.xscale.zarr", chunk_cells=64))
+    assert (store.source, store.source_format, store.source_table_key) == (str(path.resolve()), "spatialdata-zarr",
+                                                                          "table")
+    args = ["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), "--no-progress"]
+    assert main([*args, "--write-back"]) == 0
+    assert "into the table of" in capsys.readouterr().out
+    back = sd.read_zarr(path)
+    lat = np.asarray(back.tables["table"].obsm["X_xscale_cell"])
+    np.testing.assert_array_equal(lat, latents_in_source_order(store, "X_xscale_cell", small_adata.n_obs))
+    assert np.isnan(lat[7]).all() and not np.isnan(np.delete(lat, 7, axis=0)).any()
+    np.testing.assert_array_equal(np.asarray(back.tables["table_niches"].X),
+                                  latents_in_source_order(store, "X_xscale_niche", small_adata.n_obs))
+
+    small_adata.write_h5ad(tmp_path / "x.h5ad")
+    with pytest.warns(UserWarning, match="Dropped 1 of 300 cells"):
+        other = prepare(tmp_path / "x.h5ad", tmp_path / "h.xscale.zarr", chunk_cells=64)
+    assert main([*args[:4], str(other), "--write-back"]) == 2
+    assert "a prepared store made from" in capsys.readouterr().err
+    assert not (other / "obsm" / "X_xscale_cell").exists()  # refused before any embedding
+    shutil.rmtree(path)  # the source has gone
+    assert main([*args, "--write-back", "--overwrite"]) == 2
+    assert "which no longer exists" in capsys.readouterr().err
+
+
 def test_cli_run_write_back_into_the_spatialdata_table(small_adata, write_spatialdata, tmp_path, capsys):
     import spatialdata as sd
 

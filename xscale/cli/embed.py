@@ -50,23 +50,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="prepared store: replace latents already in it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--write-back", action="store_true",
-                   help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
+                   help="SpatialData --data, or a store prepared from one: also put the latents into its table "
+                   "(obsm) and a niche table")
 
 
-def check_write_back_source(data: str) -> None:
-    """``--write-back`` needs ``--data`` to be a SpatialData zarr store: XscaleInputError otherwise."""
+def check_write_back_source(data: str) -> str:
+    """``--write-back`` needs ``--data`` to be a SpatialData zarr store, or a store prepared from one whose
+    source is still there: that SpatialData path; XscaleInputError otherwise."""
+    from pathlib import Path
+
     import xscale.datasets as ds
     from xscale.data.io import detect_format
-    from xscale.data.store import is_prepared_store
+    from xscale.data.store import CellStore, is_prepared_store
     from xscale.errors import XscaleInputError
 
-    found = "a bundled dataset" if data in ds.available() else (
-        "a prepared store" if is_prepared_store(data) else detect_format(data))
+    if is_prepared_store(data):
+        store = CellStore(data)
+        if store.source_format == "spatialdata-zarr" and Path(store.source).exists():
+            return store.source
+        if store.source_format == "spatialdata-zarr":
+            made_from = f"{store.source}, which no longer exists"
+        else:
+            fmt = store.source_format or "its format not recorded (prepared by an earlier xscale)"
+            made_from = f"{store.source or 'an in-memory AnnData'}, {fmt}"
+        raise XscaleInputError(
+            f"--write-back: expected --data to be a SpatialData zarr store or a store prepared from one, found a "
+            f"prepared store made from {made_from}. Omit --write-back (the latents are in {data}/obsm), or call "
+            "xscale.data.writeback.write_to_spatialdata(sdata_path, store) with the SpatialData store's path.")
+    found = "a bundled dataset" if data in ds.available() else detect_format(data)
     if found != "spatialdata-zarr":
         raise XscaleInputError(
             f"--write-back: expected --data to be a SpatialData zarr store, found {found}. Omit --write-back "
-            "(DIR/cells.zarr holds the results); for a store prepared from SpatialData, call "
-            "xscale.data.writeback.write_to_spatialdata(sdata_path, store) after embedding it.")
+            "(DIR/cells.zarr holds the results).")
+    return data
 
 
 def load_level_models(checkpoint: str, level2: str | None = None):
@@ -262,6 +278,7 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
         )
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
+    target = check_write_back_source(args.data) if args.write_back else None  # checked in run() before any work
     progress = not args.no_progress
     path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
     print(f"cell latents: {path}")
@@ -269,4 +286,14 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
         path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite,
                                   progress=progress)
         print(f"niche latents: {path}")
+    if target is not None:
+        from xscale.data.store import CellStore
+        from xscale.data.writeback import write_to_spatialdata
+
+        store = CellStore(args.data)
+        niche_key = "X_xscale_niche" if l2 is not None else None
+        table = write_to_spatialdata(target, store, table_key=args.table_key or store.source_table_key,
+                                     niche_key=niche_key)
+        print(f"wrote obsm['X_xscale_cell'] {table.obsm['X_xscale_cell'].shape} into the table of {target}"
+              + (" and the niche latents into its niche table" if niche_key else ""))
     return 0

@@ -187,6 +187,7 @@ def prepare(
                                    "same path (or one inside the other): the input would be replaced. "
                                    "Pass another output path.")
     adata = _prepare_source(source, table_key, spatial_key, counts_layer, chunk_cells, gene_symbols)
+    source_info = dict(adata.uns.get("xscale_source", {})) if isinstance(source, (str, os.PathLike)) else {}
     n, g = adata.shape
     if n == 0 or g == 0:
         raise _empty_error(n, g, 1, "")
@@ -300,7 +301,9 @@ def prepare(
             "spatial": coords is not None, "slide_key": slide_key or "", "n_dropped_zero": n_zero,
             "slide_names": np.asarray(names, dtype=str), "slide_start": first_sorted.astype(np.int64),
             "slide_stop": stops.astype(np.int64), "slide_median_nn": nn,
-            "source": str(source) if isinstance(source, (str, Path)) else "AnnData",
+            "source": str(Path(source).resolve()) if isinstance(source, (str, Path)) else "AnnData",
+            "source_format": str(source_info.get("format", "")),
+            "source_table_key": str(source_info.get("table_key", "")),
         }
         write_unsharded(root, "uns", {"xscale": meta})
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0",

@@ -69,6 +69,10 @@ class CellStore:
         self.slide_median_nn = np.asarray(meta["slide_median_nn"], dtype=np.float64)
         self.n_neighbors = int(meta["n_neighbors"])  # the stored graph: k nearest, or within a radius
         self.radius = None if float(meta["radius"]) < 0 else float(meta["radius"])
+        # what it was prepared from (a path, its format and table): where --write-back writes results
+        self.source = str(meta.get("source", ""))
+        self.source_format = str(meta.get("source_format", ""))
+        self.source_table_key = str(meta.get("source_table_key", "")) or None
         self.n_cells, self.n_genes = (int(v) for v in root["X"].attrs["shape"])
         self.n_chunks = -(-self.n_cells // self.chunk_cells)
 
