@@ -92,6 +92,43 @@ def test_cli_run_on_a_store(store, tmp_path, capsys):
     assert "is a prepared store: expected none of --slide-key, --radius, found them" in err
 
 
+def test_cli_run_on_a_store_prepared_from_spatialdata_writes_back_into_it(small_adata, write_spatialdata, tmp_path,
+                                                                          capsys):
+    """``xscale run --data STORE --write-back``: trained out of core, then the cell latents, the domains and the niche
+    latents go into the SpatialData store the store was prepared from, in the table's row order (missing for a cell
+    dropped at validation); a store prepared from an .h5ad is refused before any training."""
+    import spatialdata as sd
+
+    from xscale.data.writeback import latents_in_source_order
+
+    x = small_adata.X.tolil()
+    x[4] = 0  # dropped when the store is prepared
+    small_adata.X = x.tocsr()
+    path = write_spatialdata(small_adata, tmp_path / "x.sdata.zarr")
+    with pytest.warns(UserWarning, match="Dropped 1 of 300 cells"):
+        cells = CellStore(prepare(path, tmp_path / "x.xscale.zarr", slide_key="slice", chunk_cells=64,
+                                  progress=False))
+    args = ["run", "--data", str(cells.path), "--out", str(tmp_path / "run"), "--preset", "tiny", "--max-steps", "2",
+            "--n-domains", "3", "--no-report", "--no-progress", "--write-back"]
+    assert main(args) == 0
+    assert "the domains and a niche table into" in capsys.readouterr().out
+    table = sd.read_zarr(path).tables["table"]
+    lat = np.asarray(table.obsm["X_xscale_cell"])
+    np.testing.assert_array_equal(lat, latents_in_source_order(cells, "X_xscale_cell", small_adata.n_obs))
+    domains = table.obs["xscale_domain"]
+    store_domains = ad.read_zarr(cells.path).obs["xscale_domain"].astype(str).to_numpy()
+    assert domains.isna().to_numpy()[4] and domains.notna().sum() == cells.n_cells
+    np.testing.assert_array_equal(domains.astype(str).to_numpy()[cells.source_index()], store_domains)
+    assert sd.read_zarr(path).tables["table_niches"].shape[0] == small_adata.n_obs
+
+    with pytest.warns(UserWarning, match="Dropped 1 of 300 cells"):
+        small_adata.write_h5ad(tmp_path / "x.h5ad")
+        other = prepare(tmp_path / "x.h5ad", tmp_path / "h.xscale.zarr", slide_key="slice", progress=False)
+    assert main([*args[:2], str(other), "--out", str(tmp_path / "run2"), *args[5:]]) == 2
+    assert "a prepared store made from" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "checkpoints").exists()  # refused before any training
+
+
 def test_store_domains_equal_in_memory_domains_and_sample_beyond_fit_cells(store, tmp_path):
     """Block by block, the clustering of xscale.tl.domains: the same labels when every cell is fitted; fitted on a
     sample, nearly the same partition."""

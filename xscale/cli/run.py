@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-report", action="store_true", help="skip DIR/report.html")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--write-back", action="store_true",
-                        help="SpatialData --data: also put the latents into its table (obsm) and a niche table")
+                        help="SpatialData --data, or a store prepared from one: also put the latents and domains "
+                        "into its table (obsm, obs) and a niche table")
 
 
 def _label_column(adata, key: str | None, option: str):
@@ -168,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 #: Options that a prepared store answers itself (xscale prepare fixed them), with their defaults.
-STORE_FIXED = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None, "table_key": None, "radius": None,
-               "write_back": False}
+STORE_FIXED = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None, "table_key": None, "radius": None}
 
 
 def _run_store(args: argparse.Namespace) -> int:
@@ -185,6 +185,11 @@ def _run_store(args: argparse.Namespace) -> int:
             "has its counts, slides, coordinates and neighbour graph from xscale prepare (prepare again to change "
             "them).")
     cells = CellStore(args.data)
+    target = None
+    if args.write_back:  # before any work: the SpatialData store it was prepared from
+        from xscale.cli.embed import check_write_back_source
+
+        target = check_write_back_source(args.data)
     columns = list(cells.root["obs"].attrs.get("column-order", []))
     for option, key in (("--domain-key", args.domain_key), ("--cell-type-key", args.cell_type_key)):
         if key is not None and key not in columns:  # before any training
@@ -201,6 +206,12 @@ def _run_store(args: argparse.Namespace) -> int:
           f"written into the prepared store (out of core); {args.out} holds the checkpoints")
     if result.skipped:
         print(f"skipped finished stages: {', '.join(result.skipped)}")
+    if target is not None:
+        from xscale.data.writeback import write_to_spatialdata
+
+        write_to_spatialdata(target, cells, table_key=cells.source_table_key, niche_key="X_xscale_niche",
+                             obs_keys=("xscale_domain",))
+        print(f"wrote the cell latents, the domains and a niche table into {target}")
     labelled = args.domain_key is not None or args.cell_type_key is not None
     if args.no_report and not labelled:
         return 0

@@ -237,22 +237,49 @@ def latents_in_source_order(store: str | Path | CellStore, key: str, n_source: i
 
 def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, *, table_key: str | None = None,
                          cell_key: str | None = "X_xscale_cell", niche_key: str | None = None,
-                         niche_table: str | None = None) -> ad.AnnData:
+                         niche_table: str | None = None, obs_keys: tuple[str, ...] = ()) -> ad.AnnData:
     """Put results of a store prepared from a SpatialData store back into it.
 
     Cell latents ``obsm[cell_key]`` of the store go to ``obsm[cell_key]`` of the table;
     niche latents ``obsm[niche_key]`` go to a second table (default ``<table>_niches``)
     annotating the same elements, with the latents as X (n, T·D). Cells dropped at
     validation get NaN. The cell latents are reordered to the table's rows block by block, out of
-    core (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory.
+    core (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory. The
+    ``obs_keys`` columns of the store's obs that exist (e.g. ``xscale_domain``) go to the table's obs
+    (missing for dropped cells).
     Returns the cell table's obs and uns with the latents in obsm (a dask array of the written
     array; its counts are neither read nor rewritten).
     """
     from xscale.data.reorder import SourceOrderLatents
 
     store = store if isinstance(store, CellStore) else CellStore(store)
+
+    def obs_columns(table: ad.AnnData) -> dict[str, pd.Series]:
+        return _store_columns(store, obs_keys, table.obs_names) if obs_keys else {}
+
     return _put_latents(sdata_path, table_key, lambda key, table: SourceOrderLatents(store, key, table.n_obs),
-                        cell_key, niche_key, niche_table)
+                        cell_key, niche_key, niche_table, obs_columns)
+
+
+def _store_columns(store: CellStore, keys: tuple[str, ...], names: pd.Index) -> dict[str, pd.Series]:
+    """The ``keys`` columns of the store's obs that exist, in the input's row order (indexed by ``names``,
+    the input's obs_names; missing for cells dropped at validation)."""
+    import pandas as pd
+    from anndata.io import read_elem
+
+    obs = store.root["obs"]
+    src = store.source_index()
+    out = {}
+    for key in keys:
+        if key not in obs:
+            continue
+        values = pd.Series(read_elem(obs[key]))  # (n_store,) in store order
+        order = pd.Series(np.full(len(names), -1, dtype=np.int64))
+        order.iloc[src] = np.arange(len(src))
+        col = values.reindex(order.to_numpy()).reset_index(drop=True)  # -1 -> missing
+        col.index = names
+        out[key] = col
+    return out
 
 
 def write_adata_to_spatialdata(sdata_path: str | Path, adata: ad.AnnData, *, table_key: str | None = None,
