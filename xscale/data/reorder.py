@@ -9,6 +9,7 @@ while it runs. :func:`~xscale.data.writeback.latents_in_source_order` is the in-
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ class SourceOrderLatents:
         out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         src = self.store.source_index()
         n_blocks = -(-n // self.rows)
-        with tempfile.TemporaryDirectory(prefix=".xscale-reorder-", dir=self.store.path.parent) as tmp:
+        beside = self.store.path.parent  # the spill (one copy of the latents) beside the store, else in TMPDIR
+        with tempfile.TemporaryDirectory(prefix=".xscale-reorder-",
+                                         dir=beside if os.access(beside, os.W_OK) else None) as tmp:
             spill = Path(tmp)
             for i in range(self.store.n_chunks):  # pass 1: each store block's rows to their output block's file
                 a, b = self.store.chunk_range(i)
