@@ -404,9 +404,9 @@ def _replace_element(group_dir: Path, name: str, value: Any) -> None:
 
 
 def _write_table(sdata: Any, name: str) -> None:
-    """Write ``sdata.tables[name]`` into its SpatialData zarr store; a table already there is
-    replaced only once the new one is complete (a failed write leaves the user's table as it was,
-    and no partial table that would stop the store from reading).
+    """Write ``sdata.tables[name]`` (the niche table) into its SpatialData zarr store; a table already
+    there is replaced only once the new one is complete (a failed write leaves it as it was, and no
+    partial table that would stop the store from reading).
 
     The table is written under a temporary element name beside it, then renamed into place
     (:func:`~xscale.utils.atomic.replace_dir`, which moves an existing table aside first) and
@@ -419,7 +419,7 @@ def _write_table(sdata: Any, name: str) -> None:
     try:
         with unsharded():
             sdata.write_element(tmp_name)
-        replace_dir(tmp_dir, final, check=False)  # the user's table, rewritten with the latents on request
+        replace_dir(tmp_dir, final, check=False)  # the niche table xscale wrote, replaced on request
     finally:  # success or not: no temporary element left, in memory, on disk or in the metadata
         del sdata.tables[tmp_name]
         shutil.rmtree(tmp_dir, ignore_errors=True)
