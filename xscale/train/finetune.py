@@ -53,7 +53,13 @@ from xscale.train.finetune_infer import (
     score_held_out,
     summary_sample,
 )
-from xscale.train.finetune_inputs import cell_type_codes, check_options, correction_slides, train_cells
+from xscale.train.finetune_inputs import (  # noqa: F401  (DEFAULT_STRUCTURE_WEIGHT re-exported)
+    DEFAULT_STRUCTURE_WEIGHT,
+    cell_type_codes,
+    check_options,
+    correction_slides,
+    train_cells,
+)
 from xscale.train.finetune_module import Correction, FinetuneModule, Task
 from xscale.train.optim import EMAWeights
 from xscale.train.quiet import log_interval, quiet_fit
@@ -66,10 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Trainable = Literal["xpressor", "head", "all"]
-# batch_correction's default: a guard against collapsed latents. On benchmarks/peft.py's STARmap
-# tuning runs (MMD 1, 12 epochs) it scored as the run's choice without it: mixing gain 0.035 vs
-# 0.038, purity drop -0.006 vs -0.001, with more of the latents' spread kept (0.89x vs 0.79x).
-DEFAULT_STRUCTURE_WEIGHT = 1.0
 
 
 @dataclass
@@ -225,7 +227,7 @@ def finetune(
     :class:`FinetuneResult`.
     """
     structure_weight = check_options(task, correction, structure_weight, reconstruction_weight, thinning, layer_mix,
-                                     trainable, DEFAULT_STRUCTURE_WEIGHT)
+                                     trainable)
     ema = EMAWeights(ema_decay) if ema_decay is not None else None  # checks the decay before any work
     if output_dir is not None:
         check_replaceable(output_dir)  # before training: the result replaces output_dir as a whole
@@ -234,7 +236,8 @@ def finetune(
     if layer_mix:
         net.add_layer_mix()  # XscaleInputError for a model without an Xpressor
     cfg = net.config
-    train = train_cells(adata, train_mask)
+    requested = train_cells(adata, train_mask)
+    train = requested
     head = discriminator = labels = class_weights = None
     slide_names: list[str] = []
     if task == "cell_type":
@@ -310,7 +313,7 @@ def finetune(
         head.eval().requires_grad_(True)
         calibrate_head(head, encode_cells(net, adata[train], counts_layer=counts_layer, report_panel=False))
         if train_mask is not None:  # every labelled cell outside train_mask, classes the head never saw included
-            held = ~train_cells(adata, train_mask) & adata.obs[label_key].notna().to_numpy()
+            held = ~requested & adata.obs[label_key].notna().to_numpy()
             metrics.update(score_held_out(net.cpu(), head.cpu(), adata[held], label_key, counts_layer=counts_layer))
             if "macro_f1" in metrics:
                 log.info("Held-out cells (%d): macro-F1 %.3f, accuracy %.3f", int(held.sum()), metrics["macro_f1"],
