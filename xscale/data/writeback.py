@@ -268,17 +268,15 @@ def _store_columns(store: CellStore, keys: tuple[str, ...], names: pd.Index) -> 
     from anndata.io import read_elem
 
     obs = store.root["obs"]
-    src = store.source_index()
+    store_row = np.full(len(names), -1, dtype=np.int64)  # (n_input,) each input row's store row, -1: dropped
+    store_row[store.source_index()] = np.arange(store.n_cells)
     out = {}
     for key in keys:
-        if key not in obs:
-            continue
-        values = pd.Series(read_elem(obs[key]))  # (n_store,) in store order
-        order = pd.Series(np.full(len(names), -1, dtype=np.int64))
-        order.iloc[src] = np.arange(len(src))
-        col = values.reindex(order.to_numpy()).reset_index(drop=True)  # -1 -> missing
-        col.index = names
-        out[key] = col
+        if key in obs:
+            values = pd.Series(read_elem(obs[key]))  # (n_store,) in store order
+            col = values.reindex(store_row)  # -1 -> missing; the dtype (e.g. categorical) is kept
+            col.index = names
+            out[key] = col
     return out
 
 
@@ -329,8 +327,9 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
 
     Only the tables' obs and uns are read, and only the elements that change are written
     (``obsm/<cell_key>``, ``obs``, the niche table): the counts are never read nor rewritten, nor are the
-    store's shapes, points, images or labels read. The latents themselves are held in memory
-    (n_table x latent width), once per key."""
+    store's shapes, points, images or labels read. Latents given as arrays are in memory already; an
+    object with ``write_to`` (:class:`~xscale.data.reorder.SourceOrderLatents`) writes the cell latents
+    block by block, and is read whole only for the niche table's X."""
     import anndata as ad_mod
     import spatialdata as sd
     from spatialdata.models import TableModel
