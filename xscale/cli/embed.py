@@ -195,15 +195,12 @@ def run(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
     from xscale.utils.atomic import check_replaceable, make_output_dir
 
-    if args.data not in ds.available() and not Path(args.data).exists():
-        raise XscaleInputError(f"--data {args.data!r}: expected a bundled dataset name ({', '.join(ds.available())}), "
-                               "an .h5ad file or a .zarr store; found nothing at this path.")
+    ds.check_source(args.data, option="--data")  # before loading any model
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
-    if args.write_back:  # before any work
-        check_write_back_source(args.data)
+    target = check_write_back_source(args.data) if args.write_back else None  # before any work
     if is_prepared_store(args.data):
         refuse_gene_symbols_for_store(args)
-        return _embed_prepared_store(args, l1, l2)
+        return _embed_prepared_store(args, l1, l2, target)
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
     from xscale.data.io import read_source
@@ -260,8 +257,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
-    """Out-of-core, resumable embedding of a prepared store into its own obsm."""
+def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) -> int:
+    """Out-of-core, resumable embedding of a prepared store into its own obsm; then, with ``target`` (the
+    SpatialData store it was prepared from, --write-back), into that store's table."""
     from xscale.errors import XscaleInputError
     from xscale.tl.store_embed import embed_store_cells, embed_store_niches
 
@@ -278,7 +276,6 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2) -> int:
         )
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
-    target = check_write_back_source(args.data) if args.write_back else None  # checked in run() before any work
     progress = not args.no_progress
     path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
     print(f"cell latents: {path}")

@@ -74,12 +74,14 @@ def resolve(source: str, slide_key: str | None = None) -> tuple[str, str | None]
     return str(path(source)), slide_key or info(source).slide_key
 
 
-def check_source(source: str | Path) -> None:
+def check_source(source: str | Path, option: str | None = None) -> None:
     """XscaleInputError naming the bundled datasets when ``source`` is neither one of them nor an
-    existing path (a mistyped name looks like a missing file)."""
+    existing path (a mistyped name looks like a missing file); ``option`` (e.g. ``"--data"``) names
+    the command-line option it came from."""
     if str(source) not in DATASETS and not Path(source).exists():
+        given = f"{option} {str(source)!r}" if option else str(source)
         raise XscaleInputError(
-            f"{source}: expected a bundled dataset name ({', '.join(available())}) or a path to your data "
+            f"{given}: expected a bundled dataset name ({', '.join(available())}) or a path to your data "
             "(an .h5ad file or a .zarr store), found nothing at this path."
         )
 
