@@ -168,18 +168,19 @@ def cell_tables(tables: Any) -> list[str]:
     return [name for name, t in tables.items() if NICHE_TABLE_MARK not in t.uns]
 
 
-def spatialdata_tables(path: str | Path, *, chunk_rows: int = LAZY_CHUNK_ROWS,
-                       obs_only: bool = False) -> dict[str, ad.AnnData]:
-    """The tables of a SpatialData zarr store by name, each read from its own AnnData zarr group and
-    never whole: X and layers as dask arrays of ``chunk_rows`` rows (obs, var, obsm, uns in memory;
-    :func:`_read_lazy_anndata`), or with ``obs_only`` just obs and uns (the rows' names and keys)."""
+def spatialdata_tables(path: str | Path, *, chunk_rows: int = LAZY_CHUNK_ROWS, obs_only: bool = False,
+                       names: list[str] | None = None) -> dict[str, ad.AnnData]:
+    """The tables of a SpatialData zarr store by name (``names``, or all), each read from its own AnnData
+    zarr group and never whole: X and layers as dask arrays of ``chunk_rows`` rows (obs, var, obsm, uns in
+    memory; :func:`_read_lazy_anndata`), or with ``obs_only`` just obs and uns (the rows' names and keys)."""
     import anndata as ad
     import zarr
     from anndata.io import read_elem
 
     root = Path(path) / "tables"
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if root.is_dir() else []
+    if names is None:
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if root.is_dir() else []
 
     def read(name: str) -> ad.AnnData:
         group = zarr.open_group(root / name, mode="r")
@@ -195,10 +196,10 @@ def spatialdata_tables(path: str | Path, *, chunk_rows: int = LAZY_CHUNK_ROWS,
         raise _corrupted(Path(path), err) from err
 
 
-def open_spatialdata(path: str | Path, *, backed: bool = True,
-                     chunk_rows: int = LAZY_CHUNK_ROWS) -> tuple[Any, dict[str, ad.AnnData]]:
+def open_spatialdata(path: str | Path, *, backed: bool = True) -> tuple[Any, dict[str, ad.AnnData]]:
     """(SpatialData, its tables by name). ``backed``: spatialdata reads tables whole, so they are left
-    out of its selection (images and labels stay lazy there) and come from :func:`spatialdata_tables`."""
+    out of its selection (images and labels stay lazy there) and only their obs and uns are read here
+    (:func:`spatialdata_tables`); the one used is read lazily by :func:`read_spatialdata_table`."""
     import spatialdata as sd
 
     path = Path(path)
@@ -207,7 +208,7 @@ def open_spatialdata(path: str | Path, *, backed: bool = True,
             sdata = sd.read_zarr(path)
             return sdata, dict(sdata.tables)
         sdata = sd.read_zarr(path, selection=("images", "labels", "shapes", "points"))
-        return sdata, spatialdata_tables(path, chunk_rows=chunk_rows)
+        return sdata, spatialdata_tables(path, obs_only=True)
     except XscaleInputError:
         raise
     except Exception as err:  # damaged stores raise many types; all mean the same here
@@ -225,7 +226,7 @@ def read_spatialdata_table(
     are dask arrays of ``chunk_rows``-cell CSR blocks, read when computed (a table larger than memory).
     """
     path = Path(path)
-    sdata, by_name = open_spatialdata(path, backed=backed, chunk_rows=chunk_rows)
+    sdata, by_name = open_spatialdata(path, backed=backed)
     tables = list(by_name)
     if not tables:
         elements = [name for _, name, _ in sdata.gen_spatial_elements()]
@@ -246,7 +247,9 @@ def read_spatialdata_table(
         raise XscaleInputError(
             f"{path}: table {table_key!r} not found; tables present: {tables}. Pass table_key=<one of these>."
         )
-    table = by_name[table_key]
+    # backed: every table's obs and uns so far; now the one used, with X and layers as dask blocks
+    table = spatialdata_tables(path, chunk_rows=chunk_rows, names=[table_key])[table_key] if backed \
+        else by_name[table_key]
     if spatial_key in table.obsm:
         return table, table_key
     attrs = table.uns.get("spatialdata_attrs", {})
