@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from proc_memory import vm_hwm_bytes
 
 from xscale.nn import CrissCrossEncoder, Encoder, SelfAttentionBlock
 from xscale.nn.encoders import CrissCrossMixing
@@ -146,14 +147,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not in /proc/self/status")
-
-
 def _allocator_peak(fn) -> float:
     """Peak bytes held by torch's CPU allocator during ``fn()``, from the profiler's memory accounting."""
     from torch.profiler import ProfilerActivity, profile
@@ -184,7 +177,7 @@ def peak_one(kind: str, n: int) -> dict[str, Any]:
     with open("/proc/self/clear_refs", "w") as f:  # Linux >= 4.0: 5 resets the peak-RSS counter (VmHWM)
         f.write("5")
     fn()
-    rss_peak = _hwm_bytes() - before
+    rss_peak = vm_hwm_bytes() - before
     return {"peak_mb": round(_allocator_peak(fn) / 2**20, 1), "peak_rss_mb": round(max(rss_peak, 0) / 2**20, 1)}
 
 

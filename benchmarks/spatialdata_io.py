@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import vm_hwm_bytes
 
 RESULTS = Path(__file__).parent / "results" / "spatialdata_io.json"
 LATENT_SHAPE = (16, 32)  # K x D of the small preset: 512 floats per cell
@@ -100,17 +101,9 @@ def measure(kind: str, variant: str, store: Path, work: Path) -> dict:
             table.obsm["X_xscale_cell"] = latents_in_source_order(CellStore(prepared), "X_xscale_cell", table.n_obs)
             _write_table(sdata, "table")
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "peak_rss_mb": _vm_hwm_mb()}
-
-
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process since its exec (VmHWM). Not ``ru_maxrss``: Linux carries it over from the
-    parent into a child started by ``subprocess``, so every measure would read at least the builder's RSS."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("VmHWM not in /proc/self/status")
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent into a child started by subprocess,
+    # so every measure would read at least the builder's RSS
+    return {"seconds": seconds, "peak_rss_mb": vm_hwm_bytes() / 2**20}
 
 
 def _fresh(kind: str, variant: str, store: Path, work: Path) -> dict:
