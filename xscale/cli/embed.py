@@ -289,8 +289,7 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) 
 
         store = CellStore(args.data)
         niche_key = "X_xscale_niche" if l2 is not None else None
-        table = write_to_spatialdata(target, store, table_key=args.table_key or store.source_table_key,
-                                     niche_key=niche_key)
+        table = write_to_spatialdata(target, store, table_key=args.table_key, niche_key=niche_key)
         print(f"wrote obsm['X_xscale_cell'] {table.obsm['X_xscale_cell'].shape} into the table of {target}"
               + (" and the niche latents into its niche table" if niche_key else ""))
     return 0

@@ -209,8 +209,7 @@ def _run_store(args: argparse.Namespace) -> int:
     if target is not None:
         from xscale.data.writeback import write_to_spatialdata
 
-        write_to_spatialdata(target, cells, table_key=cells.source_table_key, niche_key="X_xscale_niche",
-                             obs_keys=("xscale_domain",))
+        write_to_spatialdata(target, cells, niche_key="X_xscale_niche", obs_keys=("xscale_domain",))
         print(f"wrote the cell latents, the domains and a niche table into {target}")
     labelled = args.domain_key is not None or args.cell_type_key is not None
     if args.no_report and not labelled:

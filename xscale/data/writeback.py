@@ -243,8 +243,10 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     Cell latents ``obsm[cell_key]`` of the store go to ``obsm[cell_key]`` of the table;
     niche latents ``obsm[niche_key]`` go to a second table (default ``<table>_niches``)
     annotating the same elements, with the latents as X (n, T·D). Cells dropped at
-    validation get NaN. The cell latents are reordered to the table's rows block by block, out of
-    core (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory. The
+    validation get NaN. ``table_key`` None: the table the store was prepared from, when
+    ``sdata_path`` is its source (:attr:`CellStore.source`), else the only table of cells. The cell
+    latents are reordered to the table's rows block by block, out of core
+    (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory. The
     ``obs_keys`` columns of the store's obs that exist (e.g. ``xscale_domain``) go to the table's obs
     (missing for dropped cells).
     Returns the cell table's obs and uns with the latents in obsm (a dask array of the written
@@ -253,6 +255,8 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     from xscale.data.reorder import SourceOrderLatents
 
     store = store if isinstance(store, CellStore) else CellStore(store)
+    if table_key is None and store.source == str(Path(sdata_path).resolve()):
+        table_key = store.source_table_key  # the table the store was prepared from
 
     def obs_columns(table: ad.AnnData) -> dict[str, pd.Series]:
         return _store_columns(store, obs_keys, table.obs_names) if obs_keys else {}
