@@ -189,6 +189,40 @@ def test_spatialdata_round_trip(small_adata, tmp_path, write_spatialdata):
     assert niches.uns["spatialdata_attrs"]["region"] == "cells"
 
 
+def test_spatialdata_niche_table_is_written_out_of_core(small_adata, tmp_path, write_spatialdata, monkeypatch):
+    """The niche table's X is reordered and written block by block, as the cell latents are: the in-memory
+    reorder is never called, and the table read back equals it (NaN rows for cells dropped at validation)."""
+    import spatialdata as sd
+
+    from xscale.data import reorder
+
+    import scipy.sparse as sp
+
+    a = small_adata.copy()
+    x = a.X.toarray()
+    x[[3, 40]] = 0  # two zero-count cells, dropped at validation
+    a.X = sp.csr_matrix(x)
+    path = write_spatialdata(a, tmp_path / "s.zarr")
+    with pytest.warns(UserWarning, match="Dropped 2 of"):
+        store = CellStore(prepare(path, tmp_path / "st.zarr", chunk_cells=16))
+    src = store.source_index()
+    _embed(store, "X_xscale_niche", (2, 2), lambda a_, b: np.repeat(src[a_:b, None, None], 4, 1).reshape(-1, 2, 2)
+           .astype(np.float32))
+    reference = latents_in_source_order(store, "X_xscale_niche", a.n_obs)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the niche latents were built whole in memory")
+
+    monkeypatch.setattr(reorder.SourceOrderLatents, "__array__", whole)
+    write_to_spatialdata(path, store, cell_key=None, niche_key="X_xscale_niche")
+    monkeypatch.undo()
+    niches = sd.read_zarr(path).tables["table_niches"]
+    assert list(niches.var_names) == [f"niche_latent_{i}" for i in range(4)]
+    np.testing.assert_array_equal(np.asarray(niches.X), reference)
+    assert np.isnan(np.asarray(niches.X)[[3, 40]]).all()
+    assert (niches.obs["cell_id"].to_numpy() == np.arange(a.n_obs)).all()
+
+
 def _files(path):
     """{relative path: bytes} of every file under ``path``."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}

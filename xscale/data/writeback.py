@@ -246,7 +246,7 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     validation get NaN. ``table_key`` None: the table the store was prepared from, when
     ``sdata_path`` is its source (:attr:`CellStore.source`), else the only table of cells. The cell
     latents are reordered to the table's rows block by block, out of core
-    (:class:`~xscale.data.reorder.SourceOrderLatents`); the niche table is built in memory. The
+    (:class:`~xscale.data.reorder.SourceOrderLatents`), and so is the niche table's X. The
     ``obs_keys`` columns of the store's obs that exist (e.g. ``xscale_domain``) go to the table's obs
     (missing for dropped cells).
     Returns the cell table's obs and uns with the latents in obsm (a dask array of the written
@@ -332,9 +332,10 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
     Only the tables' obs and uns are read, and only the elements that change are written
     (``obsm/<cell_key>``, ``obs``, the niche table): the counts are never read nor rewritten, nor are the
     store's shapes, points, images or labels read. Latents given as arrays are in memory already; an
-    object with ``write_to`` (:class:`~xscale.data.reorder.SourceOrderLatents`) writes the cell latents
-    block by block, and is read whole only for the niche table's X."""
+    object with ``write_to`` (:class:`~xscale.data.reorder.SourceOrderLatents`) writes itself block by
+    block, into ``obsm/<cell_key>`` or into the niche table's X (never whole in memory)."""
     import anndata as ad_mod
+    import pandas as pd
     import spatialdata as sd
     from spatialdata.models import TableModel
 
@@ -367,18 +368,20 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
             cell_latents = da.from_zarr(str(table_dir / "obsm" / cell_key))
         table.obsm[cell_key] = cell_latents
     if niche_latents is not None:
-        niche_latents = np.asarray(niche_latents)
+        streamed = hasattr(niche_latents, "write_to")  # written block by block into the table's X below
+        if not streamed:
+            niche_latents = np.asarray(niche_latents, dtype=np.float32)
         attrs = table.uns.get("spatialdata_attrs", {})
         obs = table.obs[[attrs["region_key"], attrs["instance_key"]]].copy() if attrs else table.obs[[]].copy()
-        nt = ad_mod.AnnData(X=niche_latents, obs=obs)
-        nt.var_names = [f"niche_latent_{i}" for i in range(niche_latents.shape[1])]
+        var = pd.DataFrame(index=[f"niche_latent_{i}" for i in range(niche_latents.shape[1])])
+        nt = ad_mod.AnnData(X=None if streamed else niche_latents, obs=obs, var=var)
         nt.uns[NICHE_TABLE_MARK] = {"cells_table": table_key}  # not a table of cells: skipped as a default
         if attrs:
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
                                   instance_key=attrs["instance_key"])
         name = niche_table or f"{table_key}_niches"
         sdata.tables[name] = nt
-        _write_table(sdata, name)
+        _write_table(sdata, name, x=niche_latents if streamed else None)
     elif sdata.has_consolidated_metadata():  # _write_table rewrites it; the parts replaced above need it too
         sdata.write_consolidated_metadata()
     return table
@@ -406,10 +409,12 @@ def _replace_element(group_dir: Path, name: str, value: Any) -> None:
         shutil.rmtree(group_dir / tmp_name, ignore_errors=True)
 
 
-def _write_table(sdata: Any, name: str) -> None:
+def _write_table(sdata: Any, name: str, *, x: Any = None) -> None:
     """Write ``sdata.tables[name]`` (the niche table) into its SpatialData zarr store; a table already
     there is replaced only once the new one is complete (a failed write leaves it as it was, and no
-    partial table that would stop the store from reading).
+    partial table that would stop the store from reading). ``x``: an object that writes the table's X
+    block by block (``x.write_to(group, "X")``, :class:`~xscale.data.reorder.SourceOrderLatents`), for a
+    table held without X; None: X is the table's own.
 
     The table is written under a temporary element name beside it, then renamed into place
     (:func:`~xscale.utils.atomic.replace_dir`, which moves an existing table aside first) and
@@ -422,6 +427,10 @@ def _write_table(sdata: Any, name: str) -> None:
     try:
         with unsharded():
             sdata.write_element(tmp_name)
+            if x is not None:
+                import zarr
+
+                x.write_to(zarr.open_group(tmp_dir, mode="a"), "X")
         replace_dir(tmp_dir, final, check=False)  # the niche table xscale wrote, replaced on request
     finally:  # success or not: no temporary element left, in memory, on disk or in the metadata
         del sdata.tables[tmp_name]
