@@ -192,11 +192,10 @@ def test_spatialdata_round_trip(small_adata, tmp_path, write_spatialdata):
 def test_spatialdata_niche_table_is_written_out_of_core(small_adata, tmp_path, write_spatialdata, monkeypatch):
     """The niche table's X is reordered and written block by block, as the cell latents are: the in-memory
     reorder is never called, and the table read back equals it (NaN rows for cells dropped at validation)."""
+    import scipy.sparse as sp
     import spatialdata as sd
 
     from xscale.data import reorder
-
-    import scipy.sparse as sp
 
     a = small_adata.copy()
     x = a.X.toarray()
