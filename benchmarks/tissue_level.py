@@ -16,7 +16,7 @@ Then, on the held-out slice and on each training slice separately, k-means with 
 
 Scores are ARI / NMI against the layers, mean over k-means seeds 0, 1, 2
 (:func:`xscale.eval.metrics.cluster_scores`). Training time and peak resident memory
-(``ru_maxrss`` of a child process per pipeline; imports included) are recorded for the
+(VmHWM of a child process per pipeline; imports included) are recorded for the
 staged and the joint runs. Model settings were chosen on the training slices only.
 
 Run: ``.venv/bin/python benchmarks/tissue_level.py --level1-preset small --level1-epochs 200
@@ -30,13 +30,13 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import vm_hwm_bytes
 
 DATASET = "starmap_mpfc"
 LAYER_KEY = "domain_name"
@@ -44,7 +44,8 @@ N_LAYERS = 4
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    # VmHWM, not ru_maxrss: Linux carries the spawning parent's peak over into a child's ru_maxrss
+    return vm_hwm_bytes() / 2**20
 
 
 def _staged_child(work: str, settings: dict, threads: int, queue: mp.Queue) -> None:
@@ -234,7 +235,7 @@ def main() -> None:
                 "train_seconds": joint["seconds"], "peak_rss_mb": joint["peak_rss_mb"],
                 "note": "fine-tunes both levels from the staged checkpoints; seconds exclude the staged run"},
             "level2_seed_seconds": None if seeds_run is None else seeds_run["seconds"],
-            "note": "peak_rss_mb = ru_maxrss of the child process running that pipeline (imports included)",
+            "note": "peak_rss_mb = VmHWM of the child process running that pipeline (imports included)",
         },
         "level2_config": staged["level2_config"],
         "model_selection": MODEL_SELECTION,
