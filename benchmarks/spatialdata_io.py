@@ -13,14 +13,20 @@ times each (medians):
   writes ``obsm/X_xscale_cell`` of the table only, the latents reordered to the table's rows out of core,
   vs the baseline, the previous implementation: the whole table read by spatialdata, the latents reordered
   in memory and put in its obsm, and the whole table (counts included) written again under a temporary
-  name, then renamed.
+  name, then renamed;
+- ``niche_table``: ``write_to_spatialdata(store, prepared, cell_key=None, niche_key=...)`` of niche latents
+  (the same 512 floats per cell) writes the second table with its X reordered and written block by block,
+  vs the baseline, the previous implementation: the latents reordered in memory and the table's X built
+  whole before it is written.
+
+``--kinds`` runs some of them and keeps the others' entries of an existing results file.
 
 Writes ``benchmarks/results/spatialdata_io.json``::
 
     {"n_cells", "n_genes", "table_x_mb", "latent_dims", "repeats",
      "prepare": {"current": {"peak_rss_mb", "seconds", "each": [...]}, "baseline": {...},
                  "rss_ratio", "time_ratio"},
-     "write_back": {... same ...}, "notes": [...]}
+     "write_back": {... same ...}, "niche_table": {... same ...}, "notes": [...]}
 
 ``rss_ratio`` / ``time_ratio`` are current / baseline (below 1 = the current code uses less).
 Run: ``.venv/bin/python benchmarks/spatialdata_io.py [--cells 600000]`` (about 10 minutes on 2 cores;
@@ -42,6 +48,8 @@ from proc_memory import vm_hwm_bytes
 
 RESULTS = Path(__file__).parent / "results" / "spatialdata_io.json"
 LATENT_SHAPE = (16, 32)  # K x D of the small preset: 512 floats per cell
+NICHE_KEY = "X_xscale_niche"  # niche latents of the same shape, for the niche-table measure
+KINDS = ("prepare", "write_back", "niche_table")
 
 
 def build(path: Path, n_cells: int) -> dict:
@@ -84,6 +92,17 @@ def measure(kind: str, variant: str, store: Path, work: Path) -> dict:
             from xscale.data.io import read_dataset
 
             prepare(read_dataset(store), out, progress=False)  # the table read whole, then prepared
+    elif kind == "niche_table":
+        from xscale.data.store import CellStore
+        from xscale.data.writeback import _put_latents, latents_in_source_order, write_to_spatialdata
+
+        prepared = work / "prepared.zarr"
+        if variant == "current":
+            write_to_spatialdata(store, prepared, cell_key=None, niche_key=NICHE_KEY)
+        else:  # the previous implementation: the niche latents reordered in memory, the table built whole
+            cells = CellStore(prepared)
+            _put_latents(store, None, lambda key, table: latents_in_source_order(cells, key, table.n_obs),
+                         None, NICHE_KEY, None)
     else:
         from xscale.data.writeback import latents_in_source_order, write_to_spatialdata
 
@@ -120,17 +139,18 @@ def _latents(work: Path, store: Path) -> None:
 
     cells = CellStore(prepare(store, work / "prepared.zarr", progress=False))
     src = cells.source_index()
-    w = store_latent_writer(cells, "X_xscale_cell", LATENT_SHAPE)
-    for c in w.pending_chunks():
-        a, b = w.chunk_range(c)
-        w.write_chunk(c, np.broadcast_to(src[a:b, None, None], (b - a, *LATENT_SHAPE)).astype(np.float32))
-    w.finalize()
+    for key in ("X_xscale_cell", NICHE_KEY):
+        w = store_latent_writer(cells, key, LATENT_SHAPE)
+        for c in w.pending_chunks():
+            a, b = w.chunk_range(c)
+            w.write_chunk(c, np.broadcast_to(src[a:b, None, None], (b - a, *LATENT_SHAPE)).astype(np.float32))
+        w.finalize()
 
 
 def notes(result: dict) -> list[str]:
     """The JSON's numbers in words."""
     pr, wb = result["prepare"], result["write_back"]
-    return [
+    out = [
         f"{result['n_cells']:,} cells x {result['n_genes']} genes, the table's X {result['table_x_mb']} MB as CSR. "
         f"prepare of the SpatialData store: peak RSS {pr['current']['peak_rss_mb']:.0f} MB (table read lazily) "
         f"vs {pr['baseline']['peak_rss_mb']:.0f} MB (read whole first), ratio {pr['rss_ratio']:.2f}; time ratio "
@@ -141,6 +161,14 @@ def notes(result: dict) -> list[str]:
         f"read and rewritten, the latents reordered in memory), time ratio {wb['time_ratio']:.2f}, RSS ratio "
         f"{wb['rss_ratio']:.2f}.",
     ]
+    if "niche_table" in result:
+        nt = result["niche_table"]
+        out.append(
+            f"niche table of {result['latent_dims']} latent floats per cell: {nt['current']['seconds']:.1f} s and "
+            f"{nt['current']['peak_rss_mb']:.0f} MB (its X reordered and written block by block) vs "
+            f"{nt['baseline']['seconds']:.1f} s and {nt['baseline']['peak_rss_mb']:.0f} MB (reordered in memory, "
+            f"the table built whole), time ratio {nt['time_ratio']:.2f}, RSS ratio {nt['rss_ratio']:.2f}.")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--measure", nargs=4, metavar=("KIND", "VARIANT", "STORE", "WORK"), help=argparse.SUPPRESS)
     p.add_argument("--renote", action="store_true", help="rewrite only the notes of the results JSON")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="measures to run; the others' entries of an existing results file are kept")
     args = p.parse_args(argv)
     if args.renote:
         result = json.loads(RESULTS.read_text())
@@ -159,15 +189,23 @@ def main(argv: list[str] | None = None) -> int:
         kind, variant, store, work = args.measure
         print(json.dumps(measure(kind, variant, Path(store), Path(work))))
         return 0
+    kept: dict = {}  # the entries of the measures not re-run
+    if set(args.kinds) != set(KINDS) and RESULTS.exists():
+        kept = json.loads(RESULTS.read_text())
+        if kept.get("n_cells") != args.cells:
+            p.error(f"{RESULTS} holds measures of {kept.get('n_cells')} cells, not --cells {args.cells}: pass "
+                    "the same --cells, or run every kind (leave out --kinds).")
+        kept = {k: v for k, v in kept.items() if k not in args.kinds}
     tmp = Path(tempfile.mkdtemp(prefix="xscale-sdata-bench-"))
     try:
         store = tmp / "tissue.sdata.zarr"
         t = time.perf_counter()
         result: dict = {**build(store, args.cells), "latent_dims": int(np.prod(LATENT_SHAPE)),
                         "repeats": args.repeats}
+        result = {**kept, **result}
         print(f"built {store.name}: {result} in {time.perf_counter() - t:.0f} s", flush=True)
         _latents(tmp, store)
-        for kind in ("prepare", "write_back"):
+        for kind in args.kinds:
             runs: dict[str, list[dict]] = {"current": [], "baseline": []}
             for _ in range(args.repeats):
                 for variant in ("baseline", "current"):

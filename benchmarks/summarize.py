@@ -92,6 +92,11 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append((f"SpatialData write-back of cell latents ({n})", "peak RSS MB / s",
                     f"obsm written alone {wb['current']['peak_rss_mb']:.0f} / {wb['current']['seconds']:.1f}",
                     f"whole table rewritten {wb['baseline']['peak_rss_mb']:.0f} / {wb['baseline']['seconds']:.1f}"))
+        if "niche_table" in sdio:
+            nt = sdio["niche_table"]
+            out.append((f"SpatialData write-back, niche table ({n})", "peak RSS MB / s",
+                        f"X written block by block {nt['current']['peak_rss_mb']:.0f} / {nt['current']['seconds']:.1f}",
+                        f"built in memory {nt['baseline']['peak_rss_mb']:.0f} / {nt['baseline']['seconds']:.1f}"))
     peft = _load("peft")
     if peft:
         m = peft["macro_f1"]
