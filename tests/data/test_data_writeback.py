@@ -108,6 +108,33 @@ def test_damaged_partial_restarts_every_block(tmp_path, caplog):
     np.testing.assert_array_equal(zarr.open_array(w.finalize())[:], np.full((10, 2), 7.0))
 
 
+def test_partial_beside_a_store_prepared_again_is_not_resumed(small_adata, tmp_path):
+    """A killed store embed leaves its partial beside the store; after the store is prepared again in another
+    order, the same embed starts over instead of resuming blocks of other cells."""
+    store = CellStore(prepare(small_adata, tmp_path / "st.zarr", chunk_cells=50))
+    w = store_latent_writer(store, "X_xscale_cell", (2,), fingerprint="model-v1")
+    w.write_chunk(0, np.ones((50, 2)))  # killed after one block
+    assert store_latent_writer(store, "X_xscale_cell", (2,), fingerprint="model-v1").pending_chunks()[0] == 1
+    again = CellStore(prepare(small_adata, tmp_path / "st.zarr", chunk_cells=50, curve="random", overwrite=True))
+    assert again.identity != store.identity
+    assert store_latent_writer(again, "X_xscale_cell", (2,), fingerprint="model-v1").pending_chunks()[0] == 0
+
+
+def test_latents_in_source_order_has_a_row_per_input_cell_when_the_last_were_dropped(small_adata, tmp_path):
+    import scipy.sparse as sp
+
+    a = small_adata.copy()
+    x = a.X.toarray()
+    x[-2:] = 0  # the input's last two cells: dropped by prepare
+    a.X = sp.csr_matrix(x)
+    with pytest.warns(UserWarning, match="Dropped 2 of"):
+        store = CellStore(prepare(a, tmp_path / "st.zarr", chunk_cells=64))
+    assert store.n_source == a.n_obs
+    _embed(store, "X_xscale_cell", (3,), lambda lo, hi: np.ones((hi - lo, 3), np.float32))
+    out = latents_in_source_order(store, "X_xscale_cell")
+    assert out.shape == (a.n_obs, 3) and np.isnan(out[-2:]).all() and not np.isnan(out[:-2]).any()
+
+
 def _embed(store, key, shape, fn):
     w = store_latent_writer(store, key, shape)
     for c in w.pending_chunks():
@@ -220,6 +247,56 @@ def test_spatialdata_niche_table_is_written_out_of_core(small_adata, tmp_path, w
     np.testing.assert_array_equal(np.asarray(niches.X), reference)
     assert np.isnan(np.asarray(niches.X)[[3, 40]]).all()
     assert (niches.obs["cell_id"].to_numpy() == np.arange(a.n_obs)).all()
+
+
+def test_spatialdata_write_back_matches_cells_by_name(small_adata, tmp_path, write_spatialdata):
+    """Latents land on the table row of their own cell: rows re-sorted after prepare are matched by name; a table
+    of other cells, another table of the store's source and a store prepared from another input are refused
+    before anything is written."""
+    import spatialdata as sd
+
+    from xscale.data.zarr_settings import unsharded
+    from xscale.errors import XscaleInputError
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    store = CellStore(prepare(path, tmp_path / "st.zarr", chunk_cells=64))
+    src = store.source_index()
+    _embed(store, "X_xscale_cell", (2,), lambda a, b: np.repeat(src[a:b, None], 2, 1).astype(np.float32))
+    sdata = sd.read_zarr(path)  # the user re-sorts the table after prepare
+    sdata.tables["table"] = sdata.tables["table"][::-1].copy()
+    with unsharded():
+        sdata.write(tmp_path / "resorted.zarr")
+    write_to_spatialdata(tmp_path / "resorted.zarr", store)
+    table = sd.read_zarr(tmp_path / "resorted.zarr").tables["table"]
+    want = small_adata.obs_names.get_indexer(table.obs_names)  # the input row of each (re-sorted) table row
+    assert (want == np.arange(small_adata.n_obs)[::-1]).all()
+    np.testing.assert_array_equal(np.asarray(table.obsm["X_xscale_cell"])[:, 0], want)
+
+    other = small_adata[:200].copy()  # a table of other cells (fewer, renamed)
+    other.obs_names = [f"other{i}" for i in range(other.n_obs)]
+    write_spatialdata(other, tmp_path / "other.zarr")
+    with pytest.raises(XscaleInputError, match=r"expected every cell of the store .* found 300 of 300 that are not"):
+        write_to_spatialdata(tmp_path / "other.zarr", store)
+    assert "X_xscale_cell" not in sd.read_zarr(tmp_path / "other.zarr").tables["table"].obsm
+
+    relabelled = sd.read_zarr(path)  # same names, other instances: the table annotates other cells
+    t = relabelled.tables["table"]
+    t.obs["cell_id"] = t.obs["cell_id"].to_numpy() + 1000
+    with unsharded():
+        relabelled.write(tmp_path / "relabelled.zarr")
+    with pytest.raises(XscaleInputError, match=r"300 of 300 whose obs\['cell_id'\] differs"):
+        write_to_spatialdata(tmp_path / "relabelled.zarr", store)
+
+    with pytest.raises(XscaleInputError, match=r"table_key: expected the table .* from, 'table', found 'x'"):
+        write_to_spatialdata(path, store, table_key="x")
+
+    h5ad_store = CellStore(prepare(small_adata[:150].copy(), tmp_path / "h.zarr", chunk_cells=64))
+    _embed(h5ad_store, "X_xscale_cell", (2,), lambda a, b: np.zeros((b - a, 2), np.float32))
+    renamed = small_adata.copy()
+    renamed.obs_names = [f"c{i}" for i in range(renamed.n_obs)]
+    write_spatialdata(renamed, tmp_path / "renamed.zarr")
+    with pytest.raises(XscaleInputError, match="150 of 150 that are not"):
+        write_to_spatialdata(tmp_path / "renamed.zarr", h5ad_store)
 
 
 def _files(path):

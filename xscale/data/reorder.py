@@ -27,18 +27,22 @@ class SourceOrderLatents:
     cells dropped at validation), flattened per cell. ``write_to(group, name)`` streams it into a zarr
     group; ``np.asarray(...)`` builds it in memory (small arrays, e.g. a niche table's X)."""
 
-    def __init__(self, store: CellStore, key: str, n_source: int, *, rows: int = REORDER_ROWS) -> None:
+    def __init__(self, store: CellStore, key: str, n_source: int, *, rows: int = REORDER_ROWS,
+                 targets: np.ndarray | None = None) -> None:
         from xscale.data.writeback import read_store_latents
 
         self.store, self.key, self.rows = store, key, rows
         self.latents = read_store_latents(store, key)  # a clear error when the key is missing, before any write
         self.width = int(np.prod(self.latents.shape[1:]))
         self.shape = (int(n_source), self.width)
+        # (n_store,) the output row of each store cell: its input row unless given (e.g. matched by name)
+        self.targets = store.source_index() if targets is None else np.asarray(targets, dtype=np.int64)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        from xscale.data.writeback import latents_in_source_order
-
-        out = latents_in_source_order(self.store, self.key, self.shape[0])
+        out = np.full(self.shape, np.nan, dtype=np.float32)
+        for i in range(self.store.n_chunks):
+            a, b = self.store.chunk_range(i)
+            out[self.targets[a:b]] = np.asarray(self.latents[a:b], dtype=np.float32).reshape(b - a, self.width)
         return out if dtype is None else out.astype(dtype)
 
     def write_to(self, group: Any, name: str) -> None:
@@ -47,7 +51,7 @@ class SourceOrderLatents:
         out = group.create_array(name, shape=self.shape, chunks=(min(self.rows, max(n, 1)), width),
                                  dtype="float32", fill_value=np.nan)
         out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        src = self.store.source_index()
+        src = self.targets
         n_blocks = -(-n // self.rows)
         beside = self.store.path.parent  # the spill (one copy of the latents) beside the store, else in TMPDIR
         with tempfile.TemporaryDirectory(prefix=".xscale-reorder-",

@@ -51,6 +51,7 @@ class CellStore:
         self.path = Path(path)
         self._root = None
         self._arrays: dict[str, Any] = {}
+        self._identity: str | None = None
         root = self.root
         info = root.attrs.get("xscale_store")
         if not info or not info.get("complete"):
@@ -182,6 +183,37 @@ class CellStore:
     def source_index(self) -> np.ndarray:
         """(n,) row of each store cell in the input dataset."""
         return np.asarray(self.root["obs"][SOURCE_INDEX][:], dtype=np.int64)
+
+    @property
+    def n_source(self) -> int:
+        """Rows of the input the store was prepared from: its cells plus those dropped at validation
+        (zero total counts)."""
+        from anndata.io import read_elem
+
+        dropped = int(read_elem(self.root["uns"]["xscale"]).get("n_dropped_zero", 0))
+        return self.n_cells + dropped
+
+    def obs_names(self) -> np.ndarray:
+        """(n,) the input's name of each store cell, in store order (only obs's index is read)."""
+        obs = self.root["obs"]
+        return np.asarray(obs[obs.attrs.get("_index", "_index")][:]).astype(object).astype(str)
+
+    @property
+    def identity(self) -> str:
+        """A digest of what the store holds (its cells' input rows and names, counts per cell, genes,
+        blocks): a store prepared again differently (another order, input or chunk size) has another.
+        Resumable writes beside the store keep it, so they never resume into a store that changed."""
+        if self._identity is None:
+            import hashlib
+
+            h = hashlib.sha1()
+            h.update(f"{self.n_cells} {self.n_genes} {self.chunk_cells}".encode())
+            h.update(self.source_index().tobytes())
+            h.update(np.asarray(self.array("X/indptr")[:], dtype=np.int64).tobytes())
+            h.update("\n".join(self.obs_names()).encode())
+            h.update("\n".join(self.genes).encode())
+            self._identity = h.hexdigest()[:16]
+        return self._identity
 
 
 def iter_store_blocks(store: CellStore) -> Any:

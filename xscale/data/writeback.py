@@ -198,8 +198,9 @@ def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tup
     store = store if isinstance(store, CellStore) else CellStore(store)
     target = store.path / "obsm" / key
     partial = store.path.with_name(f".{store.path.name}.obsm.{key}.partial")
+    # the partial beside the store outlives it: resumed only into the same store (not one prepared again)
     return LatentWriter(target, n_cells=store.n_cells, cell_shape=cell_shape, chunk_cells=store.chunk_cells,
-                        fingerprint=fingerprint, partial=partial, overwrite=overwrite,
+                        fingerprint=f"{fingerprint} store:{store.identity}", partial=partial, overwrite=overwrite,
                         # the fingerprint stays on the array: what is computed from it (niches) can name it
                         attrs={"encoding-type": "array", "encoding-version": "0.2.0",
                                "xscale_fingerprint": fingerprint})
@@ -226,7 +227,7 @@ def latents_in_source_order(store: str | Path | CellStore, key: str, n_source: i
     store = store if isinstance(store, CellStore) else CellStore(store)
     lat = read_store_latents(store, key)
     src = store.source_index()
-    n_source = int(src.max()) + 1 if n_source is None else n_source
+    n_source = store.n_source if n_source is None else n_source
     shape = (int(np.prod(lat.shape[1:])),) if flatten else tuple(lat.shape[1:])
     out = np.full((n_source, *shape), np.nan, dtype=np.float32)
     for i in range(store.n_chunks):
@@ -255,25 +256,77 @@ def write_to_spatialdata(sdata_path: str | Path, store: str | Path | CellStore, 
     from xscale.data.reorder import SourceOrderLatents
 
     store = store if isinstance(store, CellStore) else CellStore(store)
-    if table_key is None and store.source == str(Path(sdata_path).resolve()):
+    own_source = store.source == str(Path(sdata_path).resolve())
+    if table_key is None and own_source:
         table_key = store.source_table_key  # the table the store was prepared from
+    elif own_source and store.source_table_key and table_key != store.source_table_key:
+        raise XscaleInputError(
+            f"table_key: expected the table {store.path} was prepared from, {store.source_table_key!r}, found "
+            f"{table_key!r}: its rows are other cells. Leave out the table key (CLI: --table-key), or prepare "
+            f"{table_key!r} itself (xscale prepare {sdata_path} STORE --table-key {table_key}) and embed that.")
+    matched: dict[str, np.ndarray] = {}  # the table row of each store cell, matched once
+
+    def targets(table: ad.AnnData) -> np.ndarray:
+        if "rows" not in matched:
+            matched["rows"] = _store_rows_in_table(store, table, sdata_path)
+        return matched["rows"]
 
     def obs_columns(table: ad.AnnData) -> dict[str, pd.Series]:
-        return _store_columns(store, obs_keys, table.obs_names) if obs_keys else {}
+        return _store_columns(store, obs_keys, table.obs_names, targets(table)) if obs_keys else {}
 
-    return _put_latents(sdata_path, table_key, lambda key, table: SourceOrderLatents(store, key, table.n_obs),
+    return _put_latents(sdata_path, table_key,
+                        lambda key, table: SourceOrderLatents(store, key, table.n_obs, targets=targets(table)),
                         cell_key, niche_key, niche_table, obs_columns)
 
 
-def _store_columns(store: CellStore, keys: tuple[str, ...], names: pd.Index) -> dict[str, pd.Series]:
-    """The ``keys`` columns of the store's obs that exist, in the input's row order (indexed by ``names``,
-    the input's obs_names; missing for cells dropped at validation)."""
+def _store_rows_in_table(store: CellStore, table: ad.AnnData, where: str | Path) -> np.ndarray:
+    """(n_store,) the table row of each store cell, matched by the input's cell names the store keeps
+    (obs_names), and checked on the region and instance ids of a SpatialData table where the store has
+    them: rows re-sorted since ``prepare`` still land on their cells; a table of other cells is refused."""
+    from anndata.io import read_elem
+
+    names = store.obs_names()
+    redo = (f"The store was prepared from another table or input ({store.source or 'unrecorded'}"
+            f"{', table ' + repr(store.source_table_key) if store.source_table_key else ''}): write into that "
+            f"one, or prepare this table (xscale prepare {where} STORE --table-key NAME) and embed that store.")
+    if table.obs_names.is_unique:
+        rows = table.obs_names.get_indexer(names)  # -1: not in the table
+        if (rows < 0).any():
+            missing = names[rows < 0]
+            raise XscaleInputError(
+                f"{where}: expected every cell of the store {store.path} in the table, found {missing.size} of "
+                f"{names.size} that are not (e.g. {list(missing[:3])}). {redo}")
+    else:  # duplicate names: only rows still where prepare found them can be matched
+        rows = store.source_index()
+        if rows.max(initial=-1) >= table.n_obs or (np.asarray(table.obs_names[rows]).astype(str) != names).any():
+            raise XscaleInputError(
+                f"{where}: the table has duplicate obs_names and its rows are not those the store was prepared "
+                f"from, so the cells cannot be matched. Make the names unique (table.obs_names_make_unique()), "
+                f"prepare again and embed. {redo}")
+    attrs = table.uns.get("spatialdata_attrs", {}) or {}
+    for key in (attrs.get("region_key"), attrs.get("instance_key")):
+        if key and key in table.obs and key in store.root["obs"]:
+            ours = np.asarray(read_elem(store.root["obs"][key])).astype(str)
+            theirs = np.asarray(table.obs[key].to_numpy()[rows]).astype(str)
+            if (ours != theirs).any():
+                bad = int((ours != theirs).sum())
+                raise XscaleInputError(
+                    f"{where}: expected the store's cells to be the table's, found {bad} of {names.size} whose "
+                    f"obs[{key!r}] differs between the store and the table row of the same name. {redo}")
+    return rows
+
+
+def _store_columns(store: CellStore, keys: tuple[str, ...], names: pd.Index,
+                   targets: np.ndarray) -> dict[str, pd.Series]:
+    """The ``keys`` columns of the store's obs that exist, in the table's row order (indexed by ``names``,
+    the table's obs_names; missing for its rows that are not store cells). ``targets``: (n_store,) the
+    table row of each store cell."""
     import pandas as pd
     from anndata.io import read_elem
 
     obs = store.root["obs"]
-    store_row = np.full(len(names), -1, dtype=np.int64)  # (n_input,) each input row's store row, -1: dropped
-    store_row[store.source_index()] = np.arange(store.n_cells)
+    store_row = np.full(len(names), -1, dtype=np.int64)  # (n_table,) each table row's store row, -1: none
+    store_row[targets] = np.arange(store.n_cells)
     out = {}
     for key in keys:
         if key in obs:
