@@ -299,6 +299,58 @@ def test_spatialdata_write_back_matches_cells_by_name(small_adata, tmp_path, wri
         write_to_spatialdata(tmp_path / "renamed.zarr", h5ad_store)
 
 
+def test_write_back_removes_what_a_killed_write_back_left(small_adata, tmp_path, write_spatialdata):
+    """A write-back killed midway leaves <name>_xscale_tmp_<pid> elements (an obsm array, a niche table) that
+    spatialdata would list; the next write-back removes those of dead processes and keeps a live writer's."""
+    import os
+    import shutil
+    import subprocess
+
+    import spatialdata as sd
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    store = CellStore(prepare(path, tmp_path / "st.zarr", chunk_cells=64))
+    _embed(store, "X_xscale_cell", (2,), lambda a, b: np.ones((b - a, 2), np.float32))
+    _embed(store, "X_xscale_niche", (3,), lambda a, b: np.ones((b - a, 3), np.float32))
+    write_to_spatialdata(path, store, niche_key="X_xscale_niche")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid: a process that no longer runs
+    obsm = path / "tables" / "table" / "obsm"
+    shutil.copytree(obsm / "X_xscale_cell", obsm / f"X_xscale_cell_xscale_tmp_{dead.pid}")
+    shutil.copytree(path / "tables" / "table_niches", path / "tables" / f"table_niches_xscale_tmp_{dead.pid}")
+    live = path / "tables" / f"table_niches_xscale_tmp_{os.getppid()}"  # a writer still at work
+    shutil.copytree(path / "tables" / "table_niches", live)
+    write_to_spatialdata(path, store, niche_key="X_xscale_niche")
+    assert not (obsm / f"X_xscale_cell_xscale_tmp_{dead.pid}").exists()
+    assert not (path / "tables" / f"table_niches_xscale_tmp_{dead.pid}").exists()
+    assert live.exists()
+    assert set(sd.read_zarr(path).tables) == {"table", "table_niches", live.name}
+
+
+def test_write_back_never_replaces_a_users_table_named_like_the_niche_table(small_adata, tmp_path,
+                                                                            write_spatialdata):
+    import spatialdata as sd
+
+    from xscale.data.zarr_settings import unsharded
+    from xscale.errors import XscaleInputError
+
+    path = write_spatialdata(small_adata, tmp_path / "s.zarr")
+    store = CellStore(prepare(path, tmp_path / "st.zarr", chunk_cells=64))
+    _embed(store, "X_xscale_cell", (2,), lambda a, b: np.ones((b - a, 2), np.float32))
+    _embed(store, "X_xscale_niche", (3,), lambda a, b: np.ones((b - a, 3), np.float32))
+    sdata = sd.read_zarr(path)
+    sdata.tables["table_niches"] = ad.AnnData(np.zeros((5, 2), np.float32))  # the user's own
+    with unsharded():
+        sdata.write_element("table_niches")
+    with pytest.raises(XscaleInputError, match="table 'table_niches' is there already and was not written by xscale"):
+        write_to_spatialdata(path, store, niche_key="X_xscale_niche")
+    back = sd.read_zarr(path)
+    assert back.tables["table_niches"].shape == (5, 2)
+    assert "X_xscale_cell" not in back.tables["table"].obsm  # refused before any write
+    write_to_spatialdata(path, store, niche_key="X_xscale_niche", niche_table="niches_xscale")
+    assert sd.read_zarr(path).tables["niches_xscale"].shape == (small_adata.n_obs, 3)
+
+
 def _files(path):
     """{relative path: bytes} of every file under ``path``."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -394,6 +395,7 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
 
     from xscale.data.io import cell_tables, spatialdata_tables
 
+    _remove_stale_temps(Path(sdata_path) / "tables")  # of a write-back that was killed
     tables = spatialdata_tables(sdata_path, obs_only=True)  # rows and keys: neither counts nor elements
     sdata = sd.SpatialData()  # an empty handle on the store: writes the niche table, rewrites the metadata
     sdata.path = Path(sdata_path)
@@ -406,6 +408,12 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(tables)}.")
     table = tables[table_key]  # obs and uns only
     table_dir = Path(sdata_path) / "tables" / table_key
+    name = niche_table or f"{table_key}_niches"
+    if niche_key is not None and name in tables and NICHE_TABLE_MARK not in tables[name].uns:
+        raise XscaleInputError(  # before any write: a table of the user's is never replaced
+            f"{sdata_path}: table {name!r} is there already and was not written by xscale (no uns"
+            f"[{NICHE_TABLE_MARK!r}]): expected a free name for the niche table. Pass another niche table name "
+            f"(niche_table=...), or rename or delete that table first.")
     columns = obs_columns(table) if obs_columns is not None else {}
     cell_latents = in_table_order(cell_key, table) if cell_key is not None else None  # errors before any write
     niche_latents = in_table_order(niche_key, table) if niche_key is not None else None
@@ -432,12 +440,35 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         if attrs:
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
                                   instance_key=attrs["instance_key"])
-        name = niche_table or f"{table_key}_niches"
         sdata.tables[name] = nt
         _write_table(sdata, name, x=niche_latents if streamed else None)
     elif sdata.has_consolidated_metadata():  # _write_table rewrites it; the parts replaced above need it too
         sdata.write_consolidated_metadata()
     return table
+
+
+_TMP_ELEMENT = re.compile(r".+_xscale_tmp_(\d+)")  # an element being written back: <name>_xscale_tmp_<pid>
+
+
+def _remove_stale_temps(tables_dir: Path) -> None:
+    """Remove the temporaries a killed write-back left in a SpatialData store (a table, or an obsm / obs
+    element of a table, named ``<name>_xscale_tmp_<pid>``; spatialdata would list them as tables), and
+    the old copies ``replace_dir`` moves aside; those of a process still running are kept."""
+    from xscale.utils.atomic import _pid_alive, remove_stale_temps
+
+    if not tables_dir.is_dir():
+        return
+    for table in [tables_dir, *(p for p in tables_dir.iterdir() if p.is_dir())]:
+        for group in (table, table / "obsm"):
+            if not group.is_dir():
+                continue
+            for p in list(group.iterdir()):
+                m = _TMP_ELEMENT.fullmatch(p.name)
+                if m is not None and not _pid_alive(int(m.group(1))):
+                    logger.info("removing %s, left by an interrupted write-back", p)
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.is_dir() and m is None:
+                    remove_stale_temps(p)  # <name>.tmp-<pid>-old<hex>: moved aside by replace_dir
 
 
 def _replace_element(group_dir: Path, name: str, value: Any) -> None:
