@@ -115,7 +115,11 @@ def _read_lazy_anndata(group, chunk_rows: int) -> ad.AnnData:
     # every layer, lazily (nothing is read): messages can list them and counts_layer can pick one
     layers = {k: lazy(group["layers"][k]) for k in group["layers"].keys()} if "layers" in group else {}
     uns = read_elem(group["uns"]) if "uns" in group else {}
-    return ad.AnnData(X=x, obs=read_elem(group["obs"]), var=read_elem(group["var"]), obsm=obsm, layers=layers, uns=uns)
+    # .raw (scanpy / CELLxGENE keep raw counts there), lazily: messages about normalised X point at it
+    raw = {"X": read_elem_lazy(group["raw"]["X"]), "var": read_elem(group["raw"]["var"])} \
+        if "raw" in group and "X" in group["raw"] else None
+    return ad.AnnData(X=x, obs=read_elem(group["obs"]), var=read_elem(group["var"]), obsm=obsm, layers=layers, uns=uns,
+                      raw=raw)
 
 
 def _read_h5ad(path: Path, backed: bool, chunk_rows: int) -> ad.AnnData:
@@ -216,14 +220,17 @@ def open_spatialdata(path: str | Path, *, backed: bool = True) -> tuple[Any, dic
 
 
 def read_spatialdata_table(
-    path: str | Path, *, table_key: str | None = None, spatial_key: str = "spatial", backed: bool = False,
+    path: str | Path, *, table_key: str | None = None, spatial_key: str | None = "spatial", backed: bool = False,
     chunk_rows: int = LAZY_CHUNK_ROWS,
 ) -> tuple[ad.AnnData, str]:
     """The annotating table of a SpatialData zarr store, with coordinates in ``obsm[spatial_key]``.
 
     Returns ``(table, table_key)``. The table's obsm gets the centroids of the annotated
-    shapes/points when it has no ``spatial_key`` of its own. ``backed``: the table's X and layers
-    are dask arrays of ``chunk_rows``-cell CSR blocks, read when computed (a table larger than memory).
+    shapes/points when it has no ``spatial_key`` of its own. ``spatial_key=None`` (no coordinates
+    needed, as for an .h5ad): the centroids go to ``obsm['spatial']`` when the table annotates
+    elements of the store, and the table is returned without coordinates when it cannot have them.
+    ``backed``: the table's X and layers are dask arrays of ``chunk_rows``-cell CSR blocks, read when
+    computed (a table larger than memory).
     """
     path = Path(path)
     sdata, by_name = open_spatialdata(path, backed=backed)
@@ -250,8 +257,21 @@ def read_spatialdata_table(
     # backed: every table's obs and uns so far; now the one used, with X and layers as dask blocks
     table = spatialdata_tables(path, chunk_rows=chunk_rows, names=[table_key])[table_key] if backed \
         else by_name[table_key]
-    if spatial_key in table.obsm:
+    key = spatial_key or "spatial"
+    if key in table.obsm:
         return table, table_key
+    try:
+        table.obsm[key] = _annotated_centroids(path, sdata, table, table_key, key)
+    except XscaleInputError as err:
+        if spatial_key is not None:
+            raise
+        logger.info("table %r read without coordinates (spatial_key=None): %s", table_key, err)
+    return table, table_key
+
+
+def _annotated_centroids(path: Path, sdata: Any, table: ad.AnnData, table_key: str, spatial_key: str) -> np.ndarray:
+    """(n_cells, 2) centroids of the elements ``table`` annotates, in its row order; XscaleInputError when the
+    table annotates nothing, an element is missing from the store or an instance id matches no element row."""
     attrs = table.uns.get("spatialdata_attrs", {})
     regions = attrs.get("region")
     region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
@@ -259,9 +279,20 @@ def read_spatialdata_table(
         raise XscaleInputError(
             f"{path}: table {table_key!r} has no obsm[{spatial_key!r}] and does not annotate any element "
             f"(spatialdata_attrs: {attrs}), so cells have no coordinates. Store coordinates in "
-            f"table.obsm[{spatial_key!r}] or parse the table with region/region_key/instance_key."
+            f"table.obsm[{spatial_key!r}] or parse the table with region/region_key/instance_key, "
+            "or pass spatial_key=None (CLI: --spatial-key none) for non-spatial use (level 1 only)."
         )
     regions = [regions] if isinstance(regions, str) else list(regions)
+    elements = [name for _, name, _ in sdata.gen_spatial_elements()]
+    missing = [r for r in regions if r not in elements]
+    if missing:
+        raise XscaleInputError(
+            f"{path}: table {table_key!r} annotates element(s) {missing} (spatialdata_attrs region), found no "
+            f"element by that name in the store; elements present: {elements}. Store coordinates in "
+            f"table.obsm[{spatial_key!r}] and pass spatial_key={spatial_key!r} (CLI: --spatial-key {spatial_key}), "
+            "add the element or re-parse the table with a region present, or pass spatial_key=None "
+            "(CLI: --spatial-key none) for non-spatial use (level 1 only)."
+        )
     coords = np.full((table.n_obs, 2), np.nan)
     for region in regions:
         cen = _centroids(sdata, region, None)  # indexed by instance id, columns x, y
@@ -278,9 +309,8 @@ def read_spatialdata_table(
                 f"coordinates in table.obsm[{spatial_key!r}]."
             )
         coords[rows] = found[["x", "y"]].to_numpy(dtype=np.float64)
-    table.obsm[spatial_key] = coords
     logger.info("coordinates of table %r from the centroids of %s", table_key, regions)
-    return table, table_key
+    return coords
 
 
 def read_dataset(
@@ -333,7 +363,7 @@ def read_dataset(
     elif fmt == "anndata-zarr":
         adata = _read_anndata_zarr(path, backed, chunk_rows)
     else:
-        adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key or "spatial",
+        adata, table_key = read_spatialdata_table(path, table_key=table_key, spatial_key=spatial_key,
                                                   backed=backed, chunk_rows=chunk_rows)
     use_gene_symbols(adata, gene_symbols)
     if validate:

@@ -30,7 +30,9 @@ from xscale.data.validate import (
     check_names,
     check_slides,
     check_spatial,
+    counts_matrix,
     gene_columns,
+    raw_shape_of,
     warn_zero_count,
 )
 from xscale.errors import XscaleInputError
@@ -66,10 +68,13 @@ def _read_block(source: _Opaque, start: int, stop: int, label: str) -> Any:
 
 
 def _scatter_block(block: Any, start: int, rank: np.ndarray, chunk_cells: int, piece_dir: Path,
-                   where: str, layers: list[str], genes: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+                   where: str, layers: list[str], genes: np.ndarray | None,
+                   raw_shape: tuple[int, int] | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """Pass 1 on one source block: check it, split its rows by destination block, save the pieces.
-    Returns the block's first row, each row's total over ``genes`` (None: all columns) and its non-zeros."""
-    summary = check_counts(block, where=where, layers=layers, row_offset=start, total_columns=genes)
+    Returns the block's first row, each row's total over ``genes`` (None: all columns) and its non-zeros.
+    ``raw_shape``: that of ``adata.raw``, for the messages of :func:`~xscale.data.validate.check_counts`."""
+    summary = check_counts(block, where=where, layers=layers, row_offset=start, total_columns=genes,
+                           raw_shape=raw_shape)
     csr = sp.csr_matrix(block, dtype=np.float32)
     ranks = rank[start : start + csr.shape[0]]
     dest = ranks // chunk_cells
@@ -109,7 +114,7 @@ def _prepare_source(source: str | Path | ad.AnnData, table_key: str | None, spat
                             chunk_rows=chunk_rows, gene_symbols=gene_symbols)
     if gene_symbols is not None:  # the caller's AnnData stays as it was: a new one sharing its arrays
         source = anndata.AnnData(X=source.X, obs=source.obs, var=source.var.copy(), obsm=dict(source.obsm),
-                                 layers=dict(source.layers), uns=dict(source.uns))
+                                 layers=dict(source.layers), uns=dict(source.uns), raw=source.raw)
         use_gene_symbols(source, gene_symbols)
     return source
 
@@ -192,13 +197,8 @@ def prepare(
     if n == 0 or g == 0:
         raise _empty_error(n, g, 1, "")
     layers = list(adata.layers.keys())
-    if counts_layer is not None:
-        if counts_layer not in adata.layers:
-            raise XscaleInputError(f"adata.layers[{counts_layer!r}]: expected the raw counts, found no such layer. "
-                                   f"Layers present: {layers}. Pass counts_layer=<one of these>, or None to use X.")
-        x, where = adata.layers[counts_layer], f"adata.layers[{counts_layer!r}]"
-    else:
-        x, where = adata.X, "adata.X"
+    x, where = counts_matrix(adata, counts_layer)  # before any block is read: X may be absent
+    raw_shape = raw_shape_of(adata)
     check_names(adata)
     coords = check_spatial(adata, spatial_key) if spatial_key is not None else None
     if slide_key is not None:
@@ -232,7 +232,7 @@ def prepare(
         source_x = _Opaque(x)  # dask must not compute the whole (lazy) matrix as a task argument
         tasks = [
             dask.delayed(_scatter_block)(dask.delayed(_read_block)(source_x, int(a), int(b), label), int(a), rank,
-                                         chunk_cells, piece_dir, where, layers, genes)
+                                         chunk_cells, piece_dir, where, layers, genes, raw_shape)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)
         ]
         totals = np.zeros(n)
@@ -279,7 +279,9 @@ def prepare(
         obs = adata.obs.iloc[order].copy()
         obs[SOURCE_INDEX] = order
         write_unsharded(root, "obs", obs)
-        write_unsharded(root, "var", pd.DataFrame(index=pd.Index(adata.var_names.astype(str))))
+        var = adata.var.copy()  # its columns too (with gene_symbols: the former var_names in xscale_var_id)
+        var.index = pd.Index(adata.var_names.astype(str))
+        write_unsharded(root, "var", var)
         slides_out = slides[order]
         names, first = np.unique(slides_out, return_index=True)
         first_sorted = np.sort(first)

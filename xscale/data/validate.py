@@ -82,9 +82,44 @@ class CountsSummary:
     nnz: int
 
 
+def raw_counts_hint(raw_shape: tuple[int, int] | None) -> str:
+    """The part of a counts message that points at ``adata.raw`` ("" when there is none)."""
+    if raw_shape is None:
+        return ""
+    return (f" adata.raw holds a matrix of the same cells ({raw_shape[0]} x {raw_shape[1]}); if it has the raw "
+            "counts, use it: adata = adata.raw.to_adata() in Python, or store it as a layer "
+            "(adata.layers['counts'] = adata.raw[:, adata.var_names].X) and pass counts_layer='counts' "
+            "(CLI: --counts-layer counts).")
+
+
+def raw_shape_of(adata: ad.AnnData) -> tuple[int, int] | None:
+    """Shape of ``adata.raw``, or None when it has none."""
+    return None if adata.raw is None else (int(adata.raw.shape[0]), int(adata.raw.shape[1]))
+
+
+def counts_matrix(adata: ad.AnnData, counts_layer: str | None) -> tuple[Any, str]:
+    """``(matrix, where)``: the counts source (``X`` or ``layers[counts_layer]``) and its name for messages.
+    Raises :class:`XscaleInputError` for a missing layer or an absent ``X`` (listing the layers)."""
+    layers = list(adata.layers.keys())
+    if counts_layer is not None:
+        if counts_layer not in adata.layers:
+            raise XscaleInputError(
+                f"adata.layers[{counts_layer!r}]: expected the raw counts, found no such layer. "
+                f"Layers present: {layers}. Pass counts_layer=<one of these>, or None to use X."
+            )
+        return adata.layers[counts_layer], f"adata.layers[{counts_layer!r}]"
+    if adata.X is None:
+        raise XscaleInputError(
+            f"adata.X: expected raw counts, found None. Layers present: {layers}. "
+            "Pass counts_layer=<the layer with raw counts> (CLI: --counts-layer NAME)."
+            f"{raw_counts_hint(raw_shape_of(adata))}"
+        )
+    return adata.X, "adata.X"
+
+
 def check_counts(
     x: Any, *, where: str, chunk_rows: int = CHECK_CHUNK_ROWS, layers: list[str] | None = None, row_offset: int = 0,
-    total_columns: np.ndarray | None = None,
+    total_columns: np.ndarray | None = None, raw_shape: tuple[int, int] | None = None,
 ) -> CountsSummary:
     """Check that ``x`` holds finite, non-negative integer counts, block by block.
 
@@ -100,6 +135,8 @@ def check_counts(
         Row of ``x[0]`` in the whole dataset (when ``x`` is one block), for messages.
     total_columns
         Columns the totals sum over (e.g. the genes without the control probes); None = all.
+    raw_shape
+        Shape of ``adata.raw`` when it holds a matrix (scanpy / CELLxGENE keep raw counts there), for messages.
 
     Returns
     -------
@@ -130,7 +167,7 @@ def check_counts(
                 f"{where}: expected non-negative raw counts, found {int(neg.sum())} negative "
                 f"value(s) (minimum {v[neg].min():g}) in cells {first}..{last}. "
                 "This looks like scaled/centred data; pass the raw counts instead, e.g. "
-                "counts_layer='counts' (CLI: --counts-layer counts)."
+                f"counts_layer='counts' (CLI: --counts-layer counts).{raw_counts_hint(raw_shape)}"
             )
         if v.dtype.kind == "f":
             frac = v != np.floor(v)
@@ -140,7 +177,7 @@ def check_counts(
                 raise XscaleInputError(
                     f"{where}: expected raw integer counts, found non-integer values (e.g. {v[i]:g}); "
                     "the data look normalised or log-transformed. Pass the layer holding raw counts "
-                    f"with counts_layer=... (CLI: --counts-layer NAME).{present}"
+                    f"with counts_layer=... (CLI: --counts-layer NAME).{present}{raw_counts_hint(raw_shape)}"
                 )
         counted = block if total_columns is None else block[:, total_columns]
         totals[start : start + block.shape[0]] = np.asarray(counted.sum(axis=1)).ravel()
@@ -254,7 +291,7 @@ def check_spatial(adata: ad.AnnData, spatial_key: str) -> np.ndarray:
         raise XscaleInputError(
             f"adata.obsm[{spatial_key!r}]: expected finite coordinates, found NaN/inf for "
             f"{int(bad.sum())} cell(s) (e.g. {_examples(adata.obs_names[bad])}). Drop those cells, "
-            "e.g. adata = adata[np.isfinite(adata.obsm[key]).all(1)].copy()."
+            f"e.g. adata = adata[np.isfinite(adata.obsm[{spatial_key!r}]).all(1)].copy()."
         )
     return coords
 
@@ -343,28 +380,13 @@ def validate_adata(
     if adata.n_obs == 0 or adata.n_vars == 0 or adata.n_obs < min_cells:
         raise _empty_error(adata.n_obs, adata.n_vars, min_cells, "")
     layers = list(adata.layers.keys())
-    if counts_layer is not None:
-        if counts_layer not in adata.layers:
-            raise XscaleInputError(
-                f"adata.layers[{counts_layer!r}]: expected the raw counts, found no such layer. "
-                f"Layers present: {layers}. Pass counts_layer=<one of these>, or None to use X."
-            )
-        x = adata.layers[counts_layer]
-        where = f"adata.layers[{counts_layer!r}]"
-    else:
-        x = adata.X
-        where = "adata.X"
-        if x is None:
-            raise XscaleInputError(
-                f"adata.X: expected raw counts, found None. Layers present: {layers}. "
-                "Pass counts_layer=<the layer with raw counts>."
-            )
+    x, where = counts_matrix(adata, counts_layer)
     check_names(adata)
     coords = check_spatial(adata, spatial_key) if spatial_key is not None else None
     if slide_key is not None:
         check_slides(adata, slide_key)
     genes = gene_columns(adata.var_names)
-    summary = check_counts(x, where=where, layers=layers, total_columns=genes)
+    summary = check_counts(x, where=where, layers=layers, total_columns=genes, raw_shape=raw_shape_of(adata))
     keep = summary.totals > 0
     n_zero = int((~keep).sum())
     if n_zero:
