@@ -99,9 +99,10 @@ def test_level1_embedding_deterministic_under_seed(starmap_small, model_first_pa
     a = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
     b = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=3, copy=True)
     np.testing.assert_array_equal(a.obsm["X_xscale_cell"], b.obsm["X_xscale_cell"])
-    # the panel (120 known genes) is longer than max_genes=48, so the context seed matters
-    c = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=32, seed=4, copy=True)
-    assert not np.array_equal(a.obsm["X_xscale_cell"], c.obsm["X_xscale_cell"])
+    # the panel (120 known genes) is longer than max_genes=48: each cell's context depends on the cell only,
+    # not on the seed or the batch it is in
+    c = tl.embed_cells(starmap_small[:70].copy(), model_first_panel, batch_size=7, seed=4, copy=True)
+    np.testing.assert_allclose(a.obsm["X_xscale_cell"], c.obsm["X_xscale_cell"], atol=1e-6)
 
 
 def test_level1_inference_context_reads_whole_panel(starmap_small, model_first_panel):

@@ -2,8 +2,10 @@
 
 A dataset yields :class:`CellItem` (one cell: the vocabulary ids of its panel genes
 and their raw counts). :func:`collate_cells` pads a list of items into a
-:class:`CellBatch` of tensors, sampling a gene context when a panel is longer than
-``max_genes`` (all expressed genes first, then sampled zeros).
+:class:`CellBatch` of tensors, choosing a gene context when a panel is longer than
+``max_genes`` (all expressed genes first, then zeros): sampled at random for training
+(:func:`sample_context`), by a fixed rule of the cell alone at inference
+(:func:`inference_context`).
 """
 from __future__ import annotations
 
@@ -92,15 +94,67 @@ def sample_context(counts: np.ndarray, max_genes: int, rng: np.random.Generator)
     return np.sort(keep)
 
 
+def panel_order(gene_ids: np.ndarray) -> np.ndarray:
+    """The fixed pseudo-random order of a panel's positions used by :func:`inference_context`.
+
+    Positions are ordered by a bijective hash (splitmix64) of their genes' vocabulary ids:
+    the same in every process and run, and the same genes get the same order whatever their
+    column order in the panel. gene_ids (G,) -> (G,) int64, a permutation of ``range(G)``.
+    """
+    x = np.asarray(gene_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return np.argsort(x, kind="stable").astype(np.int64)
+
+
+def inference_context(counts: np.ndarray, max_genes: int, order: np.ndarray) -> np.ndarray:
+    """Positions to keep at inference for a panel longer than ``max_genes``: a rule of the cell alone.
+
+    Unlike :func:`sample_context` (training), nothing random and nothing outside the cell's own
+    counts (batch, position in a stream, generator) changes the result. Every expressed gene is
+    kept if they fit; otherwise the ``max_genes`` with the highest counts, ties broken by
+    ``order``. Remaining places are filled with unexpressed genes taken in ``order``
+    (:func:`panel_order` of the panel's gene ids), which spreads them over the panel rather
+    than its first genes. counts (G,) raw counts, order (G,) a permutation of ``range(G)``.
+    Returns sorted positions (min(G, max_genes),) int64; a panel that fits is kept whole.
+    """
+    g = counts.shape[0]
+    if g <= max_genes:
+        return np.arange(g)
+    rank = np.empty(g, dtype=np.int64)
+    rank[order] = np.arange(g)  # rank[p]: where position p comes in the fixed order
+    best = np.lexsort((rank, -np.asarray(counts, dtype=np.float64)))  # highest count first, then fixed order
+    return np.sort(best[:max_genes])
+
+
 def collate_cells(
-    items: list[CellItem], *, max_genes: int | None = None, rng: np.random.Generator | None = None
+    items: list[CellItem], *, max_genes: int | None = None, rng: np.random.Generator | None = None,
+    deterministic: bool = False,
 ) -> CellBatch:
-    """Pad items to the longest (context-limited) panel in the batch. -> CellBatch with G = that length."""
-    rng = rng if rng is not None else np.random.default_rng()
+    """Pad items to the longest (context-limited) panel in the batch. -> CellBatch with G = that length.
+
+    Panels longer than ``max_genes`` are cut to a gene context: drawn with ``rng``
+    (:func:`sample_context`, training), or with ``deterministic=True`` (embedding, decoding)
+    by :func:`inference_context`, so a cell's context, and its latents, do not depend on the
+    batch it is in, its position or a seed (``rng`` is then unused).
+    """
+    if not deterministic:
+        rng = rng if rng is not None else np.random.default_rng()
     libraries = np.array([it.counts.sum() for it in items], dtype=np.float32)
     chosen = []
+    orders: dict[int, np.ndarray] = {}  # one panel_order per panel (items of a panel share gene_ids)
     for it in items:
-        pos = sample_context(it.counts, max_genes, rng) if max_genes else np.arange(it.counts.shape[0])
+        n = it.counts.shape[0]
+        if not max_genes or n <= max_genes:
+            pos = np.arange(n)
+        elif deterministic:
+            order = orders.get(id(it.gene_ids))
+            if order is None:
+                order = orders[id(it.gene_ids)] = panel_order(it.gene_ids)
+            pos = inference_context(it.counts, max_genes, order)
+        else:
+            pos = sample_context(it.counts, max_genes, rng)
         chosen.append((it.gene_ids[pos], it.counts[pos]))
     g = max(len(ids) for ids, _ in chosen)
     b = len(items)

@@ -41,8 +41,10 @@ def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_ge
 
 def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: int,
              progress: bool = True) -> Iterator[tuple[int, CellBatch]]:
-    """Batches in cell order; each batch's gene context is drawn with its own seeded generator.
-    A progress bar when ``progress`` and there are 20 batches or more."""
+    """Batches in cell order. Panels longer than the model's context are cut per cell by
+    :func:`~xscale.data.batch.inference_context` (a rule of the cell alone, so latents do not
+    depend on ``batch_size``, cell order or ``seed``). A progress bar when ``progress`` and there
+    are 20 batches or more."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
     from tqdm.auto import tqdm
@@ -51,8 +53,7 @@ def _batches(ds: AnnDataCellDataset, model: GeneToCell, batch_size: int, seed: i
     for start in tqdm(starts, desc="cells", unit="batch", disable=not progress or len(starts) < 20,
                       leave=False):
         items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
-        rng = np.random.default_rng([seed, start])
-        yield start, collate_cells(items, max_genes=model.config.inference_context, rng=rng)
+        yield start, collate_cells(items, max_genes=model.config.inference_context, deterministic=True)
 
 
 def _device(model: GeneToCell) -> torch.device:
@@ -90,9 +91,11 @@ def embed_cells(
     min_genes
         Fewest panel genes the model must know; fewer raises :class:`~xscale.errors.XscaleInputError`.
     seed
-        Seed of the gene-context sampler, used only for panels longer than the model's
-        ``config.inference_context`` (``inference_max_genes``, else ``max_genes``); the result
-        is deterministic for a given seed and batch size.
+        Kept for compatibility; does not change the result. Panels longer than the model's
+        ``config.inference_context`` (``inference_max_genes``, else ``max_genes``) are cut per
+        cell by :func:`~xscale.data.batch.inference_context` (expressed genes, the highest
+        counts first, then zeros in a fixed order), so latents do not depend on ``batch_size``,
+        cell order or the store's chunking.
     copy
         Return a modified copy instead of writing into ``adata``.
     compile

@@ -16,9 +16,9 @@ records chunks, worker processes and model loads per worker. It is written under
 temporary name and renamed when complete.
 
 The embedding of a cell does not depend on which worker embeds it or on the number of
-workers: batches are formed within a range in row order, context sampling (panels
-longer than the model's ``config.inference_context``) is seeded by the batch's first row,
-and every task runs torch with one thread.
+workers, range or batch: panels longer than the model's ``config.inference_context`` are
+cut per cell by :func:`xscale.data.batch.inference_context` (a rule of the cell's counts
+alone), and every task runs torch with one thread.
 """
 from __future__ import annotations
 
@@ -107,8 +107,9 @@ def embed_rows(model, counts: sp.csr_matrix, columns: np.ndarray, gene_ids: np.n
     """Embed cells with a level-1 model. counts (n, G_panel) CSR raw counts -> (n, K·D) float32.
 
     ``columns`` are the panel columns known to the model and ``gene_ids`` their vocabulary
-    ids. Batches of ``batch_size`` rows in order; context sampling is seeded by
-    ``seed`` and each batch's absolute first row ``start + offset``.
+    ids. Batches of ``batch_size`` rows in order. Panels longer than the model's context are
+    cut per cell by :func:`xscale.data.batch.inference_context`, so a cell's latents do not
+    depend on ``start``, ``batch_size`` or ``seed`` (kept for compatibility; unused).
     """
     import torch
 
@@ -120,8 +121,7 @@ def embed_rows(model, counts: sp.csr_matrix, columns: np.ndarray, gene_ids: np.n
         for lo in range(0, counts.shape[0], batch_size):
             block = counts[lo : lo + batch_size].toarray()
             items = [CellItem(gene_ids=gene_ids, counts=row, index=start + lo + i) for i, row in enumerate(block)]
-            batch = collate_cells(items, max_genes=model.config.inference_context,
-                                  rng=np.random.default_rng([seed, start + lo]))
+            batch = collate_cells(items, max_genes=model.config.inference_context, deterministic=True)
             out[lo : lo + len(items)] = model.embed(batch.gene_ids, batch.values, batch.pad_mask).numpy()
     return out
 
@@ -235,8 +235,9 @@ def embed_store_dask(
     chunk_rows
         Cells per task and per output chunk.
     batch_size, seed
-        Cells per forward pass; seed of context sampling for panels longer than the
-        model's ``config.inference_context``.
+        Cells per forward pass; ``seed`` is kept for compatibility and no longer changes the
+        result (panels longer than the model's ``config.inference_context`` get a fixed context
+        per cell, :func:`xscale.data.batch.inference_context`).
     overwrite
         Replace an existing ``out_path``.
 

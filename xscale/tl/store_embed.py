@@ -115,8 +115,10 @@ def embed_store_cells(store: str | os.PathLike | CellStore, model, *, key: str =
     key
         ``obsm`` key written (n_cells, K·D), rows in store order.
     batch_size, seed
-        Cells per forward pass; seed of the gene-context sampler (panels longer than the
-        model's context), per block, so a resumed run draws the same contexts.
+        Cells per forward pass; ``seed`` is kept for compatibility (it is part of the
+        resume fingerprint) and does not change the latents: panels longer than the model's
+        context are cut per cell by :func:`xscale.data.batch.inference_context`, so blocks,
+        resumed runs and in-memory :func:`xscale.tl.embed_cells` give the same latents.
     overwrite
         Replace an existing ``obsm[key]``.
 

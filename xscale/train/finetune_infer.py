@@ -27,8 +27,9 @@ def encode_cells(
 ) -> np.ndarray:
     """Cell latents of every row of ``adata`` in row order. Returns (n_obs, K, D) float32.
 
-    Panels longer than ``model.config.inference_context`` use a seeded gene context
-    (expressed genes first). ``report_panel``: log the genes used at INFO (False: DEBUG,
+    Panels longer than ``model.config.inference_context`` use a gene context that depends only on
+    each cell (:func:`~xscale.data.batch.inference_context`; ``seed`` is kept for callers and unused
+    there). ``report_panel``: log the genes used at INFO (False: DEBUG,
     for cells whose panel was already reported).
     """
     from torch.utils.data import DataLoader
@@ -36,7 +37,7 @@ def encode_cells(
     ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer, report_panel=report_panel)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False,
                         collate_fn=partial(collate_cells, max_genes=model.config.inference_context,
-                                           rng=np.random.default_rng(seed)))
+                                           deterministic=True))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
