@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-domains", "-n", type=int, required=True, help="number of domains")
     p.add_argument("--method", choices=("kmeans", "gmm"), default="kmeans", help="clustering (default kmeans)")
     p.add_argument("--use-rep", default="X_xscale_niche", help="obsm key to cluster (default X_xscale_niche)")
-    p.add_argument("--key-added", default="xscale_domain", help="obs column written (default xscale_domain)")
+    p.add_argument("--key-added", default="xscale_domain",
+                   help="obs column written (default xscale_domain); an existing column is replaced only if xscale "
+                        "wrote it (its name starts with xscale_, or xscale domains wrote it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slide-key", help="obs column of slides whose latents are centred before clustering "
                    "(default: the slide key the store records, if any)")
@@ -32,6 +34,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cluster the latents as they are (e.g. for slides of different regions)")
     p.add_argument("--label-key", help="obs column of annotated domains: print ARI/NMI against it")
     p.add_argument("--out", help="write the result to this new store instead of updating --store")
+
+
+#: Where a store records the obs columns ``xscale domains`` wrote (AnnData zarr: uns["xscale"][...]; prepared
+#: store: an attribute of its obs group), so that a later run may replace them.
+WRITTEN_KEY = "domains_keys"
+
+
+def check_key_added(key: str, columns, written) -> None:
+    """--key-added may name a new obs column, or one xscale wrote (``xscale_*`` or recorded by domains); never the
+    user's own annotation."""
+    from xscale.errors import XscaleInputError
+
+    if key not in list(columns) or key.startswith("xscale_") or key in {str(k) for k in written}:
+        return
+    raise XscaleInputError(f"--key-added {key!r}: expected a new obs column or one xscale wrote, found an existing "
+                           "column xscale did not write (your annotation?), which would be replaced by domain ids. "
+                           f"Pass another --key-added (e.g. xscale_domain_{key}).")
+
+
+def _written_keys(adata) -> list[str]:
+    meta = adata.uns.get("xscale")
+    keys = meta.get(WRITTEN_KEY, []) if isinstance(meta, dict) else []
+    return [str(k) for k in ([keys] if isinstance(keys, str) else list(keys))]
+
+
+def _record_written(adata, key: str) -> None:
+    meta = dict(adata.uns["xscale"]) if isinstance(adata.uns.get("xscale"), dict) else {}
+    keys = _written_keys(adata)
+    meta[WRITTEN_KEY] = [*keys, key] if key not in keys else keys
+    adata.uns["xscale"] = meta
 
 
 def _slide_key(adata, given: str | None) -> str | None:
@@ -71,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         from xscale.data.store import CellStore
 
         cells = CellStore(store)
-        _prepared_store(args, cells, _prepared_labels(args, cells))
+        labels = _prepared_labels(args, cells)
+        _prepared_store(args, cells, labels)
         print(f"wrote obs[{args.key_added!r}] into {store} (block by block)")
         return 0
     check_replaceable(args.out or store)  # before any work: never the user's own zarr store
@@ -82,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.label_key and args.label_key not in adata.obs:  # checked before any work
         raise XscaleInputError(f"--label-key {args.label_key!r} not in the store's obs. "
                                f"Available: {list(adata.obs.columns)}.")
+    check_key_added(args.key_added, adata.obs.columns, _written_keys(adata))
     if args.use_rep in adata.obsm and np.asarray(adata.obsm[args.use_rep]).ndim > 2:
         adata.obsm[args.use_rep] = np.asarray(adata.obsm[args.use_rep]).reshape(adata.n_obs, -1)
     slide_key = None if args.no_slide_center else _slide_key(adata, args.slide_key)
@@ -98,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         y, d = adata.obs[args.label_key].astype(str)[m], adata.obs[args.key_added].astype(str)[m]
         print(f"against {args.label_key} ({int(m.sum())} labelled cells): ARI {adjusted_rand_score(y, d):.3f}, "
               f"NMI {normalized_mutual_info_score(y, d):.3f}")
+    _record_written(adata, args.key_added)
     write_anndata_zarr(adata, args.out or store)  # the old store is replaced only once this one is complete
     print(f"wrote {args.out or store}")
     return 0
@@ -135,6 +170,8 @@ def _prepared_labels(args: argparse.Namespace, cells):
         raise XscaleInputError(f"--slide-key: {cells.path} is a prepared store, whose slides are fixed by xscale "
                                "prepare and centred by default; expected no --slide-key, found it. Omit it (or pass "
                                "--no-slide-center).")
+    obs_attrs = cells.root["obs"].attrs
+    check_key_added(args.key_added, obs_attrs.get("column-order", []), obs_attrs.get(WRITTEN_KEY, []))
     if args.use_rep not in cells.root["obsm"]:
         raise XscaleInputError(f"--use-rep {args.use_rep!r} not in the store's obsm. Available: "
                                f"{sorted(cells.root['obsm'])}. Embed the store first (xscale embed / xscale run).")
@@ -157,6 +194,12 @@ def _prepared_store(args: argparse.Namespace, cells, labels) -> None:
 
     domains = store_domains(cells, args.n_domains, key=args.use_rep, key_added=args.key_added,
                             slide_center=not args.no_slide_center, method=args.method, seed=args.seed)
+    import zarr
+
+    obs = zarr.open_group(cells.path / "obs", mode="r+")  # recorded: a later run may replace this column
+    written = [str(k) for k in obs.attrs.get(WRITTEN_KEY, [])]
+    if args.key_added not in written:
+        obs.attrs[WRITTEN_KEY] = [*written, args.key_added]
     if not args.no_slide_center and len(cells.slide_names) > 1:
         print(f"latents centred per slide of the store ({len(cells.slide_names)} slides)")
     values, counts = np.unique(domains, return_counts=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from xscale.cli.options import add_gene_symbols
+from xscale.cli.options import add_gene_symbols, positive_float, positive_int, seed_int
 
 HELP = "fine-tune a pretrained model's Xpressor (cell-type head or slide correction)"
 DESCRIPTION = """\
@@ -38,11 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an .h5ad file, AnnData zarr or SpatialData zarr with raw counts (--table-key "
                    "to pick a table), or a bundled dataset name (e.g. starmap_mpfc)")
     p.add_argument("--out", required=True,
-                   help="output directory: new, empty or an earlier finetune output (replaced whole, atomically)")
+                   help="output directory: new, empty or an earlier finetune output (replaced whole, atomically); "
+                        "a folder holding anything else (a run's output, your files) is refused")
     p.add_argument("--task", choices=("cell_type", "batch_correction"), default="cell_type")
     p.add_argument("--label-key", help="obs column with cell-type labels (task cell_type; with batch_correction, "
                    "optional and never trained on: their kNN purity is reported before and after)")
-    p.add_argument("--slide-key", help="obs column with the slide / batch of each cell (task batch_correction)")
+    p.add_argument("--slide-key", help="obs column with the slide / batch of each cell (task batch_correction; "
+                   "default for a bundled dataset: its slide key)")
     p.add_argument("--train-key", help="obs column choosing training cells: booleans, or values given by "
                    "--train-values (default: all cells train)")
     p.add_argument("--train-values", nargs="+", help="values of --train-key that mark training cells")
@@ -63,17 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch_correction: keep the inner products between cells of the same slide where the "
                         "pretrained model had them, with this weight (default 1; 0 = off)")
     p.add_argument("--reconstruction-weight", type=float, help="default 0 for cell_type, 1 for batch_correction")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=10)  # checked by check_budget (its message names --epochs)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--counts-layer", help="layer with raw counts (default: X)")
     add_gene_symbols(p)
     p.add_argument("--table-key", help="SpatialData table to read (if several)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--log-dir", help="directory for Lightning CSV logs")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     p.add_argument("--write-h5ad", metavar="PATH", help="also write the data with predicted labels "
-                   "(obs['xscale_pred_<label-key>']) and fine-tuned latents (obsm['X_xscale_cell'])")
+                   "(obs['xscale_pred_<label-key>']) and fine-tuned latents (obsm['X_xscale_cell']); an existing "
+                   "file is replaced only if xscale finetune wrote it, and never the input file")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -110,8 +113,56 @@ def _train_mask(adata, key: str | None, values: list[str] | None):
     return np.asarray(col, dtype=bool)
 
 
-def _check_h5ad_target(path: str) -> None:
-    """--write-h5ad must name a file path (missing folders are made), not a directory."""
+#: What ``xscale finetune`` writes into --out (:func:`xscale.train.finetune.finetune`), and the completion marker.
+FINETUNE_ENTRIES = frozenset({"finetune.json", "model", "head", "correction.png", ".xscale-complete"})
+#: uns key marking an .h5ad written by ``--write-h5ad``: only such a file is replaced.
+H5AD_MARK = "xscale_finetune"
+
+
+def check_finetune_out(path: str) -> None:
+    """--out must be new, empty or an earlier finetune output holding only what finetune writes: it is replaced
+    whole, so a run's output written into it later (cells.zarr, checkpoints/) or a saved model is never deleted."""
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+    from xscale.utils.atomic import check_replaceable
+
+    out = Path(path)
+    check_replaceable(out)  # a file, a user's folder or zarr store: refused
+    if not out.is_dir() or out.is_symlink():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if "finetune.json" not in entries:
+        raise XscaleInputError(
+            f"--out {path!r}: expected a new, empty or earlier `xscale finetune` output directory, found one "
+            f"without finetune.json ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}; another "
+            "xscale output, e.g. a saved model). finetune replaces --out as a whole: pass a new path.")
+    foreign = [name for name in entries if name not in FINETUNE_ENTRIES]
+    if foreign:
+        raise XscaleInputError(
+            f"--out {path!r}: expected an earlier `xscale finetune` output holding only what finetune writes "
+            f"({', '.join(sorted(FINETUNE_ENTRIES - {'.xscale-complete'}))}), found also {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''} (written by another command or by you). finetune replaces "
+            "--out as a whole and would delete them: pass a new path.")
+
+
+def _h5ad_written_by_finetune(path) -> bool:
+    """True for an .h5ad whose uns holds :data:`H5AD_MARK` (read with h5py; X is not loaded)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "uns" in f and H5AD_MARK in f["uns"]
+    except (OSError, ValueError):
+        return False
+
+
+def _check_h5ad_target(path: str, data: str | None = None) -> None:
+    """--write-h5ad must name a file path (missing folders are made), not a directory, not the input file, and
+    not an existing file that xscale finetune did not write (the user's data)."""
+    import os
     from pathlib import Path
 
     from xscale.errors import XscaleInputError
@@ -122,6 +173,21 @@ def _check_h5ad_target(path: str) -> None:
                                "found a directory.")
     if target.suffix != ".h5ad":
         raise XscaleInputError(f"--write-h5ad {path!r}: expected a path ending in .h5ad, found {target.suffix!r}.")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if data is not None and Path(data).exists():
+        try:
+            same = os.path.samefile(target, data)
+        except OSError:
+            same = False
+        if same:
+            raise XscaleInputError(f"--write-h5ad {path!r}: expected a new path, found the input data file itself; "
+                                   "xscale does not overwrite your input. Pass another path (e.g. "
+                                   f"{target.with_name(target.stem + '_finetuned.h5ad')}).")
+    if target.is_symlink() or not _h5ad_written_by_finetune(target):
+        raise XscaleInputError(f"--write-h5ad {path!r}: expected a new path or an .h5ad written by an earlier "
+                               "xscale finetune, found an existing file that xscale did not write (your data?). "
+                               "Pass another path, or move the file away yourself.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,11 +200,16 @@ def run(args: argparse.Namespace) -> int:
     from xscale.cli.run import check_budget
 
     check_budget(args.epochs, -1, epochs_option="--epochs")
+    check_finetune_out(args.out)  # before reading or training: only what finetune wrote is replaced
     if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
-        _check_h5ad_target(args.write_h5ad)
+        _check_h5ad_target(args.write_h5ad, args.data)
+    import xscale.datasets as ds
+
+    # a bundled dataset's slide key is the default --slide-key (as for run / prepare / embed)
+    slide_key = args.slide_key or (ds.info(args.data).slide_key if args.data in ds.DATASETS else None)
     adata = _read(args.data, args.table_key, args.gene_symbols)
     result = finetune(
-        args.model, adata, task=args.task, label_key=args.label_key, slide_key=args.slide_key,
+        args.model, adata, task=args.task, label_key=args.label_key, slide_key=slide_key,
         train_mask=_train_mask(adata, args.train_key, args.train_values), trainable=args.trainable,
         layer_mix=args.layer_mix, ema_decay=args.ema_decay, thinning=args.thinning,
         correction=args.correction, correction_weight=args.correction_weight, structure_weight=args.structure_weight,
@@ -157,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
                            counts_layer=args.counts_layer)
         adata.obsm["X_xscale_cell"] = encode_cells(result.model, adata,
                                                    counts_layer=args.counts_layer).reshape(adata.n_obs, -1)
+        adata.uns[H5AD_MARK] = {"model": str(args.model), "task": args.task, "out": str(result.output_dir)}
         target = Path(args.write_h5ad)
+        _check_h5ad_target(args.write_h5ad, args.data)  # again before the swap: it may have appeared meanwhile
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp.h5ad")
         try:

@@ -292,6 +292,26 @@ def _input_error_in(err: BaseException):
     return None
 
 
+def _config_error(err: BaseException) -> str | None:
+    """The message of the error a config's class raised (e.g. ``Unknown GeneToCellConfig preset 'tinyy'``), when
+    ``err`` is jsonargparse's wrapper of it (a ValueError raised while instantiating the configs); else None."""
+    import traceback
+
+    if not any("jsonargparse" in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+        return None
+    chain, seen = [], 0
+    while err is not None and seen < 20:
+        chain.append(err)
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    for cause in reversed(chain):  # the innermost error raised outside jsonargparse: the class's own message
+        frames = traceback.extract_tb(cause.__traceback__)
+        if isinstance(cause, (ValueError, TypeError)) and frames and "jsonargparse" not in frames[-1].filename:
+            return str(cause).strip().splitlines()[0] if str(cause).strip() else None
+    lines = [ln.strip()[2:] for ln in str(chain[0]).splitlines() if ln.strip().startswith("- ")]
+    useful = [ln for ln in lines if not ln.startswith("Expected a <class 'NoneType'>")]
+    return "; ".join(useful) if useful else None
+
+
 def newest_checkpoint(root: str | os.PathLike) -> str:
     """The most recently written ``*.ckpt`` under ``root`` (a run's ``default_root_dir``).
 
@@ -331,9 +351,15 @@ def run(args: argparse.Namespace) -> int:
             cli = build_cli(cli_args, run=False)
         except ValueError as err:  # jsonargparse wraps what a data / model class raised when instantiated
             cause = _input_error_in(err)
-            if cause is None:
+            if cause is not None:
+                raise cause from None
+            message = _config_error(err)
+            if message is None:
                 raise
-            raise cause from None
+            raise XscaleInputError(
+                f"the configs did not instantiate: {message} Fix that key in the --config files or the KEY=VALUE "
+                "overrides; --print-config shows the merged config."
+            ) from None
         except SystemExit as exit_:
             if exit_.code in (0, None):
                 return 0

@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", metavar="CHECKPOINT", help="level-1 model directory: add decoded expression per hit")
     p.add_argument("--genes", help="comma-separated genes to report with --decode (default: the 10 highest)")
     p.add_argument("--library", type=float, default=1e4, help="total counts of --decode expectations (default 1e4)")
-    p.add_argument("--output", "-o", help="write here instead of stdout")
+    p.add_argument("--output", "-o", help="write here instead of stdout (a new file; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
 
 
 def hits_to_text(hits: list, fmt: str) -> str:
@@ -101,6 +102,21 @@ def _add_decoded(index, hits: list, args: argparse.Namespace) -> None:
         hit.obs["expected"] = {str(g): round(float(v), 4) for g, v in shown.items()}
 
 
+def check_output(path: str, overwrite: bool) -> None:
+    """--output must be a file path: not a directory, and not an existing file unless --overwrite says so."""
+    from pathlib import Path
+
+    from xscale.errors import XscaleInputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise XscaleInputError(f"--output {path!r}: expected a file path (e.g. {target / 'hits.json'}), found a "
+                               "directory. Pass a file path.")
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise XscaleInputError(f"--output {path!r}: expected a new file, found an existing one. Pass --overwrite to "
+                               "replace it, or another path.")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -112,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vector is not None and args.cross_slide:  # before the store is opened
         raise XscaleInputError("--cross-slide: a --vector has no slide of its own to leave out; use --slide S to "
                                "keep the hits of one slide, or query with --cell / --region.")
+    if args.output:  # before the store is opened: a path that cannot take the hits fails first
+        check_output(args.output, args.overwrite)
     index = LatentIndex.open(
         args.store, level=args.level, slide_key=args.slide_key, kind=args.index, exact_max=args.exact_max
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store
+from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store, seed_int
 
 HELP = "train level 1 then level 2 on a dataset and write cell latents, niche latents and domains"
 DESCRIPTION = (
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=-1, help="optimiser steps per level (budget cap; -1 = none)")
     parser.add_argument("--radius", type=float, default=None,
                         help="niche radius in median nearest-neighbour distances (default: nearest cells only)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: 0)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--no-report", action="store_true", help="skip DIR/report.html")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
                                f"found {args.radius}.")
     out = Path(args.out)
     from xscale.data.store import is_prepared_store
+    from xscale.train.staged import check_run_dir
+
+    check_run_dir(out, "--out")  # before any work: a finetune output / saved model is replaced whole later
 
     if is_prepared_store(args.data):
         refuse_gene_symbols_for_store(args)

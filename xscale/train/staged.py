@@ -198,6 +198,36 @@ def _record_settings(ckpt: Path, stage: str, settings: dict) -> None:
     atomic_write_text(_settings_file(ckpt, stage), json.dumps(_jsonable(settings), indent=2, sort_keys=True))
 
 
+def check_run_dir(out_dir: str | os.PathLike, option: str = "out_dir") -> None:
+    """Raise :class:`XscaleInputError` if ``out_dir`` is an output another xscale command replaces as a whole
+    (it holds the completion marker at its top: a ``xscale finetune`` output, a saved model). A run's files written
+    into it would be deleted when that command runs again; a run folder itself never holds the marker."""
+    from xscale.utils.atomic import COMPLETE_MARKER
+
+    out = Path(out_dir)
+    if not (out.is_dir() and (out / COMPLETE_MARKER).is_file()):
+        return
+    what = "an `xscale finetune` output" if (out / "finetune.json").is_file() else (
+        "a saved model" if (out / "config.json").is_file() else "an output another xscale command writes whole")
+    raise XscaleInputError(
+        f"{option} {str(out)!r}: expected a new directory or an earlier run folder, found {what} (it holds "
+        f"{COMPLETE_MARKER}). That command replaces its folder as a whole, so the run's files would be deleted "
+        "with it: pass a new path (e.g. a sibling directory).")
+
+
+def check_n_domains(n_domains: int | None, n_cells: int, option: str = "n_domains") -> None:
+    """``n_domains`` must be None or 1..n_cells (checked before any training)."""
+    if n_domains is None:
+        return
+    try:
+        whole = not isinstance(n_domains, bool) and int(n_domains) == n_domains
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not 1 <= int(n_domains) <= n_cells:
+        raise XscaleInputError(f"{option}: expected a whole number 1..{n_cells} (the number of cells), found "
+                               f"{n_domains!r}. Pass fewer domains (or None for no domains).")
+
+
 def _data_digest(adata: ad.AnnData, coords: np.ndarray) -> str:
     """Identifies the cells a run was made from: their ids and order, genes, coordinates and
     per-cell total counts. Another file with as many cells no longer reuses finished stages
@@ -332,6 +362,8 @@ def run_staged(
 
         check_slides(adata, slide_key)
     mask = _train_mask(adata, train_mask, train_slides, slide_key)
+    check_n_domains(n_domains, adata.n_obs)  # before any training: not after both levels
+    check_run_dir(out_dir)  # never write a run into a folder another command replaces whole
     if write_store:  # before any training: the store written at the end must not replace the user's data
         check_replaceable(Path(out_dir) / "cells.zarr")
     out_dir = make_output_dir(out_dir)  # after the input checks: a bad input creates nothing
