@@ -1,6 +1,8 @@
 """Out-of-core, resumable embedding of a prepared store (xscale.tl.store_embed)."""
 from __future__ import annotations
 
+import contextlib
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -133,6 +135,12 @@ def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt2"), "--data", str(store.path)]) == 2
     assert "already holds latents made by another model" in capsys.readouterr().err
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt2"), "--data", str(store.path), "--overwrite"]) == 0
+    # the niche latents were made from the replaced cell latents: said, and domains refuses them until re-embedded
+    assert "X_xscale_niche was computed from the earlier cell latents" in capsys.readouterr().out
+    assert main(["domains", "--store", str(store.path), "--n-domains", "3"]) == 2
+    assert "was computed from earlier cell latents" in capsys.readouterr().err
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt2"), "--level2", str(tmp_path / "ckpt" / "level2"),
+                 "--data", str(store.path), "--overwrite"]) == 0
     # domains on the store, as the --n-domains error suggests: only obs changes, it stays a prepared store
     assert main(["domains", "--store", str(store.path), "--n-domains", "3"]) == 0
     assert "wrote obs['xscale_domain'] into" in capsys.readouterr().out
@@ -143,8 +151,13 @@ def test_cli_embed_prepared_store_in_place(models, tmp_path, capsys):
     assert main(["domains", "--store", str(store.path), "--n-domains", "2"]) == 0  # re-clustered in place
     assert set(ad.read_zarr(store.path).obs["xscale_domain"].astype(str)) == {"0", "1"}
     capsys.readouterr()
-    for extra, says in ((["--dask", "local"], "embed_store_dask(store"), (["--n-domains", "3"], "xscale domains")):
-        assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), *extra]) == 2
+    for extra, says in ((["--dask", "local"], "embed_store_dask(store"), (["--n-domains", "3"], "xscale domains"),
+                        (["--slide-key", "slice", "--counts-layer", "c"], "none of --slide-key, --counts-layer"),
+                        (["--table-key", "t"], "--table-key (without --write-back)"),
+                        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, found 0")):
+        with pytest.raises(SystemExit) if extra[0] == "--batch-size" else contextlib.nullcontext() as exited:
+            assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(store.path), *extra]) == 2
+        assert exited is None or exited.value.code == 2
         assert says in capsys.readouterr().err
 
 
@@ -259,3 +272,37 @@ def test_cli_run_write_back_into_the_spatialdata_table(small_adata, write_spatia
     assert sorted(sd.read_zarr(path).tables) == ["table", "table_niches"]
     assert main(["run", "--data", "starmap_mpfc", "--out", str(tmp_path / "q"), "--write-back"]) == 2
     assert "found a bundled dataset" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_cli_embed_refuses_what_it_cannot_do_before_any_work(models, tmp_path, capsys, monkeypatch):
+    """A store without coordinates with a level-2 model, --spatial-key none with a level-2 model and an --out that
+    is a zarr store are refused before anything is written; a store given as "." embeds (partials beside it)."""
+    from xscale.cli.main import main
+    from xscale.models.io import save_model
+
+    adata, l1, l2 = models
+    save_model(l1, tmp_path / "ckpt" / "level1" / "model")
+    save_model(l2, tmp_path / "ckpt" / "level2" / "model")
+    flat = CellStore(prepare(adata[:300].copy(), tmp_path / "flat.zarr", spatial_key=None, chunk_cells=100))
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(flat.path)]) == 2
+    assert "was prepared without coordinates: niche embedding" in capsys.readouterr().err
+    assert not (flat.path / "obsm" / "X_xscale_cell").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(xscale.errors.XscaleInputError, match="found a store prepared without them"):
+        embed_store_niches(flat, l2, progress=False)
+
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt"), "--data", "starmap_mpfc", "--out",
+                 str(tmp_path / "o"), "--spatial-key", "none"]) == 2
+    assert "--spatial-key none: niche embedding" in capsys.readouterr().err
+
+    user = tmp_path / "mine.zarr"
+    adata[:50].copy().write_zarr(user)
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt" / "level1" / "model"), "--data", "starmap_mpfc",
+                 "--out", str(user)]) == 2
+    assert "expected an output directory (xscale writes its files and stores inside it), found a zarr store" \
+        in capsys.readouterr().err
+    assert not (user / "cells.zarr").exists()
+
+    monkeypatch.chdir(flat.path)  # the store as "."
+    assert main(["embed", "--checkpoint", str(tmp_path / "ckpt" / "level1" / "model"), "--data", "."]) == 0
+    assert ad.read_zarr(flat.path).obsm["X_xscale_cell"].shape == (300, l1.config.embedding_dim)

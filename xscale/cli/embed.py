@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store
+from xscale.cli.options import add_gene_symbols, positive_int, refuse_gene_symbols_for_store
 
 HELP = "embed cells (and niches) of a dataset with trained checkpoints into DIR/cells.zarr"
 DESCRIPTION = """\
@@ -39,14 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-slide-center", action="store_true",
                    help="with --n-domains: cluster the niche latents as they are; by default each slide's "
                    "(--slide-key) latents are centred first, as in xscale run")
-    p.add_argument("--spatial-key", default="spatial", help="obsm key of coordinates (default spatial)")
+    p.add_argument("--spatial-key", default="spatial",
+                   help="obsm key of coordinates (default spatial); 'none' for no coordinates (level 1 only)")
     p.add_argument("--slide-key", help="obs column naming each cell's slide")
     p.add_argument("--counts-layer", help="layer holding raw counts when X is normalised")
     add_gene_symbols(p)
     p.add_argument("--table-key", help="SpatialData table to read")
-    p.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="cells per forward pass (default 256)")
     p.add_argument("--dask", metavar="local|ADDRESS", help="embed level 1 on a Dask cluster")
-    p.add_argument("--n-workers", type=int, default=2, help="workers of --dask local (default 2)")
+    p.add_argument("--n-workers", type=positive_int, default=2, help="workers of --dask local (default 2)")
     p.add_argument("--overwrite", action="store_true", help="prepared store: replace latents already in it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--write-back", action="store_true",
@@ -196,10 +197,17 @@ def run(args: argparse.Namespace) -> int:
     from xscale.utils.atomic import check_replaceable, make_output_dir
 
     ds.check_source(args.data, option="--data")  # before loading any model
+    if str(args.spatial_key).lower() == "none":
+        args.spatial_key = None
     l1, l1_dir, l2 = load_level_models(args.checkpoint, args.level2)
+    if l2 is not None and args.spatial_key is None:
+        raise XscaleInputError(
+            "--spatial-key none: niche embedding (the level-2 model found with --checkpoint) needs coordinates. "
+            "Pass the obsm key of the coordinates, or embed level 1 only (--checkpoint RUN/checkpoints/level1/model).")
     target = check_write_back_source(args.data) if args.write_back else None  # before any work
     if is_prepared_store(args.data):
         refuse_gene_symbols_for_store(args)
+        _refuse_input_options_for_store(args)
         return _embed_prepared_store(args, l1, l2, target)
     if args.out is None:
         raise XscaleInputError("--out: expected an output directory (DIR/cells.zarr is written), found none.")
@@ -236,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         if args.n_domains:
             xscale.tl.domains(adata, args.n_domains, slide_key=None if args.no_slide_center else slide_key)
             print(f"domains: obs['xscale_domain'] ({args.n_domains})")
-    if args.spatial_key != "spatial" and args.spatial_key in adata.obsm:
+    if args.spatial_key not in (None, "spatial") and args.spatial_key in adata.obsm:
         adata.obsm["spatial"] = np.asarray(adata.obsm[args.spatial_key])  # where the query layer looks
     meta = {"slide_key": slide_key or "", "checkpoint": str(args.checkpoint)}
     if bundled:
@@ -257,6 +265,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Options that say how to read an input; a prepared store was read by xscale prepare (their defaults here).
+STORE_READ_OPTIONS = {"slide_key": None, "spatial_key": "spatial", "counts_layer": None}
+
+
+def _refuse_input_options_for_store(args: argparse.Namespace) -> None:
+    """A prepared store has its counts, slides and coordinates from xscale prepare: reading options given with it
+    would be ignored, so they are refused (--table-key is for --write-back only)."""
+    from xscale.errors import XscaleInputError
+
+    given = [f"--{k.replace('_', '-')}" for k, default in STORE_READ_OPTIONS.items() if getattr(args, k) != default]
+    if args.table_key is not None and not args.write_back:
+        given.append("--table-key (without --write-back)")
+    if given:
+        raise XscaleInputError(
+            f"--data {args.data} is a prepared store: expected none of {', '.join(given)}, found them. The store "
+            "has its counts, slides and coordinates from xscale prepare, so these would be ignored: leave them out, "
+            "or prepare again with them.")
+
+
 def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) -> int:
     """Out-of-core, resumable embedding of a prepared store into its own obsm; then, with ``target`` (the
     SpatialData store it was prepared from, --write-back), into that store's table."""
@@ -274,17 +301,30 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) 
             f"--data {args.data} is a prepared store (embedded out of core): expected no --n-domains, found it. "
             "Embed first, then cluster the niche latents (e.g. xscale domains on the store)."
         )
+    from xscale.data.store import CellStore
+
+    if l2 is not None and not CellStore(args.data).spatial:  # before any work
+        raise XscaleInputError(
+            f"--data {args.data} was prepared without coordinates: niche embedding (the level-2 model found with "
+            "--checkpoint) needs them. Embed level 1 only (--checkpoint RUN/checkpoints/level1/model), or prepare "
+            "again with --spatial-key KEY.")
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
     progress = not args.no_progress
     path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
     print(f"cell latents: {path}")
+    if l2 is None:
+        from xscale.tl.store_embed import stale_niche_latents
+
+        if stale_niche_latents(args.data):
+            print(f"warning: {args.data}/obsm/X_xscale_niche was computed from the earlier cell latents: embed the "
+                  "niches again (--checkpoint with the level-2 model, --overwrite) before using them; xscale domains "
+                  "refuses them until then")
     if l2 is not None:
         path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite,
                                   progress=progress)
         print(f"niche latents: {path}")
     if target is not None:
-        from xscale.data.store import CellStore
         from xscale.data.writeback import write_to_spatialdata
 
         store = CellStore(args.data)

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class CellStore:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # absolute: "." names its directory (partials go beside it)
         self._root = None
         self._arrays: dict[str, Any] = {}
         self._identity: str | None = None

@@ -194,8 +194,9 @@ def write_store_obs(store: str | Path | CellStore, key: str, values: Any) -> Non
 
 
 def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tuple[int, ...], *,
-                        fingerprint: str = "", overwrite: bool = False) -> LatentWriter:
-    """A writer of ``obsm[key]`` of a prepared store, one store block at a time (partial kept outside the store)."""
+                        fingerprint: str = "", overwrite: bool = False, attrs: dict | None = None) -> LatentWriter:
+    """A writer of ``obsm[key]`` of a prepared store, one store block at a time (partial kept outside the store).
+    ``attrs``: more attributes of the written array (e.g. what it was computed from)."""
     store = store if isinstance(store, CellStore) else CellStore(store)
     target = store.path / "obsm" / key
     partial = store.path.with_name(f".{store.path.name}.obsm.{key}.partial")
@@ -204,7 +205,7 @@ def store_latent_writer(store: str | Path | CellStore, key: str, cell_shape: tup
                         fingerprint=f"{fingerprint} store:{store.identity}", partial=partial, overwrite=overwrite,
                         # the fingerprint stays on the array: what is computed from it (niches) can name it
                         attrs={"encoding-type": "array", "encoding-version": "0.2.0",
-                               "xscale_fingerprint": fingerprint})
+                               "xscale_fingerprint": fingerprint, **(attrs or {})})
 
 
 def read_store_latents(store: str | Path | CellStore, key: str) -> Any:
@@ -408,10 +409,10 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         raise XscaleInputError(f"{sdata_path}: table {table_key!r} not found; tables present: {list(tables)}.")
     table = tables[table_key]  # obs and uns only
     table_dir = Path(sdata_path) / "tables" / table_key
-    name = niche_table or f"{table_key}_niches"
-    if niche_key is not None and name in tables and NICHE_TABLE_MARK not in tables[name].uns:
+    niche_name = niche_table or f"{table_key}_niches"
+    if niche_key is not None and niche_name in tables and NICHE_TABLE_MARK not in tables[niche_name].uns:
         raise XscaleInputError(  # before any write: a table of the user's is never replaced
-            f"{sdata_path}: table {name!r} is there already and was not written by xscale (no uns"
+            f"{sdata_path}: table {niche_name!r} is there already and was not written by xscale (no uns"
             f"[{NICHE_TABLE_MARK!r}]): expected a free name for the niche table. Pass another niche table name "
             f"(niche_table=...), or rename or delete that table first.")
     columns = obs_columns(table) if obs_columns is not None else {}
@@ -440,8 +441,8 @@ def _put_latents(sdata_path: str | Path, table_key: str | None, in_table_order: 
         if attrs:
             nt = TableModel.parse(nt, region=attrs["region"], region_key=attrs["region_key"],
                                   instance_key=attrs["instance_key"])
-        sdata.tables[name] = nt
-        _write_table(sdata, name, x=niche_latents if streamed else None)
+        sdata.tables[niche_name] = nt
+        _write_table(sdata, niche_name, x=niche_latents if streamed else None)
     elif sdata.has_consolidated_metadata():  # _write_table rewrites it; the parts replaced above need it too
         sdata.write_consolidated_metadata()
     return table

@@ -66,6 +66,21 @@ def _made_by(array: Any) -> str:
     return str(getattr(array, "attrs", {}).get("xscale_fingerprint", ""))
 
 
+#: Attribute of a store's niche latents: the fingerprint of the cell latents they were computed from.
+CELLS_MADE_BY = "xscale_cells_fingerprint"
+
+
+def stale_niche_latents(store: str | os.PathLike | CellStore, key: str = NICHE_KEY, cell_key: str = CELL_KEY) -> bool:
+    """True when the store's niche latents ``obsm[key]`` were computed from other cell latents than those now in
+    ``obsm[cell_key]`` (the cells were embedded again since, e.g. with another level-1 model); False when they
+    match, or when either is absent or the niche latents predate this record."""
+    store = store if isinstance(store, CellStore) else CellStore(store)
+    if not ((store.path / "obsm" / key).exists() and (store.path / "obsm" / cell_key).exists()):
+        return False
+    made_from = str(read_store_latents(store, key).attrs.get(CELLS_MADE_BY, ""))
+    return bool(made_from) and made_from != _made_by(read_store_latents(store, cell_key))
+
+
 def _cells_fingerprint(model: torch.nn.Module, seed: int) -> str:
     return _fingerprint(model, seed=seed, what="cells")
 
@@ -167,6 +182,11 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
 
     model = as_level_model(model, 2, "embed_store_niches")
     store = store if isinstance(store, CellStore) else CellStore(store)
+    if not store.spatial:  # before anything is written
+        raise XscaleInputError(
+            f"{store.path}: niche embedding needs coordinates, found a store prepared without them (spatial_key "
+            "None). Embed the cells only (the level-1 model: RUN/checkpoints/level1/model), or prepare again "
+            "with coordinates (--spatial-key KEY).")
     try:
         latents = read_store_latents(store, cell_key)
     except Exception as err:
@@ -184,7 +204,8 @@ def embed_store_niches(store: str | os.PathLike | CellStore, model, *, cell_key:
     if not overwrite and _already_made(store, key, fingerprint):
         return store.path / "obsm" / key
     writer = store_latent_writer(store, key, (model.config.n_tissue_latents * model.config.dim,),
-                                 overwrite=overwrite, fingerprint=fingerprint)
+                                 overwrite=overwrite, fingerprint=fingerprint,
+                                 attrs={CELLS_MADE_BY: _made_by(latents)})  # stale once the cells are re-embedded
     pending = writer.pending_chunks()
     with _progress(writer.n_chunks, "niches", progress) as bar, torch.inference_mode():
         bar.update(writer.n_chunks - len(pending))

@@ -76,6 +76,13 @@ def store_domains(store: str | os.PathLike | CellStore, n_domains: int, *, key: 
         raise XscaleInputError(f"n_domains: expected a whole number in 1..{n} (the store's cells), "
                                f"found {n_domains!r}.")
     k = int(n_domains)
+    from xscale.tl.store_embed import stale_niche_latents
+
+    if stale_niche_latents(store, key):
+        raise XscaleInputError(
+            f"{store.path}: obsm[{key!r}] was computed from earlier cell latents (obsm['X_xscale_cell'] has been "
+            "embedded again since), so its domains would describe the old embedding. Embed the niches again "
+            "(xscale embed --checkpoint RUN --data STORE --overwrite, with the level-2 model) and cluster those.")
     latents = read_store_latents(store, key)
     centre = slide_center and len(store.slide_names) > 1
     groups = list(zip(store.slide_start, store.slide_stop, strict=True)) if centre else [(0, n)]

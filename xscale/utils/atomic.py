@@ -137,6 +137,9 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise XscaleInputError(f"{path}: expected an output directory, found a file. Pass another path.")
+    if any((path / name).is_file() for name in _ZARR_FILES):  # e.g. the user's own AnnData or SpatialData store
+        raise XscaleInputError(f"{path}: expected an output directory (xscale writes its files and stores inside "
+                               "it), found a zarr store. Pass a new directory, e.g. one beside the store.")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
