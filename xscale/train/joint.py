@@ -32,6 +32,7 @@ from xscale.data.niches import Niches
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue
 from xscale.models.gene_to_cell import GeneToCell
+from xscale.train.checkpointing import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 from xscale.train.optim import adamw_one_cycle
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ class JointNicheDataset(Dataset):
         )
 
     def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+        """Batches of niches; resumable (a checkpoint keeps the epoch's order and position and ``rng``)."""
         g = torch.Generator().manual_seed(seed)
-        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
+        return ResumableLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g,
+                               rng_owner=self)
 
 
 @dataclass
@@ -154,6 +157,13 @@ class HierarchyModule(lightning.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return adamw_one_cycle(self, self.trainer, lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the global generators (level 1's masks, level 2's cell masks): a resumed run draws the same."""
+        checkpoint[RNG_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_rng_state(checkpoint, "joint")
 
 
 def fit_joint(

@@ -29,6 +29,7 @@ from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.models.io import save_model
+from xscale.train.checkpointing import RNG_KEY, ResumableLoader, apply_generator_state, restore_rng_state, rng_state
 from xscale.train.quiet import loop_defaults
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,28 @@ class GeneCellModule(lightning.LightningModule):
         self.lr, self.weight_decay, self.warmup_fraction = lr, weight_decay, warmup_fraction
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._saved_generator: dict[str, Any] | None = None  # from a checkpoint, applied when the generator is made
         self.save_hyperparameters({"lr": lr, "weight_decay": weight_decay, "warmup_fraction": warmup_fraction,
                                    "seed": seed, "model_config": model.config})
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed + 1000 * self.global_rank)
+            saved, self._saved_generator = self._saved_generator, None
+            apply_generator_state(self._generator, saved, "level-1 masking")
         return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the masking/thinning generator (and the global ones): a resumed run draws what this one would."""
+        gen = self._generator
+        if gen is None and self._saved_generator is not None:  # restored but not used yet: keep it as it was
+            checkpoint[RNG_KEY] = {**rng_state(), "generators": {"mask": self._saved_generator}}
+            return
+        checkpoint[RNG_KEY] = rng_state({"mask": gen})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._saved_generator = restore_rng_state(checkpoint, "level-1").get("mask")
+        self._generator = None  # made afresh on the next batch, from the saved state
 
     def training_step(self, batch: CellBatch, batch_idx: int) -> torch.Tensor:
         out = self.model.loss(batch, generator=self._gen(batch.counts.device))
@@ -226,12 +242,16 @@ class CellDataModule(lightning.LightningDataModule):
                                    num_workers=self.num_workers)
             return EpochLoader(self.train_dataset, epoch=self._epoch, batch_size=self.batch_size,
                                collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers)
-        gen = None if iterable else torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_dataset, batch_size=self.batch_size, shuffle=not iterable, generator=gen,
-            drop_last=not iterable and len(self.train_dataset) > self.batch_size,
-            collate_fn=CollateCells(self.max_genes, self.seed), num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        collate = CollateCells(self.max_genes, self.seed)
+        if iterable:
+            return DataLoader(self.train_dataset, batch_size=self.batch_size, collate_fn=collate,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # resumable: a checkpoint keeps the epoch's order, position and gene-context generator
+        return ResumableLoader(
+            self.train_dataset, batch_size=self.batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=len(self.train_dataset) > self.batch_size, collate_fn=collate, rng_owner=collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader | list:

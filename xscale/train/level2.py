@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from xscale.data.niches import Niches, build_niches, slide_scales, spatial_graph
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+from xscale.train.checkpointing import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 from xscale.train.optim import adamw_one_cycle
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ class NicheDataset(Dataset):
         return NicheBatch(cell_latents=lat, rel_xy=self.rel_xy[rows], pad_mask=pad, cells=idx)
 
     def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+        """Batches of niches; resumable (a checkpoint keeps the epoch's order and position)."""
         g = torch.Generator().manual_seed(seed)
-        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
+        return ResumableLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
 
 
 class TissueModule(lightning.LightningModule):
@@ -126,6 +128,13 @@ class TissueModule(lightning.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return adamw_one_cycle(self, self.trainer, lr=self.lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the global generators (the cell masks draw from them): a resumed run draws what this one would."""
+        checkpoint[RNG_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_rng_state(checkpoint, "level-2")
 
 
 class NicheDataModule(lightning.LightningDataModule):
