@@ -53,14 +53,18 @@ def decode_latent(
     latent
         (K, D) or flattened (K*D,) cell latent.
     genes
-        Gene symbols to decode (default: every gene of the model's vocabulary).
+        Gene symbols to report (default: every gene of the model's vocabulary). The latent is
+        always decoded over the model's whole vocabulary and these genes are selected from it,
+        so a gene's value does not depend on which other genes are asked for (the values
+        ``xscale query --decode --genes`` prints).
     library
-        Library size (total counts) shared by the decoded genes: the decoder's mean is a
-        softmax over ``genes`` times ``library``, so decode the panel of interest as a whole.
+        Library size (total counts) of the cell over the model's whole vocabulary: the
+        decoder's mean is a softmax over every vocabulary gene times ``library``, so the
+        selected genes sum to at most ``library``.
 
     Returns
     -------
-    Series indexed by gene symbol: expected counts at ``library``.
+    Series indexed by gene symbol (as passed): expected counts at ``library``.
     """
     import pandas as pd
     import torch
@@ -69,14 +73,17 @@ def decode_latent(
 
     vocab_genes = _model_genes(model)
     vocab = GeneVocab(vocab_genes)
+    if isinstance(genes, str):
+        genes = [genes]
     names = list(vocab.genes) if genes is None else list(genes)
-    ids = vocab.index(names)
-    if (ids < 0).any():
-        missing = [g for g, i in zip(names, ids, strict=True) if i < 0][:10]
+    rows = vocab.index(names)  # where each requested gene sits in the decode over the whole vocabulary
+    if (rows < 0).any():
+        missing = [g for g, i in zip(names, rows, strict=True) if i < 0][:10]
         raise XscaleInputError(
-            f"Genes {missing} are not in the level-1 model's vocabulary of {len(vocab)} genes; "
-            "pass genes the model was trained on."
+            f"genes: {missing} are not in the level-1 model's vocabulary of {len(vocab)} genes "
+            f"(e.g. {vocab.genes[:5]}); pass genes the model was trained on."
         )
+    ids = np.arange(len(vocab), dtype=np.int64)  # decode the whole vocabulary: it shares the library
     cfg = model.config
     n_latents, dim = int(cfg.latents_per_cell), int(cfg.dim)
     lat = np.asarray(latent, dtype=np.float32).reshape(-1)
@@ -89,7 +96,7 @@ def decode_latent(
         z = torch.from_numpy(lat).view(1, n_latents, dim)  # (1, K, D)
         gene_ids = torch.from_numpy(ids).view(1, -1)  # (1, G)
         params = model.decode(z, gene_ids, torch.tensor([float(library)]))
-        expected = params.expected[0].float().numpy()  # (G,)
+        expected = params.expected[0].float().numpy()[rows]  # (G_vocab,) -> the requested (G,)
     return pd.Series(expected, index=pd.Index(names, name="gene"), name="expected_counts")
 
 
@@ -108,7 +115,9 @@ def decode_hit(
     checkpoint
         Level-1 model directory (``DIR/checkpoints/level1``) or a loaded model.
     genes, library
-        As in :func:`decode_latent`.
+        As in :func:`decode_latent`: the latent is decoded over the model's whole vocabulary and
+        ``genes`` selects from it, so ``decode_hit(..., genes=[g])[g]`` equals the full decode's
+        value for ``g`` and what ``xscale query --decode CHECKPOINT --genes g`` prints.
     """
     if index.store.level != "cell":
         raise XscaleInputError("decode_hit decodes cell latents; open the index with level='cell'.")

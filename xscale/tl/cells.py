@@ -3,7 +3,8 @@
 ``embed_cells`` writes the K cell latents of every cell (flattened) to ``adata.obsm``;
 ``reconstruct`` decodes them back to expected counts in ``adata.layers``. A model
 trained on one panel embeds any other panel through the genes both share; how many
-it uses is logged and recorded in ``adata.uns``.
+it uses is logged and recorded in ``adata.uns``, and a warning says when that is too few
+(:func:`low_overlap`).
 """
 from __future__ import annotations
 
@@ -23,11 +24,37 @@ from xscale.models.levels import as_level_model
 log = logging.getLogger(__name__)
 
 
+#: embedding warns when the model uses fewer than this share of its vocabulary's genes ...
+LOW_OVERLAP_VOCAB = 0.25
+#: ... and fewer than this share of the panel's genes (a panel the model fully knows does not warn).
+LOW_OVERLAP_PANEL = 0.5
+
+
+def low_overlap(used: int, panel: int, n_vocab: int) -> bool:
+    """True when a panel covers too little of a model to embed reliably: the model uses fewer than
+    :data:`LOW_OVERLAP_VOCAB` (25%) of its vocabulary's genes *and* fewer than :data:`LOW_OVERLAP_PANEL`
+    (50%) of the panel's genes (control probes aside). 12 of a 166-gene model's genes warns, and
+    25 of a 960-gene panel with that model; the model's own panel, or 150 of its 166 genes within a
+    960-gene panel, does not; nor does a panel the model knows whole, within a larger vocabulary
+    (a model trained on several panels embedding one of them)."""
+    return used < LOW_OVERLAP_VOCAB * n_vocab and used < LOW_OVERLAP_PANEL * max(panel, 0)
+
+
 def _dataset(adata: AnnData, model: GeneToCell, counts_layer: str | None, min_genes: int) -> AnnDataCellDataset:
     ds = AnnDataCellDataset(adata, model.vocab, counts_layer=counts_layer, min_genes=min_genes)
     used, panel = ds.mappings[0].n_used, ds.mappings[0].n_panel
+    n_vocab = len(model.config.genes)
     log.info("The model uses %d of the %d genes of this panel (model vocabulary: %d genes).",
-             used, panel, len(model.config.genes))
+             used, panel, n_vocab)
+    if low_overlap(used, panel - ds.mappings[0].n_controls, n_vocab):
+        log.warning(
+            "The model uses only %d of the %d genes it knows (%.0f%%; %d of this panel's %d genes are in its "
+            "vocabulary): latents from so few genes are unreliable. Expected at least %.0f%% of the model's "
+            "genes or %.0f%% of the panel's. Embed with a model trained on this panel (xscale fit), or check "
+            "that var_names hold the same gene symbols as the model's (e.g. %s).",
+            used, n_vocab, 100 * used / max(n_vocab, 1), used, panel, 100 * LOW_OVERLAP_VOCAB,
+            100 * LOW_OVERLAP_PANEL, list(model.config.genes[:5]),
+        )
     empty = ds.empty_cells()
     if len(empty):
         log.warning(

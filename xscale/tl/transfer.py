@@ -64,7 +64,9 @@ def transfer_labels(
     use_rep
         ``obsm`` key of the latents (``"X_xscale_cell"``, ``"X_xscale_niche"``, or any other).
     key_added
-        Column written to ``query.obs``; default ``f"{key}_transferred"``.
+        Column written to ``query.obs``; default ``f"{key}_transferred"``. An existing column of that
+        name is replaced, with a UserWarning when xscale did not write it (a name not starting with
+        ``xscale_`` and not an earlier ``transfer_labels`` result).
     weighting
         ``"uniform"`` (one vote each) or ``"distance"`` (votes weighted by 1 / (distance + eps)).
 
@@ -75,7 +77,8 @@ def transfer_labels(
     ``query.uns[f"{key_added}_params"]``: the settings and ``nn_distance_ratio``, the median distance
     from a query cell to its nearest reference cell over that between reference cells (about 1 when
     both share one latent space; above 2 logs a warning, e.g. for two panels embedded from all
-    their genes: embed both from the genes they share instead).
+    their genes: embed both from the genes they share instead; the warning counts and names them,
+    comparing symbols as the model's vocabulary does, so ``Gad1`` and ``GAD1`` are one gene).
     """
     import faiss
     import pandas as pd
@@ -119,6 +122,7 @@ def transfer_labels(
     best = tally.argmax(1)
     confidence = tally[np.arange(len(best)), best] / tally.sum(1)
     out = key_added or f"{key}_transferred"
+    _warn_overwrite(query, out, key)
     query.obs[out] = pd.Categorical(np.asarray(classes)[best], categories=list(classes))
     query.obs[f"{out}_confidence"] = confidence.astype(np.float32)
     ratio = _distance_ratio(index, Xr[known], D)
@@ -146,14 +150,51 @@ def _distance_ratio(index, Xr: np.ndarray, D: np.ndarray, *, n_sample: int = 200
     return qry / ref if ref > 0 else float("nan")
 
 
+def _warn_overwrite(query: ad.AnnData, out: str, key: str) -> None:
+    """Warn (UserWarning) before replacing a ``query.obs`` column xscale did not write: one not named
+    ``xscale_*`` and not an earlier transfer_labels result (which leaves ``uns[f"{out}_params"]``)."""
+    import warnings
+
+    if out not in query.obs.columns or out.startswith("xscale_"):
+        return
+    params = query.uns.get(f"{out}_params")
+    if isinstance(params, dict) and {"key", "use_rep", "nn_distance_ratio"} <= set(params):
+        return  # an earlier transfer_labels wrote it: a rerun replaces it quietly
+    col = query.obs[out]
+    examples = list(map(str, col.dropna().unique()[:3]))
+    warnings.warn(
+        f"transfer_labels: key_added={out!r} names an existing query.obs column ({col.dtype}, e.g. {examples}) "
+        f"that xscale did not write; it is replaced by the labels transferred from reference.obs[{key!r}]. "
+        f"Pass another key_added= (e.g. {out + '_xscale'!r}) to keep it.", UserWarning, stacklevel=3)
+
+
+def _symbols(names) -> dict[str, str]:
+    """Normalised symbol (as the model's vocabulary compares genes: stripped, upper-case) -> first name."""
+    from xscale.data.vocab import normalize_symbol
+
+    out: dict[str, str] = {}
+    for g in map(str, names):
+        out.setdefault(normalize_symbol(g), g)
+    return out
+
+
 def _far_message(ratio: float, out: str, query: ad.AnnData, reference: ad.AnnData) -> str:
-    q, r = set(map(str, query.var_names)), set(map(str, reference.var_names))
+    q, r = _symbols(query.var_names), _symbols(reference.var_names)
     head = (f"query cells lie {ratio:.1f}x further from their nearest reference cell than reference cells "
             f"lie from each other (query.uns[{out + '_params'!r}]['nn_distance_ratio']; about 1 for slides of "
             "one dataset): the two "
             "are not in one latent space and the transferred labels are unreliable.")
-    if q != r:
-        return (f"{head} Their panels differ ({len(q & r)} genes shared of the query's {len(q)} and the "
-                f"reference's {len(r)}): embed both from the shared genes (adata[:, shared]) with the same model.")
+    if set(q) != set(r):
+        shared = [g for g in r if g in q]
+        counts = (f"({len(shared)} genes shared of the query's {len(q)} and the reference's {len(r)}) with symbols "
+                  "compared as the model's vocabulary does (stripped, upper-case")
+        if not shared:
+            return (f"{head} Their panels differ {counts}): they share no gene, so no model can place them "
+                    "in one space. Transfer from a reference measured on genes of the query's panel.")
+        return (f"{head} Their panels differ {counts}; e.g. {shared[:5]}): embed both from those "
+                f"{len(shared)} genes with the same model: shared = set(query.var_names.str.strip().str.upper()) "
+                "& set(reference.var_names.str.strip().str.upper()); then, for each, "
+                "adata = adata[:, adata.var_names.str.strip().str.upper().isin(shared)].copy() and "
+                "xscale.tl.embed_cells(adata, model).")
     return (f"{head} Check that both were embedded with the same model, or align the slides first "
             "(xscale finetune --task batch_correction).")
