@@ -306,3 +306,16 @@ def test_cli_embed_refuses_what_it_cannot_do_before_any_work(models, tmp_path, c
     monkeypatch.chdir(flat.path)  # the store as "."
     assert main(["embed", "--checkpoint", str(tmp_path / "ckpt" / "level1" / "model"), "--data", "."]) == 0
     assert ad.read_zarr(flat.path).obsm["X_xscale_cell"].shape == (300, l1.config.embedding_dim)
+
+
+def test_cli_embed_takes_a_folder_holding_the_model_in_model(models, tmp_path):
+    """``xscale finetune --out OUT`` saves OUT/model; ``embed --checkpoint OUT`` finds it there."""
+    from xscale.cli.main import main
+    from xscale.models.io import save_model
+
+    _, l1, _ = models
+    save_model(l1, tmp_path / "ft" / "model")
+    store = CellStore(prepare(xscale.datasets.load("starmap_mpfc")[:200].copy(), tmp_path / "s.zarr",
+                              chunk_cells=100))
+    assert main(["embed", "--checkpoint", str(tmp_path / "ft"), "--data", str(store.path)]) == 0
+    assert ad.read_zarr(store.path).obsm["X_xscale_cell"].shape == (200, l1.config.embedding_dim)

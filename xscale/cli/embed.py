@@ -105,8 +105,8 @@ def load_level_models(checkpoint: str, level2: str | None = None):
         path = path / "checkpoints"  # the run folder of xscale run / demo
     if path.is_file():
         l1 = _from_lightning_ckpt(path)
-    elif (path / CONFIG).exists():
-        l1_dir = path
+    elif find_model_dir(path) is not None:  # a model directory, or a folder holding one in model/ (finetune's OUT)
+        l1_dir = find_model_dir(path)
     elif find_model_dir(path / "level1") is not None:
         l1_dir = find_model_dir(path / "level1")
         if level2 is None and find_model_dir(path / "level2") is not None:
