@@ -261,3 +261,20 @@ def test_fit_config_errors_are_one_line(tmp_path, monkeypatch, capsys, override,
     lines = [ln for ln in err.splitlines() if ln.startswith("xscale fit: error:")]
     assert len(lines) == 1 and says in lines[0] and "--print-config" in lines[0]
     assert "Does not validate against any of the Union subtypes" not in err and "Given value" not in err
+
+
+def test_run_removes_an_earlier_runs_metrics_and_report_it_does_not_rewrite(small, tmp_path, capsys):
+    """A re-run that scores nothing (no --domain-key / --cell-type-key) or writes no report (--no-report) removes the
+    earlier metrics.json / report.html: they described the latents and domains this run replaced."""
+    _, _, data = small
+    out = tmp_path / "r"
+    argv = ["run", "--data", str(data), "--out", str(out), "--preset", "tiny", "--max-steps", "1", "--no-report",
+            "--no-progress", "--n-domains", "2"]
+    assert main(argv) == 0
+    (out / "metrics.json").write_text("{}")  # as an earlier labelled run with a report left them
+    (out / "report.html").write_text("<html></html>")
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
+    assert "removed" in said and "metrics.json of an earlier run" in said and "report.html of an earlier run" in said

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote obsm['X_xscale_cell'] and obs['xscale_domain'] into the table of {source}, "
               "and the niche latents into its niche table")
     metrics = None
+    _drop_stale(out, metrics=domains is None and cell_types is None, report=args.no_report)
     if domains is not None or cell_types is not None:
         metrics = _evaluate(result.adata, domains, cell_types, slide_key=slide_key,
                             spatial_key=args.spatial_key, seed=args.seed)
@@ -169,6 +170,19 @@ def run(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
         print(f"{report}: open it in a browser (self-contained, offline)")
     return 0
+
+
+def _drop_stale(out, *, metrics: bool, report: bool) -> None:
+    """Remove an earlier run's ``metrics.json`` (``metrics``: this run scores nothing) and ``report.html``
+    (``report``: this run writes none) from the run folder: they describe latents and domains this run has
+    just rewritten."""
+    for name, stale in (("metrics.json", metrics), ("report.html", report)):
+        path = out / name
+        if stale and path.is_file():
+            path.unlink()
+            print(f"removed {path} of an earlier run: it described the results this run replaced"
+                  + (" (pass --domain-key / --cell-type-key to score them)" if name == "metrics.json"
+                     else " (leave out --no-report to write a new one)"))
 
 
 #: Options that a prepared store answers itself (xscale prepare fixed them), with their defaults.
@@ -215,10 +229,11 @@ def _run_store(args: argparse.Namespace) -> int:
         write_to_spatialdata(target, cells, niche_key="X_xscale_niche", obs_keys=("xscale_domain",))
         print(f"wrote the cell latents, the domains and a niche table into {target}")
     labelled = args.domain_key is not None or args.cell_type_key is not None
-    if args.no_report and not labelled:
-        return 0
     from pathlib import Path
 
+    _drop_stale(Path(args.out), metrics=not labelled, report=args.no_report)
+    if args.no_report and not labelled:
+        return 0
     from xscale.train.store_run import REPORT_CELLS, store_sample
 
     # the report and the scores: up to REPORT_CELLS random cells of the store, read block by block
