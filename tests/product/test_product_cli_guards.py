@@ -278,3 +278,30 @@ def test_run_removes_an_earlier_runs_metrics_and_report_it_does_not_rewrite(smal
     said = capsys.readouterr().out
     assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
     assert "removed" in said and "metrics.json of an earlier run" in said and "report.html of an earlier run" in said
+
+
+def test_finetune_from_python_never_deletes_files_it_did_not_write(small, tmp_path, monkeypatch):
+    """xscale.train.finetune.finetune(output_dir=) refuses, before training, a folder holding more than a finetune
+    output (as the CLI's --out does)."""
+    import anndata as ad
+
+    import xscale.train.finetune as ft
+
+    _, model, data = small
+    out = tmp_path / "ft"
+    from xscale.utils.atomic import COMPLETE_MARKER
+
+    (out / "cells.zarr").mkdir(parents=True)  # a run written into an earlier finetune output
+    (out / "finetune.json").write_text("{}")
+    (out / COMPLETE_MARKER).write_text("")
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(ft, "_load", reached)
+    with pytest.raises(XscaleInputError, match=r"output_dir '.*ft': expected an earlier `xscale finetune` output .* "
+                                               r"found also cells.zarr"):
+        ft.finetune(model, ad.read_h5ad(data), task="cell_type", label_key="cell_type", output_dir=out)
+    assert (out / "cells.zarr").is_dir()
+    with pytest.raises(_Reached):  # a new folder gets past the check
+        ft.finetune(model, ad.read_h5ad(data), task="cell_type", label_key="cell_type", output_dir=tmp_path / "new")

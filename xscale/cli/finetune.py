@@ -114,38 +114,15 @@ def _train_mask(adata, key: str | None, values: list[str] | None):
 
 
 #: What ``xscale finetune`` writes into --out (:func:`xscale.train.finetune.finetune`), and the completion marker.
-FINETUNE_ENTRIES = frozenset({"finetune.json", "model", "head", "correction.png", ".xscale-complete"})
 #: uns key marking an .h5ad written by ``--write-h5ad``: only such a file is replaced.
 H5AD_MARK = "xscale_finetune"
 
 
 def check_finetune_out(path: str) -> None:
-    """--out must be new, empty or an earlier finetune output holding only what finetune writes: it is replaced
-    whole, so a run's output written into it later (cells.zarr, checkpoints/) or a saved model is never deleted."""
-    from pathlib import Path
+    """--out: :func:`xscale.train.finetune.check_output_dir` (new, empty, or an earlier finetune output only)."""
+    from xscale.train.finetune import check_output_dir
 
-    from xscale.errors import XscaleInputError
-    from xscale.utils.atomic import check_replaceable
-
-    out = Path(path)
-    check_replaceable(out)  # a file, a user's folder or zarr store: refused
-    if not out.is_dir() or out.is_symlink():
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if "finetune.json" not in entries:
-        raise XscaleInputError(
-            f"--out {path!r}: expected a new, empty or earlier `xscale finetune` output directory, found one "
-            f"without finetune.json ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}; another "
-            "xscale output, e.g. a saved model). finetune replaces --out as a whole: pass a new path.")
-    foreign = [name for name in entries if name not in FINETUNE_ENTRIES]
-    if foreign:
-        raise XscaleInputError(
-            f"--out {path!r}: expected an earlier `xscale finetune` output holding only what finetune writes "
-            f"({', '.join(sorted(FINETUNE_ENTRIES - {'.xscale-complete'}))}), found also {', '.join(foreign[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''} (written by another command or by you). finetune replaces "
-            "--out as a whole and would delete them: pass a new path.")
+    check_output_dir(path, option="--out")
 
 
 def _h5ad_written_by_finetune(path) -> bool:

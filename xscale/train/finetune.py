@@ -130,6 +130,35 @@ def _load(model: str | os.PathLike | GeneToCell) -> GeneToCell:
     return as_level_model(model, 1, "finetune")  # type: ignore[return-value]
 
 
+#: What a finetune output folder holds (all of it replaced on a re-run).
+FINETUNE_ENTRIES = frozenset({"finetune.json", "model", "head", "correction.png", ".xscale-complete"})
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "output_dir") -> None:
+    """``path`` (the finetune output, ``option`` in messages) must be new, empty or an earlier finetune output
+    holding only what finetune writes: it is replaced whole, so a run's output written into it later
+    (cells.zarr, checkpoints/) or a saved model is never deleted."""
+    out = Path(path)
+    check_replaceable(out)  # a file, a user's folder or zarr store: refused
+    if not out.is_dir() or out.is_symlink():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if "finetune.json" not in entries:
+        raise XscaleInputError(
+            f"{option} {str(path)!r}: expected a new, empty or earlier `xscale finetune` output directory, found one "
+            f"without finetune.json ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}; another "
+            "xscale output, e.g. a saved model). finetune replaces the folder as a whole: pass a new path.")
+    foreign = [name for name in entries if name not in FINETUNE_ENTRIES]
+    if foreign:
+        raise XscaleInputError(
+            f"{option} {str(path)!r}: expected an earlier `xscale finetune` output holding only what finetune writes "
+            f"({', '.join(sorted(FINETUNE_ENTRIES - {'.xscale-complete'}))}), found also {', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''} (written by another command or by you). finetune replaces "
+            "the folder as a whole and would delete them: pass a new path.")
+
+
 def finetune(
     model: str | os.PathLike | GeneToCell,
     adata: ad.AnnData,
@@ -230,7 +259,7 @@ def finetune(
                                      trainable)
     ema = EMAWeights(ema_decay) if ema_decay is not None else None  # checks the decay before any work
     if output_dir is not None:
-        check_replaceable(output_dir)  # before training: the result replaces output_dir as a whole
+        check_output_dir(output_dir)  # before training: the result replaces output_dir as a whole
     L.seed_everything(seed, verbose=False)
     net = _load(model)
     if layer_mix:
