@@ -220,6 +220,12 @@ class ResumableCheckpoint(Callback):
 
     def on_train_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         self._last_saved_step = trainer.global_step  # nothing new to save before the next step
+        # Lightning applies the loaders' saved states when it sets up the data after restoring a checkpoint; a
+        # module that asks for trainer.estimated_stepping_batches with an epoch budget (level 1's warm-up) makes
+        # it set up the data before the restore, and the states would never be applied: apply them now.
+        load_states = getattr(trainer.fit_loop, "_load_combined_loader_states", None)
+        if callable(load_states):
+            load_states()
         epoch_loop = trainer.fit_loop.epoch_loop
         for loader in _flat_loaders(trainer.train_dataloader):
             if isinstance(loader, ResumableLoader):  # batches of the epoch trained on, prefetched ones not counted
