@@ -212,3 +212,38 @@ def test_pipeline_vars_are_type_checked_before_any_step(tmp_path, capsys):
         assert main(["pipeline", pipe, "--out", str(tmp_path / "o"), "--var", var]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_only_runs_the_chosen_steps_and_what_they_read(tmp_path):
+    """--only a: the steps after it that nothing chosen reads are left alone (they were required before); a chosen
+    step whose input step has not run says which and why; an unknown name is an error listing the steps."""
+    from xscale.errors import XscaleInputError
+    from xscale.pipelines.runner import STEPS, register_step, run_pipeline
+
+    calls = []
+
+    @register_step("test_touch")
+    def touch(ctx, *, text: str) -> dict:
+        calls.append(ctx.name)
+        path = ctx.workdir / "out.txt"
+        path.write_text(text)
+        return {"outputs": {"file": path}}
+
+    try:
+        yml = tmp_path / "p.yaml"
+        yml.write_text("name: p\nsteps:\n"
+                       "  - {name: a, uses: test_touch, with: {text: one}}\n"
+                       "  - {name: b, uses: test_touch, with: {text: '${a.file}'}}\n"
+                       "  - {name: c, uses: test_touch, with: {text: three}}\n")
+        out = tmp_path / "out"
+        done = run_pipeline(yml, out, only=["a"])
+        assert calls == ["a"] and set(done) == {"a"}
+        with pytest.raises(XscaleInputError, match=r"Step 'a' is needed by \['b'\] \(chosen with --only\)"):
+            run_pipeline(yml, tmp_path / "fresh", only=["b"])
+        done = run_pipeline(yml, out, only=["b"])  # a is complete: read, not run again
+        assert calls == ["a", "b"] and done["a"]["skipped"] and not done["b"]["skipped"]
+        with pytest.raises(XscaleInputError, match=r"--only: expected step names of this pipeline \(\['a', 'b', "
+                                                   r"'c'\]\), found \['typo'\]"):
+            run_pipeline(yml, out, only=["typo"])
+    finally:
+        STEPS.pop("test_touch", None)

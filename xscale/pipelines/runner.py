@@ -309,6 +309,37 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------- run
+def _refs(value: Any) -> set[str]:
+    """Names of the steps ``value`` (a step's params) refers to (``${STEP.key}``)."""
+    if isinstance(value, dict):
+        return set().union(*(_refs(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_refs(v) for v in value)) if value else set()
+    if not isinstance(value, str):
+        return set()
+    return {m.group(1) for m in _REF.finditer(value) if m.group(1) not in ("out", "vars")}
+
+
+def _needed_by(steps: list[Any], only: list[str] | None) -> dict[str, set[str]]:
+    """With ``only``: each step not chosen that a chosen step reads, directly or through other steps -> the
+    chosen or needed steps that read it. Unknown names in ``only`` are an error."""
+    if only is None:
+        return {}
+    names = [spec.name for spec in steps]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise XscaleInputError(f"--only: expected step names of this pipeline ({names}), found {unknown}.")
+    needed: dict[str, set[str]] = {}
+    wanted = set(only)
+    for spec in reversed(steps):  # a step reads only earlier ones: one backward pass closes the set
+        if spec.name in wanted:
+            for ref in _refs(spec.params):
+                if ref not in only:
+                    needed.setdefault(ref, set()).add(spec.name)
+                wanted.add(ref)
+    return needed
+
+
 def run_pipeline(
     pipeline: str | Path, out: str | Path, *, force: bool = False, only: list[str] | None = None,
     variables: dict[str, Any] | None = None,
@@ -335,18 +366,22 @@ def run_pipeline(
     file_vars.update(variables or {})
     for spec in steps:  # before running anything: names and types, with the vars filled in
         check_step(spec.uses, {k: _var_value(v, file_vars) for k, v in spec.params.items()}, f"step {spec.name!r}")
+    needed_by = _needed_by(steps, only)  # with --only: each other step a chosen step reads -> who reads it
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     for spec in steps:
+        if only is not None and spec.name not in only and spec.name not in needed_by:
+            continue  # neither chosen nor read by a chosen step
         params = _resolve(spec.params, out, done, spec.name, file_vars)
         man = None if force else is_complete(out, spec, params)
         if only is not None and spec.name not in only:
             if man is None:
                 man = is_complete(out, spec, params)
             if man is None:
-                raise XscaleInputError(f"Step {spec.name!r} is needed by later steps but has not completed; "
-                                       "run it first.")
+                raise XscaleInputError(
+                    f"Step {spec.name!r} is needed by {sorted(needed_by[spec.name])} (chosen with --only) but has "
+                    f"not completed: run it first (add it to --only), or run the whole pipeline.")
         if man is not None:
             log.info("[%s] step %s (%s): complete, skipped", name, spec.name, spec.uses)
             done[spec.name] = {**man, "skipped": True}
