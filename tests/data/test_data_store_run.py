@@ -265,3 +265,15 @@ def test_store_run_interrupted_while_embedding_resumes_the_missing_blocks(store,
                     chunk_cells=500, progress=False)
     embed_store_cells(fresh, result.level1, progress=False)
     np.testing.assert_array_equal(got, np.asarray(ad.read_zarr(fresh).obsm["X_xscale_cell"]))
+
+
+def test_rerun_on_a_store_prepared_again_with_another_graph_refuses_the_old_level2(store, tmp_path):
+    """Level 2 reads niches through the store's graph: prepared again with more neighbours (same cells, same order),
+    the finished level 2 is not reused silently."""
+    kw = dict(level1_preset="tiny", level2_preset="tiny", n_domains=3, level1_max_steps=3, level2_max_steps=2,
+              batch_size=64, progress=False)
+    run_store(store, tmp_path / "run", **kw)
+    prepare(xscale.datasets.path("starmap_mpfc"), store, slide_key="slice", chunk_cells=500, n_neighbors=5,
+            overwrite=True, progress=False)
+    with pytest.raises(XscaleInputError, match=r"Stage 'level2' .* finished with other settings \(graph"):
+        run_store(store, tmp_path / "run", **kw)

@@ -215,7 +215,9 @@ def run_store(
     settings["cells"] = dict(settings["level1"])
     settings["level2"] = {**settings["cells"], "level2_preset": level2_preset,
                           "level2_preset_values": dict(CellToTissueConfig.PRESETS.get(level2_preset, {})),
-                          "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps}
+                          "level2_epochs": level2_epochs, "level2_max_steps": level2_max_steps,
+                          # the niches level 2 reads: a store prepared again with another graph retrains it
+                          "graph": {"n_neighbors": store.n_neighbors, "radius": store.radius}}
     settings["niches"] = dict(settings["level2"])
     stage = Stages(ckpt, settings)
 
