@@ -70,6 +70,51 @@ def _load_many(datasets: list[str], *, exclude_holdout: bool, counts_layer: str 
                         counts_layer=counts_layer, slide_key=slide_key, spatial_key=None)
 
 
+def _check_same_genes(data_genes: list[str], model_genes: list[str], level1: str) -> None:
+    """The data's gene vocabulary (``data.genes``, in order) must be the saved level-1 model's: the gene ids the
+    data encodes index the model's gene embeddings."""
+    from xscale.errors import XscaleInputError
+
+    if data_genes == model_genes:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(data_genes, model_genes, strict=False)) if a != b),
+                 min(len(data_genes), len(model_genes)))
+    at = (f"first difference at position {first}: data {data_genes[first] if first < len(data_genes) else None!r}, "
+          f"model {model_genes[first] if first < len(model_genes) else None!r}")
+    raise XscaleInputError(
+        f"model.init_args.level1={level1!r}: its gene vocabulary ({len(model_genes)} genes) differs from the "
+        f"data's ({len(data_genes)} genes; {at}), so the data's gene ids would index the wrong genes. Pass "
+        f"data.init_args.level1={level1} (the same model) so that the data uses the model's vocabulary."
+    )
+
+
+def _slide_setup(adata, dataset: str, slide_key: str | None, *, what: str):
+    """``(key, slides, holdout)`` of a niche dataset: the slide column used, each cell's slide label (None for
+    one slide) and the bundled held-out slide (or None).
+
+    ``slide_key`` (an obs column) names the slides of a user's own file; when None a bundled dataset keeps its
+    own slide key. Niches never mix cells of different slides.
+    """
+    import xscale.datasets as ds
+    from xscale.data.validate import check_slides
+    from xscale.errors import XscaleInputError
+
+    known = dataset in ds.available()
+    default = ds.info(dataset).slide_key if known else None
+    key = slide_key if slide_key is not None else default
+    if key is None:
+        return None, None, None
+    if key not in adata.obs.columns:
+        raise XscaleInputError(
+            f"{what}: slide_key={key!r} is not an obs column of {dataset!r}; obs columns present: "
+            f"{list(adata.obs.columns)}. Pass data.init_args.slide_key=<the column naming each cell's slide>, "
+            "or leave it unset (null) for a single slide."
+        )
+    check_slides(adata, key)
+    holdout = ds.info(dataset).holdout if known and key == default else None
+    return key, adata.obs[key].astype(str).to_numpy(), holdout
+
+
 def _define() -> None:
     """Define the adapter classes (imports Lightning) and publish them as module attributes."""
     if "Level1" in globals():
@@ -160,20 +205,20 @@ def _define() -> None:
 
         ``level1`` is a model directory written by ``save_model`` (e.g. DIR/checkpoints/level1).
         Training niches are centred on the cells outside the held-out slide (``exclude_holdout``).
+        ``slide_key``: the obs column naming each cell's slide in a multi-slide file (niches never mix
+        slides); None keeps a bundled dataset's own slide key, or treats a file as one slide.
         """
 
         def __init__(self, dataset: str, level1: str, exclude_holdout: bool = True, max_cells: int = 16,
-                     radius: float | None = None, batch_size: int = 64, seed: int = 0) -> None:
-            import xscale.datasets as ds
+                     radius: float | None = None, batch_size: int = 64, seed: int = 0,
+                     slide_key: str | None = None) -> None:
             import xscale.tl
             from xscale.models.io import load_model
 
             adata = _load_many([dataset], exclude_holdout=False, counts_layer=None, slide_key=None)[0]
-            slide_key = ds.info(dataset).slide_key if dataset in ds.available() else None
-            holdout = ds.info(dataset).holdout if dataset in ds.available() else None
+            _, slides, holdout = _slide_setup(adata, dataset, slide_key, what="NicheData")
             xscale.tl.embed_cells(adata, load_model(level1))
             latents = np.asarray(adata.obsm["X_xscale_cell"], dtype=np.float32).reshape(adata.n_obs, -1)
-            slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
             keep = np.ones(adata.n_obs, bool) if not (exclude_holdout and holdout) else slides != holdout
             niches = make_niches(np.asarray(adata.obsm["spatial"], dtype=np.float64), np.flatnonzero(keep),
                                  max_cells=max_cells, slides=slides, radius=radius)
@@ -194,6 +239,8 @@ def _define() -> None:
             from xscale.models.io import load_model
 
             l1 = load_model(level1) if level1 else GeneToCell(GeneToCellConfig.preset(level1_preset, genes=list(genes)))
+            if level1:
+                _check_same_genes(list(genes), list(l1.vocab.genes), level1)
             width = l1.config.latents_per_cell * l1.config.dim
             if level2:
                 l2 = load_model(level2)
@@ -207,23 +254,22 @@ def _define() -> None:
         """Niches of one spatial dataset whose cells are read as counts (joint training).
 
         The gene vocabulary is the dataset's panel, or the one of ``level1`` (a saved model)
-        when joint training starts from a staged level-1 model.
+        when joint training starts from a staged level-1 model: give ``level1`` the same model
+        as the Joint model's ``level1`` (their vocabularies must match).
+        ``slide_key``: the obs column naming each cell's slide in a multi-slide file (niches never mix
+        slides); None keeps a bundled dataset's own slide key, or treats a file as one slide.
         """
 
         def __init__(self, dataset: str, level1: str | None = None, exclude_holdout: bool = True,
                      max_cells: int = 16, max_genes: int | None = 256, radius: float | None = None,
-                     batch_size: int = 16, seed: int = 0) -> None:
+                     batch_size: int = 16, seed: int = 0, slide_key: str | None = None) -> None:
             super().__init__()
-            import xscale.datasets as ds
             from xscale.data.anndata_dataset import AnnDataCellDataset, vocab_from_adatas
             from xscale.models.io import load_model
 
             adata = _load_many([dataset], exclude_holdout=False, counts_layer=None, slide_key=None)[0]
-            known = dataset in ds.available()
-            slide_key = ds.info(dataset).slide_key if known else None
-            holdout = ds.info(dataset).holdout if known else None
+            slide_key, slides, holdout = _slide_setup(adata, dataset, slide_key, what="JointData")
             self.vocab = load_model(level1).vocab if level1 else vocab_from_adatas([adata])
-            slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
             keep = np.ones(adata.n_obs, bool) if not (exclude_holdout and holdout) else slides != holdout
             niches = make_niches(np.asarray(adata.obsm["spatial"], dtype=np.float64), np.flatnonzero(keep),
                                  max_cells=max_cells, slides=slides, radius=radius)
