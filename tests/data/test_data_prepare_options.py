@@ -182,3 +182,11 @@ def test_cli_prepare_table_key_picks_the_named_table(cells, two_tables, tmp_path
         assert "'a'" in err and "'b'" in err and "table" in err
         assert ("'nope'" in err) == bool(extra)
         assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_prepare_refuses_both_radius_and_n_neighbors(tmp_path, capsys):
+    """--radius makes a radius graph, where --n-neighbors was silently ignored: both is an error, before any work."""
+    argv = ["prepare", "starmap_mpfc", str(tmp_path / "s.zarr"), "--radius", "3", "--n-neighbors", "7"]
+    assert cli_main(argv) == 2
+    assert "expected one of them (a radius graph, or k nearest neighbours), found both" in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()

@@ -264,3 +264,18 @@ def test_table_model_keeps_its_gene_map_when_the_file_changes(tmp_path, caplog):
         loaded = load_model(tmp_path / "m")
     torch.testing.assert_close(loaded.gene_embedder.gene_vectors().detach(), before, rtol=0, atol=0)
     assert "maps genes to rows differently" in caplog.text
+
+
+def test_read_fasta_reads_gzip_and_says_what_is_wrong_with_binary(tmp_path):
+    """UniProt serves FASTA gzip-compressed: read as is; bytes that are not text get a message naming the file."""
+    import gzip
+
+    from xscale.errors import XscaleInputError
+    from xscale.models.gene_files import read_fasta
+
+    text = ">sp|P1|X_HUMAN Protein OS=Homo sapiens GN=Gad1 PE=1\nMKV\nLL*\n>sp|P2|Y GN=SST\nMAA\n"
+    (tmp_path / "p.fasta.gz").write_bytes(gzip.compress(text.encode()))
+    assert read_fasta(tmp_path / "p.fasta.gz") == {"GAD1": "MKVLL", "SST": "MAA"}
+    (tmp_path / "bad.fasta").write_bytes(b">x\n\xff\xfe\x00")
+    with pytest.raises(XscaleInputError, match=r"bad.fasta'.*expected a text \(or gzip-compressed\) protein FASTA"):
+        read_fasta(tmp_path / "bad.fasta")

@@ -117,11 +117,28 @@ def save_gene_table(path: str | os.PathLike, genes: Sequence[str], vectors: np.n
     return path
 
 
+def _fasta_text(path: Path) -> str:
+    """The text of a FASTA file, gzip-compressed (``.gz``, as UniProt serves it) or not."""
+    import gzip
+
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise XscaleInputError(
+            f"FASTA file {str(path)!r}: expected a text (or gzip-compressed) protein FASTA, found bytes that are "
+            f"not UTF-8 text ({err.reason} at byte {err.start}). Pass the FASTA itself, e.g. "
+            "uniprot_sprot.fasta or uniprot_sprot.fasta.gz.") from None
+
+
 def read_fasta(path: str | os.PathLike) -> dict[str, str]:
     """Protein sequences by normalised gene symbol from a FASTA file.
 
     The symbol is ``GN=SYMBOL`` from a UniProt header, else the first word of the
-    header. The first record of each symbol wins (UniProt lists canonical first).
+    header. The first record of each symbol wins (UniProt lists canonical first). A
+    gzip-compressed file (``.fasta.gz``) is read as well.
     """
     path = Path(path)
     if not path.is_file():
@@ -137,7 +154,7 @@ def read_fasta(path: str | os.PathLike) -> dict[str, str]:
         if name is not None and name not in seqs and sequence:  # a record of only '*' has no sequence
             seqs[name] = sequence
 
-    for line in path.read_text().splitlines():
+    for line in _fasta_text(path).splitlines():
         line = line.strip()
         if line.startswith(">"):
             flush()
