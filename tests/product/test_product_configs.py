@@ -191,6 +191,10 @@ def test_xscale_fit_resumes_from_last(tmp_path, monkeypatch, capsys):
     newest = max((tmp_path / "run").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert "step=4" in newest.name
     assert torch.load(newest, weights_only=True)["global_step"] == 4  # 2 resumed + 2 new, not 4 from scratch
+    capsys.readouterr()  # a checkpoint of another model (other shapes): one line, before any training
+    other = ["model.init_args.preset=small", "trainer.max_steps=6"]
+    assert main(["fit", "--ckpt-path", str(newest), *common, *other]) == 2
+    assert "expected a checkpoint of this model, found one of another" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -358,6 +358,27 @@ def _config_error(err: BaseException) -> str | None:
     return "; ".join(useful) if useful else None
 
 
+def _check_checkpoint_fits(ckpt: str | os.PathLike, model: Any) -> None:
+    """``--ckpt-path``: the checkpoint must hold this model's parameters with the same shapes (another gene
+    vocabulary or preset gives other shapes); :class:`XscaleInputError` naming the first mismatches otherwise."""
+    from xscale.errors import XscaleInputError
+    from xscale.train.checkpointing import load_lightning_checkpoint
+
+    saved = load_lightning_checkpoint(ckpt).get("state_dict", {})
+    current = model.state_dict()
+    wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(current[k].shape)}" for k in current
+             if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(current[k].shape)]
+    missing = [k for k in current if k not in saved]
+    if wrong or missing:
+        vocab = [w for w in wrong if "log_theta" in w or "gene_embedder" in w]
+        raise XscaleInputError(
+            f"--ckpt-path {str(ckpt)!r}: expected a checkpoint of this model, found one of another "
+            f"({len(wrong)} parameter(s) of other shapes, e.g. {wrong[:2]}; {len(missing)} missing, e.g. "
+            f"{missing[:2]})" + ("; its gene vocabulary differs (e.g. another panel or gene_symbols)" if vocab else "")
+            + ". Resume only with the configs that wrote it, or leave out --ckpt-path to start afresh"
+            " (--ckpt-path last picks the newest .ckpt under the run's default_root_dir).")
+
+
 def newest_checkpoint(root: str | os.PathLike) -> str:
     """The most recently written ``*.ckpt`` under ``root`` (a run's ``default_root_dir``).
 
@@ -414,6 +435,8 @@ def run(args: argparse.Namespace) -> int:
                 "files with --print-config show every key they accept, with its current value."
             ) from None
         ckpt = newest_checkpoint(cli.trainer.default_root_dir) if args.ckpt_path == "last" else args.ckpt_path
+        if ckpt is not None:
+            _check_checkpoint_fits(ckpt, cli.model)  # before training: a one-line error, not a state_dict traceback
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     save_dir = Path(args.save_dir) if args.save_dir else Path(cli.trainer.default_root_dir) / "model"
     if cli.trainer.is_global_zero:
