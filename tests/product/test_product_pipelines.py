@@ -247,3 +247,18 @@ def test_pipeline_only_runs_the_chosen_steps_and_what_they_read(tmp_path):
             run_pipeline(yml, out, only=["typo"])
     finally:
         STEPS.pop("test_touch", None)
+
+
+def test_evaluate_refuses_a_mistyped_key_and_warns_when_nothing_is_scored():
+    """A label_key not in obs scored nothing and said nothing; no key at all wrote a nearly empty metrics.json."""
+    import xscale
+    from xscale.errors import XscaleInputError
+    from xscale.pipelines.evaluate import evaluate_adata
+
+    a = xscale.datasets.load("starmap_mpfc")[:200].copy()
+    with pytest.raises(XscaleInputError, match=r"label_key 'cell_typ': expected an obs column, found none by that "
+                                               r"name. Available: \["):
+        evaluate_adata(a, label_key="cell_typ")
+    with pytest.warns(UserWarning, match="no label_key and no domain_key, so nothing is scored"):
+        out = evaluate_adata(a, label_key=None)
+    assert set(out) == {"n_cells", "holdout"}

@@ -18,11 +18,22 @@ def evaluate_adata(
     PCA, and the mean of PCA over each cell and its 10 nearest spatial neighbours.
     Cells with a missing label are left out. Returns a JSON-ready dict.
     """
+    import warnings
+
     import numpy as np
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+    from xscale.errors import XscaleInputError
     from xscale.eval import metrics as M
 
+    for option, key in (("label_key", label_key), ("domain_key", domain_key), ("slide_key", slide_key)):
+        if key and key not in adata.obs:  # a mistyped key scored nothing and said nothing
+            raise XscaleInputError(f"{option} {key!r}: expected an obs column, found none by that name. "
+                                   f"Available: {list(adata.obs.columns)}.")
+    if not label_key and not domain_key:
+        warnings.warn("evaluate: no label_key and no domain_key, so nothing is scored (metrics.json holds only the "
+                      "cell count and the split). Pass label_key= (cell types) and / or domain_key= (annotated "
+                      "spatial domains), e.g. the evaluate step's parameters.", UserWarning, stacklevel=2)
     out: dict[str, Any] = {"n_cells": int(adata.n_obs), "holdout": holdout}
     slides = adata.obs[slide_key].astype(str).to_numpy() if slide_key else None
     if holdout is not None and slides is not None and (slides == holdout).any():
