@@ -279,3 +279,26 @@ def test_read_fasta_reads_gzip_and_says_what_is_wrong_with_binary(tmp_path):
     (tmp_path / "bad.fasta").write_bytes(b">x\n\xff\xfe\x00")
     with pytest.raises(XscaleInputError, match=r"bad.fasta'.*expected a text \(or gzip-compressed\) protein FASTA"):
         read_fasta(tmp_path / "bad.fasta")
+
+
+def test_table_model_loads_after_its_table_file_has_moved(tmp_path, caplog):
+    """The table's vectors are saved with the weights, yet loading needed the file (to learn its shape): a moved
+    file made a saved model unloadable. It now loads from its own copy, with a warning; a new model still needs
+    the file."""
+    import logging
+
+    from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
+    from xscale.models.io import load_model, save_model
+
+    path = tmp_path / "t.npz"
+    save_gene_table(path, GENES[:5], np.random.default_rng(0).normal(size=(5, 6)))
+    cfg = GeneToCellConfig.preset("tiny", genes=GENES, gene_embedder="table", gene_embedder_options={"path": str(path)})
+    model = GeneToCell(cfg).eval()
+    save_model(model, tmp_path / "m")
+    path.rename(tmp_path / "moved.npz")
+    with caplog.at_level(logging.WARNING, logger="xscale.models.plm"):
+        loaded = load_model(tmp_path / "m")
+    assert "the model's own copy of the table" in caplog.text
+    torch.testing.assert_close(loaded.gene_embedder.gene_vectors(), model.gene_embedder.gene_vectors(), rtol=0, atol=0)
+    with pytest.raises(XscaleInputError, match="t.npz"):
+        GeneToCell(cfg)

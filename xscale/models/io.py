@@ -26,6 +26,7 @@ are read with ``safetensors`` and the config is JSON.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -219,6 +220,15 @@ def upgrade_checkpoint_config(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+_LOADING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("xscale_loading", default=None)
+
+
+def weights_being_loaded() -> dict[str, Any] | None:
+    """While :func:`load_model` builds a model: the saved weights about to be loaded into it (for parts that
+    would otherwise need an input file only to learn their shapes, e.g. a gene table that has moved); else None."""
+    return _LOADING.get()
+
+
 def load_model(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn.Module:
     """Load a model saved by :func:`save_model`. Never unpickles anything."""
     from safetensors.torch import load_file
@@ -247,7 +257,11 @@ def load_model(directory: str | os.PathLike, *, map_location: str = "cpu") -> nn
             f"Cannot read {weights}: {err}. The file is not a valid safetensors file (missing, truncated, "
             "corrupted, or a pickle under the wrong name); xscale never unpickles model files."
         ) from err
-    model = cls(config_from_dict(config_cls, doc["config"]))
+    token = _LOADING.set(state)
+    try:
+        model = cls(config_from_dict(config_cls, doc["config"]))
+    finally:
+        _LOADING.reset(token)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -98,6 +98,17 @@ class TableGeneEmbedder(GeneEmbedder):
         if len(genes) != n_genes:
             raise ValueError(f"genes has {len(genes)} symbols but n_genes={n_genes}.")
         self.n_genes, self.dim = n_genes, dim
+        saved = _saved_table(n_genes)
+        if saved is not None and not Path(path).is_file():  # a saved model whose table file has moved
+            log.warning("Gene table %s not found: the model's own copy of the table (saved with its weights) is "
+                        "used; the file is needed only to build a new model.", path)
+            table, fallback, rows = saved
+            self.table = nn.Parameter(torch.zeros_like(table), requires_grad=not freeze)  # (n_found, E), loaded next
+            self.fallback = nn.Parameter(torch.zeros_like(fallback))  # (n_missing, E)
+            self.register_buffer("rows", rows.clone())
+            self.n_missing = int(fallback.shape[0])
+            self.adapter = _adapter(int(table.shape[1]), dim, adapter)
+            return
         symbols, vectors = read_gene_table(path)
         lookup: dict[str, int] = {}
         for i, s in enumerate(symbols):
@@ -147,6 +158,21 @@ class TableGeneEmbedder(GeneEmbedder):
 
     def forward(self, gene_ids: Tensor) -> Tensor:
         return nn.functional.embedding(gene_ids, self.gene_vectors())  # (B, G) -> (B, G, D)
+
+
+def _saved_table(n_genes: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(table, fallback, rows) of the gene table in the weights :func:`~xscale.models.io.load_model` is loading,
+    when there is exactly one whose map covers ``n_genes`` genes; else None."""
+    from xscale.models.io import weights_being_loaded
+
+    state = weights_being_loaded()
+    if not state:
+        return None
+    prefixes = [k[: -len("table")] for k in state if k.endswith("gene_embedder.table")]
+    if len(prefixes) != 1 or any(prefixes[0] + part not in state for part in ("fallback", "rows")):
+        return None
+    rows = state[prefixes[0] + "rows"]
+    return (state[prefixes[0] + "table"], state[prefixes[0] + "fallback"], rows) if len(rows) == n_genes else None
 
 
 # --------------------------------------------------------------------------- protein LM
