@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-cells", type=positive_int, default=8192, help="cells per block (default: 8192)")
     parser.add_argument("--curve", choices=("hilbert", "morton", "random"), default="hilbert",
                         help="cell order within a slide (random: a shuffled baseline)")
-    parser.add_argument("--n-neighbors", type=positive_int, default=None,
+    parser.add_argument("--n-neighbors", type=positive_int, default=15, action=_Given,
                         help="k of the spatial kNN graph (default: 15, the niche size of the small level-2 preset "
                              "minus its centre; the base preset needs 31)")
     parser.add_argument("--radius", type=positive_float, default=None,
@@ -38,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+class _Given(argparse.Action):
+    """Store the value and record that the option was given (``<dest>_given``): its default stays the function's."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def run(args: argparse.Namespace) -> int:
     import xscale.datasets as ds
     from xscale.data.prepare import prepare
@@ -45,18 +54,17 @@ def run(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
 
     spatial_key = None if str(args.spatial_key).lower() == "none" else args.spatial_key
-    if args.radius is not None and args.n_neighbors is not None:
+    if args.radius is not None and getattr(args, "n_neighbors_given", False):
         raise XscaleInputError(
             f"--radius {args.radius:g} and --n-neighbors {args.n_neighbors}: expected one of them (a radius graph, or "
             "k nearest neighbours), found both; a radius graph takes every cell within the radius, so k would be "
             "ignored. Leave one out.")
-    n_neighbors = 15 if args.n_neighbors is None else args.n_neighbors
     ds.check_source(args.input)
     source, slide_key = ds.resolve(args.input, args.slide_key)
     out = prepare(
         source, args.output, table_key=args.table_key, spatial_key=spatial_key,
         counts_layer=args.counts_layer, slide_key=slide_key, chunk_cells=args.chunk_cells,
-        curve=args.curve, n_neighbors=n_neighbors, radius=args.radius, n_workers=args.workers,
+        curve=args.curve, n_neighbors=args.n_neighbors, radius=args.radius, n_workers=args.workers,
         overwrite=args.overwrite, progress=not args.no_progress, gene_symbols=args.gene_symbols,
     )
     store = CellStore(out)
