@@ -18,6 +18,23 @@ def pca_latents(adata, n_comp: int = 32) -> np.ndarray:
     return PCA(n_comp, random_state=0).fit_transform(Z).astype(np.float32)
 
 
+def starmap_per_slice(n: int):
+    """Real STARmap cells, ``n`` drawn per slice (seed 0), in the dataset's order."""
+    import xscale
+
+    adata = xscale.datasets.load("starmap_mpfc")
+    rng = np.random.default_rng(0)
+    keep = np.concatenate([rng.choice(np.flatnonzero((adata.obs["slice"] == s).to_numpy()), n, replace=False)
+                           for s in sorted(adata.obs["slice"].unique())])
+    return adata[np.sort(keep)].copy()
+
+
+@pytest.fixture(scope="session")
+def starmap_sample():
+    """:func:`starmap_per_slice` for the tests of this directory (a function of n)."""
+    return starmap_per_slice
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """2 shared cores: BLAS/OpenMP oversubscription makes sklearn 100x slower under load."""
@@ -53,12 +70,6 @@ def starmap_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def starmap_subset_h5ad(tmp_path_factory):
     """600 real STARmap cells (200 per slice, coordinates and labels kept) as an .h5ad file."""
-    import xscale
-
-    adata = xscale.datasets.load("starmap_mpfc")
-    rng = np.random.default_rng(0)
-    keep = np.concatenate([rng.choice(np.flatnonzero((adata.obs["slice"] == s).to_numpy()), 200, replace=False)
-                           for s in sorted(adata.obs["slice"].unique())])
     path = tmp_path_factory.mktemp("subset") / "starmap_subset.h5ad"
-    adata[np.sort(keep)].copy().write_h5ad(path)
+    starmap_per_slice(200).write_h5ad(path)
     return path

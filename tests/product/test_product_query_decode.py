@@ -13,15 +13,9 @@ from xscale.errors import XscaleInputError
 
 
 @pytest.fixture(scope="module")
-def starmap_small():
+def starmap_small(starmap_sample):
     """90 STARmap cells (30 per slice)."""
-    import xscale
-
-    adata = xscale.datasets.load("starmap_mpfc")
-    rng = np.random.default_rng(0)
-    keep = np.concatenate([rng.choice(np.flatnonzero((adata.obs["slice"] == s).to_numpy()), 30, replace=False)
-                           for s in sorted(adata.obs["slice"].unique())])
-    return adata[np.sort(keep)].copy()
+    return starmap_sample(30)
 
 
 @pytest.fixture(scope="module")
