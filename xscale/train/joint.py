@@ -32,8 +32,8 @@ from xscale.data.niches import Niches
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue
 from xscale.models.gene_to_cell import GeneToCell
-from xscale.train.checkpointing import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 from xscale.train.optim import adamw_one_cycle
+from xscale.train.resumable_data import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from xscale.data.vocab import GeneVocab
 from xscale.errors import XscaleInputError
 from xscale.models.gene_to_cell import GeneToCell, GeneToCellConfig
 from xscale.models.io import save_model
-from xscale.train.checkpointing import RNG_KEY, ResumableLoader, apply_generator_state, restore_rng_state, rng_state
 from xscale.train.quiet import loop_defaults
+from xscale.train.resumable_data import RNG_KEY, ResumableLoader, apply_generator_state, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from xscale.data.niches import Niches, build_niches, slide_scales, spatial_graph
 from xscale.errors import XscaleInputError
 from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
-from xscale.train.checkpointing import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 from xscale.train.optim import adamw_one_cycle
+from xscale.train.resumable_data import RNG_KEY, ResumableLoader, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 
