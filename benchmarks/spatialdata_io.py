@@ -93,8 +93,9 @@ def measure(kind: str, variant: str, store: Path, work: Path) -> dict:
 
             prepare(read_dataset(store), out, progress=False)  # the table read whole, then prepared
     elif kind == "niche_table":
+        from xscale.data.spatialdata_writeback import _put_latents, write_to_spatialdata
         from xscale.data.store import CellStore
-        from xscale.data.writeback import _put_latents, latents_in_source_order, write_to_spatialdata
+        from xscale.data.writeback import latents_in_source_order
 
         prepared = work / "prepared.zarr"
         if variant == "current":
@@ -112,8 +113,8 @@ def measure(kind: str, variant: str, store: Path, work: Path) -> dict:
         else:
             import spatialdata as sd
 
+            from xscale.data.spatialdata_writeback import _write_table
             from xscale.data.store import CellStore
-            from xscale.data.writeback import _write_table
 
             sdata = sd.read_zarr(store)  # the previous implementation, as it was
             table = sdata.tables["table"]
