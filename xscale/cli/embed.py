@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from xscale.cli.options import add_gene_symbols, positive_int, refuse_gene_symbols_for_store
+from xscale.cli.options import add_gene_symbols, options_given, positive_int, refuse_gene_symbols_for_store
 
 HELP = "embed cells (and niches) of a dataset with trained checkpoints into DIR/cells.zarr"
 DESCRIPTION = """\
@@ -274,7 +274,7 @@ def _refuse_input_options_for_store(args: argparse.Namespace) -> None:
     would be ignored, so they are refused (--table-key is for --write-back only)."""
     from xscale.errors import XscaleInputError
 
-    given = [f"--{k.replace('_', '-')}" for k, default in STORE_READ_OPTIONS.items() if getattr(args, k) != default]
+    given = options_given(args, STORE_READ_OPTIONS)
     if args.table_key is not None and not args.write_back:
         given.append("--table-key (without --write-back)")
     if given:

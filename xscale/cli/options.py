@@ -20,6 +20,12 @@ def refuse_gene_symbols_for_store(args: argparse.Namespace) -> None:
                                "expected no --gene-symbols, found it. Pass it to xscale prepare instead.")
 
 
+def options_given(args: argparse.Namespace, defaults: dict[str, object]) -> list[str]:
+    """The options among ``defaults`` (dest -> default) that ``args`` sets to something else, as written on the
+    command line (``--slide-key``): those a prepared store answers itself, for run and embed to refuse."""
+    return [f"--{k.replace('_', '-')}" for k, default in defaults.items() if getattr(args, k) != default]
+
+
 def _number(kind: type, text: str, expected: str):
     try:
         return kind(text)

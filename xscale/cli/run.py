@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from xscale.cli.options import add_gene_symbols, refuse_gene_symbols_for_store, seed_int
+from xscale.cli.options import add_gene_symbols, options_given, refuse_gene_symbols_for_store, seed_int
 
 HELP = "train level 1 then level 2 on a dataset and write cell latents, niche latents and domains"
 DESCRIPTION = (
@@ -195,7 +195,7 @@ def _run_store(args: argparse.Namespace) -> int:
     from xscale.errors import XscaleInputError
     from xscale.train.store_run import run_store
 
-    given = [f"--{k.replace('_', '-')}" for k, default in STORE_FIXED.items() if getattr(args, k) != default]
+    given = options_given(args, STORE_FIXED)
     if given:
         raise XscaleInputError(
             f"--data {args.data} is a prepared store: expected none of {', '.join(given)}, found them. The store "
