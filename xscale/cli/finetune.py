@@ -113,16 +113,8 @@ def _train_mask(adata, key: str | None, values: list[str] | None):
     return np.asarray(col, dtype=bool)
 
 
-#: What ``xscale finetune`` writes into --out (:func:`xscale.train.finetune.finetune`), and the completion marker.
 #: uns key marking an .h5ad written by ``--write-h5ad``: only such a file is replaced.
 H5AD_MARK = "xscale_finetune"
-
-
-def check_finetune_out(path: str) -> None:
-    """--out: :func:`xscale.train.finetune.check_output_dir` (new, empty, or an earlier finetune output only)."""
-    from xscale.train.finetune import check_output_dir
-
-    check_output_dir(path, option="--out")
 
 
 def _h5ad_written_by_finetune(path) -> bool:
@@ -177,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     from xscale.cli.run import check_budget
 
     check_budget(args.epochs, -1, epochs_option="--epochs")
-    check_finetune_out(args.out)  # before reading or training: only what finetune wrote is replaced
+    from xscale.train.finetune import check_output_dir
+
+    check_output_dir(args.out, option="--out")  # before reading or training: only what finetune wrote is replaced
     if args.write_h5ad:  # before training: a path that cannot take the file fails now, not after
         _check_h5ad_target(args.write_h5ad, args.data)
     import xscale.datasets as ds
