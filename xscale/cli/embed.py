@@ -303,7 +303,8 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) 
         )
     from xscale.data.store import CellStore
 
-    if l2 is not None and not CellStore(args.data).spatial:  # before any work
+    store = CellStore(args.data)  # opened once: its identity (partials' fingerprint) is computed once
+    if l2 is not None and not store.spatial:  # before any work
         raise XscaleInputError(
             f"--data {args.data} was prepared without coordinates: niche embedding (the level-2 model found with "
             "--checkpoint) needs them. Embed level 1 only (--checkpoint RUN/checkpoints/level1/model), or prepare "
@@ -311,23 +312,22 @@ def _embed_prepared_store(args: argparse.Namespace, l1, l2, target: str | None) 
     if args.out:
         print(f"note: --data is a prepared store; results go into {args.data}/obsm, --out is not used")
     progress = not args.no_progress
-    path = embed_store_cells(args.data, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
+    path = embed_store_cells(store, l1, batch_size=args.batch_size, overwrite=args.overwrite, progress=progress)
     print(f"cell latents: {path}")
     if l2 is None:
         from xscale.tl.store_embed import stale_niche_latents
 
-        if stale_niche_latents(args.data):
+        if stale_niche_latents(store):
             print(f"warning: {args.data}/obsm/X_xscale_niche was computed from the earlier cell latents: embed the "
                   "niches again (--checkpoint with the level-2 model, --overwrite) before using them; xscale domains "
                   "refuses them until then")
     if l2 is not None:
-        path = embed_store_niches(args.data, l2, batch_size=args.batch_size, overwrite=args.overwrite,
+        path = embed_store_niches(store, l2, batch_size=args.batch_size, overwrite=args.overwrite,
                                   progress=progress)
         print(f"niche latents: {path}")
     if target is not None:
         from xscale.data.writeback import write_to_spatialdata
 
-        store = CellStore(args.data)
         niche_key = "X_xscale_niche" if l2 is not None else None
         table = write_to_spatialdata(target, store, table_key=args.table_key, niche_key=niche_key)
         print(f"wrote obsm['X_xscale_cell'] {table.obsm['X_xscale_cell'].shape} into the table of {target}"
