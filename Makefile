@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/streaming.py
 	$(PY) benchmarks/spatialdata_io.py
 	$(PY) benchmarks/store_run.py
-	$(PY) benchmarks/cell_level.py
+	$(PY) benchmarks/cell_level.py --parallel
 	$(PY) benchmarks/tissue_level.py --level1-preset small --level1-epochs 200 --level2-epochs 80 \
 		--level2-seeds 0 1 2
 	$(PY) benchmarks/peft.py --threads 1
