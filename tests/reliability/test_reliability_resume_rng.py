@@ -168,3 +168,69 @@ def test_checkpoint_without_rng_state_still_resumes_with_a_warning(tmp_path, cap
                                 trainer_kwargs=dict(max_steps=8, **KW))
     assert trainer.global_step == 8
     assert "will not be bit-identical" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def cell_store(cells, tmp_path_factory):
+    """The 300 cells prepared into 64-cell blocks (5 blocks; with 2 workers, 2 shards)."""
+    from xscale.data.prepare import prepare
+
+    return prepare(cells, tmp_path_factory.mktemp("resume_store") / "cells.zarr", slide_key="slice",
+                   chunk_cells=64, progress=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_level1_store_resume_is_bit_identical(cells, cell_store, tmp_path, where, num_workers):
+    """Training streamed from a store (a batched CellStream, no map-style sampler to rewind): the resumed epoch
+    reads the same stream again and skips the batches already trained on."""
+    from xscale.data.anndata_dataset import vocab_from_adatas
+    from xscale.models.gene_to_cell import GeneToCellConfig
+    from xscale.train.level1 import fit_level1
+    from xscale.train.level1_store import store_data
+
+    dm = store_data(cell_store, vocab_from_adatas([cells]), val_fraction=0.0, max_genes=64, batch_size=32,
+                    num_workers=num_workers)
+    per_epoch = sum(1 for _ in dm.train_dataloader())
+    assert per_epoch >= 6
+    k = per_epoch // 2 + 1 if where == "mid_epoch" else per_epoch
+    n = per_epoch + k + 3
+    config = GeneToCellConfig.preset("tiny", genes=list(cells.var_names), max_genes=64)
+    kw = dict(max_steps=n, max_epochs=50, batch_size=32, seed=0, logger="none", accelerator="cpu",
+              enable_progress_bar=False, checkpoint_every_n_steps=k, val_fraction=0.0, num_workers=num_workers)
+    straight = fit_level1(cell_store, config, out_dir=tmp_path / "a", **kw).state_dict()
+    with pytest.raises(Crash):
+        fit_level1(cell_store, config, out_dir=tmp_path / "b", trainer_kwargs={"callbacks": [CrashAt(k)]}, **kw)
+    assert load_lightning_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")["global_step"] == k
+    resumed = fit_level1(cell_store, config, out_dir=tmp_path / "b", **kw).state_dict()
+    _assert_same(straight, resumed)
+
+
+def _level2_stream(store, num_workers: int):
+    from xscale.models.cell_to_tissue import CellToTissue, CellToTissueConfig
+    from xscale.train.level2 import TissueModule
+    from xscale.train.niche_stream_data import NicheStreamDataModule
+
+    latents = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
+    lightning.seed_everything(0, workers=True, verbose=False)
+    model = CellToTissue(CellToTissueConfig.preset("tiny", in_dim=16, max_cells=6))
+    model.set_latent_scaling(torch.from_numpy(latents))
+    data = NicheStreamDataModule(store, latents, max_cells=6, batch_size=16, num_workers=num_workers, seed=0)
+    return TissueModule(model), data
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_level2_store_resume_mid_epoch_is_bit_identical(cell_store, tmp_path, num_workers):
+    n, k = 16, 5  # 300 niche centres, batches of 16: ~18 per epoch (9 per worker with 2)
+    module, data = _level2_stream(cell_store, num_workers)
+    fit_resumable(module, datamodule=data, ckpt_dir=tmp_path / "a", trainer_kwargs=dict(max_steps=n, **KW),
+                  every_n_train_steps=k)
+    straight = module.state_dict()
+    module, data = _level2_stream(cell_store, num_workers)
+    with pytest.raises(Crash):
+        fit_resumable(module, datamodule=data, ckpt_dir=tmp_path / "b",
+                      trainer_kwargs=dict(max_steps=n, callbacks=[CrashAt(k)], **KW), every_n_train_steps=k)
+    module, data = _level2_stream(cell_store, num_workers)
+    fit_resumable(module, datamodule=data, ckpt_dir=tmp_path / "b", trainer_kwargs=dict(max_steps=n, **KW),
+                  every_n_train_steps=k)
+    _assert_same(straight, module.state_dict())

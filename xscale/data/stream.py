@@ -321,15 +321,65 @@ class EpochCounter:
 class EpochLoader(DataLoader):
     """A DataLoader that sets its stream's epoch (``dataset.set_epoch``) whenever an epoch
     starts. Workers must not be persistent (they are started per epoch, so they see it):
-    a new block order and shuffle every epoch."""
+    a new block order and shuffle every epoch.
+
+    Its position survives a checkpoint: Lightning saves :meth:`state_dict` (the epoch and how
+    many of its batches were trained on) and calls :meth:`load_state_dict` on resume; the
+    resumed epoch reads the same stream (its order depends only on seed, epoch and shards) and
+    skips the batches already trained on, so the run continues bit-identical to an
+    uninterrupted one. Skipped batches are read and dropped, not trained on. The workers' base
+    seed, which a DataLoader draws at every epoch's start, comes from (the stream's seed, epoch)
+    unless a ``generator`` is given, not from the global generator: a resumed epoch must not
+    shift the draws the model makes from it.
+    """
 
     def __init__(self, dataset: IterableDataset, *, epoch: Callable[[], int], **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
             raise ValueError("EpochLoader: persistent workers would keep the first epoch's order; "
                              "pass persistent_workers=False.")
         self._epoch = epoch
+        self._own_generator = kwargs.get("generator") is None
         super().__init__(dataset, **kwargs)
+        self._current_epoch: int | None = None
+        self._handed, self._exhausted = 0, False  # batches of this epoch handed out (skipped ones included)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip) from a checkpoint
+        self._progress: Callable[[], tuple[int, int]] | None = None
+
+    def bind_progress(self, progress: Callable[[], tuple[int, int]]) -> None:
+        """``progress()`` -> (batches of the current epoch training has taken, batches in the epoch), as
+        Lightning counts them (its fetcher takes batches ahead of training)."""
+        self._progress = progress
 
     def __iter__(self) -> Iterator[Any]:
-        self.dataset.set_epoch(self._epoch())
-        return super().__iter__()
+        # All of it at the first batch, not at iter(): Lightning may create the iterator before it restores a
+        # checkpoint (the epoch and the loader's state), and the workers copy the stream with its epoch.
+        epoch = self._epoch()
+        self.dataset.set_epoch(epoch)
+        if self._own_generator:  # iter() draws the workers' base seed: from (seed, epoch), not the global generator
+            key = np.random.SeedSequence([int(getattr(self.dataset, "seed", 0)), epoch]).generate_state(1)[0]
+            self.generator = torch.Generator().manual_seed(int(key))
+        resume, self._resume = self._resume, None
+        skip = resume[1] if resume is not None and resume[0] == epoch else 0
+        self._current_epoch, self._handed, self._exhausted = epoch, skip, False
+        for i, batch in enumerate(super().__iter__()):
+            if i < skip:
+                continue
+            self._handed = i + 1
+            yield batch
+        self._exhausted = True
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._progress is not None:
+            consumed = int(self._progress()[0])
+        else:  # Lightning's fetcher runs one batch ahead until the epoch's end
+            consumed = self._handed if self._exhausted else max(self._handed - 1, 0)
+        return {"version": 1, "epoch": self._current_epoch, "consumed": consumed, "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("epoch") is None or "consumed" not in state:
+            return  # saved before any epoch started: nothing to skip
+        if state.get("num_workers") != self.num_workers:
+            logger.warning("The checkpoint's stream was read by %s DataLoader worker(s), now by %d: the resumed "
+                           "epoch's order differs, so the run will not be bit-identical to an uninterrupted one.",
+                           state.get("num_workers"), self.num_workers)
+        self._resume = (int(state["epoch"]), int(state["consumed"]))

@@ -232,7 +232,8 @@ class ResumableCheckpoint(Callback):
             load_states()
         epoch_loop = trainer.fit_loop.epoch_loop
         for loader in flat_loaders(trainer.train_dataloader):
-            if isinstance(loader, ResumableLoader):  # batches of the epoch trained on, prefetched ones not counted
+            # ResumableLoader, EpochLoader: batches of the epoch trained on, prefetched ones not counted
+            if callable(getattr(loader, "bind_progress", None)):
                 loader.bind_progress(lambda: (epoch_loop.batch_progress.current.ready, trainer.num_training_batches))
 
     def on_train_batch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule,
