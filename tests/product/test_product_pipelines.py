@@ -179,6 +179,12 @@ def test_embed_pipeline_on_your_own_file(tmp_path):
 
     store = ad.read_zarr(done["niches"]["outputs"]["store"]["path"])
     assert store.obsm["X_xscale_niche"].shape[0] == 300 and store.obs["xscale_domain"].nunique() == 3
+    assert "cell_type" not in done["evaluate"]["results"]["metrics"]  # no label column named: nothing scored
+    # the obs columns of your own file, as vars: the evaluate step scores cell types on the named held-out slide
+    keyed = run_pipeline(pipe, tmp_path / "keyed", variables={**variables, "slide_key": "slice",
+                                                              "label_key": "cell_type", "holdout": "none_such"})
+    metrics = keyed["evaluate"]["results"]["metrics"]
+    assert set(metrics["cell_type"]) == {"xscale_cell", "pca"} and metrics["holdout"] == "random 20%"
     # the same cells named by Ensembl IDs, symbols in var['feature_name'] (CELLxGENE's layout): --var gene_symbols
     a.var["feature_name"] = list(a.var_names)
     a.var_names = [f"ENSMUSG{i:011d}" for i in range(a.n_vars)]
