@@ -49,6 +49,16 @@ def test_merge_seeds_reports_means_and_judges_goals_on_them():
     assert extra["goals"]["xpressor_vs_best_baseline_plus_0.02"] is False
     assert extra["goals"]["xpressor_vs_1.05x_best_pooling"] is False  # 0.675 < 1.05 x 0.65
     assert extra["goals"]["deviance_below_baseline"] is True
+    assert "macro_f1_default_tol" not in extra  # the runs had none
+
+
+def test_merge_seeds_keeps_every_seeds_default_tolerance_scores():
+    cl = _cell_level()
+    runs = [_run(0, 0.70, 0.64, 0.10), _run(1, 0.65, 0.66, 0.20)]
+    for (_, extra), x in zip(runs, (0.71, 0.66), strict=True):
+        extra["macro_f1_default_tol"] = {"xpressor": x, "lognorm": 0.67}
+    _, extra = cl.merge_seeds(runs)
+    assert extra["macro_f1_default_tol"] == {"xpressor": [0.71, 0.66], "lognorm": [0.67, 0.67]}
 
 
 def test_merge_seeds_refuses_repeated_seeds_and_mixed_holdouts():
