@@ -268,3 +268,26 @@ def test_evaluate_refuses_a_mistyped_key_and_warns_when_nothing_is_scored():
     with pytest.warns(UserWarning, match="no label_key and no domain_key, so nothing is scored"):
         out = evaluate_adata(a, label_key=None)
     assert set(out) == {"n_cells", "holdout"}
+
+
+def test_evaluate_fits_its_probe_to_convergence():
+    """The cell-type probe is fitted to convergence (at scikit-learn's default tolerance the score hung on where
+    lbfgs stopped, which moved with the machine): it equals probe_scores with CONVERGED_PROBE on the same split."""
+    import numpy as np
+
+    import xscale
+    from xscale.eval import metrics as M
+    from xscale.pipelines.evaluate import evaluate_adata
+
+    a = xscale.datasets.load("starmap_mpfc")
+    a = a[np.random.default_rng(0).choice(a.n_obs, 900, replace=False)].copy()
+    lognorm, rng = np.asarray(M.log_normalized(a.X)), np.random.default_rng(10)
+    # expression beside 200 noisy mixtures of it: an ill-conditioned probe (here 0.599 at the default tolerance)
+    noisy = lognorm @ rng.normal(size=(a.n_vars, 200)) * 0.1 + rng.normal(size=(a.n_obs, 200))
+    a.obsm["X_xscale_cell"] = np.hstack([lognorm, noisy]).astype(np.float32)
+    out = evaluate_adata(a, label_key="cell_type", slide_key="slice", holdout="20180424_BZ14_control")
+    test = (a.obs["slice"] == "20180424_BZ14_control").to_numpy()
+    y = a.obs["cell_type"].astype(str).to_numpy()
+    X = a.obsm["X_xscale_cell"]
+    assert out["cell_type"]["xscale_cell"] == M.probe_scores(X[~test], y[~test], X[test], y[test],
+                                                             **M.CONVERGED_PROBE)

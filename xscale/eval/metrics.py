@@ -29,6 +29,10 @@ def knn_indices(X: np.ndarray, k: int, *, query: np.ndarray | None = None) -> np
     return idx.astype(np.int64)
 
 
+#: probe_scores settings that fit the logistic regression to convergence: scores that do not depend on the machine.
+CONVERGED_PROBE: dict[str, float] = {"tol": 1e-6, "max_iter": 20_000}
+
+
 def probe_scores(
     X_train: np.ndarray, y_train: Sequence, X_test: np.ndarray, y_test: Sequence, *, max_iter: int = 2000,
     seed: int = 0, tol: float = 1e-4,
@@ -38,8 +42,9 @@ def probe_scores(
     ``tol`` is the solver's stopping tolerance (scikit-learn's default 1e-4). With it, lbfgs may
     stop short of the optimum, and where it stops depends on the machine's floating point: the
     same STARmap embedding scored macro-F1 0.697 here and 0.688 on another machine, and 0.691
-    fitted to convergence (``tol=1e-6``, 453 iterations instead of 107). Pass ``tol=1e-6`` (and a
-    ``max_iter`` to match) for a score that does not depend on the machine.
+    fitted to convergence (``tol=1e-6``, 453 iterations instead of 107). Pass
+    ``**CONVERGED_PROBE`` for a score that does not depend on the machine (``xscale evaluate``
+    and the cell-level benchmark do).
 
     Returns ``{"macro_f1": float, "accuracy": float}`` on the test set.
     """

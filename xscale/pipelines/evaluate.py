@@ -10,8 +10,9 @@ def evaluate_adata(
 ) -> dict[str, Any]:
     """Score xscale latents against baselines, on held-out cells only.
 
-    Cell level (``label_key``): logistic-regression probe fitted on the training slides and
-    scored on slide ``holdout`` (a stratified 80/20 split when there is none), for
+    Cell level (``label_key``): logistic-regression probe, fitted to convergence
+    (``metrics.CONVERGED_PROBE``: the score does not hang on where the solver stopped), on the
+    training slides and scored on slide ``holdout`` (a stratified 80/20 split when there is none), for
     ``obsm["X_xscale_cell"]`` and PCA of log-normalised expression (fitted on training cells).
     Tissue level (``domain_key``, on the held-out slide): k-means ARI/NMI with k = number of
     annotated domains, for ``obsm["X_xscale_niche"]``, ``obs["xscale_domain"]`` as clustered,
@@ -52,7 +53,7 @@ def evaluate_adata(
         if "X_xscale_cell" in adata.obsm:
             reps = {"xscale_cell": np.asarray(adata.obsm["X_xscale_cell"]).reshape(adata.n_obs, -1), **reps}
         out["cell_type"] = {
-            name: M.probe_scores(X[tr], y[tr].astype(str), X[te], y[te].astype(str), seed=seed)
+            name: M.probe_scores(X[tr], y[tr].astype(str), X[te], y[te].astype(str), seed=seed, **M.CONVERGED_PROBE)
             for name, X in reps.items()
         }
     if domain_key and domain_key in adata.obs and "spatial" in adata.obsm:
