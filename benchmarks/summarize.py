@@ -33,7 +33,9 @@ def rows() -> list[tuple[str, str, str, str]]:
                 continue
             f1 = cell[ds]["macro_f1"]
             rec = cell[ds]["reconstruction"]
-            out.append((f"cell level, {ds} (held out {cell[ds]['holdout']})", "macro-F1, logistic probe",
+            seeds = cell.get("notes", {}).get(ds, {}).get("budget", {}).get("seeds")
+            probe = "macro-F1, logistic probe" + (f", mean of {len(seeds)} seeds" if seeds else "")
+            out.append((f"cell level, {ds} (held out {cell[ds]['holdout']})", probe,
                         f"xpressor {_f(f1['xpressor'])} (cls {_f(f1['cls'])}, mean {_f(f1['mean'])})",
                         f"lognorm {_f(f1['lognorm'])}, PCA {_f(f1['pca'])}"))
             per_pool = cell.get("notes", {}).get(ds, {}).get("reconstruction_per_pooling", {})
