@@ -29,7 +29,8 @@ def knn_indices(X: np.ndarray, k: int, *, query: np.ndarray | None = None) -> np
     return idx.astype(np.int64)
 
 
-#: probe_scores settings that fit the logistic regression to convergence: scores that do not depend on the machine.
+#: probe_scores settings that fit the logistic regression to convergence (its optimum is unique), not to wherever the
+#: solver stopped on this machine.
 CONVERGED_PROBE: dict[str, float] = {"tol": 1e-6, "max_iter": 20_000}
 
 
@@ -43,8 +44,8 @@ def probe_scores(
     stop short of the optimum, and where it stops depends on the machine's floating point: the
     same STARmap embedding scored macro-F1 0.697 here and 0.688 on another machine, and 0.691
     fitted to convergence (``tol=1e-6``, 453 iterations instead of 107). Pass
-    ``**CONVERGED_PROBE`` for a score that does not depend on the machine (``xscale evaluate``
-    and the cell-level benchmark do).
+    ``**CONVERGED_PROBE`` for the optimum itself, which is unique, so the score no longer hangs on
+    where the solver stopped (``xscale evaluate`` and the cell-level benchmark do).
 
     Returns ``{"macro_f1": float, "accuracy": float}`` on the test set.
     """
