@@ -341,9 +341,9 @@ def _run_parallel(args: argparse.Namespace, argv: list[str]) -> int:
     import subprocess
     import sys
 
-    base = _drop_option(_drop_option([a for a in (argv or sys.argv[1:]) if a != "--parallel"], "--seeds"),
-                        "--datasets")
-    base = _drop_option(_drop_option(base, "--out"), "--jobs")
+    base = [a for a in (argv or sys.argv[1:]) if a != "--parallel"]
+    for option in ("--seeds", "--datasets", "--out", "--jobs"):  # each child gets its own
+        base = _drop_option(base, option)
     with tempfile.TemporaryDirectory(prefix="xscale_cell_level_par_") as tmp:
         jobs = [(name, seed, Path(tmp) / f"{name}_{seed}.json") for name in args.datasets for seed in args.seeds]
         running: list[subprocess.Popen] = []
